@@ -1,0 +1,1 @@
+"""The HTTP side: the Litestar app, its routes, the upstream client and the CLI."""

@@ -1,0 +1,97 @@
+"""The composition root: the one place that wires settings, database, upstream and routes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from litestar import Litestar
+from litestar.openapi.config import OpenAPIConfig
+
+from api.errors import exception_handlers
+from api.keycache import KeyCache
+from api.routes import customers, health, keys, proxy
+from api.routing import ModelRouter
+from api.services import Services
+from api.upstream import Upstream
+from ledger.config import Settings, load_settings
+from ledger.db import create_pool, wait_for_database
+from ledger.keys import hash_key
+from ledger.pricing import PriceBook
+
+log = structlog.get_logger(__name__)
+
+
+def create_app(settings: Settings, database_url: str) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await wait_for_database(database_url)
+        pool = await create_pool(database_url)
+        key_cache = KeyCache(pool, database_url)
+        await key_cache.start()
+        upstream = Upstream()
+        services = Services(
+            settings=settings,
+            database_url=database_url,
+            pool=pool,
+            upstream=upstream,
+            keys=key_cache,
+            prices=PriceBook(settings.deployments),
+            router=ModelRouter(settings.deployments),
+            master_key_hash=hash_key(settings.master_key or "anonymous"),
+        )
+        app.state.services = services
+        try:
+            yield
+        finally:
+            # In-flight requests are finished by the server before lifespan ends; recordings that
+            # outlived their request (client hang-ups) are awaited here so none is lost.
+            await services.drain()
+            await key_cache.stop()
+            await upstream.aclose()
+            await pool.close()
+
+    return Litestar(
+        route_handlers=[
+            *proxy.route_handlers,
+            *keys.route_handlers,
+            *customers.route_handlers,
+            *health.route_handlers,
+        ],
+        lifespan=[lifespan],
+        exception_handlers=dict(exception_handlers),
+        request_max_body_size=settings.max_request_size_bytes,
+        openapi_config=OpenAPIConfig(title="spendledger", version="0.1.0"),
+        debug=False,
+    )
+
+
+def create_app_from_env() -> Litestar:
+    """Factory for server workers: the CLI puts the config path and database URL in the environment."""
+    settings = load_settings(os.environ["SPENDLEDGER_CONFIG"])
+    return create_app(settings, os.environ["SPENDLEDGER_DATABASE_URL"])
+
+
+def startup_warnings(settings: Settings, prices: PriceBook) -> list[dict[str, Any]]:
+    warnings: list[dict[str, Any]] = [{"event": "config_warning", "detail": w} for w in settings.warnings]
+    for deployment in settings.deployments:
+        if prices.price(deployment.deployment_id) is None:
+            warnings.append(
+                {
+                    "event": "model_unpriced",
+                    "model": deployment.model_name,
+                    "upstream_model": deployment.upstream_model,
+                    "detail": "served at cost 0 (set model_info prices, or reject_unpriced_models)",
+                }
+            )
+    if settings.master_key is None:
+        warnings.append(
+            {
+                "event": "no_master_key",
+                "detail": "general_settings.master_key is not set: every caller is treated as the admin",
+            }
+        )
+    return warnings

@@ -1,0 +1,118 @@
+"""`spendledger serve | migrate`: the thin entrypoint around the composition root."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+import structlog
+
+from api.logging import configure_logging
+from ledger.config import ConfigError, Settings, load_settings
+from ledger.db import EmbeddedDatabase, resolve_data_dir, run_migrations
+
+log = structlog.get_logger("spendledger")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spendledger", description="LLM gateway with an exact spend ledger")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API and the management API")
+    serve.add_argument("--config", required=True, help="LiteLLM-format config.yaml")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=4000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--data-dir", help="embedded PostgreSQL data directory (default ./.spendledger)")
+    serve.add_argument("--log-level", default=os.environ.get("SPENDLEDGER_LOG_LEVEL", "INFO"))
+    migrate = sub.add_parser("migrate", help="run database migrations and exit")
+    migrate.add_argument("--config", help="config.yaml (for general_settings.database_url)")
+    migrate.add_argument("--data-dir")
+    return parser
+
+
+def _database(settings: Settings | None, data_dir: str | None) -> tuple[str, EmbeddedDatabase | None]:
+    """DATABASE_URL, else general_settings.database_url, else an embedded PostgreSQL."""
+    url = os.environ.get("DATABASE_URL") or (settings.database_url if settings else None)
+    if url:
+        return url, None
+    embedded = EmbeddedDatabase(resolve_data_dir(data_dir))
+    log.info("embedded_postgres_started", data_dir=str(embedded.data_dir))
+    return embedded.url, embedded
+
+
+def _load(path: str | None) -> Settings | None:
+    if path is None:
+        return None
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"spendledger: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import startup_warnings
+    from ledger.pricing import PriceBook
+
+    settings = _load(args.config)
+    assert settings is not None
+    for warning in startup_warnings(settings, PriceBook(settings.deployments)):
+        log.warning(**warning)
+    url, embedded = _database(settings, args.data_dir)
+    try:
+        run_migrations(url)
+        os.environ["SPENDLEDGER_CONFIG"] = str(args.config)
+        os.environ["SPENDLEDGER_DATABASE_URL"] = url
+        log.info(
+            "serving", host=args.host, port=args.port, workers=args.workers, models=list(settings.model_names)
+        )
+        uvicorn.run(
+            "api.app:create_app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            loop="uvloop",
+            http="httptools",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def migrate(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    url, embedded = _database(settings, args.data_dir)
+    try:
+        run_migrations(url)
+        log.info("migrated")
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(getattr(args, "log_level", "INFO"))
+    signal.signal(signal.SIGTERM, _terminate)
+    command = {"serve": serve, "migrate": migrate}[args.command]
+    return command(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

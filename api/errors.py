@@ -1,0 +1,123 @@
+"""OpenAI-style errors: every failure leaves as `{"error": {message, type, param, code}}`.
+
+Domain exceptions from the ledger, Litestar's own HTTP exceptions (validation, 404, 405, 413) and
+anything unexpected are all mapped here, so no route ever answers with Litestar's default body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from api.jsonio import json_response
+from ledger.config import ConfigError
+from ledger.errors import AlreadyExists, InvalidCommand, LedgerError, NotFound
+
+log = structlog.get_logger(__name__)
+
+
+class ApiError(Exception):
+    """An error the API answers on purpose, with its status, type and code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code or type_
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def response(self) -> Response[Any]:
+        return error_response(self.status, self.message, self.type, self.code, self.param, self.headers)
+
+
+def error_response(
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response[Any]:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code or type_}}
+    return json_response(body, status, headers)
+
+
+def auth_error(message: str) -> ApiError:
+    return ApiError(401, message, "auth_error", "401")
+
+
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", "invalid_request", param)
+
+
+def _handle_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[Any]:
+    return exc.response()
+
+
+def _handle_ledger_error(_: Request[Any, Any, Any], exc: LedgerError) -> Response[Any]:
+    if isinstance(exc, NotFound):
+        return error_response(404, exc.message, "not_found_error", "not_found", exc.param)
+    if isinstance(exc, AlreadyExists):
+        return error_response(400, exc.message, "invalid_request_error", "already_exists", exc.param)
+    if isinstance(exc, InvalidCommand):
+        return error_response(400, exc.message, "invalid_request_error", "invalid_request", exc.param)
+    return error_response(400, exc.message, "invalid_request_error", "invalid_request", exc.param)
+
+
+def _handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    param = None
+    details = []
+    for item in exc.extra or []:
+        if isinstance(item, dict):
+            key = item.get("key")
+            if key and param is None:
+                param = str(key)
+            details.append(f"{item.get('key') or 'body'}: {item.get('message')}")
+    message = exc.detail if not details else f"{exc.detail}: " + "; ".join(details)
+    return error_response(400, message, "invalid_request_error", "invalid_request", param)
+
+
+_STATUS_TYPES = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("auth_error", "401"),
+    403: ("permission_denied", "403"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+}
+
+
+def _handle_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    type_, code = _STATUS_TYPES.get(exc.status_code, ("api_error", str(exc.status_code)))
+    headers = dict(exc.headers or {})
+    return error_response(exc.status_code, str(exc.detail), type_, code, None, headers)
+
+
+def _handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if isinstance(exc, ConfigError):
+        return error_response(500, str(exc), "config_error")
+    log.error("unhandled_error", path=request.url.path, error_type=type(exc).__name__, exc_info=exc)
+    return error_response(500, "internal server error", "internal_error")
+
+
+exception_handlers: Mapping[Any, Any] = {
+    ApiError: _handle_api_error,
+    LedgerError: _handle_ledger_error,
+    ValidationException: _handle_validation,
+    HTTPException: _handle_http,
+    Exception: _handle_unexpected,
+}

@@ -1,0 +1,79 @@
+"""In-memory key directory for the hot path, invalidated by NOTIFY.
+
+Every key event's transaction sends `NOTIFY sl_key_changed, <hash>` (see `ledger.keys`), so every
+process drops its copy as soon as the change commits. If the LISTEN connection drops, the whole cache
+is cleared and rebuilt on demand: a stale key is never trusted for longer than the reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, Final
+
+import asyncpg
+import structlog
+
+from ledger.keys import KeyRecord, get_key
+
+log = structlog.get_logger(__name__)
+
+CHANNEL: Final = "sl_key_changed"
+# A backstop only: NOTIFY does the real work.
+MAX_AGE_S: Final = 300.0
+
+
+class KeyCache:
+    def __init__(self, pool: asyncpg.Pool, database_url: str) -> None:
+        self._pool = pool
+        self._database_url = database_url
+        self._entries: dict[str, tuple[float, KeyRecord]] = {}
+        self._listener: asyncpg.Connection | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._listen()
+        self._watchdog = asyncio.create_task(self._keep_listening())
+
+    async def stop(self) -> None:
+        if self._watchdog:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        if self._listener is not None and not self._listener.is_closed():
+            await self._listener.close()
+
+    async def get(self, key_hash: str) -> KeyRecord | None:
+        entry = self._entries.get(key_hash)
+        now = time.monotonic()
+        if entry is not None and now - entry[0] < MAX_AGE_S:
+            return entry[1]
+        record = await get_key(self._pool, key_hash)
+        if record is not None:
+            self._entries[key_hash] = (now, record)
+        return record
+
+    def invalidate(self, key_hash: str | None = None) -> None:
+        if key_hash is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(key_hash, None)
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.invalidate(payload)
+
+    async def _listen(self) -> None:
+        self._listener = await asyncpg.connect(self._database_url)
+        await self._listener.add_listener(CHANNEL, self._on_notify)
+        self.invalidate()  # anything cached before we listened may have missed a NOTIFY
+
+    async def _keep_listening(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._listener is None or self._listener.is_closed():
+                self.invalidate()
+                try:
+                    await self._listen()
+                except (OSError, asyncpg.PostgresError) as exc:
+                    log.warning("key_cache_listen_failed", error=type(exc).__name__)

@@ -1,0 +1,1 @@
+"""Route handlers: thin — decode, call one service, encode."""

@@ -1,0 +1,41 @@
+"""Health and metrics: no auth, cheap, and honest about the database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from litestar import Request, Response, get
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.jsonio import json_response
+from api.services import Services
+from ledger.db import current_revision, head_revision
+
+
+@get("/health/liveliness", tags=["health"], summary="The process is up")
+async def liveliness() -> Response[Any]:
+    return json_response("I'm alive!")
+
+
+@get("/health/readiness", tags=["health"], summary="The database is reachable and migrated")
+async def readiness(request: Request[Any, Any, Any]) -> Response[Any]:
+    services: Services = request.app.state.services
+    try:
+        revision = await current_revision(services.pool)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return json_response({"status": "unhealthy", "db": f"unreachable ({type(exc).__name__})"}, 503)
+    head = head_revision()
+    if revision != head:
+        return json_response(
+            {"status": "unhealthy", "db": "connected", "migration": revision, "expected_migration": head}, 503
+        )
+    return json_response({"status": "healthy", "db": "connected", "migration": revision})
+
+
+@get("/metrics", tags=["health"], summary="Prometheus metrics", include_in_schema=True)
+async def metrics() -> Response[bytes]:
+    return Response(content=generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+route_handlers = [liveliness, readiness, metrics]

@@ -1,0 +1,257 @@
+"""Key management: /key/generate, /key/info, /key/update, /key/delete, /key/list, /key/block|unblock."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.params import Parameter
+from msgspec import UNSET, UnsetType
+
+from api.auth import Caller, authenticate, master_key_only
+from api.errors import auth_error, bad_request
+from api.jsonio import json_response
+from api.services import Services
+from ledger import keys as key_commands
+from ledger.durations import DurationError, parse_duration
+from ledger.errors import NotFound
+from ledger.events import KeyGenerated, KeyUpdated
+from ledger.keys import KeyRecord, display_name, hash_key, new_key
+from projections.spend import spend_by_id, spend_of
+
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+class GenerateKeyRequest(msgspec.Struct, kw_only=True):
+    key: str | None = None
+    key_alias: str | None = None
+    user_id: str | None = None
+    team_id: str | None = None
+    models: list[str] = []
+    metadata: dict[str, Any] = {}
+    duration: str | None = None
+    max_budget: Decimal | None = None
+    budget_duration: str | None = None
+    budget_id: str | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    blocked: bool = False
+
+
+class UpdateKeyRequest(msgspec.Struct, kw_only=True):
+    key: str
+    key_alias: str | None | UnsetType = UNSET
+    user_id: str | None | UnsetType = UNSET
+    team_id: str | None | UnsetType = UNSET
+    models: list[str] | UnsetType = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+    duration: str | None | UnsetType = UNSET
+    max_budget: Decimal | None | UnsetType = UNSET
+    budget_duration: str | None | UnsetType = UNSET
+    budget_id: str | None | UnsetType = UNSET
+    rpm_limit: int | None | UnsetType = UNSET
+    tpm_limit: int | None | UnsetType = UNSET
+    max_parallel_requests: int | None | UnsetType = UNSET
+
+
+class DeleteKeysRequest(msgspec.Struct, kw_only=True):
+    keys: list[str] = []
+    key_aliases: list[str] = []
+
+
+class KeyRef(msgspec.Struct, kw_only=True):
+    key: str
+
+
+def key_view(record: KeyRecord, spend: Decimal) -> dict[str, Any]:
+    return {
+        "token": record.key_hash,
+        "key_name": record.key_name,
+        "key_alias": record.key_alias,
+        "spend": spend,
+        "expires": record.expires.isoformat() if record.expires else None,
+        "models": list(record.models),
+        "user_id": record.user_id,
+        "team_id": record.team_id,
+        "metadata": record.metadata,
+        "max_budget": record.max_budget,
+        "budget_duration": record.budget_duration,
+        "budget_id": record.budget_id,
+        "rpm_limit": record.rpm_limit,
+        "tpm_limit": record.tpm_limit,
+        "max_parallel_requests": record.max_parallel_requests,
+        "blocked": record.blocked,
+        "created_at": record.created_at.isoformat(),
+        "updated_at": record.updated_at.isoformat(),
+    }
+
+
+def _expires(duration: str | None, now: datetime) -> datetime | None:
+    if duration is None:
+        return None
+    try:
+        return parse_duration(duration).after(now)
+    except DurationError as exc:
+        raise bad_request(str(exc), param="duration") from None
+
+
+def _key_hash(value: str) -> str:
+    """Management calls may name a key by its plaintext or by its hash (as /key/list shows it)."""
+    return value if _HASH.match(value) else hash_key(value)
+
+
+def _services(request: Request[Any, Any, Any]) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+class KeyController(Controller):
+    path = "/key"
+    guards = [master_key_only]
+    tags = ["keys"]
+
+    @post("/generate", status_code=200, summary="Generate a virtual key (the plaintext is shown once)")
+    async def generate(self, request: Request[Any, Any, Any], data: GenerateKeyRequest) -> Response[Any]:
+        services = _services(request)
+        now = datetime.now(UTC)
+        plaintext = data.key or new_key()
+        if not plaintext.startswith("sk-"):
+            raise bad_request("A custom key must start with 'sk-'", param="key")
+        spec = KeyGenerated(
+            key_hash=hash_key(plaintext),
+            key_name=display_name(plaintext),
+            key_alias=data.key_alias,
+            user_id=data.user_id,
+            team_id=data.team_id,
+            models=tuple(data.models),
+            metadata=data.metadata,
+            max_budget=data.max_budget,
+            budget_duration=data.budget_duration,
+            budget_id=data.budget_id,
+            rpm_limit=data.rpm_limit,
+            tpm_limit=data.tpm_limit,
+            max_parallel_requests=data.max_parallel_requests,
+            expires=_expires(data.duration, now),
+            blocked=data.blocked,
+        )
+        async with services.pool.acquire() as conn, conn.transaction():
+            record = await key_commands.generate_key(conn, spec, plaintext, actor="master_key", now=now)
+        return json_response({"key": plaintext, **key_view(record, Decimal(0))})
+
+    @post("/update", status_code=200, summary="Change a key's settings (only the fields sent)")
+    async def update(self, request: Request[Any, Any, Any], data: UpdateKeyRequest) -> Response[Any]:
+        services = _services(request)
+        now = datetime.now(UTC)
+        changes = {
+            name: getattr(data, name)
+            for name in data.__struct_fields__
+            if name not in ("key", "duration") and getattr(data, name) is not UNSET
+        }
+        if "models" in changes:
+            changes["models"] = tuple(changes["models"])
+        if data.duration is not UNSET:
+            changes["expires"] = _expires(data.duration, now)
+        update = KeyUpdated(key_hash=_key_hash(data.key), **changes)
+        async with services.pool.acquire() as conn, conn.transaction():
+            record = await key_commands.update_key(conn, update, actor="master_key", now=now)
+        return json_response(key_view(record, await spend_of(services.pool, "key", record.key_hash)))
+
+    @post("/delete", status_code=200, summary="Delete keys (all or none)")
+    async def delete(self, request: Request[Any, Any, Any], data: DeleteKeysRequest) -> Response[Any]:
+        services = _services(request)
+        hashes = [_key_hash(k) for k in data.keys]
+        async with services.pool.acquire() as conn, conn.transaction():
+            for alias in data.key_aliases:
+                record = await key_commands.find_key_by_alias(conn, alias)
+                if record is None:
+                    raise NotFound(f"no key with alias {alias!r}", param="key_aliases")
+                hashes.append(record.key_hash)
+            if not hashes:
+                raise bad_request("Name the keys to delete in 'keys' or 'key_aliases'", param="keys")
+            await key_commands.delete_keys(conn, hashes, actor="master_key", now=datetime.now(UTC))
+        return json_response({"deleted_keys": data.keys + data.key_aliases})
+
+    @post("/block", status_code=200, summary="Block a key: it is refused until unblocked")
+    async def block(self, request: Request[Any, Any, Any], data: KeyRef) -> Response[Any]:
+        return await self._set_blocked(request, data.key, blocked=True)
+
+    @post("/unblock", status_code=200, summary="Unblock a key")
+    async def unblock(self, request: Request[Any, Any, Any], data: KeyRef) -> Response[Any]:
+        return await self._set_blocked(request, data.key, blocked=False)
+
+    async def _set_blocked(self, request: Request[Any, Any, Any], key: str, blocked: bool) -> Response[Any]:
+        services = _services(request)
+        async with services.pool.acquire() as conn, conn.transaction():
+            record = await key_commands.set_blocked(
+                conn, _key_hash(key), blocked, "master_key", datetime.now(UTC)
+            )
+        return json_response(key_view(record, await spend_of(services.pool, "key", record.key_hash)))
+
+    @get("/list", summary="List keys (hashes, or full objects with return_full_object=true)")
+    async def list_keys(
+        self,
+        request: Request[Any, Any, Any],
+        user_id: str | None = None,
+        team_id: str | None = None,
+        key_alias: str | None = None,
+        page: int = Parameter(default=1, ge=1),
+        size: int = Parameter(default=10, ge=1, le=100),
+        return_full_object: bool = False,
+    ) -> Response[Any]:
+        services = _services(request)
+        where = (
+            "($1::text is null or user_id = $1) and ($2::text is null or team_id = $2) "
+            "and ($3::text is null or key_alias = $3)"
+        )
+        total = await services.pool.fetchval(
+            f"select count(*) from keys where {where}", user_id, team_id, key_alias
+        )
+        rows = await services.pool.fetch(
+            f"select key_hash from keys where {where} order by created_at, key_hash limit $4 offset $5",
+            user_id,
+            team_id,
+            key_alias,
+            size,
+            (page - 1) * size,
+        )
+        hashes = [row["key_hash"] for row in rows]
+        keys: list[Any] = hashes
+        if return_full_object:
+            spends = await spend_by_id(services.pool, "key", hashes)
+            records = [await key_commands.get_key(services.pool, h) for h in hashes]
+            keys = [key_view(r, spends.get(r.key_hash, Decimal(0))) for r in records if r is not None]
+        return json_response(
+            {
+                "keys": keys,
+                "total_count": total,
+                "current_page": page,
+                "total_pages": max(1, -(-total // size)),
+            }
+        )
+
+
+@get("/key/info", tags=["keys"], summary="A key's settings and spend (the master key, or the key itself)")
+async def key_info(request: Request[Any, Any, Any], key: str | None = None) -> Response[Any]:
+    caller: Caller = await authenticate(request)
+    services = _services(request)
+    if key is None:
+        if caller.key is None:
+            raise bad_request("Name the key: /key/info?key=sk-…", param="key")
+        key_hash = caller.key_hash
+    else:
+        key_hash = _key_hash(key)
+    if not caller.is_master and key_hash != caller.key_hash:
+        raise auth_error("A key may only read its own info")
+    record = await key_commands.get_key(services.pool, key_hash)
+    if record is None:
+        raise NotFound("key not found", param="key")
+    spend = await spend_of(services.pool, "key", key_hash)
+    return json_response({"key": key or record.key_name, "info": key_view(record, spend)})
+
+
+route_handlers = [KeyController, key_info]

@@ -1,0 +1,111 @@
+"""The OpenAI-compatible routes: chat completions, completions, embeddings, models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get, post
+from litestar.di import Provide
+
+from api.auth import Caller, authenticate
+from api.errors import ApiError, bad_request
+from api.jsonio import json_response
+from api.proxy import Exchange, customer_of, decode_head, forward, forward_stream, upstream_body
+from api.services import Services
+
+_MODEL_CREATED = 1677610602  # OpenAI's list shows a creation time; ours are config entries
+
+
+async def _caller(request: Request[Any, Any, Any]) -> Caller:
+    return await authenticate(request)
+
+
+def _services(request: Request[Any, Any, Any]) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def _proxy(route: str, request: Request[Any, Any, Any], caller: Caller) -> Response[Any]:
+    services = _services(request)
+    body = await request.body()
+    head = decode_head(body)
+    if head.stream and route == "embeddings":
+        raise bad_request("Embeddings cannot be streamed", param="stream")
+    if not caller.allows_model(head.model):
+        raise ApiError(
+            401,
+            f"API key not allowed to access model {head.model!r}. Allowed models: "
+            f"{list(caller.key.models) if caller.key else []}",
+            "key_model_access_denied",
+            param="model",
+        )
+    deployment = services.router.pick(head.model)
+    if deployment is None:
+        raise ApiError(
+            404,
+            f"The model {head.model!r} does not exist. Available models: "
+            f"{', '.join(services.router.model_names)}",
+            "invalid_request_error",
+            code="model_not_found",
+            param="model",
+        )
+    price = services.prices.price(deployment.deployment_id)
+    if price is None and services.settings.reject_unpriced_models:
+        raise ApiError(
+            400,
+            f"The model {head.model!r} has no price and reject_unpriced_models is set",
+            "invalid_request_error",
+            code="model_unpriced",
+            param="model",
+        )
+    exchange = Exchange(route, caller, head, deployment, price, customer_of(head, request.headers))
+    outgoing = upstream_body(body, head, deployment)
+    if head.stream:
+        return await forward_stream(services, exchange, outgoing)
+    return await forward(services, exchange, outgoing)
+
+
+_dependencies = {"caller": Provide(_caller)}
+
+
+@post(
+    ["/chat/completions", "/v1/chat/completions"],
+    dependencies=_dependencies,
+    status_code=200,
+    summary="Create a chat completion (OpenAI-compatible)",
+)
+async def chat_completions(request: Request[Any, Any, Any], caller: Caller) -> Response[Any]:
+    return await _proxy("chat.completions", request, caller)
+
+
+@post(
+    ["/completions", "/v1/completions"],
+    dependencies=_dependencies,
+    status_code=200,
+    summary="Create a completion (OpenAI-compatible)",
+)
+async def completions(request: Request[Any, Any, Any], caller: Caller) -> Response[Any]:
+    return await _proxy("completions", request, caller)
+
+
+@post(
+    ["/embeddings", "/v1/embeddings"],
+    dependencies=_dependencies,
+    status_code=200,
+    summary="Create embeddings (OpenAI-compatible)",
+)
+async def embeddings(request: Request[Any, Any, Any], caller: Caller) -> Response[Any]:
+    return await _proxy("embeddings", request, caller)
+
+
+@get(["/models", "/v1/models"], dependencies=_dependencies, summary="Models this key may use")
+async def list_models(request: Request[Any, Any, Any], caller: Caller) -> Response[Any]:
+    names = [name for name in _services(request).router.model_names if caller.allows_model(name)]
+    data = [
+        {"id": name, "object": "model", "created": _MODEL_CREATED, "owned_by": "spendledger"}
+        for name in names
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+route_handlers = [chat_completions, completions, embeddings, list_models]

@@ -1,0 +1,44 @@
+"""What the routes share: settings, pool, upstream client, key cache, prices, router.
+
+Built once by the composition root (`api.app`) and put in `app.state.services`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from api.keycache import KeyCache
+from api.routing import ModelRouter
+from api.upstream import Upstream
+from ledger.config import Settings
+from ledger.pricing import PriceBook
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    database_url: str
+    pool: asyncpg.Pool
+    upstream: Upstream
+    keys: KeyCache
+    prices: PriceBook
+    router: ModelRouter
+    master_key_hash: str
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run work that must finish even if the request that started it is cancelled (a client that
+        hangs up mid-stream is still billed); shutdown waits for these tasks."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,67 @@
+"""The one place that talks to LLM providers: pooled httpx clients, plain and streaming.
+
+Bodies are forwarded as bytes; the provider's key comes from the deployment, never from the caller.
+Transport failures become `UpstreamFailure` with the status and error type the contract names.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import httpx
+
+from api.mock_provider import MockTransport
+from ledger.config import Deployment
+
+_CONNECT_TIMEOUT_S: Final = 10.0
+
+
+class UpstreamFailure(Exception):
+    """The provider could not be reached, timed out, or broke the connection."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+class Upstream:
+    def __init__(self, max_connections: int = 1000) -> None:
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(limits=limits, http2=False, follow_redirects=False)
+        self._mock = httpx.AsyncClient(transport=MockTransport(), base_url="http://mock.invalid")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        await self._mock.aclose()
+
+    def _request(
+        self, deployment: Deployment, path: str, body: bytes
+    ) -> tuple[httpx.AsyncClient, httpx.Request]:
+        headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+        if deployment.api_key:
+            headers["authorization"] = f"Bearer {deployment.api_key}"
+        timeout = httpx.Timeout(deployment.timeout_s, connect=min(_CONNECT_TIMEOUT_S, deployment.timeout_s))
+        if deployment.provider == "mock":
+            client = self._mock
+            url = f"http://mock.invalid/v1{path}"
+        else:
+            client = self._http
+            url = f"{deployment.api_base}{path}"
+        return client, client.build_request("POST", url, content=body, headers=headers, timeout=timeout)
+
+    async def send(self, deployment: Deployment, path: str, body: bytes, *, stream: bool) -> httpx.Response:
+        """POST `body` to the deployment. With `stream=True` the caller must close the response."""
+        client, request = self._request(deployment, path, body)
+        try:
+            response = await client.send(request, stream=stream)
+        except httpx.TimeoutException:
+            raise UpstreamFailure(
+                504, "upstream_timeout", f"{deployment.model_name}: upstream timed out"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise UpstreamFailure(
+                502, "upstream_error", f"{deployment.model_name}: upstream unreachable ({type(exc).__name__})"
+            ) from None
+        return response

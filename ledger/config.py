@@ -1,0 +1,369 @@
+"""LiteLLM proxy config.yaml → typed, frozen settings.
+
+The file is read unchanged: `model_list` (with `litellm_params` and `model_info`), `litellm_settings`,
+`general_settings`, and `os.environ/NAME` values. Numbers with a fraction are read as Decimal, never
+float, so a price typed as `0.0000015` is exactly that. Unknown keys are reported once, not fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import yaml
+
+from ledger.durations import DurationError, parse_duration
+from ledger.money import MoneyError, to_money
+
+OPENAI_COMPATIBLE: Final = frozenset(
+    {"openai", "text-completion-openai", "hosted_vllm", "openai_like", "custom_openai", "openrouter"}
+)
+SUPPORTED_PROVIDERS: Final = OPENAI_COMPATIBLE | {"mock"}
+DEFAULT_API_BASE: Final = {
+    "openai": "https://api.openai.com/v1",
+    "openrouter": "https://openrouter.ai/api/v1",
+}
+
+_TOP_LEVEL: Final = {
+    "model_list",
+    "litellm_settings",
+    "general_settings",
+    "router_settings",
+    "environment_variables",
+}
+_LITELLM_SETTINGS: Final = {
+    "callbacks",
+    "success_callback",
+    "failure_callback",
+    "max_end_user_budget_id",
+    "max_budget",
+    "budget_duration",
+    "request_timeout",
+    "drop_params",
+    "set_verbose",
+    "json_logs",
+    "num_retries",
+}
+_GENERAL_SETTINGS: Final = {
+    "master_key",
+    "database_url",
+    "alerting",
+    "max_request_size_mb",
+    "reject_unpriced_models",
+    "alerting_threshold",
+    "proxy_batch_write_at",
+    "database_connection_pool_limit",
+    "store_model_in_db",
+}
+_LITELLM_PARAMS: Final = {
+    "model",
+    "api_key",
+    "api_base",
+    "rpm",
+    "tpm",
+    "timeout",
+    "stream_timeout",
+    "max_retries",
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "organization",
+    "api_version",
+    "mock_response",
+}
+_MODEL_INFO: Final = {
+    "id",
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "max_tokens",
+    "max_output_tokens",
+    "max_input_tokens",
+    "mode",
+    "base_model",
+    "description",
+}
+
+
+class ConfigError(ValueError):
+    """The config file cannot be served; the message says where and why."""
+
+
+class Deployment(msgspec.Struct, frozen=True, kw_only=True):
+    """One `model_list` entry: a concrete upstream behind a model group name."""
+
+    model_name: str
+    deployment_id: str
+    provider: str
+    upstream_model: str
+    api_base: str | None
+    api_key: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    timeout_s: float = 600.0
+    input_cost_per_token: Decimal | None = None
+    output_cost_per_token: Decimal | None = None
+    max_output_tokens: int | None = None
+
+
+class LagoSettings(msgspec.Struct, frozen=True, kw_only=True):
+    api_base: str
+    api_key: str
+    event_code: str
+    charge_by: str
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    deployments: tuple[Deployment, ...]
+    master_key: str | None = None
+    database_url: str | None = None
+    callbacks: tuple[str, ...] = ()
+    alerting: tuple[str, ...] = ()
+    max_end_user_budget_id: str | None = None
+    max_budget: Decimal | None = None
+    budget_duration: str | None = None
+    max_request_size_mb: Decimal = Decimal(32)
+    reject_unpriced_models: bool = False
+    request_timeout_s: float = 600.0
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(d.model_name for d in self.deployments))
+
+    @property
+    def max_request_size_bytes(self) -> int:
+        return int(self.max_request_size_mb * 1024 * 1024)
+
+
+class _DecimalLoader(yaml.SafeLoader):
+    """YAML loader that reads `0.0000015` as Decimal('0.0000015'), not as a float."""
+
+
+def _construct_decimal(loader: yaml.SafeLoader, node: yaml.Node) -> Decimal:
+    text = str(loader.construct_scalar(node)).replace("_", "")  # type: ignore[arg-type]
+    if text.lower().lstrip("+-") in (".inf", ".nan"):
+        raise ConfigError(f"non-finite number {text!r} in config")
+    return Decimal(text)
+
+
+_DecimalLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate a config file; raise ConfigError with a message a person can act on."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_DecimalLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_settings(raw or {}, os.environ if environ is None else environ, source=str(path))
+
+
+def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config") -> Settings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with 'model_list'")
+    warnings: list[str] = []
+    unknown = sorted(set(raw) - _TOP_LEVEL)
+    resolved = _resolve_env(raw, environ, warnings, source)
+    litellm = _section(resolved, "litellm_settings", source)
+    general = _section(resolved, "general_settings", source)
+    _note_unknown(unknown, "", warnings)
+    _note_unknown(sorted(set(litellm) - _LITELLM_SETTINGS), "litellm_settings.", warnings)
+    _note_unknown(sorted(set(general) - _GENERAL_SETTINGS), "general_settings.", warnings)
+    deployments = _parse_model_list(resolved.get("model_list"), warnings, source)
+    callbacks = _string_list(litellm.get("callbacks"), "litellm_settings.callbacks", source)
+    callbacks += _string_list(litellm.get("success_callback"), "litellm_settings.success_callback", source)
+    budget_duration = litellm.get("budget_duration")
+    if budget_duration is not None:
+        _check_duration(budget_duration, "litellm_settings.budget_duration", source)
+    return Settings(
+        deployments=deployments,
+        master_key=_optional_str(general.get("master_key"), "general_settings.master_key", source),
+        database_url=_optional_str(general.get("database_url"), "general_settings.database_url", source),
+        callbacks=tuple(dict.fromkeys(callbacks)),
+        alerting=tuple(_string_list(general.get("alerting"), "general_settings.alerting", source)),
+        max_end_user_budget_id=_optional_str(
+            litellm.get("max_end_user_budget_id"), "litellm_settings.max_end_user_budget_id", source
+        ),
+        max_budget=_optional_money(litellm.get("max_budget"), "litellm_settings.max_budget", source),
+        budget_duration=budget_duration,
+        max_request_size_mb=_positive_money(
+            general.get("max_request_size_mb", 32), "general_settings.max_request_size_mb", source
+        ),
+        reject_unpriced_models=bool(general.get("reject_unpriced_models", False)),
+        request_timeout_s=_positive_float(
+            litellm.get("request_timeout", 600), "litellm_settings.request_timeout", source
+        ),
+        warnings=tuple(warnings),
+    )
+
+
+def _parse_model_list(value: Any, warnings: list[str], source: str) -> tuple[Deployment, ...]:
+    if value is None:
+        raise ConfigError(f"{source}: 'model_list' is missing: list at least one model")
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{source}: 'model_list' must be a non-empty list of models")
+    deployments = []
+    for index, entry in enumerate(value):
+        where = f"{source}: model_list[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping with model_name and litellm_params")
+        deployments.append(_parse_deployment(entry, where, warnings))
+    return tuple(deployments)
+
+
+def _parse_deployment(entry: dict[str, Any], where: str, warnings: list[str]) -> Deployment:
+    model_name = entry.get("model_name")
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise ConfigError(f"{where}: 'model_name' must be a non-empty string")
+    params = entry.get("litellm_params")
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where} ({model_name}): 'litellm_params' must be a mapping with 'model'")
+    info = entry.get("model_info") or {}
+    if not isinstance(info, dict):
+        raise ConfigError(f"{where} ({model_name}): 'model_info' must be a mapping")
+    _note_unknown(sorted(set(params) - _LITELLM_PARAMS), f"{model_name}.litellm_params.", warnings)
+    _note_unknown(sorted(set(info) - _MODEL_INFO), f"{model_name}.model_info.", warnings)
+    model = params.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError(
+            f"{where} ({model_name}): 'litellm_params.model' must be a string like 'openai/gpt-4o'"
+        )
+    provider, _, upstream_model = model.partition("/")
+    if not upstream_model:
+        provider, upstream_model = "openai", model
+    if provider not in SUPPORTED_PROVIDERS:
+        raise ConfigError(
+            f"{where} ({model_name}): provider '{provider}' is not supported; "
+            f"use one of {', '.join(sorted(SUPPORTED_PROVIDERS))} (any OpenAI-compatible API works as 'openai/')"
+        )
+    api_base = params.get("api_base") or DEFAULT_API_BASE.get(provider)
+    if provider != "mock" and not api_base:
+        raise ConfigError(f"{where} ({model_name}): 'litellm_params.api_base' is required for '{provider}'")
+    explicit_id = info.get("id")
+    deployment_id = str(explicit_id) if explicit_id is not None else _stable_id(model_name, model, api_base)
+    ctx = f"{where} ({model_name})"
+    return Deployment(
+        model_name=model_name,
+        deployment_id=deployment_id,
+        provider=provider,
+        upstream_model=upstream_model,
+        api_base=str(api_base).rstrip("/") if api_base else None,
+        api_key=_optional_str(params.get("api_key"), f"{ctx}.api_key", ""),
+        rpm=_optional_int(params.get("rpm"), f"{ctx}.rpm"),
+        tpm=_optional_int(params.get("tpm"), f"{ctx}.tpm"),
+        timeout_s=_positive_float(params.get("timeout", 600), f"{ctx}.timeout", ""),
+        input_cost_per_token=_optional_money(
+            info.get("input_cost_per_token", params.get("input_cost_per_token")),
+            f"{ctx}.input_cost_per_token",
+            "",
+        ),
+        output_cost_per_token=_optional_money(
+            info.get("output_cost_per_token", params.get("output_cost_per_token")),
+            f"{ctx}.output_cost_per_token",
+            "",
+        ),
+        max_output_tokens=_optional_int(
+            info.get("max_output_tokens", info.get("max_tokens")), f"{ctx}.max_output_tokens"
+        ),
+    )
+
+
+def _stable_id(*parts: Any) -> str:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def _resolve_env(value: Any, environ: Mapping[str, str], warnings: list[str], source: str) -> Any:
+    """Replace every `os.environ/NAME` string with the variable's value (None when unset)."""
+    if isinstance(value, dict):
+        return {k: _resolve_env(v, environ, warnings, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_env(v, environ, warnings, source) for v in value]
+    if isinstance(value, str) and value.startswith("os.environ/"):
+        name = value.removeprefix("os.environ/")
+        if name not in environ:
+            warnings.append(f"environment variable {name} is not set (referenced in {source})")
+            return None
+        return environ[name]
+    return value
+
+
+def _section(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: '{name}' must be a mapping")
+    return value
+
+
+def _note_unknown(keys: list[str], prefix: str, warnings: list[str]) -> None:
+    if keys:
+        warnings.append("ignored unknown config keys: " + ", ".join(prefix + str(k) for k in keys))
+
+
+def _string_list(value: Any, name: str, source: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{source}: '{name}' must be a list of strings")
+    return list(value)
+
+
+def _optional_str(value: Any, name: str, source: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
+        raise ConfigError(f"{source}: '{name}' must be a string".lstrip(": "))
+    return str(value)
+
+
+def _optional_int(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _optional_money(value: Any, name: str, source: str) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        amount = to_money(value)
+    except MoneyError as exc:
+        raise ConfigError(f"{source}: {name}: {exc}".lstrip(": ")) from None
+    if amount < 0:
+        raise ConfigError(f"{source}: {name} must not be negative, got {value}".lstrip(": "))
+    return amount
+
+
+def _positive_money(value: Any, name: str, source: str) -> Decimal:
+    amount = _optional_money(value, name, source)
+    if amount is None or amount <= 0:
+        raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}")
+    return amount
+
+
+def _positive_float(value: Any, name: str, source: str) -> float:
+    # A timeout is a duration, not money: float is right here.
+    if isinstance(value, bool) or not isinstance(value, int | Decimal) or value <= 0:
+        raise ConfigError(
+            f"{source}: {name} must be a positive number of seconds, got {value!r}".lstrip(": ")
+        )
+    return float(value)
+
+
+def _check_duration(value: Any, name: str, source: str) -> None:
+    try:
+        parse_duration(value)
+    except DurationError as exc:
+        raise ConfigError(f"{source}: {name}: {exc}") from None

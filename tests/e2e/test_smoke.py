@@ -1,0 +1,33 @@
+"""The seed's first curl commands, raw HTTP against a real server process."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import httpx
+
+from tests.e2e.conftest import INPUT_PRICE, MASTER_KEY, OUTPUT_PRICE
+from tests.fakes.upstream import REPLY_WORDS, prompt_tokens_for_messages
+from tests.support import RunningServer
+
+AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
+
+
+def test_customer_spend_is_exact_after_a_chat_completion(server: RunningServer) -> None:
+    messages = [{"role": "user", "content": "what time is it"}]
+    response = httpx.post(
+        f"{server.base_url}/chat/completions",
+        headers=AUTH,
+        json={"model": "fake-openai-endpoint", "user": "ishaan3", "messages": messages},
+    )
+    assert response.status_code == 200, response.text
+    expected = prompt_tokens_for_messages(messages) * Decimal(INPUT_PRICE) + REPLY_WORDS * Decimal(
+        OUTPUT_PRICE
+    )
+    assert Decimal(response.headers["x-litellm-response-cost"]) == expected
+    info = httpx.get(f"{server.base_url}/customer/info", params={"end_user_id": "ishaan3"}, headers=AUTH)
+    assert info.status_code == 200
+    body = json.loads(info.text, parse_float=Decimal)
+    assert body["spend"] == expected
+    assert body["user_id"] == "ishaan3" and body["blocked"] is False and body["litellm_budget_table"] is None

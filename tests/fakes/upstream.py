@@ -1,0 +1,407 @@
+"""A fake OpenAI-compatible provider for end-to-end tests of the proxy.
+
+It mimics the real API's response shapes, SSE framing and error envelopes, but its
+token accounting is a simple word count so tests can compute expected usage exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import uvicorn
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+BASE_REPLY = "This is a fake reply from the test upstream"
+REPLY_WORDS = 12
+EMBEDDING_DIM = 8
+MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "gpt-3.5-turbo-instruct")
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "requests",
+}
+_ERROR_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
+
+
+# --- deterministic token accounting (imported by tests to compute expectations) ---
+
+
+def count_tokens(text: str) -> int:
+    """Whitespace word count: trivially predictable, min 1 for non-empty text."""
+    if not text:
+        return 0
+    return max(1, len(text.split()))
+
+
+def _content_text(content: Any) -> str:
+    """Flatten string or `[{"type": "text", "text": ...}]` content; other parts count as nothing."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def prompt_tokens_for_messages(messages: list[dict[str, Any]]) -> int:
+    """Words per message + 3 overhead each, + 3 priming (loosely like tiktoken's chat formula)."""
+    return sum(count_tokens(_content_text(m.get("content"))) + 3 for m in messages) + 3
+
+
+def reply_for(messages: Any = None, max_tokens: int | None = None) -> str:
+    """The fixed 12-word reply, truncated to `max_tokens` words when that is smaller."""
+    words = (BASE_REPLY.split() + ["word"] * REPLY_WORDS)[:REPLY_WORDS]
+    if max_tokens is not None and max_tokens < REPLY_WORDS:
+        words = words[: max(max_tokens, 0)]
+    return " ".join(words)
+
+
+def embedding_for(text: str) -> list[float]:
+    """A stable 8-float vector in [-1, 1] derived from a hash of the input."""
+    digest = hashlib.sha256(text.encode()).digest()
+    ints = (int.from_bytes(digest[i * 4 : i * 4 + 4], "big") for i in range(EMBEDDING_DIM))
+    return [round(n / 2**31 - 1.0, 6) for n in ints]
+
+
+def _finish_reason(text: str) -> str:
+    return "length" if count_tokens(text) < REPLY_WORDS else "stop"
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    value = body.get("max_completion_tokens", body.get("max_tokens"))
+    return value if isinstance(value, int) else None
+
+
+def _usage(prompt: int, completion: int, details: bool = True) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if details:  # chat responses carry these (all zero here), like the real API
+        usage["prompt_tokens_details"] = {"cached_tokens": 0}
+        usage["completion_tokens_details"] = {"reasoning_tokens": 0}
+    return usage
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error envelope."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class _HttpError(Exception):
+    """Raised inside handlers to short-circuit with an OpenAI-style error."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+@dataclass
+class RecordedRequest:
+    """One request as the fake saw it, so tests can assert what the proxy forwarded."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    json: Any
+
+
+@dataclass(eq=False)
+class FakeUpstream:
+    """Raw ASGI app; tests flip the plain control attributes between requests."""
+
+    fail_status: int | None = None
+    delay_s: float = 0.0
+    chunk_delay_s: float = 0.0
+    required_api_key: str | None = None
+    requests: list[RecordedRequest] = field(default_factory=list)
+
+    def reset(self) -> None:
+        """Clear all controls and recorded requests (the list object is kept)."""
+        self.fail_status, self.delay_s, self.chunk_delay_s, self.required_api_key = None, 0.0, 0.0, None
+        self.requests.clear()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            parsed: Any = msgspec.json.decode(raw) if raw else None
+        except msgspec.DecodeError:
+            parsed = None
+        method, path = scope["method"], scope["path"]
+        self.requests.append(
+            RecordedRequest(method, path, scope.get("query_string", b"").decode(), headers, raw, parsed)
+        )
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        try:
+            await self._dispatch(method, path, headers, raw, parsed, send)
+        except _HttpError as exc:
+            fallback = "server_error" if exc.status >= 500 else "invalid_request_error"
+            type_ = _ERROR_TYPES.get(exc.status, fallback)
+            code = exc.code or _ERROR_CODES.get(exc.status)
+            await _send_json(send, exc.status, error_body(exc.message, type_, exc.param, code))
+
+    async def _dispatch(
+        self, method: str, path: str, headers: dict[str, str], raw: bytes, body: Any, send: Send
+    ) -> None:
+        if self.fail_status is not None:
+            raise _HttpError(self.fail_status, f"Fake upstream failure (status {self.fail_status})")
+        key = self.required_api_key
+        if key is not None and headers.get("authorization") != f"Bearer {key}":
+            raise _HttpError(401, "Incorrect API key provided.")
+        route = path.removeprefix("/v1")
+        if method == "GET" and route == "/models":
+            await _send_json(send, 200, {"object": "list", "data": [_model(m) for m in MODELS]})
+            return
+        if method == "GET" and route.startswith("/models/"):
+            await _send_json(send, 200, _model(route.removeprefix("/models/")))
+            return
+        handlers = {
+            "/chat/completions": self._chat,
+            "/completions": self._completions,
+            "/embeddings": self._embeddings,
+        }
+        if method != "POST" or route not in handlers:
+            raise _HttpError(404, f"Invalid URL ({method} {path})")
+        if not isinstance(body, dict):
+            raise _HttpError(
+                400,
+                "We could not parse the JSON body of your request."
+                if raw
+                else "you must provide a model parameter",
+            )
+        if not isinstance(body.get("model"), str):
+            raise _HttpError(400, "you must provide a model parameter", param="model")
+        await handlers[route](body, send)
+
+    async def _chat(self, body: dict[str, Any], send: Send) -> None:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise _HttpError(400, "'messages' is a required property", param="messages")
+        text = reply_for(messages, _max_tokens(body))
+        usage = _usage(prompt_tokens_for_messages(messages), count_tokens(text))
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()),
+            "model": body["model"],
+            "system_fingerprint": "fp_fake",
+        }
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": text, "refusal": None}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(text)}
+            payload = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            await _send_json(send, 200, payload)
+            return
+        pieces = [w if i == 0 else f" {w}" for i, w in enumerate(text.split())] or [""]
+        deltas = [{"content": p} for p in pieces]
+        deltas[0] = {"role": "assistant", **deltas[0]}
+        choices = [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+        choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(text)})
+        await self._stream(send, {**base, "object": "chat.completion.chunk"}, choices, usage, body)
+
+    async def _completions(self, body: dict[str, Any], send: Send) -> None:
+        prompt = body.get("prompt", "")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise _HttpError(400, "'prompt' must be a string or a list of strings", param="prompt")
+        prompts = prompts or [""]
+        text = reply_for(None, _max_tokens(body))
+        prompt_tokens = sum(count_tokens(p) for p in prompts)
+        usage = _usage(prompt_tokens, count_tokens(text) * len(prompts), details=False)
+        base = {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body["model"],
+        }
+        finish = _finish_reason(text)
+        if not body.get("stream"):
+            choices = [
+                {"text": text, "index": i, "logprobs": None, "finish_reason": finish}
+                for i in range(len(prompts))
+            ]
+            await _send_json(send, 200, {**base, "choices": choices, "usage": usage})
+            return
+        pieces = [w if i == 0 else f" {w}" for i, w in enumerate(text.split())]
+        chunks = [
+            {"text": p, "index": i, "logprobs": None, "finish_reason": None}
+            for i in range(len(prompts))
+            for p in pieces
+        ]
+        chunks += [
+            {"text": "", "index": i, "logprobs": None, "finish_reason": finish} for i in range(len(prompts))
+        ]
+        await self._stream(send, base, chunks, usage, body)
+
+    async def _stream(
+        self,
+        send: Send,
+        base: dict[str, Any],
+        choices: list[dict[str, Any]],
+        usage: dict[str, Any],
+        body: dict[str, Any],
+    ) -> None:
+        """One SSE event per choice delta, then the optional usage chunk, then `[DONE]`."""
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        extra = {"usage": None} if include_usage else {}
+        events = [{**base, "choices": [c], **extra} for c in choices]
+        if include_usage:
+            events.append({**base, "choices": [], "usage": usage})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-request-id", uuid.uuid4().hex.encode()),
+                ],
+            }
+        )
+        for i, event in enumerate(events):
+            if i and self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+            frame = b"data: " + msgspec.json.encode(event) + b"\n\n"
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    async def _embeddings(self, body: dict[str, Any], send: Send) -> None:
+        raw_input = body.get("input")
+        inputs = [raw_input] if isinstance(raw_input, str) else raw_input
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(s, str) for s in inputs):
+            raise _HttpError(400, "'input' must be a non-empty string or list of strings", param="input")
+        as_b64 = body.get("encoding_format") == "base64"  # the official SDK asks for base64 by default
+        data = []
+        for i, text in enumerate(inputs):
+            vector = embedding_for(text)
+            value: Any = vector
+            if as_b64:
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(count_tokens(s) for s in inputs)
+        await _send_json(
+            send,
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
+
+
+def _model(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "fake-upstream"}
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    data = msgspec.json.encode(payload)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                (b"x-request-id", uuid.uuid4().hex.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+# --- runner ---
+
+
+@dataclass
+class RunningUpstream:
+    """Handle on a served FakeUpstream: point the proxy at `base_url`."""
+
+    app: FakeUpstream
+    port: int
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+
+@contextlib.contextmanager
+def run_fake_upstream(
+    app: FakeUpstream | None = None, startup_timeout_s: float = 10.0
+) -> Iterator[RunningUpstream]:
+    """Serve `app` with uvicorn in a background thread on a free port; stop it on exit.
+
+    The socket is bound here and handed to uvicorn, so there is no pick-a-port race.
+    """
+    app = app or FakeUpstream()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="asyncio",
+        log_level="warning",
+        lifespan="off",
+        ws="none",
+        access_log=False,
+        interface="asgi3",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"fake-upstream-{port}", daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("fake upstream failed to start")
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port), timeout=startup_timeout_s):
+            pass
+        yield RunningUpstream(app=app, port=port, server=server, thread=thread)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
