@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,12 +19,27 @@ from api.routes import customers, health, keys, proxy
 from api.routing import ModelRouter
 from api.services import Services
 from api.upstream import Upstream
+from ledger.admission import expire_holds
 from ledger.config import Settings, load_settings
 from ledger.db import create_pool, wait_for_database
 from ledger.keys import hash_key
 from ledger.pricing import PriceBook
 
 log = structlog.get_logger(__name__)
+
+
+HOLD_SWEEP_INTERVAL_S = 2.0
+
+
+async def _sweep_expired_holds(services: Services) -> None:
+    """Give back the holds of requests whose process died (every process sweeps; SKIP LOCKED
+    keeps them out of each other's way)."""
+    while True:
+        await asyncio.sleep(HOLD_SWEEP_INTERVAL_S)
+        with contextlib.suppress(Exception):
+            released = await expire_holds(services.pool)
+            if released:
+                log.warning("expired_holds_released", count=released)
 
 
 def create_app(settings: Settings, database_url: str) -> Litestar:
@@ -44,9 +61,11 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             master_key_hash=hash_key(settings.master_key or "anonymous"),
         )
         app.state.services = services
+        sweeper = asyncio.create_task(_sweep_expired_holds(services))
         try:
             yield
         finally:
+            sweeper.cancel()
             # In-flight requests are finished by the server before lifespan ends; recordings that
             # outlived their request (client hang-ups) are awaited here so none is lost.
             await services.drain()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -107,6 +108,15 @@ def _handle_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]
     return error_response(exc.status_code, str(exc.detail), type_, code, None, headers)
 
 
+def _handle_unstorable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """A value PostgreSQL refuses (NUL in text, a number out of range): the caller's input, not a 500."""
+    log.warning("unstorable_input", path=request.url.path, error_type=type(exc).__name__)
+    # PostgreSQL's own messages name no values; asyncpg's client-side ones quote them: not echoed.
+    reason = str(exc) if isinstance(exc, asyncpg.PostgresError) else "a value is out of range"
+    message = f"A value in the request cannot be stored: {reason}"
+    return error_response(400, message, "invalid_request_error", "invalid_request")
+
+
 def _handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     if isinstance(exc, ConfigError):
         return error_response(500, str(exc), "config_error")
@@ -119,5 +129,8 @@ exception_handlers: Mapping[Any, Any] = {
     LedgerError: _handle_ledger_error,
     ValidationException: _handle_validation,
     HTTPException: _handle_http,
+    # asyncpg's server-side data errors (class 22) and its client-side argument-encoding errors
+    asyncpg.DataError: _handle_unstorable,
+    asyncpg.exceptions._base.DataError: _handle_unstorable,
     Exception: _handle_unexpected,
 }

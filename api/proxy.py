@@ -49,6 +49,15 @@ class RequestHead(msgspec.Struct, kw_only=True):
     stream: bool = False
     user: str | None = None
     stream_options: dict[str, Any] | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+    def output_cap(self, route: str, deployment: Deployment) -> int | None:
+        """The most output tokens this request can cost, if anything bounds it."""
+        if route == "embeddings":
+            return 0
+        requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return requested if requested is not None else deployment.max_output_tokens
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -86,6 +95,9 @@ def decode_head(body: bytes) -> RequestHead:
         raise bad_request(f"The request body is not valid JSON: {exc}") from None
     if not head.model:
         raise bad_request("The request body must name a 'model'", param="model")
+    if head.user is not None and "\x00" in head.user:
+        # PostgreSQL text cannot hold NUL: refuse now, not after the upstream has been paid for it.
+        raise bad_request("'user' must not contain NUL characters", param="user")
     return head
 
 
@@ -143,6 +155,9 @@ class Exchange:
         self.price = price
         self.customer_id = customer_id
         self.started_at = datetime.now(UTC)
+        self.budget_periods: tuple[tuple[str, str, str], ...] = ()
+        self.rate_headers: dict[str, str] = {}
+        self.recorded = False
 
     def usage_event(
         self,
@@ -182,6 +197,7 @@ class Exchange:
             priced=cost.priced,
             started_at=self.started_at,
             ended_at=datetime.now(UTC),
+            budget_periods=self.budget_periods,
         )
 
     def headers(self, event: UsageRecorded | None = None, key_spend: Decimal | None = None) -> dict[str, str]:
@@ -189,6 +205,7 @@ class Exchange:
             "x-litellm-call-id": self.call_id,
             "x-litellm-model-id": self.deployment.deployment_id,
             "x-litellm-model-group": self.head.model,
+            **self.rate_headers,
         }
         if event is not None:
             headers["x-litellm-response-cost"] = format_money(event.cost)
@@ -199,6 +216,7 @@ class Exchange:
 
 async def record(services: Services, exchange: Exchange, event: UsageRecorded) -> Decimal | None:
     """Commit the request's terminal event; if the ledger is unreachable, withhold the response."""
+    exchange.recorded = True
     try:
         return await record_usage(services.pool, event, services.settings.max_end_user_budget_id)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

@@ -47,6 +47,27 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     priced: bool
     started_at: datetime
     ended_at: datetime
+    # The budget periods the request was admitted under, as (scope, scope_id, period start):
+    # its cost is added to exactly these, live and on replay.
+    budget_periods: tuple[tuple[str, str, str], ...] = ()
+
+
+class RequestRefused(Event, frozen=True, kw_only=True):
+    """The terminal event of a request refused at admission (budget, rate limit, blocked …)."""
+
+    call_id: str
+    route: str
+    model_group: str
+    key_hash: str
+    key_alias: str | None = None
+    user_id: str | None = None
+    team_id: str | None = None
+    customer_id: str | None = None
+    reason: str
+    scope: str
+    scope_id: str
+    detail: dict[str, Any] = {}
+    refused_at: datetime
 
 
 class KeyGenerated(Event, frozen=True, kw_only=True):
@@ -102,11 +123,143 @@ class CustomerCreated(Event, frozen=True, kw_only=True):
     alias: str | None = None
     blocked: bool = False
     budget_id: str | None = None
+    allowed_model_region: str | None = None
+    default_model: str | None = None
     source: str = "api"  # "api" or "first_sight" (created by the request that first named it)
 
 
+class CustomerUpdated(Event, frozen=True, kw_only=True):
+    user_id: str
+    alias: str | None | UnsetType = UNSET
+    budget_id: str | None | UnsetType = UNSET
+    allowed_model_region: str | None | UnsetType = UNSET
+    default_model: str | None | UnsetType = UNSET
+
+
+class CustomerBlocked(Event, frozen=True, kw_only=True):
+    user_id: str
+
+
+class CustomerUnblocked(Event, frozen=True, kw_only=True):
+    user_id: str
+
+
+class CustomerDeleted(Event, frozen=True, kw_only=True):
+    user_id: str
+
+
+class BudgetDefined(Event, frozen=True, kw_only=True):
+    budget_id: str
+    max_budget: Decimal | None = None
+    soft_budget: Decimal | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    budget_duration: str | None = None
+
+
+class BudgetUpdated(Event, frozen=True, kw_only=True):
+    budget_id: str
+    max_budget: Decimal | None | UnsetType = UNSET
+    soft_budget: Decimal | None | UnsetType = UNSET
+    rpm_limit: int | None | UnsetType = UNSET
+    tpm_limit: int | None | UnsetType = UNSET
+    max_parallel_requests: int | None | UnsetType = UNSET
+    budget_duration: str | None | UnsetType = UNSET
+
+
+class BudgetDeleted(Event, frozen=True, kw_only=True):
+    budget_id: str
+
+
+class TeamCreated(Event, frozen=True, kw_only=True):
+    team_id: str
+    team_alias: str | None = None
+    blocked: bool = False
+    max_budget: Decimal | None = None
+    soft_budget: Decimal | None = None
+    budget_duration: str | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    models: tuple[str, ...] = ()
+    metadata: dict[str, Any] = {}
+
+
+class TeamUpdated(Event, frozen=True, kw_only=True):
+    team_id: str
+    team_alias: str | None | UnsetType = UNSET
+    blocked: bool | UnsetType = UNSET
+    max_budget: Decimal | None | UnsetType = UNSET
+    soft_budget: Decimal | None | UnsetType = UNSET
+    budget_duration: str | None | UnsetType = UNSET
+    rpm_limit: int | None | UnsetType = UNSET
+    tpm_limit: int | None | UnsetType = UNSET
+    max_parallel_requests: int | None | UnsetType = UNSET
+    models: tuple[str, ...] | UnsetType = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+
+
+class TeamDeleted(Event, frozen=True, kw_only=True):
+    team_id: str
+
+
+class UserCreated(Event, frozen=True, kw_only=True):
+    user_id: str
+    user_email: str | None = None
+    user_alias: str | None = None
+    user_role: str | None = None
+    max_budget: Decimal | None = None
+    soft_budget: Decimal | None = None
+    budget_duration: str | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    models: tuple[str, ...] = ()
+    metadata: dict[str, Any] = {}
+
+
+class UserUpdated(Event, frozen=True, kw_only=True):
+    user_id: str
+    user_email: str | None | UnsetType = UNSET
+    user_alias: str | None | UnsetType = UNSET
+    user_role: str | None | UnsetType = UNSET
+    max_budget: Decimal | None | UnsetType = UNSET
+    soft_budget: Decimal | None | UnsetType = UNSET
+    budget_duration: str | None | UnsetType = UNSET
+    rpm_limit: int | None | UnsetType = UNSET
+    tpm_limit: int | None | UnsetType = UNSET
+    max_parallel_requests: int | None | UnsetType = UNSET
+    models: tuple[str, ...] | UnsetType = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+
+
+class UserDeleted(Event, frozen=True, kw_only=True):
+    user_id: str
+
+
 AnyEvent = (
-    UsageRecorded | KeyGenerated | KeyUpdated | KeyBlocked | KeyUnblocked | KeyDeleted | CustomerCreated
+    UsageRecorded
+    | RequestRefused
+    | KeyGenerated
+    | KeyUpdated
+    | KeyBlocked
+    | KeyUnblocked
+    | KeyDeleted
+    | CustomerCreated
+    | CustomerUpdated
+    | CustomerBlocked
+    | CustomerUnblocked
+    | CustomerDeleted
+    | BudgetDefined
+    | BudgetUpdated
+    | BudgetDeleted
+    | TeamCreated
+    | TeamUpdated
+    | TeamDeleted
+    | UserCreated
+    | UserUpdated
+    | UserDeleted
 )
 
 _encoder: Final = msgspec.json.Encoder(decimal_format="number")
@@ -125,10 +278,10 @@ def decode_event(data: bytes | str) -> AnyEvent:
     return _decoder.decode(data)
 
 
-def changed_fields(update: KeyUpdated) -> dict[str, Any]:
-    """The fields an update sets, by name (UNSET ones left out)."""
+def changed_fields(update: Event, id_field: str = "key_hash") -> dict[str, Any]:
+    """The fields an update event sets, by name (UNSET ones, and the id, left out)."""
     return {
         name: getattr(update, name)
         for name in update.__struct_fields__
-        if name != "key_hash" and getattr(update, name) is not UNSET
+        if name != id_field and getattr(update, name) is not UNSET
     }

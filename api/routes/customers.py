@@ -1,34 +1,198 @@
-"""Customers (end users): /customer/info, also under /end_user/*."""
+"""Customers (end users): /customer/new|info|update|delete|block|unblock|list, also under /end_user/*."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
-from litestar import Request, Response, get
+import msgspec
+from litestar import Request, Response, get, post
 from litestar.params import Parameter
+from msgspec import UNSET, UnsetType
 
 from api.auth import master_key_only
+from api.errors import bad_request
 from api.jsonio import json_response
 from api.services import Services
+from ledger import directory
 from ledger.errors import NotFound
-from projections.customers import customer_info
+from ledger.events import CustomerCreated, CustomerUpdated
+from projections.customers import customer_info, list_customers
+
+
+class NewCustomerRequest(msgspec.Struct, kw_only=True):
+    user_id: str
+    alias: str | None = None
+    blocked: bool = False
+    budget_id: str | None = None
+    allowed_model_region: str | None = None
+    default_model: str | None = None
+    max_budget: Decimal | None = None
+    soft_budget: Decimal | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    budget_duration: str | None = None
+
+
+class UpdateCustomerRequest(msgspec.Struct, kw_only=True):
+    user_id: str
+    alias: str | None | UnsetType = UNSET
+    blocked: bool | UnsetType = UNSET
+    budget_id: str | None | UnsetType = UNSET
+    allowed_model_region: str | None | UnsetType = UNSET
+    default_model: str | None | UnsetType = UNSET
+    max_budget: Decimal | None = None
+    soft_budget: Decimal | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    budget_duration: str | None = None
+
+
+class CustomerIds(msgspec.Struct, kw_only=True):
+    user_ids: list[str]
+
+
+_BUDGET_FIELDS = directory.BUDGET_FIELDS
+_tags = ["customers"]
+
+
+def _services(request: Request[Any, Any, Any]) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def _info(services: Services, user_id: str) -> dict[str, Any]:
+    info = await customer_info(services.pool, user_id, services.settings.max_end_user_budget_id)
+    if info is None:
+        raise NotFound(f"End User Id={user_id} does not exist in the ledger", param="end_user_id")
+    return info
+
+
+@post(
+    ["/customer/new", "/end_user/new"],
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Create a customer with a budget tier (budget_id) or its own limits",
+)
+async def new_customer(request: Request[Any, Any, Any], data: NewCustomerRequest) -> Response[Any]:
+    services = _services(request)
+    if not data.user_id.strip():
+        raise bad_request("user_id must not be empty", param="user_id")
+    event = CustomerCreated(
+        user_id=data.user_id,
+        alias=data.alias,
+        blocked=data.blocked,
+        budget_id=data.budget_id,
+        allowed_model_region=data.allowed_model_region,
+        default_model=data.default_model,
+    )
+    inline = {name: getattr(data, name) for name in _BUDGET_FIELDS}
+    async with services.pool.acquire() as conn, conn.transaction():
+        await directory.create_customer(conn, event, inline, "master_key", datetime.now(UTC))
+    return json_response(await _info(services, data.user_id))
 
 
 @get(
     ["/customer/info", "/end_user/info"],
     guards=[master_key_only],
-    tags=["customers"],
-    summary="A customer's status, budget tier and spend",
+    tags=_tags,
+    summary="A customer's status, budget tier and spend in the current budget period",
 )
 async def get_customer_info(
-    request: Request[Any, Any, Any],
-    end_user_id: str = Parameter(query="end_user_id", min_length=1),
+    request: Request[Any, Any, Any], end_user_id: str = Parameter(query="end_user_id", min_length=1)
 ) -> Response[Any]:
-    services: Services = request.app.state.services
-    info = await customer_info(services.pool, end_user_id)
-    if info is None:
-        raise NotFound(f"End User Id={end_user_id} does not exist in the ledger", param="end_user_id")
-    return json_response(info)
+    return json_response(await _info(_services(request), end_user_id))
 
 
-route_handlers = [get_customer_info]
+@post(
+    ["/customer/update", "/end_user/update"],
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Change a customer's alias, tier or own limits",
+)
+async def update_customer(request: Request[Any, Any, Any], data: UpdateCustomerRequest) -> Response[Any]:
+    services = _services(request)
+    changes = {
+        name: getattr(data, name)
+        for name in ("alias", "budget_id", "allowed_model_region", "default_model")
+        if getattr(data, name) is not UNSET
+    }
+    inline = {name: getattr(data, name) for name in _BUDGET_FIELDS}
+    now = datetime.now(UTC)
+    async with services.pool.acquire() as conn, conn.transaction():
+        if changes or any(v is not None for v in inline.values()):
+            await directory.update_customer(
+                conn, CustomerUpdated(user_id=data.user_id, **changes), inline, "master_key", now
+            )
+        if data.blocked is not UNSET:
+            await directory.set_customer_blocked(conn, data.user_id, data.blocked, "master_key", now)
+    return json_response(await _info(services, data.user_id))
+
+
+@post(
+    ["/customer/delete", "/end_user/delete"],
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Delete customers (all or none); their events and spend history stay",
+)
+async def delete_customers(request: Request[Any, Any, Any], data: CustomerIds) -> Response[Any]:
+    services = _services(request)
+    async with services.pool.acquire() as conn, conn.transaction():
+        await directory.delete_customers(conn, data.user_ids, "master_key")
+    return json_response({"deleted_customers": data.user_ids})
+
+
+async def _set_blocked(request: Request[Any, Any, Any], user_ids: list[str], blocked: bool) -> Response[Any]:
+    services = _services(request)
+    if not user_ids:
+        raise bad_request("user_ids must name at least one customer", param="user_ids")
+    now = datetime.now(UTC)
+    async with services.pool.acquire() as conn, conn.transaction():
+        for user_id in sorted(set(user_ids)):
+            await directory.set_customer_blocked(conn, user_id, blocked, "master_key", now)
+    return json_response({"blocked_users" if blocked else "unblocked_users": user_ids})
+
+
+@post(
+    ["/customer/block", "/end_user/block"],
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Block customers: their requests get 403 whatever key they use",
+)
+async def block_customers(request: Request[Any, Any, Any], data: CustomerIds) -> Response[Any]:
+    return await _set_blocked(request, data.user_ids, blocked=True)
+
+
+@post(
+    ["/customer/unblock", "/end_user/unblock"],
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Unblock customers",
+)
+async def unblock_customers(request: Request[Any, Any, Any], data: CustomerIds) -> Response[Any]:
+    return await _set_blocked(request, data.user_ids, blocked=False)
+
+
+@get(["/customer/list", "/end_user/list"], guards=[master_key_only], tags=_tags, summary="Every customer")
+async def get_customer_list(request: Request[Any, Any, Any]) -> Response[Any]:
+    services = _services(request)
+    return json_response(await list_customers(services.pool, services.settings.max_end_user_budget_id))
+
+
+route_handlers = [
+    new_customer,
+    get_customer_info,
+    update_customer,
+    delete_customers,
+    block_customers,
+    unblock_customers,
+    get_customer_list,
+]

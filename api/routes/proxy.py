@@ -8,9 +8,10 @@ from litestar import Request, Response, get, post
 from litestar.di import Provide
 
 from api.auth import Caller, authenticate
+from api.enforcement import admit
 from api.errors import ApiError, bad_request
 from api.jsonio import json_response
-from api.proxy import Exchange, customer_of, decode_head, forward, forward_stream, upstream_body
+from api.proxy import Exchange, customer_of, decode_head, forward, forward_stream, record, upstream_body
 from api.services import Services
 
 _MODEL_CREATED = 1677610602  # OpenAI's list shows a creation time; ours are config entries
@@ -60,9 +61,18 @@ async def _proxy(route: str, request: Request[Any, Any, Any], caller: Caller) ->
         )
     exchange = Exchange(route, caller, head, deployment, price, customer_of(head, request.headers))
     outgoing = upstream_body(body, head, deployment)
-    if head.stream:
-        return await forward_stream(services, exchange, outgoing)
-    return await forward(services, exchange, outgoing)
+    await admit(services, exchange, len(outgoing))
+    try:
+        if head.stream:
+            return await forward_stream(services, exchange, outgoing)
+        return await forward(services, exchange, outgoing)
+    except Exception:
+        if not exchange.recorded:
+            # A bug of ours between admission and recording: still close the books on the request,
+            # which also gives its hold back now rather than at expiry.
+            event = exchange.usage_event(status="failure", http_status=500, error_type="internal_error")
+            services.spawn(record(services, exchange, event))
+        raise
 
 
 _dependencies = {"caller": Provide(_caller)}

@@ -1,0 +1,91 @@
+"""Admission on the request path: build the `Admission`, run it, and turn a refusal into the
+status, error type and headers of CONTRACT §5."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from api.errors import ApiError
+from api.proxy import Exchange
+from api.services import Services
+from ledger.admission import HOLD_GRACE, Admission, Admitted, Refused, admit_request, worst_case_cost
+
+# A stream may run far longer than the upstream's read timeout: its hold must outlive it.
+_STREAM_HOLD_FLOOR: Final = timedelta(minutes=10)
+
+
+def hold_grace() -> timedelta:
+    """SPENDLEDGER_HOLD_GRACE_S shortens the grace (tests of crashed processes use it)."""
+    value = os.environ.get("SPENDLEDGER_HOLD_GRACE_S")
+    return timedelta(seconds=float(value)) if value else HOLD_GRACE
+
+
+async def admit(services: Services, exchange: Exchange, request_bytes: int) -> None:
+    """Hold the request's worst-case cost on every scope, or raise the refusal as an ApiError."""
+    now = datetime.now(UTC)
+    timeout = timedelta(seconds=exchange.deployment.timeout_s)
+    if exchange.head.stream:
+        timeout = max(timeout, _STREAM_HOLD_FLOOR)
+    settings = services.settings
+    hold = worst_case_cost(
+        exchange.price, request_bytes, exchange.head.output_cap(exchange.route, exchange.deployment)
+    )
+    admission = Admission(
+        call_id=exchange.call_id,
+        route=exchange.route,
+        model=exchange.head.model,
+        key_hash=exchange.caller.key_hash,
+        key_alias=exchange.caller.key_alias,
+        user_id=exchange.caller.user_id,
+        team_id=exchange.caller.team_id,
+        customer_id=exchange.customer_id,
+        hold=hold,
+        expires_at=now + timeout + hold_grace(),
+        default_budget_id=settings.max_end_user_budget_id,
+        global_max_budget=settings.max_budget,
+        global_budget_duration=settings.budget_duration,
+        refused_at=now,
+    )
+    outcome = await admit_request(services.pool, admission)
+    if isinstance(outcome, Refused):
+        exchange.recorded = True  # RequestRefused is its terminal event
+        raise refusal_error(outcome, exchange)
+    exchange.budget_periods = outcome.budget_periods
+    exchange.rate_headers = rate_headers(outcome)
+
+
+def rate_headers(admitted: Admitted) -> dict[str, str]:
+    headers = {}
+    if admitted.remaining_requests is not None:
+        headers["x-ratelimit-remaining-requests"] = str(admitted.remaining_requests)
+    if admitted.remaining_tokens is not None:
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, admitted.remaining_tokens))
+    return headers
+
+
+def refusal_error(refused: Refused, exchange: Exchange) -> ApiError:
+    base = {"x-litellm-call-id": exchange.call_id}
+    message = refused.message()
+    if refused.reason == "budget_exceeded":
+        return ApiError(429, message, "budget_exceeded", headers={**base, "x-should-retry": "false"})
+    if refused.reason == "rate_limit_exceeded":
+        limit_type = refused.detail.get("limit_type")
+        headers = {**base, "retry-after": str(refused.retry_after)}
+        if limit_type == "rpm":
+            headers |= {
+                "x-ratelimit-limit-requests": str(refused.detail.get("limit")),
+                "x-ratelimit-remaining-requests": "0",
+            }
+        elif limit_type == "tpm":
+            headers |= {
+                "x-ratelimit-limit-tokens": str(refused.detail.get("limit")),
+                "x-ratelimit-remaining-tokens": "0",
+            }
+        return ApiError(429, message, "rate_limit_exceeded", headers=headers)
+    if refused.reason == "customer_blocked":
+        return ApiError(403, message, "customer_blocked", headers=base)
+    if refused.reason == "model_access_denied":
+        return ApiError(401, message, "key_model_access_denied", param="model", headers=base)
+    return ApiError(401, message, "auth_error", code="401", headers=base)

@@ -1,0 +1,138 @@
+"""Admission: before a request goes upstream, hold its worst-case cost on every budget that governs
+it and take its rate-limit slots — or refuse it, all in one round trip (`sl_admit`).
+
+Strictness comes from the hold: `spent + held + hold <= max_budget` is checked and the hold added in
+one UPDATE per scope, under the row lock, so N concurrent requests against room for k admit at most
+k. The hold is an upper bound of the request's cost (prompt bytes bound its tokens; `max_tokens`, or
+the model's output cap, bounds the output), so the settled spend never passes the budget.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final
+
+import asyncpg
+import msgspec
+
+from ledger.money import ZERO, add, cost_of
+from ledger.pricing import Price
+
+# Output tokens assumed for the hold when neither the request nor the model bounds them.
+DEFAULT_OUTPUT_CAP: Final = 4096
+# How long after its upstream timeout a hold outlives a request whose process died.
+HOLD_GRACE: Final = timedelta(seconds=30)
+
+_encoder: Final = msgspec.json.Encoder(decimal_format="number")
+_decoder: Final = msgspec.json.Decoder(float_hook=Decimal)  # money in refusals stays exact
+
+
+class Admission(msgspec.Struct, frozen=True, kw_only=True):
+    """What `sl_admit` needs: who, what, how much to hold, until when."""
+
+    call_id: str
+    route: str
+    model: str
+    key_hash: str
+    key_alias: str | None
+    user_id: str | None
+    team_id: str | None
+    customer_id: str | None
+    hold: Decimal
+    expires_at: datetime
+    default_budget_id: str | None
+    global_max_budget: Decimal | None
+    global_budget_duration: str | None
+    refused_at: datetime
+
+
+class Admitted(msgspec.Struct, frozen=True, kw_only=True):
+    budget_periods: tuple[tuple[str, str, str], ...]
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+
+
+class Refused(msgspec.Struct, frozen=True, kw_only=True):
+    reason: (
+        str  # budget_exceeded | rate_limit_exceeded | customer_blocked | scope_blocked | model_access_denied
+    )
+    scope: str
+    scope_id: str
+    detail: dict[str, Any]
+
+    @property
+    def retry_after(self) -> int:
+        return max(1, int(self.detail.get("retry_after") or 1))
+
+    def message(self) -> str:
+        who = f"{self.scope.capitalize()}={self.scope_id}" if self.scope != "key" else "Key"
+        d = self.detail
+        if self.reason == "budget_exceeded":
+            spend = add(Decimal(d.get("spend") or 0), Decimal(d.get("held") or 0))
+            return (
+                f"Budget has been exceeded! {who} Current spend (incl. requests in flight): {spend}, "
+                f"Max budget: {d.get('max_budget')}, this request may cost up to {d.get('hold')}"
+            )
+        if self.reason == "rate_limit_exceeded":
+            return f"Rate limit exceeded for {who}: {d.get('limit_type')} limit {d.get('limit')}"
+        if self.reason == "customer_blocked":
+            return f"Customer {self.scope_id} is blocked"
+        if self.reason == "model_access_denied":
+            return f"{who} may not use this model. Allowed models: {d.get('models')}"
+        return f"{who} is blocked"
+
+
+def worst_case_cost(price: Price | None, request_bytes: int, max_output_tokens: int | None) -> Decimal:
+    """An upper bound of a request's cost: every token is at least one byte of the request body,
+    and the output is bounded by `max_tokens`, the model's cap, or DEFAULT_OUTPUT_CAP."""
+    if price is None:
+        return ZERO
+    output_tokens = max_output_tokens if max_output_tokens is not None else DEFAULT_OUTPUT_CAP
+    return add(
+        cost_of(request_bytes, price.input_cost_per_token),
+        cost_of(output_tokens, price.output_cost_per_token),
+    )
+
+
+async def admit_request(conn: asyncpg.Connection | asyncpg.Pool, admission: Admission) -> Admitted | Refused:
+    params: dict[str, Any] = {
+        "call_id": admission.call_id,
+        "model": admission.model,
+        "key_hash": admission.key_hash,
+        "user_id": admission.user_id,
+        "team_id": admission.team_id,
+        "customer_id": admission.customer_id,
+        "hold": admission.hold,
+        "expires_at": admission.expires_at,
+        "default_budget_id": admission.default_budget_id,
+        "global_max_budget": admission.global_max_budget,
+        "global_budget_duration": admission.global_budget_duration,
+        "meta": {"actor": admission.key_hash},
+        "refused": {
+            "call_id": admission.call_id,
+            "route": admission.route,
+            "model_group": admission.model,
+            "key_hash": admission.key_hash,
+            "key_alias": admission.key_alias,
+            "user_id": admission.user_id,
+            "team_id": admission.team_id,
+            "customer_id": admission.customer_id,
+            "refused_at": admission.refused_at,
+        },
+    }
+    raw = await conn.fetchval("select sl_admit($1::jsonb)::text", _encoder.encode(params).decode())
+    result = _decoder.decode(raw)
+    if result.pop("admitted"):
+        periods = tuple((str(s), str(i), str(p)) for s, i, p in result["budget_periods"])
+        return Admitted(
+            budget_periods=periods,
+            remaining_requests=result.get("remaining_requests"),
+            remaining_tokens=result.get("remaining_tokens"),
+        )
+    return Refused(reason=result["reason"], scope=result["scope"], scope_id=result["scope_id"], detail=result)
+
+
+async def expire_holds(conn: asyncpg.Connection | asyncpg.Pool) -> int:
+    """Release holds whose request's process died; returns how many."""
+    return int(await conn.fetchval("select sl_expire_holds()"))
