@@ -15,7 +15,7 @@ from litestar.openapi.config import OpenAPIConfig
 
 from api.errors import exception_handlers
 from api.keycache import KeyCache
-from api.routes import customers, health, keys, proxy
+from api.routes import customers, health, keys, proxy, spend
 from api.routing import ModelRouter
 from api.services import Services
 from api.upstream import Upstream
@@ -79,6 +79,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             *keys.route_handlers,
             *customers.route_handlers,
             *health.route_handlers,
+            *spend.route_handlers,
         ],
         lifespan=[lifespan],
         exception_handlers=dict(exception_handlers),

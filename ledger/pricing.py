@@ -43,6 +43,8 @@ def catalogue_price(provider: str, model: str) -> Price | None:
         return None
     input_mtok = found.model_price.input_mtok
     output_mtok = found.model_price.output_mtok
+    if output_mtok is None:  # input-only models (embeddings) have no output price: it is 0
+        output_mtok = ZERO
     if not isinstance(input_mtok, Decimal) or not isinstance(output_mtok, Decimal):
         return None  # tiered prices: not representable per token; configure model_info instead
     return Price(

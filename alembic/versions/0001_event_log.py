@@ -1,4 +1,4 @@
-"""The event log, the key directory, customers and spend totals.
+"""The event log (append-only), the key directory, customers and spend totals.
 
 Revision ID: 0001
 Revises:
@@ -81,58 +81,9 @@ create table spend_totals (
     last_at       timestamptz,
     primary key (scope, scope_id)
 );
-
--- Projection of one UsageRecorded event: used live (in the recording transaction) and by rebuilds.
--- Rows are touched in (scope, scope_id) order so concurrent recorders never deadlock.
-create function sl_apply_usage(d jsonb) returns void language sql as $$
-    insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
-    select s.scope, s.scope_id, (d->>'cost')::numeric, 1,
-           (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint, (d->>'ended_at')::timestamptz
-    from (values ('customer', d->>'customer_id'), ('key', d->>'key_hash'), ('model', d->>'model_group'),
-                 ('team', d->>'team_id'), ('user', d->>'user_id')) as s(scope, scope_id)
-    where s.scope_id is not null
-    order by s.scope, s.scope_id
-    on conflict (scope, scope_id) do update set
-        spend = t.spend + excluded.spend,
-        requests = t.requests + 1,
-        input_tokens = t.input_tokens + excluded.input_tokens,
-        output_tokens = t.output_tokens + excluded.output_tokens,
-        last_at = greatest(t.last_at, excluded.last_at)
-$$;
-
--- Record one request in one round trip: the customer on first sight, the UsageRecorded event, and
--- its projections, all in the caller's transaction.
-create function sl_record_usage(d jsonb, meta jsonb, default_budget_id text)
-returns table (event_position bigint, key_spend numeric)
-language plpgsql as $$
-declare
-    customer text := d->>'customer_id';
-begin
-    if customer is not null then
-        insert into customers (user_id, budget_id, created_at)
-        values (customer, default_budget_id, now())
-        on conflict (user_id) do nothing;
-        if found then
-            insert into events (stream, version, type, data, metadata)
-            values ('customer:' || customer, 1, 'CustomerCreated',
-                    jsonb_build_object('type', 'CustomerCreated', 'user_id', customer, 'alias', null,
-                                       'blocked', false, 'budget_id', default_budget_id,
-                                       'source', 'first_sight'),
-                    meta);
-        end if;
-    end if;
-    insert into events (stream, version, type, data, metadata)
-    values ('request:' || (d->>'call_id'), 1, 'UsageRecorded', d, meta)
-    returning position into event_position;
-    perform sl_apply_usage(d);
-    select trim_scale(t.spend) into key_spend from spend_totals t where t.scope = 'key' and t.scope_id = d->>'key_hash';
-    return next;
-end $$;
 """
 
 DOWNGRADE = """
-drop function sl_record_usage(jsonb, jsonb, text);
-drop function sl_apply_usage(jsonb);
 drop table spend_totals;
 drop table customers;
 drop table keys;

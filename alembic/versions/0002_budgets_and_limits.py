@@ -1,4 +1,5 @@
-"""Budgets (pricing tiers), teams, internal users, budget periods, holds and rate limits.
+"""Budgets (pricing tiers), teams, internal users, budget periods, holds, rate limits, spend logs,
+and the functions that admit, record and project requests.
 
 Admission and settlement are SQL functions so that each costs one round trip:
 `sl_admit` checks every scope (key, user, team, customer, global) in a fixed order and either holds
@@ -373,9 +374,46 @@ begin
     return n;
 end $$;
 
+-- Spend logs: one row per recorded request, for /spend/logs and /global/spend/report.
+create table spend_logs (
+    request_id        text primary key,
+    call_type         text        not null,
+    api_key           text        not null,
+    spend             numeric     not null,
+    total_tokens      bigint      not null,
+    prompt_tokens     bigint      not null,
+    completion_tokens bigint      not null,
+    start_time        timestamptz not null,
+    end_time          timestamptz not null,
+    model             text        not null,
+    model_id          text        not null,
+    model_group       text        not null,
+    user_id           text,
+    team_id           text,
+    end_user          text,
+    status            text        not null,
+    usage_estimated   boolean     not null default false
+);
+create index spend_logs_start on spend_logs (start_time);
+create index spend_logs_key on spend_logs (api_key, start_time);
+create index spend_logs_user on spend_logs (user_id, start_time);
+create index spend_logs_team on spend_logs (team_id, start_time);
+create index spend_logs_end_user on spend_logs (end_user, start_time);
+
+create function sl_apply_spend_log(d jsonb) returns void language sql as $$
+    insert into spend_logs (request_id, call_type, api_key, spend, total_tokens, prompt_tokens,
+                            completion_tokens, start_time, end_time, model, model_id, model_group,
+                            user_id, team_id, end_user, status, usage_estimated)
+    values (d->>'call_id', d->>'route', d->>'key_hash', (d->>'cost')::numeric,
+            (d->>'total_tokens')::bigint, (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint,
+            (d->>'started_at')::timestamptz, (d->>'ended_at')::timestamptz, d->>'upstream_model',
+            d->>'deployment_id', d->>'model_group', d->>'user_id', d->>'team_id', d->>'customer_id',
+            d->>'status', coalesce((d->>'usage_estimated')::boolean, false))
+$$;
+
 -- Projection of one UsageRecorded: lifetime totals per scope, and the spend of each budget period
 -- the request was admitted under (carried in the event, so a replay lands in the same periods).
-create or replace function sl_apply_usage(d jsonb) returns void language sql as $$
+create function sl_apply_usage(d jsonb) returns void language sql as $$
     insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
     select s.scope, s.scope_id, (d->>'cost')::numeric, 1,
            (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint, (d->>'ended_at')::timestamptz
@@ -394,10 +432,11 @@ create or replace function sl_apply_usage(d jsonb) returns void language sql as 
     from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
     order by 1, 2, 3
     on conflict (scope, scope_id, period_start) do update set spent = b.spent + excluded.spent;
+    select sl_apply_spend_log(d);
 $$;
 
 -- Record one request: release its hold, append UsageRecorded, project it, count its tokens.
-create or replace function sl_record_usage(d jsonb, meta jsonb, default_budget_id text)
+create function sl_record_usage(d jsonb, meta jsonb, default_budget_id text)
 returns table (event_position bigint, key_spend numeric)
 language plpgsql as $$
 declare
@@ -420,6 +459,10 @@ end $$;
 """
 
 DOWNGRADE = """
+drop function sl_record_usage(jsonb, jsonb, text);
+drop function sl_apply_usage(jsonb);
+drop function sl_apply_spend_log(jsonb);
+drop table spend_logs;
 drop function sl_expire_holds();
 drop function sl_release_hold(text);
 drop function sl_admit(jsonb);

@@ -1,0 +1,70 @@
+"""Spend reports: /spend/logs and /global/spend/report, in LiteLLM's shapes."""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from typing import Any, Literal
+
+from litestar import Request, Response, get
+from litestar.params import Parameter
+
+from api.auth import master_key_only
+from api.jsonio import json_response
+from api.services import Services
+from ledger.keys import hash_key
+from projections.spend_logs import daily_spend, day_range, global_spend_report, spend_logs
+
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+@get(
+    "/spend/logs",
+    guards=[master_key_only],
+    tags=["spend"],
+    summary="Spend logs by key, user or request; per-day totals when only dates are given",
+)
+async def get_spend_logs(
+    request: Request[Any, Any, Any],
+    api_key: str | None = None,
+    user_id: str | None = None,
+    request_id: str | None = None,
+    start_date: date | None = None,
+    end_date: date | None = None,
+    limit: int = Parameter(default=1000, ge=1, le=100_000),
+) -> Response[Any]:
+    services: Services = request.app.state.services
+    start, end = day_range(start_date, end_date)
+    if api_key is None and user_id is None and request_id is None and (start or end):
+        return json_response(await daily_spend(services.pool, start, end))
+    key_hash = api_key if api_key is None or _HASH.match(api_key) else hash_key(api_key)
+    rows = await spend_logs(
+        services.pool,
+        api_key=key_hash,
+        user_id=user_id,
+        request_id=request_id,
+        start=start,
+        end=end,
+        limit=limit,
+    )
+    return json_response(rows)
+
+
+@get(
+    "/global/spend/report",
+    guards=[master_key_only],
+    tags=["spend"],
+    summary="Spend per day per team (or customer, or key), by model",
+)
+async def get_global_spend_report(
+    request: Request[Any, Any, Any],
+    start_date: date | None = None,
+    end_date: date | None = None,
+    group_by: Literal["team", "customer", "api_key"] = "team",
+) -> Response[Any]:
+    services: Services = request.app.state.services
+    start, end = day_range(start_date, end_date)
+    return json_response(await global_spend_report(services.pool, start, end, group_by))
+
+
+route_handlers = [get_spend_logs, get_global_spend_report]
