@@ -163,7 +163,11 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
     try:
         raw = yaml.load(text, Loader=_DecimalLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        # One line: PyYAML's own message spans several, with a snippet of the file.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     return parse_settings(raw or {}, os.environ if environ is None else environ, source=str(path))
 
 
@@ -304,8 +308,17 @@ def _section(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:
 
 
 def _note_unknown(keys: list[str], prefix: str, warnings: list[str]) -> None:
-    if keys:
-        warnings.append("ignored unknown config keys: " + ", ".join(prefix + str(k) for k in keys))
+    """All unknown keys of the file go into one warning (each name once), not one per section."""
+    if not keys:
+        return
+    head = "ignored unknown config keys: "
+    names = [prefix + str(k) for k in keys]
+    for index, warning in enumerate(warnings):
+        if warning.startswith(head):
+            names = warning.removeprefix(head).split(", ") + names
+            warnings[index] = head + ", ".join(dict.fromkeys(names))
+            return
+    warnings.append(head + ", ".join(dict.fromkeys(names)))
 
 
 def _string_list(value: Any, name: str, source: str) -> list[str]:

@@ -40,6 +40,7 @@ _INSERT: Final = """
 insert into events (stream, version, type, data, metadata)
 select $1, $2 + ord, t, d::jsonb, $5::jsonb
 from unnest($3::text[], $4::text[]) with ordinality as e(t, d, ord)
+where $2 = (select coalesce(max(version), 0) from events where stream = $1)
 returning position
 """
 
@@ -61,6 +62,8 @@ async def append(
         if exc.constraint_name == "events_stream_version_key":
             raise ConcurrencyError(stream, expected_version) from None
         raise
+    if events and not rows:  # the stream is not at expected_version (ahead of it, or moved on)
+        raise ConcurrencyError(stream, expected_version)
     return [row["position"] for row in rows]
 
 

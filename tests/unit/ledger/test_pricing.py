@@ -1,0 +1,151 @@
+"""`ledger.pricing`: config prices beat the catalogue, halves combine, unknown models cost 0."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from ledger.config import Deployment
+from ledger.money import ZERO
+from ledger.pricing import (
+    UNPRICED_COST,
+    Cost,
+    Price,
+    PriceBook,
+    catalogue_price,
+    cost_of_usage,
+    price_for,
+)
+
+# genai-prices: gpt-4o-mini is $0.15 / $0.60 per million tokens.
+MINI_IN = Decimal("0.15") / Decimal(1_000_000)
+MINI_OUT = Decimal("0.6") / Decimal(1_000_000)
+
+
+def deployment(upstream_model: str = "gpt-4o-mini", provider: str = "openai", **fields: Any) -> Deployment:
+    values: dict[str, Any] = {
+        "model_name": "group",
+        "deployment_id": f"{provider}/{upstream_model}/{sorted(fields.items())}",
+        "provider": provider,
+        "upstream_model": upstream_model,
+        "api_base": None if provider == "mock" else "https://u/v1",
+    }
+    values.update(fields)
+    return Deployment(**values)
+
+
+def test_catalogue_price_for_gpt_4o_mini_is_per_million_over_a_million() -> None:
+    price = catalogue_price("openai", "gpt-4o-mini")
+    assert price is not None
+    assert price.source == "genai-prices"
+    assert price.input_cost_per_token == Decimal("0.00000015") == MINI_IN
+    assert price.output_cost_per_token == Decimal("0.0000006") == MINI_OUT
+    assert type(price.input_cost_per_token) is Decimal
+    assert price.input_cost_per_token != Decimal(0.15 / 1e6)  # the float path, for contrast
+
+
+@pytest.mark.parametrize("provider", ["hosted_vllm", "openai_like", "custom_openai"])
+def test_openai_compatible_providers_use_the_openai_catalogue(provider: str) -> None:
+    assert catalogue_price(provider, "gpt-4o-mini") == catalogue_price("openai", "gpt-4o-mini")
+
+
+def test_catalogue_does_not_know_an_invented_model() -> None:
+    assert catalogue_price("openai", "no-such-model-7f3a9") is None
+
+
+def test_catalogue_price_is_used_without_config() -> None:
+    price = price_for(deployment())
+    assert price == Price(input_cost_per_token=MINI_IN, output_cost_per_token=MINI_OUT, source="genai-prices")
+
+
+def test_model_info_override_beats_catalogue() -> None:
+    price = price_for(
+        deployment(input_cost_per_token=Decimal("0.0000015"), output_cost_per_token=Decimal("0.000002"))
+    )
+    assert price == Price(
+        input_cost_per_token=Decimal("0.0000015"), output_cost_per_token=Decimal("0.000002"), source="config"
+    )
+
+
+def test_zero_override_beats_catalogue() -> None:
+    price = price_for(deployment(input_cost_per_token=ZERO, output_cost_per_token=ZERO))
+    assert price is not None
+    assert price.input_cost_per_token == ZERO and price.output_cost_per_token == ZERO
+    assert price.source == "config"
+
+
+def test_input_half_from_config_output_half_from_catalogue() -> None:
+    price = price_for(deployment(input_cost_per_token=Decimal("0.000001")))
+    assert price == Price(
+        input_cost_per_token=Decimal("0.000001"), output_cost_per_token=MINI_OUT, source="config"
+    )
+
+
+def test_output_half_from_config_input_half_from_catalogue() -> None:
+    price = price_for(deployment(output_cost_per_token=Decimal("0.000003")))
+    assert price == Price(
+        input_cost_per_token=MINI_IN, output_cost_per_token=Decimal("0.000003"), source="config"
+    )
+
+
+def test_zero_half_from_config_is_kept_not_replaced_by_catalogue() -> None:
+    price = price_for(deployment(input_cost_per_token=ZERO))
+    assert price is not None
+    assert price.input_cost_per_token == ZERO
+    assert price.output_cost_per_token == MINI_OUT
+
+
+def test_half_from_config_for_an_unknown_model_leaves_the_other_half_zero() -> None:
+    price = price_for(deployment("no-such-model-7f3a9", input_cost_per_token=Decimal("0.000001")))
+    assert price == Price(
+        input_cost_per_token=Decimal("0.000001"), output_cost_per_token=ZERO, source="config"
+    )
+
+
+def test_unknown_model_has_no_price_and_costs_zero_unpriced() -> None:
+    price = price_for(deployment("no-such-model-7f3a9"))
+    assert price is None
+    cost = cost_of_usage(price, 1000, 500)
+    assert cost == UNPRICED_COST
+    assert cost.total == ZERO and cost.input_cost == ZERO and cost.output_cost == ZERO
+    assert cost.priced is False
+
+
+def test_mock_provider_is_never_looked_up_in_the_catalogue() -> None:
+    assert price_for(deployment("gpt-4o-mini", provider="mock")) is None
+
+
+def test_cost_of_usage_is_exact() -> None:
+    price = Price(
+        input_cost_per_token=Decimal("0.0000015"), output_cost_per_token=Decimal("0.000002"), source="config"
+    )
+    cost = cost_of_usage(price, 1234, 567)
+    assert cost == Cost(
+        input_cost=Decimal("0.0018510"),
+        output_cost=Decimal("0.001134"),
+        total=Decimal("0.0029850"),
+        priced=True,
+    )
+    assert cost_of_usage(price, 0, 0).total == ZERO
+    assert cost_of_usage(price, 0, 0).priced is True
+
+
+def test_cost_of_usage_with_catalogue_price() -> None:
+    cost = cost_of_usage(price_for(deployment()), 1_000_000, 1_000_000)
+    assert cost.input_cost == Decimal("0.15")
+    assert cost.output_cost == Decimal("0.6")
+    assert cost.total == Decimal("0.75")
+
+
+def test_price_book_resolves_every_deployment_once() -> None:
+    priced = deployment(input_cost_per_token=Decimal("0.1"), output_cost_per_token=Decimal("0.2"))
+    catalogued = deployment()
+    unknown = deployment("no-such-model-7f3a9")
+    book = PriceBook((priced, catalogued, unknown))
+    assert book.price(priced.deployment_id) == price_for(priced)
+    assert book.price(catalogued.deployment_id) == price_for(catalogued)
+    assert book.price(unknown.deployment_id) is None
+    assert book.price("never-configured") is None
+    assert book.unpriced() == [unknown.deployment_id]
