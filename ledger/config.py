@@ -175,13 +175,13 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with 'model_list'")
     warnings: list[str] = []
-    unknown = sorted(set(raw) - _TOP_LEVEL)
+    unknown = sorted(set(raw) - _TOP_LEVEL, key=str)
     resolved = _resolve_env(raw, environ, warnings, source)
     litellm = _section(resolved, "litellm_settings", source)
     general = _section(resolved, "general_settings", source)
     _note_unknown(unknown, "", warnings)
-    _note_unknown(sorted(set(litellm) - _LITELLM_SETTINGS), "litellm_settings.", warnings)
-    _note_unknown(sorted(set(general) - _GENERAL_SETTINGS), "general_settings.", warnings)
+    _note_unknown(sorted(set(litellm) - _LITELLM_SETTINGS, key=str), "litellm_settings.", warnings)
+    _note_unknown(sorted(set(general) - _GENERAL_SETTINGS, key=str), "general_settings.", warnings)
     deployments = _parse_model_list(resolved.get("model_list"), warnings, source)
     callbacks = _string_list(litellm.get("callbacks"), "litellm_settings.callbacks", source)
     callbacks += _string_list(litellm.get("success_callback"), "litellm_settings.success_callback", source)
@@ -202,7 +202,9 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         max_request_size_mb=_positive_money(
             general.get("max_request_size_mb", 32), "general_settings.max_request_size_mb", source
         ),
-        reject_unpriced_models=bool(general.get("reject_unpriced_models", False)),
+        reject_unpriced_models=_flag(
+            general.get("reject_unpriced_models", False), "general_settings.reject_unpriced_models", source
+        ),
         request_timeout_s=_positive_float(
             litellm.get("request_timeout", 600), "litellm_settings.request_timeout", source
         ),
@@ -234,8 +236,8 @@ def _parse_deployment(entry: dict[str, Any], where: str, warnings: list[str]) ->
     info = entry.get("model_info") or {}
     if not isinstance(info, dict):
         raise ConfigError(f"{where} ({model_name}): 'model_info' must be a mapping")
-    _note_unknown(sorted(set(params) - _LITELLM_PARAMS), f"{model_name}.litellm_params.", warnings)
-    _note_unknown(sorted(set(info) - _MODEL_INFO), f"{model_name}.model_info.", warnings)
+    _note_unknown(sorted(set(params) - _LITELLM_PARAMS, key=str), f"{model_name}.litellm_params.", warnings)
+    _note_unknown(sorted(set(info) - _MODEL_INFO, key=str), f"{model_name}.model_info.", warnings)
     model = params.get("model")
     if not isinstance(model, str) or not model.strip():
         raise ConfigError(
@@ -339,7 +341,33 @@ def _optional_str(value: Any, name: str, source: str) -> str | None:
     return str(value)
 
 
+def _flag(value: Any, name: str, source: str) -> bool:
+    """A YAML bool, or the text of one (values read from the environment are strings)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+
+
+def _number_text(value: Any) -> Any:
+    """Numbers read from the environment arrive as text: read them as numbers."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return int(text)
+        try:
+            return Decimal(text)
+        except ArithmeticError:
+            return value
+    return value
+
+
 def _optional_int(value: Any, name: str) -> int | None:
+    value = _number_text(value)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -368,6 +396,7 @@ def _positive_money(value: Any, name: str, source: str) -> Decimal:
 
 def _positive_float(value: Any, name: str, source: str) -> float:
     # A timeout is a duration, not money: float is right here.
+    value = _number_text(value)
     if isinstance(value, bool) or not isinstance(value, int | Decimal) or value <= 0:
         raise ConfigError(
             f"{source}: {name} must be a positive number of seconds, got {value!r}".lstrip(": ")
