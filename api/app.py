@@ -15,7 +15,7 @@ from litestar.openapi.config import OpenAPIConfig
 
 from api.errors import exception_handlers
 from api.keycache import KeyCache
-from api.routes import customers, health, keys, proxy, spend
+from api.routes import budgets, customers, health, keys, proxy, spend, teams, users
 from api.routing import ModelRouter
 from api.services import Services
 from api.upstream import Upstream
@@ -78,6 +78,9 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             *proxy.route_handlers,
             *keys.route_handlers,
             *customers.route_handlers,
+            *budgets.route_handlers,
+            *teams.route_handlers,
+            *users.route_handlers,
             *health.route_handlers,
             *spend.route_handlers,
         ],

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -54,6 +55,21 @@ def _load(path: str | None) -> Settings | None:
         raise SystemExit(2) from None
 
 
+def _migrate(url: str) -> None:
+    """Run the migrations, or stop with one line saying why the database cannot be used."""
+    import asyncpg
+    import sqlalchemy.exc
+
+    try:
+        run_migrations(url)
+    except (OSError, asyncpg.PostgresError, sqlalchemy.exc.DBAPIError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        parts = urlsplit(url)  # named without its password
+        where = f"{parts.hostname or parts.query or 'localhost'}:{parts.port or 5432}{parts.path}"
+        print(f"spendledger: database error: cannot migrate {where}: {reason}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -66,7 +82,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning(**warning)
     url, embedded = _database(settings, args.data_dir)
     try:
-        run_migrations(url)
+        _migrate(url)
         os.environ["SPENDLEDGER_CONFIG"] = str(args.config)
         os.environ["SPENDLEDGER_DATABASE_URL"] = url
         log.info(
@@ -94,7 +110,7 @@ def migrate(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     url, embedded = _database(settings, args.data_dir)
     try:
-        run_migrations(url)
+        _migrate(url)
         log.info("migrated")
     finally:
         if embedded is not None:

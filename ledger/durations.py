@@ -37,6 +37,9 @@ def parse_duration(text: str) -> Duration:
     amount = int(match.group(1))
     if amount <= 0:
         raise DurationError(f"invalid duration {text!r}: must be positive")
+    if amount * _SECONDS.get(match.group(2), 31 * 86400) > 1000 * 366 * 86400:
+        # Beyond this, datetime arithmetic overflows (year 9999): refuse it here, with a message.
+        raise DurationError(f"invalid duration {text!r}: longer than 1000 years")
     return Duration(text=text.strip(), amount=amount, unit=match.group(2))
 
 

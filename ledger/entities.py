@@ -48,7 +48,7 @@ def validate_budget_fields(fields: dict[str, Any]) -> None:
     """Money non-negative and finite, durations parseable, limits non-negative integers."""
     for name in ("max_budget", "soft_budget"):
         value = fields.get(name)
-        if value is not None and (not isinstance(value, Decimal) or not value.is_finite() or value < 0):
+        if value is not None and not _storable_money(value):
             raise InvalidCommand(f"{name} must be a non-negative, finite number, got {value}", param=name)
     duration = fields.get("budget_duration")
     if duration is not None:
@@ -58,8 +58,22 @@ def validate_budget_fields(fields: dict[str, Any]) -> None:
             raise InvalidCommand(str(exc), param="budget_duration") from None
     for name in ("rpm_limit", "tpm_limit", "max_parallel_requests"):
         value = fields.get(name)
-        if value is not None and value < 0:
-            raise InvalidCommand(f"{name} must be a non-negative integer, got {value}", param=name)
+        if value is not None and not 0 <= value <= 2_147_483_647:  # the columns are int4
+            raise InvalidCommand(
+                f"{name} must be a non-negative integer (at most 2147483647), got {value}", param=name
+            )
+
+
+def _storable_money(value: object) -> bool:
+    """Non-negative, finite, and inside PostgreSQL numeric's range (asyncpg would write 0 for a
+    larger exponent, silently)."""
+    return (
+        isinstance(value, Decimal)
+        and value.is_finite()
+        and value >= 0
+        and value.adjusted() <= 131071
+        and int(value.as_tuple().exponent) >= -16383
+    )
 
 
 def _column_value(kind: EntityTable, name: str, value: Any) -> Any:

@@ -17,8 +17,8 @@ import asyncpg
 import msgspec
 
 from ledger import store
-from ledger.durations import DurationError, parse_duration
-from ledger.errors import AlreadyExists, InvalidCommand, NotFound
+from ledger.entities import validate_budget_fields
+from ledger.errors import AlreadyExists, NotFound
 from ledger.events import (
     KeyBlocked,
     KeyDeleted,
@@ -77,18 +77,7 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def validate_limits(max_budget: Decimal | None, budget_duration: str | None, **limits: int | None) -> None:
-    if max_budget is not None and (not max_budget.is_finite() or max_budget < 0):
-        raise InvalidCommand(
-            f"max_budget must be a non-negative number, got {max_budget}", param="max_budget"
-        )
-    if budget_duration is not None:
-        try:
-            parse_duration(budget_duration)
-        except DurationError as exc:
-            raise InvalidCommand(str(exc), param="budget_duration") from None
-    for name, value in limits.items():
-        if value is not None and value < 0:
-            raise InvalidCommand(f"{name} must be a non-negative integer, got {value}", param=name)
+    validate_budget_fields({"max_budget": max_budget, "budget_duration": budget_duration, **limits})
 
 
 async def generate_key(

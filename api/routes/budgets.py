@@ -1,0 +1,143 @@
+"""Budgets (pricing tiers): /budget/new, /budget/info, /budget/update, /budget/delete, /budget/list."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from msgspec import UNSET, UnsetType
+
+from api.auth import master_key_only
+from api.errors import bad_request
+from api.jsonio import json_response
+from api.services import Services
+from ledger import directory
+from ledger.errors import NotFound
+from ledger.events import BudgetDefined, BudgetUpdated
+from projections.directory import get_budget, get_budgets, list_budgets
+
+
+class NewBudgetRequest(msgspec.Struct, kw_only=True):
+    budget_id: str | None = None
+    max_budget: Decimal | None = None
+    soft_budget: Decimal | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    budget_duration: str | None = None
+
+
+class UpdateBudgetRequest(msgspec.Struct, kw_only=True):
+    budget_id: str
+    max_budget: Decimal | None | UnsetType = UNSET
+    soft_budget: Decimal | None | UnsetType = UNSET
+    rpm_limit: int | None | UnsetType = UNSET
+    tpm_limit: int | None | UnsetType = UNSET
+    max_parallel_requests: int | None | UnsetType = UNSET
+    budget_duration: str | None | UnsetType = UNSET
+
+
+class BudgetIds(msgspec.Struct, kw_only=True):
+    budgets: list[str]
+
+
+class BudgetRef(msgspec.Struct, kw_only=True):
+    id: str
+
+
+_tags = ["budgets"]
+
+
+def _services(request: Request[Any, Any, Any]) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _missing(budget_id: str, param: str = "budget_id") -> NotFound:
+    return NotFound(f"budget {budget_id!r} does not exist", param=param)
+
+
+@post("/budget/new", guards=[master_key_only], tags=_tags, status_code=200, summary="Create a budget tier")
+async def new_budget(request: Request[Any, Any, Any], data: NewBudgetRequest) -> Response[Any]:
+    services = _services(request)
+    budget_id = directory.new_budget_id() if data.budget_id is None else data.budget_id
+    if not budget_id.strip():
+        raise bad_request("budget_id must not be empty", param="budget_id")
+    event = BudgetDefined(
+        budget_id=budget_id,
+        max_budget=data.max_budget,
+        soft_budget=data.soft_budget,
+        rpm_limit=data.rpm_limit,
+        tpm_limit=data.tpm_limit,
+        max_parallel_requests=data.max_parallel_requests,
+        budget_duration=data.budget_duration,
+    )
+    async with services.pool.acquire() as conn, conn.transaction():
+        await directory.define_budget(conn, event, "master_key", datetime.now(UTC))
+        view = await get_budget(conn, budget_id)
+    return json_response(view)
+
+
+@post("/budget/info", guards=[master_key_only], tags=_tags, status_code=200, summary="Budgets by id")
+async def budget_info(request: Request[Any, Any, Any], data: BudgetIds) -> Response[Any]:
+    if not data.budgets:
+        raise bad_request("Name the budgets to read: {'budgets': [...]}", param="budgets")
+    found = await get_budgets(_services(request).pool, data.budgets)
+    known = {budget["budget_id"] for budget in found}
+    for budget_id in data.budgets:
+        if budget_id not in known:
+            raise _missing(budget_id, param="budgets")
+    return json_response(found)
+
+
+@post(
+    "/budget/update",
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Change a budget tier (only the fields sent)",
+)
+async def update_budget(request: Request[Any, Any, Any], data: UpdateBudgetRequest) -> Response[Any]:
+    services = _services(request)
+    changes = {
+        name: getattr(data, name)
+        for name in data.__struct_fields__
+        if name != "budget_id" and getattr(data, name) is not UNSET
+    }
+    async with services.pool.acquire() as conn, conn.transaction():
+        if changes:
+            await directory.update_budget(
+                conn, BudgetUpdated(budget_id=data.budget_id, **changes), "master_key", datetime.now(UTC)
+            )
+        view = await get_budget(conn, data.budget_id)
+    if view is None:
+        raise _missing(data.budget_id)
+    return json_response(view)
+
+
+@post(
+    "/budget/delete",
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Delete a budget tier that no customer or key uses",
+)
+async def delete_budget(request: Request[Any, Any, Any], data: BudgetRef) -> Response[Any]:
+    services = _services(request)
+    async with services.pool.acquire() as conn, conn.transaction():
+        view = await get_budget(conn, data.id)
+        if view is None:
+            raise _missing(data.id, param="id")
+        await directory.delete_budget(conn, data.id, "master_key")
+    return json_response(view)
+
+
+@get("/budget/list", guards=[master_key_only], tags=_tags, summary="Every budget tier")
+async def budget_list(request: Request[Any, Any, Any]) -> Response[Any]:
+    return json_response(await list_budgets(_services(request).pool))
+
+
+route_handlers = [new_budget, budget_info, update_budget, delete_budget, budget_list]

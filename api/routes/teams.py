@@ -1,0 +1,185 @@
+"""Teams: /team/new, /team/update, /team/delete, /team/info, /team/list, /team/block, /team/unblock."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.params import Parameter
+from msgspec import UNSET, UnsetType
+
+from api.auth import master_key_only
+from api.errors import bad_request
+from api.jsonio import json_response
+from api.routes.keys import key_view
+from api.services import Services
+from ledger import directory
+from ledger import keys as key_commands
+from ledger.errors import NotFound
+from ledger.events import TeamCreated, TeamUpdated
+from projections.directory import get_team, key_hashes_of, keys_of, list_teams
+
+
+class NewTeamRequest(msgspec.Struct, kw_only=True):
+    team_id: str | None = None
+    team_alias: str | None = None
+    max_budget: Decimal | None = None
+    soft_budget: Decimal | None = None
+    budget_duration: str | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    models: list[str] = []
+    metadata: dict[str, Any] = {}
+    blocked: bool = False
+
+
+class UpdateTeamRequest(msgspec.Struct, kw_only=True):
+    team_id: str
+    team_alias: str | None | UnsetType = UNSET
+    max_budget: Decimal | None | UnsetType = UNSET
+    soft_budget: Decimal | None | UnsetType = UNSET
+    budget_duration: str | None | UnsetType = UNSET
+    rpm_limit: int | None | UnsetType = UNSET
+    tpm_limit: int | None | UnsetType = UNSET
+    max_parallel_requests: int | None | UnsetType = UNSET
+    models: list[str] | UnsetType = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+    blocked: bool | UnsetType = UNSET
+
+
+class TeamIds(msgspec.Struct, kw_only=True):
+    team_ids: list[str]
+
+
+class TeamRef(msgspec.Struct, kw_only=True):
+    team_id: str
+
+
+_tags = ["teams"]
+
+
+def _services(request: Request[Any, Any, Any]) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def _team(conn: asyncpg.Connection | asyncpg.Pool, team_id: str) -> dict[str, Any]:
+    view = await get_team(conn, team_id)
+    if view is None:
+        raise NotFound(f"Team not found, passed team_id={team_id}", param="team_id")
+    return view
+
+
+async def _update(request: Request[Any, Any, Any], team_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+    services = _services(request)
+    async with services.pool.acquire() as conn, conn.transaction():
+        if changes:
+            await directory.update_team(
+                conn, TeamUpdated(team_id=team_id, **changes), "master_key", datetime.now(UTC)
+            )
+        return await _team(conn, team_id)
+
+
+@post("/team/new", guards=[master_key_only], tags=_tags, status_code=200, summary="Create a team")
+async def new_team(request: Request[Any, Any, Any], data: NewTeamRequest) -> Response[Any]:
+    services = _services(request)
+    team_id = str(uuid.uuid4()) if data.team_id is None else data.team_id
+    if not team_id.strip():
+        raise bad_request("team_id must not be empty", param="team_id")
+    event = TeamCreated(
+        team_id=team_id,
+        team_alias=data.team_alias,
+        blocked=data.blocked,
+        max_budget=data.max_budget,
+        soft_budget=data.soft_budget,
+        budget_duration=data.budget_duration,
+        rpm_limit=data.rpm_limit,
+        tpm_limit=data.tpm_limit,
+        max_parallel_requests=data.max_parallel_requests,
+        models=tuple(data.models),
+        metadata=data.metadata,
+    )
+    async with services.pool.acquire() as conn, conn.transaction():
+        await directory.create_team(conn, event, "master_key", datetime.now(UTC))
+        view = await _team(conn, team_id)
+    return json_response(view)
+
+
+@post(
+    "/team/update",
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Change a team (only the fields sent)",
+)
+async def update_team(request: Request[Any, Any, Any], data: UpdateTeamRequest) -> Response[Any]:
+    changes = {
+        name: getattr(data, name)
+        for name in data.__struct_fields__
+        if name != "team_id" and getattr(data, name) is not UNSET
+    }
+    if "models" in changes:
+        changes["models"] = tuple(changes["models"])
+    view = await _update(request, data.team_id, changes)
+    return json_response({"team_id": data.team_id, "data": view})
+
+
+@post(
+    "/team/delete",
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Delete teams and their keys (all or none); their events and spend history stay",
+)
+async def delete_teams(request: Request[Any, Any, Any], data: TeamIds) -> Response[Any]:
+    services = _services(request)
+    if not data.team_ids:
+        raise bad_request("team_ids must name at least one team", param="team_ids")
+    now = datetime.now(UTC)
+    async with services.pool.acquire() as conn, conn.transaction():
+        # As LiteLLM: a team's keys go with it (else they would outlive the team's budget).
+        hashes = await key_hashes_of(conn, "team", data.team_ids)
+        await directory.delete_teams(conn, data.team_ids, "master_key")
+        if hashes:
+            await key_commands.delete_keys(conn, hashes, actor="master_key", now=now)
+    return json_response({"deleted_teams": data.team_ids})
+
+
+@get("/team/info", guards=[master_key_only], tags=_tags, summary="A team, its spend and its keys")
+async def team_info(
+    request: Request[Any, Any, Any], team_id: str = Parameter(query="team_id", min_length=1)
+) -> Response[Any]:
+    pool = _services(request).pool
+    view = await _team(pool, team_id)
+    keys = [key_view(record, spend) for record, spend in await keys_of(pool, "team", team_id)]
+    return json_response({"team_id": team_id, "team_info": view, "keys": keys})
+
+
+@get("/team/list", guards=[master_key_only], tags=_tags, summary="Every team")
+async def team_list(request: Request[Any, Any, Any]) -> Response[Any]:
+    return json_response(await list_teams(_services(request).pool))
+
+
+@post(
+    "/team/block",
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Block a team: every key of the team is refused",
+)
+async def block_team(request: Request[Any, Any, Any], data: TeamRef) -> Response[Any]:
+    return json_response(await _update(request, data.team_id, {"blocked": True}))
+
+
+@post("/team/unblock", guards=[master_key_only], tags=_tags, status_code=200, summary="Unblock a team")
+async def unblock_team(request: Request[Any, Any, Any], data: TeamRef) -> Response[Any]:
+    return json_response(await _update(request, data.team_id, {"blocked": False}))
+
+
+route_handlers = [new_team, update_team, delete_teams, team_info, team_list, block_team, unblock_team]

@@ -1,0 +1,241 @@
+"""Internal users: /user/new, /user/update, /user/delete, /user/info, /user/list."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Final
+
+import asyncpg
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.params import Parameter
+from msgspec import UNSET, UnsetType
+
+from api.auth import master_key_only
+from api.errors import bad_request
+from api.jsonio import json_response
+from api.routes.keys import key_view
+from api.services import Services
+from ledger import directory
+from ledger import keys as key_commands
+from ledger.durations import DurationError, parse_duration
+from ledger.errors import NotFound
+from ledger.events import KeyGenerated, UserCreated, UserUpdated
+from ledger.keys import display_name, hash_key, new_key
+from projections.directory import get_user, key_hashes_of, keys_of, list_users
+
+# LiteLLM's user roles (LitellmUserRoles).
+USER_ROLES: Final = frozenset(
+    {
+        "proxy_admin",
+        "proxy_admin_viewer",
+        "org_admin",
+        "internal_user",
+        "internal_user_viewer",
+        "team",
+        "customer",
+    }
+)
+
+
+class NewUserRequest(msgspec.Struct, kw_only=True):
+    user_id: str | None = None
+    user_email: str | None = None
+    user_alias: str | None = None
+    user_role: str | None = None
+    max_budget: Decimal | None = None
+    soft_budget: Decimal | None = None
+    budget_duration: str | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    models: list[str] = []
+    metadata: dict[str, Any] = {}
+    # The key LiteLLM creates with the user (`auto_create_key`), and its alias and lifetime.
+    auto_create_key: bool = True
+    key_alias: str | None = None
+    duration: str | None = None
+
+
+class UpdateUserRequest(msgspec.Struct, kw_only=True):
+    user_id: str
+    user_email: str | None | UnsetType = UNSET
+    user_alias: str | None | UnsetType = UNSET
+    user_role: str | None | UnsetType = UNSET
+    max_budget: Decimal | None | UnsetType = UNSET
+    soft_budget: Decimal | None | UnsetType = UNSET
+    budget_duration: str | None | UnsetType = UNSET
+    rpm_limit: int | None | UnsetType = UNSET
+    tpm_limit: int | None | UnsetType = UNSET
+    max_parallel_requests: int | None | UnsetType = UNSET
+    models: list[str] | UnsetType = UNSET
+    metadata: dict[str, Any] | UnsetType = UNSET
+
+
+class UserIds(msgspec.Struct, kw_only=True):
+    user_ids: list[str]
+
+
+_tags = ["users"]
+
+
+def _services(request: Request[Any, Any, Any]) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _check_role(role: str | None) -> None:
+    if role is not None and role not in USER_ROLES:
+        raise bad_request(
+            f"user_role must be one of {', '.join(sorted(USER_ROLES))}, got {role!r}", param="user_role"
+        )
+
+
+async def _user(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> dict[str, Any]:
+    view = await get_user(conn, user_id)
+    if view is None:
+        raise NotFound(f"User {user_id} not found", param="user_id")
+    return view
+
+
+@post(
+    "/user/new",
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Create an internal user, and a key for it (the plaintext is shown once)",
+)
+async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Response[Any]:
+    services = _services(request)
+    now = datetime.now(UTC)
+    user_id = str(uuid.uuid4()) if data.user_id is None else data.user_id
+    if not user_id.strip():
+        raise bad_request("user_id must not be empty", param="user_id")
+    _check_role(data.user_role)
+    expires = None
+    if data.duration is not None:
+        try:
+            expires = parse_duration(data.duration).after(now)
+        except DurationError as exc:
+            raise bad_request(str(exc), param="duration") from None
+    event = UserCreated(
+        user_id=user_id,
+        user_email=data.user_email,
+        user_alias=data.user_alias,
+        user_role=data.user_role,
+        max_budget=data.max_budget,
+        soft_budget=data.soft_budget,
+        budget_duration=data.budget_duration,
+        rpm_limit=data.rpm_limit,
+        tpm_limit=data.tpm_limit,
+        max_parallel_requests=data.max_parallel_requests,
+        models=tuple(data.models),
+        metadata=data.metadata,
+    )
+    key: dict[str, Any] = {"key": None, "token": None, "key_name": None, "key_alias": None, "expires": None}
+    async with services.pool.acquire() as conn, conn.transaction():
+        await directory.create_user(conn, event, "master_key", now)
+        if data.auto_create_key:
+            # The key carries only the user: the user's models, budget and limits govern it as a scope.
+            plaintext = new_key()
+            spec = KeyGenerated(
+                key_hash=hash_key(plaintext),
+                key_name=display_name(plaintext),
+                key_alias=data.key_alias,
+                user_id=user_id,
+                expires=expires,
+            )
+            record = await key_commands.generate_key(conn, spec, plaintext, actor="master_key", now=now)
+            key = {
+                "key": plaintext,
+                "token": record.key_hash,
+                "key_name": record.key_name,
+                "key_alias": record.key_alias,
+                "expires": record.expires.isoformat() if record.expires else None,
+            }
+        view = await _user(conn, user_id)
+    return json_response({**view, **key})
+
+
+@post(
+    "/user/update",
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Change an internal user (only the fields sent)",
+)
+async def update_user(request: Request[Any, Any, Any], data: UpdateUserRequest) -> Response[Any]:
+    services = _services(request)
+    changes = {
+        name: getattr(data, name)
+        for name in data.__struct_fields__
+        if name != "user_id" and getattr(data, name) is not UNSET
+    }
+    if "models" in changes:
+        changes["models"] = tuple(changes["models"])
+    if "user_role" in changes:
+        _check_role(changes["user_role"])
+    async with services.pool.acquire() as conn, conn.transaction():
+        if changes:
+            await directory.update_user(
+                conn, UserUpdated(user_id=data.user_id, **changes), "master_key", datetime.now(UTC)
+            )
+        view = await _user(conn, data.user_id)
+    return json_response({"user_id": data.user_id, "data": view})
+
+
+@post(
+    "/user/delete",
+    guards=[master_key_only],
+    tags=_tags,
+    status_code=200,
+    summary="Delete internal users and their keys (all or none); their events and spend history stay",
+)
+async def delete_users(request: Request[Any, Any, Any], data: UserIds) -> Response[Any]:
+    services = _services(request)
+    if not data.user_ids:
+        raise bad_request("user_ids must name at least one user", param="user_ids")
+    now = datetime.now(UTC)
+    async with services.pool.acquire() as conn, conn.transaction():
+        # As LiteLLM: a user's keys go with it (else they would outlive the user's budget).
+        hashes = await key_hashes_of(conn, "user", data.user_ids)
+        await directory.delete_users(conn, data.user_ids, "master_key")
+        if hashes:
+            await key_commands.delete_keys(conn, hashes, actor="master_key", now=now)
+    return json_response({"deleted_users": data.user_ids})
+
+
+@get("/user/info", guards=[master_key_only], tags=_tags, summary="An internal user, its spend and its keys")
+async def user_info(
+    request: Request[Any, Any, Any], user_id: str = Parameter(query="user_id", min_length=1)
+) -> Response[Any]:
+    pool = _services(request).pool
+    view = await _user(pool, user_id)
+    keys = [key_view(record, spend) for record, spend in await keys_of(pool, "user", user_id)]
+    return json_response({"user_id": user_id, "user_info": view, "keys": keys})
+
+
+@get("/user/list", guards=[master_key_only], tags=_tags, summary="Internal users, a page at a time")
+async def user_list(
+    request: Request[Any, Any, Any],
+    role: str | None = None,
+    user_ids: str | None = None,
+    page: int = Parameter(default=1, ge=1),
+    page_size: int = Parameter(default=25, ge=1, le=100),
+) -> Response[Any]:
+    ids = [uid.strip() for uid in user_ids.split(",") if uid.strip()] if user_ids else None
+    users, total = await list_users(_services(request).pool, page, page_size, role=role, user_ids=ids)
+    return json_response(
+        {
+            "users": users,
+            "total": total,
+            "page": page,
+            "page_size": page_size,
+            "total_pages": -(-total // page_size),
+        }
+    )
+
+
+route_handlers = [new_user, update_user, delete_users, user_info, user_list]

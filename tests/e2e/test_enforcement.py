@@ -1,0 +1,282 @@
+"""Strict budgets under concurrency (two server processes), budget periods, rate limits, holds."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import proxy_config
+from tests.e2e.enforcement_support import (
+    AUTH,
+    away_from_minute_edge,
+    chat,
+    customer_info,
+    decimal_json,
+    hold_of,
+    post,
+    query,
+    unit_cost,
+    wait_until,
+)
+from tests.fakes.upstream import RunningUpstream
+from tests.support import PostgresForTests, RunningServer, run_server
+
+
+@pytest.fixture(scope="module")
+def two_servers(
+    postgres: PostgresForTests, upstream: RunningUpstream
+) -> Iterator[tuple[RunningServer, RunningServer]]:
+    """Two server processes sharing one database, as two replicas would."""
+    url = postgres.new_database()
+    config = proxy_config(upstream.base_url)
+    with run_server(config, url) as first, run_server(config, url) as second:
+        yield first, second
+    postgres.drop_database(url)
+
+
+def test_concurrent_requests_never_overspend_a_budget_shared_by_two_processes(
+    two_servers: tuple[RunningServer, RunningServer], upstream: RunningUpstream
+) -> None:
+    first, second = two_servers
+    customer = "contended-customer"
+    room = 10
+    max_budget = room * hold_of(customer) + hold_of(customer) / 2  # room for exactly 10 holds
+    assert (
+        post(
+            first.base_url, "/customer/new", {"user_id": customer, "max_budget": str(max_budget)}
+        ).status_code
+        == 200
+    )
+    upstream.app.delay_s = 4  # every admitted request is still in flight while the others arrive
+    start = threading.Barrier(100)
+
+    def send(index: int) -> int:
+        server = first if index % 2 else second
+        start.wait()
+        return chat(server.base_url, customer).status_code
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        statuses = list(pool.map(send, range(100)))
+    admitted = statuses.count(200)
+    assert set(statuses) <= {200, 429}
+    assert 1 <= admitted <= room
+    assert statuses.count(429) == 100 - admitted
+    spend = customer_info(first.base_url, customer)["spend"]
+    assert spend == admitted * unit_cost()
+    assert spend <= max_budget
+    usage = query(
+        first.database_url,
+        "select held, spent from budget_usage where scope = 'customer' and scope_id = $1",
+        customer,
+    )
+    assert usage[0]["held"] == 0 and usage[0]["spent"] == spend
+    refused = query(
+        first.database_url,
+        "select count(*) as n from events where type = 'RequestRefused' and data->>'customer_id' = $1",
+        customer,
+    )
+    assert refused[0]["n"] == 100 - admitted
+
+
+def test_a_new_budget_period_starts_at_zero_without_overwriting_the_last(
+    two_servers: tuple[RunningServer, RunningServer],
+) -> None:
+    server = two_servers[0]
+    customer = "periodic-customer"
+    budget = hold_of(customer) + unit_cost() / 2  # one request fits a period, a second does not
+    created = post(
+        server.base_url,
+        "/customer/new",
+        {"user_id": customer, "max_budget": str(budget), "budget_duration": "4s"},
+    )
+    assert created.status_code == 200, created.text
+    info = customer_info(server.base_url, customer)
+    reset_at = info["litellm_budget_table"]["budget_reset_at"]
+    assert reset_at is not None
+    # Start right after a period begins, so that two requests surely fall into one period.
+    wait_until(
+        lambda: (
+            customer_info(server.base_url, customer)["litellm_budget_table"]["budget_reset_at"] != reset_at
+        ),
+        timeout_s=6,
+        interval_s=0.05,
+    )
+    assert chat(server.base_url, customer).status_code == 200
+    assert chat(server.base_url, customer).status_code == 429
+    assert customer_info(server.base_url, customer)["spend"] == unit_cost()
+    time.sleep(4.2)
+    assert customer_info(server.base_url, customer)["spend"] == 0
+    assert chat(server.base_url, customer).status_code == 200
+    assert customer_info(server.base_url, customer)["spend"] == unit_cost()
+    periods = query(
+        server.database_url,
+        "select spent from budget_usage where scope = 'customer' "
+        "and scope_id = $1 and spent > 0 order by period_start",
+        customer,
+    )
+    assert [row["spent"] for row in periods] == [unit_cost(), unit_cost()]
+
+
+def test_tpm_counts_total_tokens_and_refuses_within_the_minute(
+    two_servers: tuple[RunningServer, RunningServer],
+) -> None:
+    first, second = two_servers
+    assert post(first.base_url, "/budget/new", {"budget_id": "tpm-tier", "tpm_limit": 20}).status_code == 200
+    assert (
+        post(
+            first.base_url, "/customer/new", {"user_id": "tpm-customer", "budget_id": "tpm-tier"}
+        ).status_code
+        == 200
+    )
+    away_from_minute_edge()
+    ok = chat(first.base_url, "tpm-customer")
+    assert ok.status_code == 200
+    assert ok.json()["usage"]["total_tokens"] >= 20
+    refused = chat(second.base_url, "tpm-customer")  # the other process sees the same counter
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "rate_limit_exceeded"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+
+
+def test_max_parallel_requests_is_shared_across_processes(
+    two_servers: tuple[RunningServer, RunningServer], upstream: RunningUpstream
+) -> None:
+    first, second = two_servers
+    assert (
+        post(
+            first.base_url, "/budget/new", {"budget_id": "serial-tier", "max_parallel_requests": 1}
+        ).status_code
+        == 200
+    )
+    assert (
+        post(
+            first.base_url, "/customer/new", {"user_id": "serial-customer", "budget_id": "serial-tier"}
+        ).status_code
+        == 200
+    )
+    upstream.app.delay_s = 1.0
+    results: list[int] = []
+    slow = threading.Thread(
+        target=lambda: results.append(chat(first.base_url, "serial-customer").status_code)
+    )
+    slow.start()
+    time.sleep(0.4)
+    refused = chat(second.base_url, "serial-customer")
+    slow.join()
+    assert results == [200]
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_exceeded"
+    assert chat(second.base_url, "serial-customer").status_code == 200  # the slot came back on settle
+
+
+def test_key_budget_and_rpm_are_enforced(two_servers: tuple[RunningServer, RunningServer]) -> None:
+    server = two_servers[0]
+    generated = post(server.base_url, "/key/generate", {"max_budget": "0.00001"})
+    key = generated.json()["key"]
+    refused = chat(server.base_url, "key-budget-customer", key=key)
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "budget_exceeded"
+    assert "Key" in refused.json()["error"]["message"]
+    away_from_minute_edge()
+    limited = post(server.base_url, "/key/generate", {"rpm_limit": 1}).json()["key"]
+    first = chat(server.base_url, "rpm-customer", key=limited)
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-requests"] == "0"
+    second = chat(server.base_url, "rpm-customer", key=limited)
+    assert second.status_code == 429 and second.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_spend_logs_and_the_global_report_show_exact_spend(
+    two_servers: tuple[RunningServer, RunningServer],
+) -> None:
+    server = two_servers[0]
+    key = post(server.base_url, "/key/generate", {"team_id": "report-team"}).json()["key"]
+    for _ in range(2):
+        assert chat(server.base_url, "report-customer", key=key).status_code == 200
+    logs = httpx.get(f"{server.base_url}/spend/logs", params={"api_key": key}, headers=AUTH)
+    rows = decimal_json(logs)
+    assert len(rows) == 2 and all(row["spend"] == unit_cost() for row in rows)
+    assert {row["end_user"] for row in rows} == {"report-customer"}
+    report = decimal_json(
+        httpx.get(f"{server.base_url}/global/spend/report", params={"group_by": "team"}, headers=AUTH)
+    )
+    teams = [team for day in report for team in day["teams"] if team["team_name"] == "report-team"]
+    assert sum(team["total_spend"] for team in teams) == 2 * unit_cost()
+
+
+def test_the_global_max_budget_refuses_everyone(
+    postgres: PostgresForTests, upstream: RunningUpstream
+) -> None:
+    url = postgres.new_database()
+    extra = "litellm_settings:\n  max_budget: 0\n"
+    with run_server(proxy_config(upstream.base_url, extra), url) as server:
+        refused = chat(server.base_url, "anyone")
+        assert refused.status_code == 429
+        assert refused.json()["error"]["type"] == "budget_exceeded"
+        assert "Global" in refused.json()["error"]["message"]
+    postgres.drop_database(url)
+
+
+def test_the_hold_of_a_killed_process_expires(postgres: PostgresForTests, upstream: RunningUpstream) -> None:
+    url = postgres.new_database()
+    config = proxy_config(upstream.base_url)
+    env = {"SPENDLEDGER_HOLD_GRACE_S": "1"}
+    customer = "crash-customer"
+    with run_server(config, url, env=env) as survivor:
+        assert (
+            post(survivor.base_url, "/customer/new", {"user_id": customer, "max_budget": 1}).status_code
+            == 200
+        )
+        with run_server(config, url, env=env) as doomed:
+            upstream.app.delay_s = 30
+            threading.Thread(
+                target=lambda: _ignore_errors(chat, doomed.base_url, customer), daemon=True
+            ).start()
+            assert wait_until(lambda: bool(query(url, "select 1 from holds")), timeout_s=5)
+            held = query(
+                url, "select held from budget_usage where scope = 'customer' and scope_id = $1", customer
+            )
+            assert held[0]["held"] == hold_of(customer)
+            doomed.process.kill()  # SIGKILL: no chance to settle or release
+            doomed.process.wait()
+        upstream.app.delay_s = 0
+        # A request's hold lives for its upstream timeout (600 s by default for this deployment) plus the
+        # grace: the killed one would wait that long. Shorten it as a sweeper in any process would see it.
+        query(url, "update holds set expires_at = now() + interval '1 second'")
+        assert wait_until(lambda: not query(url, "select 1 from holds"), timeout_s=10)
+        held = query(
+            url, "select held from budget_usage where scope = 'customer' and scope_id = $1", customer
+        )
+        assert held[0]["held"] == 0
+        assert query(url, "select 1 from events where type = 'UsageRecorded'") == []
+        assert chat(survivor.base_url, customer).status_code == 200
+    postgres.drop_database(url)
+
+
+def _ignore_errors(function: Callable[..., object], *args: object) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        function(*args)
+
+
+def test_hold_math_matches_the_proxy(two_servers: tuple[RunningServer, RunningServer]) -> None:
+    """The helper's hold formula is the proxy's: a budget one unit short of a hold refuses."""
+    server = two_servers[0]
+    customer = "exact-hold"
+    short = hold_of(customer) - Decimal("0.000000001")
+    assert (
+        post(server.base_url, "/customer/new", {"user_id": customer, "max_budget": str(short)}).status_code
+        == 200
+    )
+    assert chat(server.base_url, customer).status_code == 429
+    assert (
+        post(
+            server.base_url, "/customer/update", {"user_id": customer, "max_budget": str(hold_of(customer))}
+        ).status_code
+        == 200
+    )
+    assert chat(server.base_url, customer).status_code == 200
