@@ -15,7 +15,8 @@ from litestar.openapi.config import OpenAPIConfig
 
 from api.errors import exception_handlers
 from api.keycache import KeyCache
-from api.routes import budgets, customers, health, keys, proxy, spend, teams, users
+from api.publishing import PublisherRunner
+from api.routes import budgets, customers, health, keys, outbox, proxy, spend, teams, users
 from api.routing import ModelRouter
 from api.services import Services
 from api.upstream import Upstream
@@ -24,6 +25,7 @@ from ledger.config import Settings, load_settings
 from ledger.db import create_pool, wait_for_database
 from ledger.keys import hash_key
 from ledger.pricing import PriceBook
+from ledger.usage import RecordingContext
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +52,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
         key_cache = KeyCache(pool, database_url)
         await key_cache.start()
         upstream = Upstream()
+        publisher = PublisherRunner(pool, database_url, settings)
         services = Services(
             settings=settings,
             database_url=database_url,
@@ -59,9 +62,17 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             prices=PriceBook(settings.deployments),
             router=ModelRouter(settings.deployments),
             master_key_hash=hash_key(settings.master_key or "anonymous"),
+            recording=RecordingContext(
+                default_budget_id=settings.max_end_user_budget_id,
+                global_max_budget=settings.max_budget,
+                global_budget_duration=settings.budget_duration,
+                webhooks=settings.webhook is not None,
+            ),
+            publisher=publisher,
         )
         app.state.services = services
         sweeper = asyncio.create_task(_sweep_expired_holds(services))
+        publisher.start()
         try:
             yield
         finally:
@@ -69,6 +80,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             # In-flight requests are finished by the server before lifespan ends; recordings that
             # outlived their request (client hang-ups) are awaited here so none is lost.
             await services.drain()
+            await publisher.stop()
             await key_cache.stop()
             await upstream.aclose()
             await pool.close()
@@ -83,6 +95,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             *users.route_handlers,
             *health.route_handlers,
             *spend.route_handlers,
+            *outbox.route_handlers,
         ],
         lifespan=[lifespan],
         exception_handlers=dict(exception_handlers),

@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--data-dir", help="embedded PostgreSQL data directory (default ./.spendledger)")
     serve.add_argument("--log-level", default=os.environ.get("SPENDLEDGER_LOG_LEVEL", "INFO"))
+    publish = sub.add_parser("publish", help="deliver the outbox (Lago, webhooks) without serving HTTP")
+    publish.add_argument("--config", required=True)
+    publish.add_argument("--data-dir")
     migrate = sub.add_parser("migrate", help="run database migrations and exit")
     migrate.add_argument("--config", help="config.yaml (for general_settings.database_url)")
     migrate.add_argument("--data-dir")
@@ -106,6 +109,40 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def publish(args: argparse.Namespace) -> int:
+    import asyncio
+
+    settings = _load(args.config)
+    assert settings is not None
+    url, embedded = _database(settings, args.data_dir)
+    try:
+        run_migrations(url)
+        asyncio.run(_publish_forever(settings, url))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+async def _publish_forever(settings: Settings, url: str) -> None:
+    from api.publishing import PublisherRunner
+    from ledger.db import create_pool
+
+    pool = await create_pool(url, min_size=1, max_size=4)
+    runner = PublisherRunner(pool, url, settings)
+    if not runner.sinks:
+        print("spendledger: no sink configured (callbacks: [lago] or alerting: [webhook])", file=sys.stderr)
+        raise SystemExit(2)
+    log.info("publishing", sinks=[sink.name for sink in runner.sinks])
+    try:
+        await runner.publisher.run()
+    finally:
+        await runner.stop()
+        await pool.close()
+
+
 def migrate(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     url, embedded = _database(settings, args.data_dir)
@@ -126,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(getattr(args, "log_level", "INFO"))
     signal.signal(signal.SIGTERM, _terminate)
-    command = {"serve": serve, "migrate": migrate}[args.command]
+    command = {"serve": serve, "publish": publish, "migrate": migrate}[args.command]
     return command(args)
 
 

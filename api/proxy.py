@@ -22,6 +22,7 @@ from litestar.response import Stream
 
 from api.auth import Caller
 from api.errors import ApiError, bad_request
+from api.publishing import outbox_rows_for
 from api.services import Services
 from api.upstream import UpstreamFailure
 from ledger.config import Deployment
@@ -218,7 +219,9 @@ async def record(services: Services, exchange: Exchange, event: UsageRecorded) -
     """Commit the request's terminal event; if the ledger is unreachable, withhold the response."""
     exchange.recorded = True
     try:
-        return await record_usage(services.pool, event, services.settings.max_end_user_budget_id)
+        return await record_usage(
+            services.pool, event, services.recording, outbox_rows_for(event, services.settings)
+        )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error("usage_not_recorded", call_id=exchange.call_id, error_type=type(exc).__name__)
         raise ApiError(

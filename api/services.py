@@ -13,10 +13,12 @@ from typing import Any
 import asyncpg
 
 from api.keycache import KeyCache
+from api.publishing import PublisherRunner
 from api.routing import ModelRouter
 from api.upstream import Upstream
 from ledger.config import Settings
 from ledger.pricing import PriceBook
+from ledger.usage import RecordingContext
 
 
 @dataclass(slots=True)
@@ -29,6 +31,8 @@ class Services:
     prices: PriceBook
     router: ModelRouter
     master_key_hash: str
+    recording: RecordingContext
+    publisher: PublisherRunner
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

@@ -113,7 +113,21 @@ class LagoSettings(msgspec.Struct, frozen=True, kw_only=True):
     api_base: str
     api_key: str
     event_code: str
-    charge_by: str
+    charge_by: str  # end_user_id | user_id | team_id
+
+    def __repr__(self) -> str:  # the API key never reaches a log line
+        return f"LagoSettings(api_base={self.api_base!r}, event_code={self.event_code!r}, charge_by={self.charge_by!r})"
+
+
+class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True):
+    url: str
+    secret: str | None = None
+
+    def __repr__(self) -> str:
+        return f"WebhookSettings(url={self.url!r}, signed={self.secret is not None})"
+
+
+CHARGE_BY: Final = ("end_user_id", "user_id", "team_id")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,6 +142,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_request_size_mb: Decimal = Decimal(32)
     reject_unpriced_models: bool = False
     request_timeout_s: float = 600.0
+    lago: LagoSettings | None = None
+    webhook: WebhookSettings | None = None
     warnings: tuple[str, ...] = ()
 
     @property
@@ -185,6 +201,7 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
     deployments = _parse_model_list(resolved.get("model_list"), warnings, source)
     callbacks = _string_list(litellm.get("callbacks"), "litellm_settings.callbacks", source)
     callbacks += _string_list(litellm.get("success_callback"), "litellm_settings.success_callback", source)
+    alerting = _string_list(general.get("alerting"), "general_settings.alerting", source)
     budget_duration = litellm.get("budget_duration")
     if budget_duration is not None:
         _check_duration(budget_duration, "litellm_settings.budget_duration", source)
@@ -193,7 +210,7 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         master_key=_optional_str(general.get("master_key"), "general_settings.master_key", source),
         database_url=_optional_str(general.get("database_url"), "general_settings.database_url", source),
         callbacks=tuple(dict.fromkeys(callbacks)),
-        alerting=tuple(_string_list(general.get("alerting"), "general_settings.alerting", source)),
+        alerting=tuple(alerting),
         max_end_user_budget_id=_optional_str(
             litellm.get("max_end_user_budget_id"), "litellm_settings.max_end_user_budget_id", source
         ),
@@ -208,6 +225,8 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         request_timeout_s=_positive_float(
             litellm.get("request_timeout", 600), "litellm_settings.request_timeout", source
         ),
+        lago=_lago_settings(callbacks, environ, source),
+        webhook=_webhook_settings(alerting, environ, source),
         warnings=tuple(warnings),
     )
 
@@ -409,3 +428,47 @@ def _check_duration(value: Any, name: str, source: str) -> None:
         parse_duration(value)
     except DurationError as exc:
         raise ConfigError(f"{source}: {name}: {exc}") from None
+
+
+def _lago_settings(callbacks: list[str], environ: Mapping[str, str], source: str) -> LagoSettings | None:
+    """`callbacks: ["lago"]` needs LAGO_API_BASE, LAGO_API_KEY and LAGO_API_EVENT_CODE."""
+    if "lago" not in callbacks:
+        return None
+    required = ("LAGO_API_BASE", "LAGO_API_KEY", "LAGO_API_EVENT_CODE")
+    missing = [name for name in required if not environ.get(name)]
+    if missing:
+        raise ConfigError(
+            f"{source}: callbacks include 'lago' but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set in the environment"
+        )
+    charge_by = environ.get("LAGO_API_CHARGE_BY") or "end_user_id"
+    if charge_by not in CHARGE_BY:
+        raise ConfigError(f"LAGO_API_CHARGE_BY must be one of {', '.join(CHARGE_BY)}, got {charge_by!r}")
+    return LagoSettings(
+        api_base=environ["LAGO_API_BASE"],
+        api_key=environ["LAGO_API_KEY"],
+        event_code=environ["LAGO_API_EVENT_CODE"],
+        charge_by=charge_by,
+    )
+
+
+def _webhook_settings(alerting: list[str], environ: Mapping[str, str], source: str) -> WebhookSettings | None:
+    """`alerting: ["webhook"]` needs WEBHOOK_URL; WEBHOOK_SECRET (`whsec_…`) turns on signatures."""
+    if "webhook" not in alerting:
+        return None
+    url = environ.get("WEBHOOK_URL")
+    if not url:
+        raise ConfigError(
+            f"{source}: alerting includes 'webhook' but WEBHOOK_URL is not set in the environment"
+        )
+    secret = environ.get("WEBHOOK_SECRET") or None
+    if secret is not None:
+        from standardwebhooks.webhooks import Webhook
+
+        try:
+            Webhook(secret)
+        except Exception:
+            raise ConfigError(
+                "WEBHOOK_SECRET is not a valid Standard Webhooks secret (whsec_ + base64)"
+            ) from None
+    return WebhookSettings(url=url, secret=secret)

@@ -173,32 +173,32 @@ end $$;
 -- Every scope that governs a request, with its limits, in the fixed order that keeps lock order
 -- the same in every transaction (no deadlocks between admissions).
 create function sl_request_scopes(p jsonb) returns table (
-    ord integer, scope text, scope_id text, max_budget numeric, budget_duration text,
+    ord integer, scope text, scope_id text, max_budget numeric, soft_budget numeric, budget_duration text,
     rpm_limit integer, tpm_limit integer, max_parallel_requests integer, anchor timestamptz,
     models text[], blocked boolean
 ) language sql stable as $$
-    select 1, 'key', k.key_hash, coalesce(k.max_budget, b.max_budget),
+    select 1, 'key', k.key_hash, coalesce(k.max_budget, b.max_budget), b.soft_budget,
            coalesce(k.budget_duration, b.budget_duration), coalesce(k.rpm_limit, b.rpm_limit),
            coalesce(k.tpm_limit, b.tpm_limit), coalesce(k.max_parallel_requests, b.max_parallel_requests),
            k.created_at, null::text[], false
     from keys k left join budgets b on b.budget_id = k.budget_id
     where k.key_hash = p->>'key_hash'
     union all
-    select 2, 'user', u.user_id, u.max_budget, u.budget_duration, u.rpm_limit, u.tpm_limit,
+    select 2, 'user', u.user_id, u.max_budget, u.soft_budget, u.budget_duration, u.rpm_limit, u.tpm_limit,
            u.max_parallel_requests, u.created_at, u.models, false
     from users u where u.user_id = p->>'user_id'
     union all
-    select 3, 'team', t.team_id, t.max_budget, t.budget_duration, t.rpm_limit, t.tpm_limit,
+    select 3, 'team', t.team_id, t.max_budget, t.soft_budget, t.budget_duration, t.rpm_limit, t.tpm_limit,
            t.max_parallel_requests, t.created_at, t.models, t.blocked
     from teams t where t.team_id = p->>'team_id'
     union all
-    select 4, 'customer', c.user_id, b.max_budget, b.budget_duration, b.rpm_limit, b.tpm_limit,
-           b.max_parallel_requests, c.created_at, null::text[], c.blocked
+    select 4, 'customer', c.user_id, b.max_budget, b.soft_budget, b.budget_duration, b.rpm_limit,
+           b.tpm_limit, b.max_parallel_requests, c.created_at, null::text[], c.blocked
     from customers c
     left join budgets b on b.budget_id = coalesce(c.budget_id, p->>'default_budget_id')
     where c.user_id = p->>'customer_id'
     union all
-    select 5, 'global', 'global', (p->>'global_max_budget')::numeric, p->>'global_budget_duration',
+    select 5, 'global', 'global', (p->>'global_max_budget')::numeric, null, p->>'global_budget_duration',
            null, null, null, 'epoch'::timestamptz, null::text[], false
     where p->>'global_max_budget' is not null
     order by 1
@@ -434,32 +434,9 @@ create function sl_apply_usage(d jsonb) returns void language sql as $$
     on conflict (scope, scope_id, period_start) do update set spent = b.spent + excluded.spent;
     select sl_apply_spend_log(d);
 $$;
-
--- Record one request: release its hold, append UsageRecorded, project it, count its tokens.
-create function sl_record_usage(d jsonb, meta jsonb, default_budget_id text)
-returns table (event_position bigint, key_spend numeric)
-language plpgsql as $$
-declare
-    r jsonb;
-begin
-    perform sl_customer_first_seen(d->>'customer_id', default_budget_id, meta);
-    for r in select jsonb_array_elements(sl_release_hold(d->>'call_id')) loop
-        insert into rate_usage as u (scope, scope_id, window_start, tokens)
-        values (r->>0, r->>1, date_trunc('minute', now()), (d->>'total_tokens')::bigint)
-        on conflict (scope, scope_id, window_start) do update set tokens = u.tokens + excluded.tokens;
-    end loop;
-    insert into events (stream, version, type, data, metadata)
-    values ('request:' || (d->>'call_id'), 1, 'UsageRecorded', d, meta)
-    returning position into event_position;
-    perform sl_apply_usage(d);
-    select trim_scale(t.spend) into key_spend from spend_totals t
-    where t.scope = 'key' and t.scope_id = d->>'key_hash';
-    return next;
-end $$;
 """
 
 DOWNGRADE = """
-drop function sl_record_usage(jsonb, jsonb, text);
 drop function sl_apply_usage(jsonb);
 drop function sl_apply_spend_log(jsonb);
 drop table spend_logs;

@@ -30,7 +30,9 @@ async def readiness(request: Request[Any, Any, Any]) -> Response[Any]:
         return json_response(
             {"status": "unhealthy", "db": "connected", "migration": revision, "expected_migration": head}, 503
         )
-    return json_response({"status": "healthy", "db": "connected", "migration": revision})
+    publisher = {name: health.state for name, health in services.publisher.publisher.health.items()}
+    status = "healthy" if all(state == "ok" for state in publisher.values()) else "degraded"
+    return json_response({"status": status, "db": "connected", "migration": revision, "publisher": publisher})
 
 
 @get("/metrics", tags=["health"], summary="Prometheus metrics", include_in_schema=True)

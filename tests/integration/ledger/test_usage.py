@@ -15,7 +15,7 @@ import pytest
 from ledger import store
 from ledger.events import CustomerCreated, UsageRecorded
 from ledger.money import ZERO, add, cost_of
-from ledger.usage import record_usage
+from ledger.usage import RecordingContext, record_usage
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 KEY_A = "a" * 64
@@ -71,7 +71,9 @@ async def event_types(pool: asyncpg.Pool) -> list[tuple[str, str]]:
 
 async def test_first_call_writes_usage_and_creates_the_customer(pool: asyncpg.Pool) -> None:
     event = usage("call-1", customer_id="acme", user_id="u1", team_id="t1")
-    key_spend = await record_usage(pool, event, "tier-default", {"request_id": "r-1"})
+    key_spend = await record_usage(
+        pool, event, RecordingContext(default_budget_id="tier-default"), metadata={"request_id": "r-1"}
+    )
 
     assert key_spend == Decimal("0.0011120000000000001")
     assert await event_types(pool) == [
@@ -99,8 +101,12 @@ async def test_first_call_writes_usage_and_creates_the_customer(pool: asyncpg.Po
 
 
 async def test_second_call_for_a_known_customer_creates_nothing_more(pool: asyncpg.Pool) -> None:
-    await record_usage(pool, usage("call-1", customer_id="acme"), "tier-default")
-    key_spend = await record_usage(pool, usage("call-2", customer_id="acme"), "another-default")
+    await record_usage(
+        pool, usage("call-1", customer_id="acme"), RecordingContext(default_budget_id="tier-default")
+    )
+    key_spend = await record_usage(
+        pool, usage("call-2", customer_id="acme"), RecordingContext(default_budget_id="another-default")
+    )
 
     assert key_spend == Decimal("0.0022240000000000002")
     assert await event_types(pool) == [
@@ -114,14 +120,16 @@ async def test_second_call_for_a_known_customer_creates_nothing_more(pool: async
 
 
 async def test_no_customer_no_customer_row(pool: asyncpg.Pool) -> None:
-    await record_usage(pool, usage("call-1", customer_id=None), "tier-default")
+    await record_usage(
+        pool, usage("call-1", customer_id=None), RecordingContext(default_budget_id="tier-default")
+    )
     assert await pool.fetchval("select count(*) from customers") == 0
     assert await event_types(pool) == [("request:call-1", "UsageRecorded")]
     assert await spend(pool, "customer", "acme") is None
 
 
 async def test_customer_without_default_budget(pool: asyncpg.Pool) -> None:
-    await record_usage(pool, usage("call-1", customer_id="solo"), None)
+    await record_usage(pool, usage("call-1", customer_id="solo"))
     assert await pool.fetchval("select budget_id from customers where user_id = 'solo'") is None
     async with pool.acquire() as conn:
         (created,) = await store.read_stream(conn, "customer:solo")
@@ -132,11 +140,11 @@ async def test_customer_without_default_budget(pool: asyncpg.Pool) -> None:
 async def test_record_usage_on_a_connection_inside_a_transaction(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
         async with conn.transaction():
-            await record_usage(conn, usage("call-1", customer_id="c"), None)
-            await record_usage(conn, usage("call-2", customer_id="c"), None)
+            await record_usage(conn, usage("call-1", customer_id="c"))
+            await record_usage(conn, usage("call-2", customer_id="c"))
         with pytest.raises(RuntimeError):
             async with conn.transaction():
-                await record_usage(conn, usage("call-3", customer_id="d"), None)
+                await record_usage(conn, usage("call-3", customer_id="d"))
                 raise RuntimeError("caller gives up")
     assert [s for s, _ in await event_types(pool)] == ["customer:c", "request:call-1", "request:call-2"]
     assert (await spend(pool, "key", KEY_A))["requests"] == 2  # type: ignore[index]
@@ -177,7 +185,7 @@ async def test_spend_totals_per_scope_are_exact_sums(pool: asyncpg.Pool) -> None
 
     last_key_spend: dict[str, Decimal] = {}
     for event in events:
-        returned = await record_usage(pool, event, None)
+        returned = await record_usage(pool, event)
         assert returned is not None
         last_key_spend[event.key_hash] = returned
 
@@ -196,7 +204,7 @@ async def test_spend_totals_per_scope_are_exact_sums(pool: asyncpg.Pool) -> None
 
 
 async def test_zero_cost_and_unpriced_usage_still_counts_requests(pool: asyncpg.Pool) -> None:
-    await record_usage(pool, usage("free", cost=Decimal(0), priced=False, input_cost_per_token=None), None)
+    await record_usage(pool, usage("free", cost=Decimal(0), priced=False, input_cost_per_token=None))
     row = await spend(pool, "key", KEY_A)
     assert row is not None
     assert row["spend"] == ZERO and row["requests"] == 1
@@ -211,7 +219,10 @@ async def test_200_concurrent_records_for_one_customer_and_key_are_exact(pool: a
         for i in range(n)
     ]
     results = await asyncio.wait_for(
-        asyncio.gather(*(record_usage(pool, e, "tier-default") for e in events)), timeout=120
+        asyncio.gather(
+            *(record_usage(pool, e, RecordingContext(default_budget_id="tier-default")) for e in events)
+        ),
+        timeout=120,
     )
 
     total = unit * n
@@ -242,7 +253,10 @@ async def test_200_concurrent_records_for_one_customer_and_key_are_exact(pool: a
 async def test_concurrent_first_sight_of_many_customers_creates_each_once(pool: asyncpg.Pool) -> None:
     events = [usage(f"call-{i}", customer_id=f"cust-{i % 7}", key_hash=f"k{i % 3}") for i in range(140)]
     random.Random(7).shuffle(events)
-    await asyncio.wait_for(asyncio.gather(*(record_usage(pool, e, "d") for e in events)), timeout=120)
+    await asyncio.wait_for(
+        asyncio.gather(*(record_usage(pool, e, RecordingContext(default_budget_id="d")) for e in events)),
+        timeout=120,
+    )
     created = await pool.fetch("select stream, version from events where type = 'CustomerCreated'")
     assert sorted(r["stream"] for r in created) == [f"customer:cust-{i}" for i in range(7)]
     assert {r["version"] for r in created} == {1}
@@ -253,7 +267,11 @@ async def test_concurrent_first_sight_of_many_customers_creates_each_once(pool: 
 
 
 async def test_a_failing_record_leaves_no_partial_rows(pool: asyncpg.Pool) -> None:
-    await record_usage(pool, usage("dup", customer_id="acme", user_id="u1"), "tier-default")
+    await record_usage(
+        pool,
+        usage("dup", customer_id="acme", user_id="u1"),
+        RecordingContext(default_budget_id="tier-default"),
+    )
     events_before = await pool.fetch("select * from events order by position")
     customers_before = await pool.fetch("select * from customers order by user_id")
     spend_before = await all_spend(pool)
@@ -261,10 +279,10 @@ async def test_a_failing_record_leaves_no_partial_rows(pool: asyncpg.Pool) -> No
     # same call_id again, naming a new customer, user, team and key: refused as a whole
     again = usage("dup", customer_id="newco", user_id="u2", team_id="t9", key_hash=KEY_B, cost=Decimal("5"))
     with pytest.raises(asyncpg.UniqueViolationError):
-        await record_usage(pool, again, "tier-default")
+        await record_usage(pool, again, RecordingContext(default_budget_id="tier-default"))
     async with pool.acquire() as conn, conn.transaction():
         with pytest.raises(asyncpg.UniqueViolationError):
-            await record_usage(conn, again, "tier-default")
+            await record_usage(conn, again, RecordingContext(default_budget_id="tier-default"))
 
     assert await pool.fetch("select * from events order by position") == events_before
     assert await pool.fetch("select * from customers order by user_id") == customers_before
@@ -272,5 +290,7 @@ async def test_a_failing_record_leaves_no_partial_rows(pool: asyncpg.Pool) -> No
     assert await pool.fetchval("select count(*) from customers where user_id = 'newco'") == 0
 
     # and the ledger carries on normally afterwards
-    await record_usage(pool, usage("after", customer_id="newco"), "tier-default")
+    await record_usage(
+        pool, usage("after", customer_id="newco"), RecordingContext(default_budget_id="tier-default")
+    )
     assert await pool.fetchval("select count(*) from customers where user_id = 'newco'") == 1

@@ -53,7 +53,12 @@ ENV = {
     "OPENAI_API_KEY": "sk-upstream-a",
     "OPENAI_API_KEY_B": "sk-upstream-b",
     "LITELLM_MASTER_KEY": "sk-1234",
+    "LAGO_API_BASE": "http://localhost:3000",
+    "LAGO_API_KEY": "lago-key",
+    "LAGO_API_EVENT_CODE": "openai_tokens",
+    "WEBHOOK_URL": "http://localhost:9000/hook",
 }
+LAGO_ENV = {k: v for k, v in ENV.items() if k.startswith("LAGO_")}
 
 
 def parse(text: str, environ: dict[str, str] | None = None) -> Settings:
@@ -191,17 +196,17 @@ litellm_settings:
 
 
 def test_unset_environment_variable_is_none_with_a_warning_naming_it() -> None:
-    settings = parse(CONTRACT_CONFIG, {"OPENAI_API_KEY": "k", "OPENAI_API_KEY_B": "k"})
+    settings = parse(CONTRACT_CONFIG, {"OPENAI_API_KEY": "k", "OPENAI_API_KEY_B": "k", **LAGO_ENV, "WEBHOOK_URL": "u"})
     assert settings.master_key is None
     assert any("LITELLM_MASTER_KEY" in w for w in settings.warnings)
 
 
 def test_callbacks_and_success_callback_merge_without_duplicates() -> None:
     settings = parse_settings(
-        minimal(litellm_settings={"callbacks": "lago", "success_callback": ["webhook", "lago"]}), {}
+        minimal(litellm_settings={"callbacks": "lago", "success_callback": ["webhook", "lago"]}), LAGO_ENV
     )
     assert settings.callbacks == ("lago", "webhook")
-    only_success = parse_settings(minimal(litellm_settings={"success_callback": ["lago"]}), {})
+    only_success = parse_settings(minimal(litellm_settings={"success_callback": ["lago"]}), LAGO_ENV)
     assert only_success.callbacks == ("lago",)
     assert parse_settings(minimal(), {}).callbacks == ()
 
@@ -255,7 +260,7 @@ model_list:
     model_info: {input_cost_per_token: 0.1, output_cost_per_token: 0.2, odd_info: 2}
   - model_name: m
     litellm_params: {model: openai/y, api_base: "https://u/v1", weird_param: 1}
-litellm_settings: {callbacks: [lago], mystery_setting: true}
+litellm_settings: {callbacks: [prometheus], mystery_setting: true}
 general_settings: {master_key: sk-1, mystery_general: 1}
 top_level_typo: 3
 """
@@ -268,7 +273,7 @@ top_level_typo: 3
     assert warning.count("weird_param") == 1  # the same key in two deployments is named once
     assert len(settings.warnings) == 1
     # and the config is still served
-    assert settings.callbacks == ("lago",)
+    assert settings.callbacks == ("prometheus",)
     assert len(settings.deployments) == 2
 
 
@@ -414,3 +419,25 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
         load_settings(path, environ={})
     assert str(path) in str(caught.value)
     assert "model_list[0]" in str(caught.value)
+
+
+def test_lago_callback_needs_its_environment_and_names_what_is_missing() -> None:
+    raw = minimal(litellm_settings={"callbacks": ["lago"]})
+    with pytest.raises(ConfigError, match="LAGO_API_KEY, LAGO_API_EVENT_CODE are not set"):
+        parse_settings(raw, {"LAGO_API_BASE": "http://lago"})
+    with pytest.raises(ConfigError, match="LAGO_API_CHARGE_BY must be one of"):
+        parse_settings(raw, {**LAGO_ENV, "LAGO_API_CHARGE_BY": "org_id"})
+    settings = parse_settings(raw, {**LAGO_ENV, "LAGO_API_CHARGE_BY": "team_id"})
+    assert settings.lago is not None and settings.lago.charge_by == "team_id"
+    assert parse_settings(raw, LAGO_ENV).lago.charge_by == "end_user_id"  # type: ignore[union-attr]
+    assert "lago-key" not in repr(settings.lago)
+
+
+def test_webhook_alerting_needs_a_url_and_a_valid_secret() -> None:
+    raw = minimal(general_settings={"alerting": ["webhook"]})
+    with pytest.raises(ConfigError, match="WEBHOOK_URL is not set"):
+        parse_settings(raw, {})
+    with pytest.raises(ConfigError, match="WEBHOOK_SECRET is not a valid"):
+        parse_settings(raw, {"WEBHOOK_URL": "http://hook", "WEBHOOK_SECRET": "not base64 !"})
+    settings = parse_settings(raw, {"WEBHOOK_URL": "http://hook"})
+    assert settings.webhook is not None and settings.webhook.secret is None

@@ -1,0 +1,56 @@
+"""Prometheus metrics: the ledger's and the outbox's, exposed at /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from ledger.outbox import Claimed, Delivery
+
+REQUESTS: Final = Counter(
+    "spendledger_requests_total", "Proxied requests by route and outcome", ["route", "status"]
+)
+UNPRICED: Final = Counter(
+    "spendledger_unpriced_requests_total", "Requests served for a model with no price", ["model"]
+)
+OUTBOX_ROWS: Final = Gauge("spendledger_outbox_rows", "Outbox rows by sink and state", ["sink", "state"])
+OUTBOX_OLDEST_PENDING: Final = Gauge(
+    "spendledger_outbox_oldest_pending_seconds", "Age of the oldest pending outbox row", ["sink"]
+)
+OUTBOX_DELIVERED: Final = Counter("spendledger_outbox_delivered_total", "Outbox rows delivered", ["sink"])
+OUTBOX_DEAD: Final = Counter(
+    "spendledger_outbox_dead_letters_total", "Outbox rows set aside as dead letters", ["sink"]
+)
+OUTBOX_RETRIES: Final = Counter(
+    "spendledger_outbox_retries_total", "Outbox deliveries to retry later", ["sink"]
+)
+SINK_UNAUTHORIZED: Final = Gauge(
+    "spendledger_sink_unauthorized", "1 while a sink refuses our credentials (deliveries wait)", ["sink"]
+)
+DELIVERY_LAG: Final = Histogram(
+    "spendledger_outbox_delivery_lag_seconds",
+    "From recording to acknowledged delivery",
+    ["sink"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+)
+
+
+def observe_delivery(sink: str, rows: Sequence[Claimed], delivery: Delivery) -> None:
+    now = datetime.now(UTC)
+    created = {row.id: row.created_at for row in rows}
+    for row_id in delivery.delivered:
+        DELIVERY_LAG.labels(sink).observe((now - created[row_id]).total_seconds())
+    OUTBOX_DELIVERED.labels(sink).inc(len(delivery.delivered))
+    OUTBOX_DEAD.labels(sink).inc(len(delivery.dead))
+    OUTBOX_RETRIES.labels(sink).inc(len(delivery.retry))
+    SINK_UNAUTHORIZED.labels(sink).set(1 if delivery.unauthorized else 0)
+
+
+def observe_status(status: dict[str, Any]) -> None:
+    for sink, counts in status["sinks"].items():
+        for state in ("pending", "delivered", "dead", "unbillable"):
+            OUTBOX_ROWS.labels(sink, state).set(counts.get(state, 0))
+        OUTBOX_OLDEST_PENDING.labels(sink).set(counts.get("oldest_pending_age_s", 0))

@@ -1,0 +1,64 @@
+"""Wiring of the outbox: which sinks the settings turn on, and the publisher every process runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+import httpx
+import structlog
+
+from api.metrics import observe_delivery, observe_status
+from ledger.config import Settings
+from ledger.events import UsageRecorded
+from ledger.outbox import OutboxRow, Publisher, Sink, outbox_status
+from ledger.sinks.lago import LagoSink, lago_row
+from ledger.sinks.webhook import WebhookSink
+
+log = structlog.get_logger(__name__)
+STATUS_INTERVAL_S = 5.0
+
+
+def build_sinks(settings: Settings, client: httpx.AsyncClient) -> list[Sink]:
+    sinks: list[Sink] = []
+    if settings.lago is not None:
+        sinks.append(LagoSink(settings.lago, client))
+    if settings.webhook is not None:
+        sinks.append(WebhookSink(settings.webhook, client))
+    return sinks
+
+
+def outbox_rows_for(event: UsageRecorded, settings: Settings) -> list[OutboxRow]:
+    """The rows the application builds (webhooks are built in SQL, where the totals are)."""
+    return [lago_row(event, settings.lago)] if settings.lago is not None else []
+
+
+class PublisherRunner:
+    """Runs a Publisher and keeps the outbox gauges fresh; stopped with the process."""
+
+    def __init__(self, pool: asyncpg.Pool, database_url: str, settings: Settings) -> None:
+        self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=100))
+        self.sinks = build_sinks(settings, self._client)
+        self.publisher = Publisher(pool, database_url, self.sinks)
+        self.publisher.on_delivered.append(observe_delivery)
+        self._pool = pool
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        if self.sinks:
+            self._tasks.append(asyncio.create_task(self.publisher.run()))
+        self._tasks.append(asyncio.create_task(self._refresh_gauges()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._client.aclose()
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                observe_status(await outbox_status(self._pool, dead_limit=0))
+            await asyncio.sleep(STATUS_INTERVAL_S)

@@ -1,0 +1,257 @@
+"""The transactional outbox: rows enqueued with the usage that causes them, and the publisher that
+delivers them at least once with stable ids — exactly once at receivers that dedupe (Lago does, by
+transaction_id; webhook receivers by `webhook-id`).
+
+A publisher claims due rows of one sink with `FOR UPDATE SKIP LOCKED` inside a transaction that
+lasts for the send: rows another publisher holds are skipped, and a publisher that dies mid-send
+(even SIGKILLed between send and mark) releases its rows with its connection, so they are re-sent
+and deduplicated downstream. Any number of publishers may run; LISTEN/NOTIFY wakes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Protocol
+
+import asyncpg
+import msgspec
+import structlog
+
+log = structlog.get_logger(__name__)
+
+CHANNEL: Final = "sl_outbox"
+BACKOFF_BASE_S: Final = 1.0
+BACKOFF_CAP_S: Final = 300.0
+# While the sink refuses our credentials, probe again at this pace: nothing is lost meanwhile.
+UNAUTHORIZED_RETRY_S: Final = 30.0
+
+
+class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One delivery to enqueue: its sink, its stable id, its frozen payload."""
+
+    sink: str
+    dedupe_key: str
+    payload: dict[str, Any]
+    state: str = "pending"  # or "unbillable": kept and reported, never sent
+
+
+class Claimed(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    dedupe_key: str
+    payload: bytes  # the frozen JSON, sent as stored
+    attempts: int
+    created_at: datetime
+
+
+@dataclass
+class Delivery:
+    """What a sink made of a batch: every claimed id ends in exactly one of these."""
+
+    delivered: list[int] = field(default_factory=list)
+    dead: dict[int, str] = field(default_factory=dict)
+    retry: dict[int, str] = field(default_factory=dict)
+    unauthorized: bool = False
+    retry_after_s: float | None = None
+
+
+class Sink(Protocol):
+    name: str
+    batch_size: int
+
+    async def deliver(self, rows: Sequence[Claimed]) -> Delivery: ...
+
+
+def backoff(attempts: int, retry_after_s: float | None = None) -> timedelta:
+    """Exponential with full jitter between half and one and a half of the step, capped."""
+    step = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, attempts - 1))
+    delay = max(step * random.uniform(0.5, 1.5), retry_after_s or 0.0)
+    return timedelta(seconds=delay)
+
+
+@dataclass
+class SinkHealth:
+    state: str = "ok"  # ok | failing | unauthorized
+    last_error: str | None = None
+    last_delivery_at: datetime | None = None
+    delivered: int = 0
+    dead: int = 0
+
+
+_CLAIM: Final = """
+select id, dedupe_key, payload::text as payload, attempts, created_at from outbox
+where sink = $1 and state = 'pending' and next_attempt_at <= now()
+order by id limit $2
+for update skip locked
+"""
+
+
+class Publisher:
+    def __init__(
+        self, pool: asyncpg.Pool, database_url: str, sinks: Sequence[Sink], idle_wait_s: float = 1.0
+    ):
+        self._pool = pool
+        self._database_url = database_url
+        self._sinks = list(sinks)
+        self._idle_wait_s = idle_wait_s
+        self._wake = asyncio.Event()
+        self.health: dict[str, SinkHealth] = {sink.name: SinkHealth() for sink in sinks}
+        self.on_delivered: list[Any] = []  # callbacks(sink_name, rows) for metrics
+
+    async def run(self) -> None:
+        """Publish until cancelled."""
+        listener = await self._listen()
+        try:
+            while True:
+                busy = False
+                for sink in self._sinks:
+                    with contextlib.suppress(asyncpg.PostgresConnectionError, OSError):
+                        busy |= await self.publish_once(sink) > 0
+                if not busy:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._idle_wait_s)
+        finally:
+            if listener is not None and not listener.is_closed():
+                await listener.close()
+
+    async def _listen(self) -> asyncpg.Connection | None:
+        try:
+            listener = await asyncpg.connect(self._database_url)
+            await listener.add_listener(CHANNEL, lambda *_: self._wake.set())
+        except (OSError, asyncpg.PostgresError):
+            log.warning("outbox_listen_failed: polling only")
+            return None
+        return listener
+
+    async def publish_once(self, sink: Sink) -> int:
+        """Claim one batch of due rows, deliver it, and mark each row; returns the batch size."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            records = await conn.fetch(_CLAIM, sink.name, sink.batch_size)
+            if not records:
+                return 0
+            rows = [
+                Claimed(
+                    id=r["id"],
+                    dedupe_key=r["dedupe_key"],
+                    payload=r["payload"].encode(),
+                    attempts=r["attempts"],
+                    created_at=r["created_at"],
+                )
+                for r in records
+            ]
+            delivery = await sink.deliver(rows)
+            await self._mark(conn, sink, rows, delivery)
+        for callback in self.on_delivered:
+            callback(sink.name, rows, delivery)
+        return len(rows)
+
+    async def _mark(
+        self,
+        conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy[Any],
+        sink: Sink,
+        rows: Sequence[Claimed],
+        delivery: Delivery,
+    ) -> None:
+        health = self.health[sink.name]
+        now = datetime.now(UTC)
+        if delivery.delivered:
+            await conn.execute(
+                "update outbox set state = 'delivered', delivered_at = now(), attempts = attempts + 1, "
+                "last_error = null where id = any($1::bigint[])",
+                delivery.delivered,
+            )
+            health.delivered += len(delivery.delivered)
+            health.last_delivery_at = now
+        for row_id, error in delivery.dead.items():
+            await conn.execute(
+                "update outbox set state = 'dead', attempts = attempts + 1, last_error = $2 where id = $1",
+                row_id,
+                error,
+            )
+            health.dead += 1
+            log.error("outbox_dead_letter", sink=sink.name, outbox_id=row_id, error=error)
+        attempts = {row.id: row.attempts for row in rows}
+        for row_id, error in delivery.retry.items():
+            wait = (
+                timedelta(seconds=UNAUTHORIZED_RETRY_S)
+                if delivery.unauthorized
+                else backoff(attempts[row_id] + 1, delivery.retry_after_s)
+            )
+            await conn.execute(
+                "update outbox set attempts = attempts + 1, last_error = $2, next_attempt_at = now() + $3 "
+                "where id = $1",
+                row_id,
+                error,
+                wait,
+            )
+        if delivery.unauthorized:
+            if health.state != "unauthorized":
+                log.error(
+                    "outbox_sink_unauthorized",
+                    sink=sink.name,
+                    detail="the sink refuses our API key; deliveries wait until it is fixed",
+                )
+            health.state, health.last_error = "unauthorized", next(iter(delivery.retry.values()), None)
+        elif delivery.retry:
+            health.state, health.last_error = "failing", next(iter(delivery.retry.values()))
+            log.warning(
+                "outbox_delivery_failed", sink=sink.name, rows=len(delivery.retry), error=health.last_error
+            )
+        elif delivery.delivered:
+            health.state, health.last_error = "ok", None
+
+
+async def outbox_status(conn: asyncpg.Connection | asyncpg.Pool, dead_limit: int = 100) -> dict[str, Any]:
+    """Counts by sink and state, the oldest pending row's age, and the dead letters."""
+    counts = await conn.fetch("select sink, state, count(*) as n from outbox group by 1, 2 order by 1, 2")
+    oldest = await conn.fetch(
+        "select sink, extract(epoch from now() - min(created_at)) as age from outbox "
+        "where state = 'pending' group by 1"
+    )
+    dead = await conn.fetch(
+        "select id, sink, dedupe_key, attempts, last_error, created_at, call_id from outbox "
+        "where state = 'dead' order by id limit $1",
+        dead_limit,
+    )
+    sinks: dict[str, dict[str, Any]] = {}
+    for row in counts:
+        sinks.setdefault(row["sink"], {"pending": 0, "delivered": 0, "dead": 0, "unbillable": 0})[
+            row["state"]
+        ] = row["n"]
+    for row in oldest:
+        sinks.setdefault(row["sink"], {})["oldest_pending_age_s"] = float(row["age"])
+    return {
+        "sinks": sinks,
+        "dead_letters": [
+            {
+                "id": r["id"],
+                "sink": r["sink"],
+                "dedupe_key": r["dedupe_key"],
+                "attempts": r["attempts"],
+                "last_error": r["last_error"],
+                "created_at": r["created_at"].isoformat(),
+                "call_id": r["call_id"],
+            }
+            for r in dead
+        ],
+    }
+
+
+async def retry_dead_letters(
+    conn: asyncpg.Connection | asyncpg.Pool, ids: Sequence[int] | None = None, sink: str | None = None
+) -> int:
+    """Put dead letters back in the queue (all, or those named); returns how many."""
+    result = await conn.execute(
+        "update outbox set state = 'pending', next_attempt_at = now(), last_error = null "
+        "where state = 'dead' and ($1::bigint[] is null or id = any($1::bigint[])) "
+        "and ($2::text is null or sink = $2)",
+        list(ids) if ids is not None else None,
+        sink,
+    )
+    await conn.execute("select pg_notify($1, '')", CHANNEL)
+    return int(result.split()[-1])

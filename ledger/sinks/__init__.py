@@ -1,0 +1,1 @@
+"""Destinations of the outbox: one small module per sink."""
