@@ -329,7 +329,6 @@ class StreamRelay:
         self._usage: Usage | None = None
         self._usage_chunk: bytes | None = None
         self._content_chunks = 0
-        self._recorded = False
 
     async def events(self) -> AsyncIterator[bytes]:
         try:
@@ -349,12 +348,12 @@ class StreamRelay:
         except ApiError as exc:  # the ledger could not record: end without [DONE]
             yield _sse_error(exc.message, exc.type)
         finally:
-            await self._response.aclose()
-            if not self._recorded:
-                # The client hung up: bill what was generated, in a task our cancellation can't stop.
-                self._recorded = True
+            if not self._exchange.recorded:
+                # The client hung up: bill what was generated, in a task our cancellation can't stop
+                # (spawned before any await here, which a cancellation could interrupt).
                 event = self._event("success", 200, error_type="client_disconnected")
                 self._services.spawn(record(self._services, self._exchange, event))
+            await self._response.aclose()
 
     def _pass(self, event: bytes) -> bytes | None:
         """The bytes to send the client for one upstream event (None to hold or drop it)."""
@@ -395,7 +394,6 @@ class StreamRelay:
         return _sse_error(message, "upstream_error")
 
     async def _finish(self, status: str, http_status: int, error_type: str | None = None) -> None:
-        self._recorded = True
         await record(self._services, self._exchange, self._event(status, http_status, error_type))
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import structlog
 
 from api.keycache import KeyCache
 from api.publishing import PublisherRunner
@@ -19,6 +20,8 @@ from api.upstream import Upstream
 from ledger.config import Settings
 from ledger.pricing import PriceBook
 from ledger.usage import RecordingContext
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)
@@ -40,8 +43,13 @@ class Services:
         hangs up mid-stream is still billed); shutdown waits for these tasks."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
         return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background_task_failed", error_type=type(task.exception()).__name__)
 
     async def drain(self) -> None:
         if self._tasks:
