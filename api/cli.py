@@ -116,7 +116,7 @@ def publish(args: argparse.Namespace) -> int:
     assert settings is not None
     url, embedded = _database(settings, args.data_dir)
     try:
-        run_migrations(url)
+        _migrate(url)
         asyncio.run(_publish_forever(settings, url))
     except KeyboardInterrupt:
         pass
