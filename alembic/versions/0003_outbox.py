@@ -77,11 +77,19 @@ begin
                 select spend into total from spend_totals where scope = 'customer' and scope_id = s.scope_id;
             end if;
         end if;
-        if period is null or cost <= 0 then
+        if cost <= 0 or (period is null and (s.soft_budget is null or s.max_budget is not null
+                                             or s.budget_duration is not null)) then
             continue;
         end if;
-        select spent into after from budget_usage
-        where scope = s.scope and scope_id = s.scope_id and period_start = period;
+        if period is null then
+            -- A soft budget alone has no budget period (admission tracks none): its line is on
+            -- the lifetime spend, as /customer/info shows it.
+            period := 'epoch';
+            select spend into after from spend_totals where scope = s.scope and scope_id = s.scope_id;
+        else
+            select spent into after from budget_usage
+            where scope = s.scope and scope_id = s.scope_id and period_start = period;
+        end if;
         before := after - cost;
         for line in
             select * from (values
