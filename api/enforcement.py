@@ -7,10 +7,23 @@ import os
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+import asyncpg
+import structlog
+
 from api.errors import ApiError
 from api.proxy import Exchange
 from api.services import Services
-from ledger.admission import HOLD_GRACE, Admission, Admitted, Refused, admit_request, worst_case_cost
+from ledger.admission import (
+    HOLD_GRACE,
+    Admission,
+    Admitted,
+    Refused,
+    admit_request,
+    announce_budget_exhausted,
+    worst_case_cost,
+)
+
+log = structlog.get_logger(__name__)
 
 # A stream may run far longer than the upstream's read timeout: its hold must outlive it.
 _STREAM_HOLD_FLOOR: Final = timedelta(minutes=10)
@@ -51,6 +64,12 @@ async def admit(services: Services, exchange: Exchange, request_bytes: int) -> N
     outcome = await admit_request(services.pool, admission)
     if isinstance(outcome, Refused):
         exchange.recorded = True  # RequestRefused is its terminal event
+        if outcome.reason == "budget_exceeded" and settings.webhook is not None:
+            try:
+                await announce_budget_exhausted(services.pool, outcome, admission)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # The refusal stands; the next refused request announces it (same dedupe key).
+                log.warning("budget_crossed_not_enqueued", error_type=type(exc).__name__)
         raise refusal_error(outcome, exchange)
     exchange.budget_periods = outcome.budget_periods
     exchange.rate_headers = rate_headers(outcome)

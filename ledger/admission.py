@@ -136,3 +136,42 @@ async def admit_request(conn: asyncpg.Connection | asyncpg.Pool, admission: Admi
 async def expire_holds(conn: asyncpg.Connection | asyncpg.Pool) -> int:
     """Release holds whose request's process died; returns how many."""
     return int(await conn.fetchval("select sl_expire_holds()"))
+
+
+async def announce_budget_exhausted(
+    conn: asyncpg.Connection | asyncpg.Pool, refused: Refused, admission: Admission
+) -> None:
+    """Enqueue `budget_crossed` for a budget that refused a request.
+
+    Budgets are strict, so spend stops short of `max_budget`: the crossing a person wants to hear
+    about is the first request the budget could not take. It shares its dedupe key with the
+    crossing announced at recording, so a period announces it once either way.
+    """
+    d = refused.detail
+    epoch = int(datetime.fromisoformat(str(d.get("period_start"))).timestamp())
+    scope, scope_id = refused.scope, refused.scope_id
+    body = {
+        "spend": d.get("spend"),
+        "max_budget": d.get("max_budget"),
+        "soft_budget": d.get("soft_budget"),
+        "event_group": scope,
+        "event_message": f"{scope.capitalize()} budget crossed. {scope.capitalize()}={scope_id}, "
+        f"spend={d.get('spend')}, max_budget={d.get('max_budget')}: a request that could cost "
+        f"{d.get('hold')} was refused",
+        "budget_reset_at": d.get("budget_reset_at"),
+    }
+    context = {
+        "call_id": admission.call_id,
+        "key_hash": admission.key_hash,
+        "key_alias": admission.key_alias,
+        "user_id": admission.user_id,
+        "team_id": admission.team_id,
+        "customer_id": admission.customer_id,
+        "ended_at": admission.refused_at,
+    }
+    await conn.execute(
+        "select sl_enqueue_webhook('budget_crossed', $1, $2::jsonb, $3::jsonb), pg_notify('sl_outbox', '')",
+        f"budget_crossed:{scope}:{scope_id}:{epoch}:max",
+        _encoder.encode(body).decode(),
+        _encoder.encode(context).decode(),
+    )

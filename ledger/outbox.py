@@ -109,8 +109,15 @@ class Publisher:
             while True:
                 busy = False
                 for sink in self._sinks:
-                    with contextlib.suppress(asyncpg.PostgresConnectionError, OSError):
+                    try:
                         busy |= await self.publish_once(sink) > 0
+                    except (asyncpg.PostgresConnectionError, OSError):
+                        pass  # the database is away: the rows wait, we poll again
+                    except Exception as exc:  # a bug must not stop delivery for good
+                        self.health[sink.name].state = "failing"
+                        self.health[sink.name].last_error = f"publisher error: {type(exc).__name__}"
+                        log.exception("outbox_publisher_error", sink=sink.name)
+                        await asyncio.sleep(self._idle_wait_s)
                 if not busy:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):

@@ -273,7 +273,8 @@ begin
                         raise exception using errcode = 'SL001', message = jsonb_build_object(
                             'reason', 'budget_exceeded', 'scope', s.scope, 'scope_id', s.scope_id,
                             'max_budget', s.max_budget, 'spend', row_spent, 'held', row_held,
-                            'hold', hold, 'budget_reset_at', sl_period_end(s.anchor, s.budget_duration, at)
+                            'hold', hold, 'budget_reset_at', sl_period_end(s.anchor, s.budget_duration, at),
+                            'period_start', period, 'soft_budget', s.soft_budget
                         )::text;
                     end if;
                     budget_rows := budget_rows || jsonb_build_array(jsonb_build_array(s.scope, s.scope_id, period));

@@ -624,3 +624,36 @@ def test_lago_callback_without_its_api_key_stops_start_up_naming_it(
     assert "LAGO_API_KEY" in output
     assert "LAGO_API_BASE" not in output and "LAGO_API_EVENT_CODE" not in output
     assert not re.search(r"Traceback", output), output
+
+
+def test_the_first_request_a_budget_refuses_announces_budget_crossed_once_per_period(
+    upstream: RunningUpstream, receiver: RunningWebhookReceiver, database_url: str
+) -> None:
+    """Strict budgets stop spend short of max_budget, so the crossing is the first refusal."""
+    config = outbox_config(upstream.base_url, webhook=True)
+    with run_server(config, database_url, env=webhook_env(receiver.url)) as server:
+        budget = str(unit_cost() * 6)  # room for one request's hold, not for a second
+        assert (
+            post(server.base_url, "/customer/new", {"user_id": "exhausted", "max_budget": budget}).status_code
+            == 200
+        )
+        assert chat_ok(server.base_url, "exhausted")
+        statuses = [
+            httpx.post(
+                f"{server.base_url}/chat/completions",
+                headers={"Authorization": "Bearer sk-1234"},
+                json={
+                    "model": "fake-openai-endpoint",
+                    "user": "exhausted",
+                    "messages": [{"role": "user", "content": "what time is it"}],
+                },
+            ).status_code
+            for _ in range(3)
+        ]
+        assert statuses == [429, 429, 429]
+        wait_webhooks_delivered(database_url, receiver)
+        crossed = receiver.app.delivered_payloads("budget_crossed")
+        assert len(crossed) == 1
+        assert crossed[0]["event_group"] == "customer" and crossed[0]["customer_id"] == "exhausted"
+        assert crossed[0]["max_budget"] == Decimal(budget) and crossed[0]["spend"] == unit_cost()
+        receiver.app.verify(WEBHOOK_SECRET)
