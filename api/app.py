@@ -25,7 +25,7 @@ from ledger.config import Settings, load_settings
 from ledger.db import create_pool, wait_for_database
 from ledger.keys import hash_key
 from ledger.pricing import PriceBook
-from ledger.usage import RecordingContext
+from ledger.usage import GroupRecorder, RecordingContext
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +53,13 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
         await key_cache.start()
         upstream = Upstream()
         publisher = PublisherRunner(pool, database_url, settings)
+        recording = RecordingContext(
+            default_budget_id=settings.max_end_user_budget_id,
+            global_max_budget=settings.max_budget,
+            global_budget_duration=settings.budget_duration,
+            webhooks=settings.webhook is not None,
+        )
+        recorder = GroupRecorder(pool, recording)
         services = Services(
             settings=settings,
             database_url=database_url,
@@ -62,17 +69,13 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             prices=PriceBook(settings.deployments),
             router=ModelRouter(settings.deployments),
             master_key_hash=hash_key(settings.master_key or "anonymous"),
-            recording=RecordingContext(
-                default_budget_id=settings.max_end_user_budget_id,
-                global_max_budget=settings.max_budget,
-                global_budget_duration=settings.budget_duration,
-                webhooks=settings.webhook is not None,
-            ),
+            recorder=recorder,
             publisher=publisher,
         )
         app.state.services = services
         sweeper = asyncio.create_task(_sweep_expired_holds(services))
         publisher.start()
+        recorder.start()
         try:
             yield
         finally:
@@ -80,6 +83,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             # In-flight requests are finished by the server before lifespan ends; recordings that
             # outlived their request (client hang-ups) are awaited here so none is lost.
             await services.drain()
+            await recorder.stop()
             await publisher.stop()
             await key_cache.stop()
             await upstream.aclose()

@@ -29,7 +29,7 @@ from ledger.config import Deployment
 from ledger.events import UsageRecorded
 from ledger.money import format_money
 from ledger.pricing import Price, cost_of_usage
-from ledger.usage import record_usage
+from ledger.usage import Recording
 
 log = structlog.get_logger(__name__)
 
@@ -219,8 +219,8 @@ async def record(services: Services, exchange: Exchange, event: UsageRecorded) -
     """Commit the request's terminal event; if the ledger is unreachable, withhold the response."""
     exchange.recorded = True
     try:
-        return await record_usage(
-            services.pool, event, services.recording, outbox_rows_for(event, services.settings)
+        return await services.recorder.record(
+            Recording(event=event, outbox=outbox_rows_for(event, services.settings))
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error("usage_not_recorded", call_id=exchange.call_id, error_type=type(exc).__name__)

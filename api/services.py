@@ -19,7 +19,7 @@ from api.routing import ModelRouter
 from api.upstream import Upstream
 from ledger.config import Settings
 from ledger.pricing import PriceBook
-from ledger.usage import RecordingContext
+from ledger.usage import GroupRecorder
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +34,7 @@ class Services:
     prices: PriceBook
     router: ModelRouter
     master_key_hash: str
-    recording: RecordingContext
+    recorder: GroupRecorder
     publisher: PublisherRunner
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 

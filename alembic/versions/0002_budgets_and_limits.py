@@ -361,18 +361,54 @@ begin
     return h.tpm_rows;
 end $$;
 
+create function sl_scope_rank(scope text) returns integer language sql immutable as $$
+    select case scope when 'key' then 1 when 'user' then 2 when 'team' then 3 when 'customer' then 4 else 5 end
+$$;
+
+-- Lock every row that settling these requests will change, in the one order every writer follows:
+-- their holds (by call id), then scope by scope (by rank, then id) its budget periods, its rate
+-- window and its in-flight count — the order sl_admit takes them in. Waits therefore always point
+-- the same way, and settlements, batches of them, admissions and the sweeper never deadlock.
+create function sl_lock_for_settle(call_ids text[], periods jsonb) returns void language plpgsql as $$
+declare
+    s record;
+begin
+    perform 1 from holds where call_id = any(call_ids) order by call_id for update;
+    for s in
+        select x.scope, x.scope_id, array_agg(distinct x.period) filter (where x.period is not null) as periods
+        from (
+            select r->>0 as scope, r->>1 as scope_id, (r->>2)::timestamptz as period
+            from jsonb_array_elements(periods) as r
+            union all
+            select r->>0, r->>1, (r->>2)::timestamptz
+            from holds h, jsonb_array_elements(h.budget_rows || h.parallel_rows || h.tpm_rows) as r
+            where h.call_id = any(call_ids)
+        ) as x
+        group by x.scope, x.scope_id
+        order by sl_scope_rank(x.scope), x.scope_id
+    loop
+        perform 1 from budget_usage
+        where scope = s.scope and scope_id = s.scope_id and period_start = any(s.periods)
+        order by period_start for update;
+        perform 1 from rate_usage
+        where scope = s.scope and scope_id = s.scope_id and window_start = date_trunc('minute', now()) for update;
+        perform 1 from in_flight where scope = s.scope and scope_id = s.scope_id for update;
+    end loop;
+end $$;
+
 -- Holds of requests whose process died: released once past their expiry.
 create function sl_expire_holds() returns integer language plpgsql as $$
 declare
-    expired text;
-    n integer := 0;
+    expired text[];
+    call text;
 begin
-    for expired in select call_id from holds where expires_at < now() for update skip locked loop
-        perform sl_release_hold(expired);
-        n := n + 1;
+    expired := array(select call_id from holds where expires_at < now() order by call_id for update skip locked);
+    perform sl_lock_for_settle(expired, '[]');
+    foreach call in array expired loop
+        perform sl_release_hold(call);
     end loop;
     delete from rate_usage where window_start < now() - interval '10 minutes';
-    return n;
+    return cardinality(expired);
 end $$;
 
 -- Spend logs: one row per recorded request, for /spend/logs and /global/spend/report.
@@ -442,6 +478,8 @@ drop function sl_apply_usage(jsonb);
 drop function sl_apply_spend_log(jsonb);
 drop table spend_logs;
 drop function sl_expire_holds();
+drop function sl_lock_for_settle(text[], jsonb);
+drop function sl_scope_rank(text);
 drop function sl_release_hold(text);
 drop function sl_admit(jsonb);
 drop function sl_customer_first_seen(text, text, jsonb);

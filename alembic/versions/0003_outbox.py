@@ -123,23 +123,21 @@ begin
     end if;
 end $$;
 
--- Record one request: release its hold, append UsageRecorded, project it, count its tokens, and
--- write its outbox rows — all in the caller's transaction, one round trip.
-create function sl_record_usage(d jsonb, meta jsonb, ctx jsonb, outbox_rows jsonb)
-returns table (event_position bigint, key_spend numeric)
+-- Settle one request whose rows sl_lock_for_settle has locked: release its hold, append
+-- UsageRecorded, project it, count its tokens, and write its outbox rows. Returns the key's spend.
+create function sl_settle(d jsonb, meta jsonb, ctx jsonb, outbox_rows jsonb) returns numeric
 language plpgsql as $$
 declare
     r jsonb;
+    key_spend numeric;
 begin
-    perform sl_customer_first_seen(d->>'customer_id', ctx->>'default_budget_id', meta);
     for r in select jsonb_array_elements(sl_release_hold(d->>'call_id')) loop
         insert into rate_usage as u (scope, scope_id, window_start, tokens)
         values (r->>0, r->>1, date_trunc('minute', now()), (d->>'total_tokens')::bigint)
         on conflict (scope, scope_id, window_start) do update set tokens = u.tokens + excluded.tokens;
     end loop;
     insert into events (stream, version, type, data, metadata)
-    values ('request:' || (d->>'call_id'), 1, 'UsageRecorded', d, meta)
-    returning position into event_position;
+    values ('request:' || (d->>'call_id'), 1, 'UsageRecorded', d, meta);
     perform sl_apply_usage(d);
     insert into outbox (sink, dedupe_key, payload, state, call_id)
     select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', d->>'call_id'
@@ -152,12 +150,41 @@ begin
     end if;
     select trim_scale(t.spend) into key_spend from spend_totals t
     where t.scope = 'key' and t.scope_id = d->>'key_hash';
-    return next;
+    return key_spend;
+end $$;
+
+-- Record a batch of requests in one transaction and one round trip (group commit: many settles,
+-- one WAL flush). Customers first seen are created first, in id order; then every row the batch
+-- changes is locked in the global order; then each request is settled. Returns each key's spend.
+create function sl_record_usages(ds jsonb, metas jsonb, ctx jsonb, outboxes jsonb)
+returns table (idx integer, key_spend numeric)
+language plpgsql as $$
+declare
+    c record;
+begin
+    for c in
+        select d->>'customer_id' as customer, min(i) as first
+        from jsonb_array_elements(ds) with ordinality as e(d, i)
+        where d->>'customer_id' is not null
+        group by 1 order by 1
+    loop
+        perform sl_customer_first_seen(c.customer, ctx->>'default_budget_id', metas->(c.first::integer - 1));
+    end loop;
+    perform sl_lock_for_settle(
+        array(select d->>'call_id' from jsonb_array_elements(ds) as d),
+        (select coalesce(jsonb_agg(r), '[]') from jsonb_array_elements(ds) as d,
+                jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r));
+    for i in 0 .. jsonb_array_length(ds) - 1 loop
+        idx := i;
+        key_spend := sl_settle(ds->i, metas->i, ctx, outboxes->i);
+        return next;
+    end loop;
 end $$;
 """
 
 DOWNGRADE = """
-drop function sl_record_usage(jsonb, jsonb, jsonb, jsonb);
+drop function sl_record_usages(jsonb, jsonb, jsonb, jsonb);
+drop function sl_settle(jsonb, jsonb, jsonb, jsonb);
 drop function sl_enqueue_webhooks(jsonb, jsonb);
 drop function sl_enqueue_webhook(text, text, jsonb, jsonb);
 drop table outbox;
