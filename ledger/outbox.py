@@ -85,7 +85,7 @@ class SinkHealth:
 _CLAIM: Final = """
 select id, dedupe_key, payload::text as payload, attempts, created_at from outbox
 where sink = $1 and state = 'pending' and next_attempt_at <= now()
-order by id limit $2
+order by next_attempt_at, id limit $2  -- the order of outbox_due: only pending rows are read
 for update skip locked
 """
 
@@ -107,6 +107,7 @@ class Publisher:
         listener = await self._listen()
         try:
             while True:
+                self._wake.clear()  # before the sweep: a NOTIFY during it must wake the next wait
                 busy = False
                 for sink in self._sinks:
                     try:
@@ -119,7 +120,6 @@ class Publisher:
                         log.exception("outbox_publisher_error", sink=sink.name)
                         await asyncio.sleep(self._idle_wait_s)
                 if not busy:
-                    self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._idle_wait_s)
         finally:
@@ -168,7 +168,7 @@ class Publisher:
         now = datetime.now(UTC)
         if delivery.delivered:
             await conn.execute(
-                "update outbox set state = 'delivered', delivered_at = now(), attempts = attempts + 1, "
+                "update outbox set state = 'delivered', delivered_at = clock_timestamp(), attempts = attempts + 1, "
                 "last_error = null where id = any($1::bigint[])",
                 delivery.delivered,
             )

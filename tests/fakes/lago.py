@@ -425,7 +425,7 @@ def run_fake_lago(app: FakeLago | None = None, startup_timeout_s: float = 10.0) 
     """
     app = app or FakeLago()
     app._stopping = False
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

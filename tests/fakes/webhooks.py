@@ -219,7 +219,7 @@ def run_fake_webhook_receiver(
     """Serve `app` with uvicorn in a background thread on a free 127.0.0.1 port; stop it on exit."""
     app = app or FakeWebhookReceiver()
     app._stopping = False
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
