@@ -16,7 +16,7 @@ from litestar.openapi.config import OpenAPIConfig
 from api.errors import exception_handlers
 from api.keycache import KeyCache
 from api.publishing import PublisherRunner
-from api.routes import budgets, customers, health, keys, outbox, proxy, spend, teams, users
+from api.routes import audit, budgets, customers, export, health, keys, outbox, proxy, spend, teams, users
 from api.routing import ModelRouter
 from api.services import Services
 from api.upstream import Upstream
@@ -26,6 +26,7 @@ from ledger.db import create_pool, wait_for_database
 from ledger.keys import hash_key
 from ledger.pricing import PriceBook
 from ledger.usage import GroupRecorder, RecordingContext
+from projections.daily import DailySpendFollower
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +77,8 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
         sweeper = asyncio.create_task(_sweep_expired_holds(services))
         publisher.start()
         recorder.start()
+        follower = DailySpendFollower(pool)
+        follower.start()
         try:
             yield
         finally:
@@ -84,6 +87,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             # outlived their request (client hang-ups) are awaited here so none is lost.
             await services.drain()
             await recorder.stop()
+            await follower.stop()
             await publisher.stop()
             await key_cache.stop()
             await upstream.aclose()
@@ -100,6 +104,8 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             *health.route_handlers,
             *spend.route_handlers,
             *outbox.route_handlers,
+            *audit.route_handlers,
+            *export.route_handlers,
         ],
         lifespan=[lifespan],
         exception_handlers=dict(exception_handlers),

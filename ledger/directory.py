@@ -154,7 +154,7 @@ async def set_customer_blocked(
         if not blocked:
             raise NotFound(f"customer {user_id!r} does not exist", param="user_ids")
         await create(conn, CUSTOMERS, CustomerCreated(user_id=user_id), actor, now)
-    await append_next(conn, CUSTOMERS, user_id, event, actor)
+    await append_next(conn, CUSTOMERS, user_id, event, actor, now)
     await apply_directory_event(conn, event, now)
 
 

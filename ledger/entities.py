@@ -103,11 +103,16 @@ async def require(conn: asyncpg.Connection, kind: EntityTable, entity_id: str) -
 
 
 async def append_next(
-    conn: asyncpg.Connection, kind: EntityTable, entity_id: str, event: Event, actor: str
+    conn: asyncpg.Connection,
+    kind: EntityTable,
+    entity_id: str,
+    event: Event,
+    actor: str,
+    at: datetime | None = None,
 ) -> None:
     stream = kind.stream(entity_id)
     version = await store.stream_version(conn, stream)
-    await store.append(conn, stream, version, [event], {"actor": actor})
+    await store.append(conn, stream, version, [event], store.command_metadata(actor, at))
 
 
 async def create(
@@ -117,7 +122,7 @@ async def create(
     entity_id = getattr(event, kind.id_field)
     if await fetch(conn, kind, entity_id) is not None:
         raise AlreadyExists(f"{kind.noun} {entity_id!r} already exists", param=kind.id_field)
-    await append_next(conn, kind, entity_id, event, actor)
+    await append_next(conn, kind, entity_id, event, actor, now)
     await project_create(conn, kind, event, now)
 
 
@@ -126,7 +131,7 @@ async def update(
 ) -> None:
     entity_id = getattr(event, kind.id_field)
     await require(conn, kind, entity_id)
-    await append_next(conn, kind, entity_id, event, actor)
+    await append_next(conn, kind, entity_id, event, actor, now)
     await project_update(conn, kind, event, now)
 
 

@@ -94,7 +94,7 @@ async def generate_key(
     if spec.key_hash != hash_key(plaintext):
         raise ValueError("spec.key_hash must be the hash of the plaintext key")
     try:
-        await store.append(conn, key_stream(spec.key_hash), 0, [spec], {"actor": actor})
+        await store.append(conn, key_stream(spec.key_hash), 0, [spec], store.command_metadata(actor, now))
     except store.ConcurrencyError:
         raise AlreadyExists("this key already exists", param="key") from None
     await apply_key_event(conn, spec, now)
@@ -113,7 +113,7 @@ async def update_key(conn: asyncpg.Connection, update: KeyUpdated, actor: str, n
         changes.get("budget_duration"),
         **{k: changes.get(k) for k in ("rpm_limit", "tpm_limit", "max_parallel_requests")},
     )
-    await _append_next(conn, update.key_hash, update, actor)
+    await _append_next(conn, update.key_hash, update, actor, now)
     await apply_key_event(conn, update, now)
     record = await get_key(conn, update.key_hash)
     assert record is not None
@@ -126,7 +126,7 @@ async def set_blocked(
     if await get_key(conn, key_hash, for_update=True) is None:
         raise NotFound("key not found", param="key")
     event = KeyBlocked(key_hash=key_hash) if blocked else KeyUnblocked(key_hash=key_hash)
-    await _append_next(conn, key_hash, event, actor)
+    await _append_next(conn, key_hash, event, actor, now)
     await apply_key_event(conn, event, now)
     record = await get_key(conn, key_hash)
     assert record is not None
@@ -139,13 +139,13 @@ async def delete_keys(conn: asyncpg.Connection, key_hashes: list[str], actor: st
         if await get_key(conn, key_hash, for_update=True) is None:
             raise NotFound(f"key not found: {key_hash[:12]}…", param="keys")
         event = KeyDeleted(key_hash=key_hash)
-        await _append_next(conn, key_hash, event, actor)
+        await _append_next(conn, key_hash, event, actor, now)
         await apply_key_event(conn, event, now)
 
 
-async def _append_next(conn: asyncpg.Connection, key_hash: str, event: Any, actor: str) -> None:
+async def _append_next(conn: asyncpg.Connection, key_hash: str, event: Any, actor: str, at: datetime) -> None:
     version = await store.stream_version(conn, key_stream(key_hash))
-    await store.append(conn, key_stream(key_hash), version, [event], {"actor": actor})
+    await store.append(conn, key_stream(key_hash), version, [event], store.command_metadata(actor, at))
 
 
 _COLUMNS: Final = (

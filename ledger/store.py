@@ -18,6 +18,15 @@ from ledger.events import AnyEvent, Event, decode_event, encode_event, event_typ
 _meta_encoder: Final = msgspec.json.Encoder()
 
 
+def command_metadata(actor: str, at: datetime | None) -> dict[str, Any]:
+    """Who appended, and the time the command's projection used (`at`): a replay projects with the
+    same time, so rebuilt rows equal live ones to the microsecond (periods are anchored on them)."""
+    metadata: dict[str, Any] = {"actor": actor}
+    if at is not None:
+        metadata["at"] = at.isoformat()
+    return metadata
+
+
 class ConcurrencyError(Exception):
     """The stream moved on since the caller read it: another command won the race."""
 

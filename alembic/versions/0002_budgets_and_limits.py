@@ -437,26 +437,42 @@ create index spend_logs_user on spend_logs (user_id, start_time);
 create index spend_logs_team on spend_logs (team_id, start_time);
 create index spend_logs_end_user on spend_logs (end_user, start_time);
 
-create function sl_apply_spend_log(d jsonb) returns void language sql as $$
-    insert into spend_logs (request_id, call_type, api_key, spend, total_tokens, prompt_tokens,
-                            completion_tokens, start_time, end_time, model, model_id, model_group,
-                            user_id, team_id, end_user, status, usage_estimated)
-    values (d->>'call_id', d->>'route', d->>'key_hash', (d->>'cost')::numeric,
-            (d->>'total_tokens')::bigint, (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint,
-            (d->>'started_at')::timestamptz, (d->>'ended_at')::timestamptz, d->>'upstream_model',
-            d->>'deployment_id', d->>'model_group', d->>'user_id', d->>'team_id', d->>'customer_id',
-            d->>'status', coalesce((d->>'usage_estimated')::boolean, false))
+-- How a UsageRecorded event projects, as rows: one definition each, used by the live projection
+-- (one event) and by rebuilds (every event at once, set-based: these SQL functions inline).
+create function sl_usage_scopes(d jsonb) returns table (scope text, scope_id text)
+language sql immutable as $$
+    select s.scope, s.scope_id
+    from (values ('customer', d->>'customer_id'), ('key', d->>'key_hash'), ('model', d->>'model_group'),
+                 ('team', d->>'team_id'), ('user', d->>'user_id')) as s(scope, scope_id)
+    where s.scope_id is not null
 $$;
 
--- Projection of one UsageRecorded: lifetime totals per scope, and the spend of each budget period
--- the request was admitted under (carried in the event, so a replay lands in the same periods).
+create function sl_usage_periods(d jsonb) returns table (scope text, scope_id text, period_start timestamptz)
+language sql immutable as $$
+    select r->>0, r->>1, (r->>2)::timestamptz
+    from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+$$;
+
+create function sl_spend_log_row(d jsonb) returns table (
+    request_id text, call_type text, api_key text, spend numeric, total_tokens bigint, prompt_tokens bigint,
+    completion_tokens bigint, start_time timestamptz, end_time timestamptz, model text, model_id text,
+    model_group text, user_id text, team_id text, end_user text, status text, usage_estimated boolean
+) language sql immutable as $$
+    select d->>'call_id', d->>'route', d->>'key_hash', (d->>'cost')::numeric,
+           (d->>'total_tokens')::bigint, (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint,
+           (d->>'started_at')::timestamptz, (d->>'ended_at')::timestamptz, d->>'upstream_model',
+           d->>'deployment_id', d->>'model_group', d->>'user_id', d->>'team_id', d->>'customer_id',
+           d->>'status', coalesce((d->>'usage_estimated')::boolean, false)
+$$;
+
+-- Projection of one UsageRecorded: lifetime totals per scope, the spend of each budget period the
+-- request was admitted under (carried in the event, so a replay lands in the same periods), and
+-- its spend log row. Rows are touched in a fixed order so concurrent recorders never deadlock.
 create function sl_apply_usage(d jsonb) returns void language sql as $$
     insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
     select s.scope, s.scope_id, (d->>'cost')::numeric, 1,
            (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint, (d->>'ended_at')::timestamptz
-    from (values ('customer', d->>'customer_id'), ('key', d->>'key_hash'), ('model', d->>'model_group'),
-                 ('team', d->>'team_id'), ('user', d->>'user_id')) as s(scope, scope_id)
-    where s.scope_id is not null
+    from sl_usage_scopes(d) as s
     order by s.scope, s.scope_id
     on conflict (scope, scope_id) do update set
         spend = t.spend + excluded.spend,
@@ -465,17 +481,19 @@ create function sl_apply_usage(d jsonb) returns void language sql as $$
         output_tokens = t.output_tokens + excluded.output_tokens,
         last_at = greatest(t.last_at, excluded.last_at);
     insert into budget_usage as b (scope, scope_id, period_start, spent)
-    select r->>0, r->>1, (r->>2)::timestamptz, (d->>'cost')::numeric
-    from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+    select p.scope, p.scope_id, p.period_start, (d->>'cost')::numeric
+    from sl_usage_periods(d) as p
     order by 1, 2, 3
     on conflict (scope, scope_id, period_start) do update set spent = b.spent + excluded.spent;
-    select sl_apply_spend_log(d);
+    insert into spend_logs select * from sl_spend_log_row(d);
 $$;
 """
 
 DOWNGRADE = """
 drop function sl_apply_usage(jsonb);
-drop function sl_apply_spend_log(jsonb);
+drop function sl_spend_log_row(jsonb);
+drop function sl_usage_periods(jsonb);
+drop function sl_usage_scopes(jsonb);
 drop table spend_logs;
 drop function sl_expire_holds();
 drop function sl_lock_for_settle(text[], jsonb);

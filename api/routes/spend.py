@@ -13,6 +13,7 @@ from api.auth import master_key_only
 from api.jsonio import json_response
 from api.services import Services
 from ledger.keys import hash_key
+from projections import daily
 from projections.spend_logs import daily_spend, day_range, global_spend_report, spend_logs
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
@@ -67,4 +68,22 @@ async def get_global_spend_report(
     return json_response(await global_spend_report(services.pool, start, end, group_by))
 
 
-route_handlers = [get_spend_logs, get_global_spend_report]
+@get(
+    "/spend/daily",
+    guards=[master_key_only],
+    tags=["spend"],
+    summary="Daily spend per customer, user, team, key or model (a projection that follows the log)",
+)
+async def get_daily_spend(
+    request: Request[Any, Any, Any],
+    scope: Literal["customer", "user", "team", "key", "model"] = "customer",
+    scope_id: str | None = None,
+    start_date: date | None = None,
+    end_date: date | None = None,
+) -> Response[Any]:
+    services: Services = request.app.state.services
+    rows = await daily.daily_spend(services.pool, scope, start_date, end_date, scope_id)
+    return json_response({"rows": rows, "checkpoint": await daily.checkpoint(services.pool)})
+
+
+route_handlers = [get_spend_logs, get_global_spend_report, get_daily_spend]

@@ -86,7 +86,7 @@ async def test_generate_appends_key_generated_and_projects_the_row(pool: asyncpg
     assert isinstance(stored.event, KeyGenerated)
     assert stored.event.key_alias == "billing"
     assert stored.event.max_budget == Decimal("10.0000000001")
-    assert stored.metadata == {"actor": "test"}
+    assert stored.metadata == {"actor": "test", "at": NOW.isoformat()}  # the time a replay projects with
     assert await keys.get_key(pool, key_hash) == record
     assert await keys.find_key_by_alias(pool, "billing") == record
 
@@ -172,7 +172,7 @@ async def test_update_appends_key_updated_with_only_the_changes(pool: asyncpg.Po
     stored = await stream_of(pool, key_hash)
     assert [s.version for s in stored] == [1, 2]
     assert stored[1].event == update
-    assert stored[1].metadata == {"actor": "admin"}
+    assert stored[1].metadata == {"actor": "admin", "at": later.isoformat()}
 
 
 async def test_update_of_an_unknown_key_is_not_found(pool: asyncpg.Pool) -> None:
