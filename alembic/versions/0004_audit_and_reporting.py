@@ -67,8 +67,8 @@ $$;
 create function sl_follow_daily_spend(batch integer) returns integer language plpgsql as $$
 declare
     cp projection_checkpoints;
-    last_txid xid8;
-    last_position bigint;
+    next_txid xid8;
+    next_position bigint;
     usage jsonb;
     n integer;
 begin
@@ -86,7 +86,7 @@ begin
     select count(*), coalesce(jsonb_agg(data) filter (where type = 'UsageRecorded'), '[]'),
            (array_agg(txid order by txid desc, position desc))[1],
            (array_agg(position order by txid desc, position desc))[1]
-    into n, usage, last_txid, last_position
+    into n, usage, next_txid, next_position
     from next_events;
     if n = 0 then
         return 0;
@@ -99,7 +99,7 @@ begin
         output_tokens = t.output_tokens + excluded.output_tokens,
         spend = t.spend + excluded.spend;
     update projection_checkpoints
-    set last_txid = sl_follow_daily_spend.last_txid, last_position = sl_follow_daily_spend.last_position,
+    set last_txid = next_txid, last_position = next_position,
         updated_at = now()
     where name = 'daily_spend';
     return n;

@@ -1,0 +1,220 @@
+"""Rebuild every projection from the event log, prove it equal to the live one, and swap it in.
+
+1. In one REPEATABLE READ transaction (one snapshot S): replay every event visible in S into
+   fresh tables in the schema `sl_rebuild` — management events one by one through the live
+   projectors (with `search_path` pointing at the new tables), usage events set-based, chunk by
+   chunk — and compare them row by row with the live tables as S sees them. Projections are
+   written in the same transactions as their events, so the live tables in S are exactly what the
+   events in S imply: any difference is a real one.
+2. Swap (unless verify-only): lock the live projection tables and the log (writers wait a moment),
+   replay the events committed since S, carry over the live transient state (held amounts, the
+   zero rows admissions create), and move the new tables into `public` — one transaction.
+
+Holds, rate counters and in-flight counts are transient state, not projections: they are not
+rebuilt. The asynchronous daily spend is reset with its checkpoint and follows the log again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+import msgspec
+
+from ledger.directory import apply_directory_event
+from ledger.events import decode_event
+from ledger.keys import apply_key_event
+
+SCHEMA: Final = "sl_rebuild"
+OLD_SCHEMA: Final = "sl_replaced"
+DIRECTORY_TABLES: Final = ("keys", "customers", "budgets", "teams", "users")
+USAGE_TABLES: Final = ("spend_totals", "budget_usage", "spend_logs")
+TABLES: Final = DIRECTORY_TABLES + USAGE_TABLES
+# What is compared: budget_usage rows with no spend are placeholders admissions create, and `held`
+# is the live amount in flight, so both are left out; everything else, every column.
+COMPARED: Final = {"budget_usage": ("scope, scope_id, period_start, spent", "spent <> 0")}
+CHUNK: Final = 100_000
+EXAMPLES: Final = 5
+
+Progress = Callable[[int, int], None]  # (log positions replayed, last position)
+
+
+@dataclass
+class Report:
+    events: int = 0
+    seconds: float = 0.0
+    differences: dict[str, dict[str, Any]] = field(default_factory=dict)
+    swapped: bool = False
+
+    @property
+    def equal(self) -> bool:
+        return not self.differences
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+async def _prepare(conn: asyncpg.Connection) -> None:
+    await conn.execute(f"drop schema if exists {SCHEMA} cascade; create schema {SCHEMA}")
+    for table in TABLES:
+        await conn.execute(f"create table {SCHEMA}.{table} (like public.{table} including all)")
+
+
+# Which events a pass replays: all it can see ($3 null), or those a snapshot could not see.
+_UNSEEN: Final = "($3::text is null or not pg_visible_in_snapshot(e.txid, $3::text::pg_snapshot))"
+
+_DIRECTORY_EVENTS: Final = f"""
+select e.data::text as data, e.metadata->>'at' as at, e.recorded_at from events e
+where e.type not in ('UsageRecorded', 'RequestRefused') and e.position > $1 and e.position <= $2 and {_UNSEEN}
+order by e.position  -- insertion order: within a stream, version order
+"""
+
+
+async def _replay_directory(conn: asyncpg.Connection, last_position: int, unseen_by: str | None) -> int:
+    """Management events in log order, through the live projectors, into the new tables."""
+    rows = await conn.fetch(_DIRECTORY_EVENTS, 0, last_position, unseen_by)
+    await conn.execute(f"set local search_path = {SCHEMA}, public")
+    try:
+        for row in rows:
+            event = decode_event(row["data"])
+            at = datetime.fromisoformat(row["at"]) if row["at"] else row["recorded_at"]
+            if not await apply_directory_event(conn, event, at):
+                await apply_key_event(conn, event, at)
+    finally:
+        await conn.execute("set local search_path = public")
+    return len(rows)
+
+
+_WHERE: Final = f"e.type = 'UsageRecorded' and e.position > $1 and e.position <= $2 and {_UNSEEN}"
+_USAGE: Final = (
+    f"""insert into {SCHEMA}.spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
+    select s.scope, s.scope_id, sum((e.data->>'cost')::numeric), count(*), sum((e.data->>'input_tokens')::bigint),
+           sum((e.data->>'output_tokens')::bigint), max((e.data->>'ended_at')::timestamptz)
+    from events e, sl_usage_scopes(e.data) s where {_WHERE} group by 1, 2
+    on conflict (scope, scope_id) do update set spend = t.spend + excluded.spend,
+        requests = t.requests + excluded.requests, input_tokens = t.input_tokens + excluded.input_tokens,
+        output_tokens = t.output_tokens + excluded.output_tokens, last_at = greatest(t.last_at, excluded.last_at)""",
+    f"""insert into {SCHEMA}.budget_usage as b (scope, scope_id, period_start, spent)
+    select p.scope, p.scope_id, p.period_start, sum((e.data->>'cost')::numeric)
+    from events e, sl_usage_periods(e.data) p where {_WHERE} group by 1, 2, 3
+    on conflict (scope, scope_id, period_start) do update set spent = b.spent + excluded.spent""",
+    f"insert into {SCHEMA}.spend_logs select l.* from events e, sl_spend_log_row(e.data) l where {_WHERE}",
+)
+
+
+async def _replay_usage(
+    conn: asyncpg.Connection, last_position: int, unseen_by: str | None, progress: Progress | None = None
+) -> None:
+    """Usage events set-based, in chunks of positions (the progress bar moves per chunk)."""
+    for lo in range(0, last_position, CHUNK):
+        hi = min(lo + CHUNK, last_position)
+        for statement in _USAGE:
+            await conn.execute(statement, lo, hi, unseen_by)
+        if progress:
+            progress(hi, last_position)
+
+
+async def _compare(conn: asyncpg.Connection) -> dict[str, dict[str, Any]]:
+    differences: dict[str, dict[str, Any]] = {}
+    for table in TABLES:
+        columns, condition = COMPARED.get(table, ("*", "true"))
+        live = f"select {columns} from public.{table} where {condition}"
+        rebuilt = f"select {columns} from {SCHEMA}.{table} where {condition}"
+        missing = await conn.fetch(f"({live}) except all ({rebuilt}) limit {EXAMPLES}")
+        extra = await conn.fetch(f"({rebuilt}) except all ({live}) limit {EXAMPLES}")
+        if missing or extra:
+            count = await conn.fetchval(
+                f"select (select count(*) from (({live}) except all ({rebuilt})) a) + "
+                f"(select count(*) from (({rebuilt}) except all ({live})) b)"
+            )
+            differences[table] = {
+                "rows": count,
+                "only_live": [_plain(r) for r in missing],
+                "only_rebuilt": [_plain(r) for r in extra],
+            }
+    return differences
+
+
+def _plain(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        k: (str(v) if not isinstance(v, str | int | bool | type(None)) else v) for k, v in dict(row).items()
+    }
+
+
+async def _swap(conn: asyncpg.Connection, snapshot: str) -> int:
+    """Catch up on events committed since `snapshot`, carry over transient state, move tables in."""
+    await conn.execute("set local lock_timeout = '10s'")
+    await conn.execute(
+        "lock table " + ", ".join(f"public.{t}" for t in TABLES) + ", events, projection_checkpoints "
+        "in access exclusive mode"
+    )
+    last_position = int(await conn.fetchval("select coalesce(max(position), 0) from events"))
+    caught_up = int(
+        await conn.fetchval(
+            "select count(*) from events e where not pg_visible_in_snapshot(e.txid, $1::text::pg_snapshot)",
+            snapshot,
+        )
+    )
+    await _replay_directory(conn, last_position, snapshot)
+    await _replay_usage(conn, last_position, snapshot)
+    # Held amounts and the zero rows admissions created are live state: keep them as they are.
+    await conn.execute(
+        f"""insert into {SCHEMA}.budget_usage as b (scope, scope_id, period_start, spent, held)
+        select scope, scope_id, period_start, 0, held from public.budget_usage
+        on conflict (scope, scope_id, period_start) do update set held = excluded.held"""
+    )
+    await conn.execute(f"drop schema if exists {OLD_SCHEMA} cascade; create schema {OLD_SCHEMA}")
+    for table in TABLES:
+        await conn.execute(f"alter table public.{table} set schema {OLD_SCHEMA}")
+        await conn.execute(f"alter table {SCHEMA}.{table} set schema public")
+    await conn.execute(f"drop schema {OLD_SCHEMA} cascade; drop schema {SCHEMA} cascade")
+    # The asynchronous projection starts over and follows the whole log again.
+    await conn.execute("truncate daily_spend")
+    await conn.execute(
+        "update projection_checkpoints set last_txid = '0', last_position = 0, updated_at = now() "
+        "where name = 'daily_spend'"
+    )
+    await conn.execute("select pg_notify('sl_key_changed', '')")  # every process drops its key cache
+    return caught_up
+
+
+async def rebuild(database_url: str, verify_only: bool = False, progress: Progress | None = None) -> Report:
+    report = Report()
+    started = time.perf_counter()
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction(isolation="repeatable_read"):
+            snapshot = await conn.fetchval("select pg_current_snapshot()::text")
+            report.events = int(await conn.fetchval("select count(*) from events"))
+            last_position = int(await conn.fetchval("select coalesce(max(position), 0) from events"))
+            await _prepare(conn)
+            await _replay_directory(conn, last_position, None)
+            await _replay_usage(conn, last_position, None, progress)
+            report.differences = await _compare(conn)
+            if verify_only:
+                await conn.execute(f"drop schema {SCHEMA} cascade")
+        if not verify_only:
+            async with conn.transaction():
+                await _swap(conn, snapshot)
+            report.swapped = True
+    finally:
+        await conn.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def render(report: Report) -> str:
+    lines = [f"{report.events:,} events in {report.seconds:.1f} s ({report.events_per_second:,.0f} events/s)"]
+    if report.equal:
+        lines.append("rebuilt projections equal the live ones, row for row")
+    for table, diff in report.differences.items():
+        lines.append(f"DIFFERENT {table}: {diff['rows']} rows")
+        lines += [f"  only live:    {msgspec.json.encode(r).decode()}" for r in diff["only_live"]]
+        lines += [f"  only rebuilt: {msgspec.json.encode(r).decode()}" for r in diff["only_rebuilt"]]
+    lines.append("swapped in" if report.swapped else "not swapped (verify only)")
+    return "\n".join(lines)
