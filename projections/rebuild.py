@@ -16,6 +16,8 @@ rebuilt. The asynchronous daily spend is reset with its checkpoint and follows t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,12 +34,13 @@ from ledger.keys import apply_key_event
 SCHEMA: Final = "sl_rebuild"
 OLD_SCHEMA: Final = "sl_replaced"
 DIRECTORY_TABLES: Final = ("keys", "customers", "budgets", "teams", "users")
-USAGE_TABLES: Final = ("spend_totals", "budget_usage", "spend_logs")
+USAGE_TABLES: Final = ("spend_totals", "budget_usage")  # spend_logs is a view of the log
 TABLES: Final = DIRECTORY_TABLES + USAGE_TABLES
 # What is compared: budget_usage rows with no spend are placeholders admissions create, and `held`
 # is the live amount in flight, so both are left out; everything else, every column.
 COMPARED: Final = {"budget_usage": ("scope, scope_id, period_start, spent", "spent <> 0")}
 CHUNK: Final = 100_000
+SWAP_ATTEMPTS: Final = 10
 EXAMPLES: Final = 5
 
 Progress = Callable[[int, int], None]  # (log positions replayed, last position)
@@ -93,9 +96,12 @@ async def _replay_directory(conn: asyncpg.Connection, last_position: int, unseen
 _WHERE: Final = f"e.type = 'UsageRecorded' and e.position > $1 and e.position <= $2 and {_UNSEEN}"
 _USAGE: Final = (
     f"""insert into {SCHEMA}.spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
-    select s.scope, s.scope_id, sum((e.data->>'cost')::numeric), count(*), sum((e.data->>'input_tokens')::bigint),
-           sum((e.data->>'output_tokens')::bigint), max((e.data->>'ended_at')::timestamptz)
-    from events e, sl_usage_scopes(e.data) s where {_WHERE} group by 1, 2
+    select s.scope, s.scope_id, sum(u.cost), count(*), sum(u.input_tokens), sum(u.output_tokens), max(u.ended_at)
+    from (select e.data, (e.data->>'cost')::numeric as cost, (e.data->>'input_tokens')::bigint as input_tokens,
+                 (e.data->>'output_tokens')::bigint as output_tokens, (e.data->>'ended_at')::timestamptz as ended_at
+          from events e where {_WHERE} offset 0) as u,  -- offset 0: each field read once per event, not per scope
+         sl_usage_scopes(u.data) s
+    group by 1, 2
     on conflict (scope, scope_id) do update set spend = t.spend + excluded.spend,
         requests = t.requests + excluded.requests, input_tokens = t.input_tokens + excluded.input_tokens,
         output_tokens = t.output_tokens + excluded.output_tokens, last_at = greatest(t.last_at, excluded.last_at)""",
@@ -103,7 +109,6 @@ _USAGE: Final = (
     select p.scope, p.scope_id, p.period_start, sum((e.data->>'cost')::numeric)
     from events e, sl_usage_periods(e.data) p where {_WHERE} group by 1, 2, 3
     on conflict (scope, scope_id, period_start) do update set spent = b.spent + excluded.spent""",
-    f"insert into {SCHEMA}.spend_logs select l.* from events e, sl_spend_log_row(e.data) l where {_WHERE}",
 )
 
 
@@ -148,7 +153,13 @@ def _plain(row: asyncpg.Record) -> dict[str, Any]:
 
 async def _swap(conn: asyncpg.Connection, snapshot: str) -> int:
     """Catch up on events committed since `snapshot`, carry over transient state, move tables in."""
-    await conn.execute("set local lock_timeout = '10s'")
+    # Writers wait behind our locks for at most lock_timeout; if a writer and we wait on each other,
+    # we want to be the one the deadlock detector aborts (we retry; a writer would fail a request):
+    # a short deadlock_timeout makes us the first to look. Setting it needs superuser rights.
+    await conn.execute("set local lock_timeout = '5s'")
+    with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+        async with conn.transaction():
+            await conn.execute("set local deadlock_timeout = '20ms'")
     await conn.execute(
         "lock table " + ", ".join(f"public.{t}" for t in TABLES) + ", events, projection_checkpoints "
         "in access exclusive mode"
@@ -192,6 +203,7 @@ async def rebuild(database_url: str, verify_only: bool = False, progress: Progre
             snapshot = await conn.fetchval("select pg_current_snapshot()::text")
             report.events = int(await conn.fetchval("select count(*) from events"))
             last_position = int(await conn.fetchval("select coalesce(max(position), 0) from events"))
+            await conn.execute("set local work_mem = '256MB'")  # hash aggregates and set operations in memory
             await _prepare(conn)
             await _replay_directory(conn, last_position, None)
             await _replay_usage(conn, last_position, None, progress)
@@ -199,8 +211,15 @@ async def rebuild(database_url: str, verify_only: bool = False, progress: Progre
             if verify_only:
                 await conn.execute(f"drop schema {SCHEMA} cascade")
         if not verify_only:
-            async with conn.transaction():
-                await _swap(conn, snapshot)
+            for attempt in range(1, SWAP_ATTEMPTS + 1):
+                try:
+                    async with conn.transaction():
+                        await _swap(conn, snapshot)
+                    break
+                except (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError):
+                    if attempt == SWAP_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(0.2 * attempt)
             report.swapped = True
     finally:
         await conn.close()

@@ -1,4 +1,7 @@
-"""Spend logs and spend reports in LiteLLM's shapes, read from the `spend_logs` projection."""
+"""Spend logs and spend reports in LiteLLM's shapes, read from the `spend_logs` view of the usage events.
+
+Days are UTC days of `recorded_at`, the moment each usage was committed (indexed on the log).
+"""
 
 from __future__ import annotations
 
@@ -59,8 +62,8 @@ async def spend_logs(
     rows = await conn.fetch(
         f"select {_COLUMNS} from spend_logs "
         "where ($1::text is null or api_key = $1) and ($2::text is null or user_id = $2) "
-        "and ($3::text is null or request_id = $3) and ($4::timestamptz is null or start_time >= $4) "
-        "and ($5::timestamptz is null or start_time < $5) order by start_time, request_id limit $6",
+        "and ($3::text is null or stream = 'request:' || $3) and ($4::timestamptz is null or recorded_at >= $4) "
+        "and ($5::timestamptz is null or recorded_at < $5) order by recorded_at, request_id limit $6",
         api_key,
         user_id,
         request_id,
@@ -76,9 +79,9 @@ async def daily_spend(
 ) -> list[dict[str, Any]]:
     """LiteLLM's `/spend/logs?start_date&end_date` shape: per day, spend by model and by user."""
     rows = await conn.fetch(
-        "select (start_time at time zone 'UTC')::date as day, model_group, coalesce(user_id, '') as user_id, "
+        "select (recorded_at at time zone 'UTC')::date as day, model_group, coalesce(user_id, '') as user_id, "
         "trim_scale(sum(spend)) as spend from spend_logs "
-        "where ($1::timestamptz is null or start_time >= $1) and ($2::timestamptz is null or start_time < $2) "
+        "where ($1::timestamptz is null or recorded_at >= $1) and ($2::timestamptz is null or recorded_at < $2) "
         "group by 1, 2, 3 order by 1, 2, 3",
         start,
         end,
@@ -107,9 +110,9 @@ async def global_spend_report(
     """LiteLLM's `/global/spend/report` shape: per day, per team (or customer), spend by model."""
     column, plural, name_field = _GROUPS[group_by]
     rows = await conn.fetch(
-        f"select (start_time at time zone 'UTC')::date as day, {column} as grp, model_group, "
+        f"select (recorded_at at time zone 'UTC')::date as day, {column} as grp, model_group, "
         "trim_scale(sum(spend)) as spend, sum(total_tokens) as total_tokens from spend_logs "
-        "where ($1::timestamptz is null or start_time >= $1) and ($2::timestamptz is null or start_time < $2) "
+        "where ($1::timestamptz is null or recorded_at >= $1) and ($2::timestamptz is null or recorded_at < $2) "
         "group by 1, 2, 3 order by 1, 2, 3",
         start,
         end,

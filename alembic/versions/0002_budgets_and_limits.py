@@ -411,32 +411,6 @@ begin
     return cardinality(expired);
 end $$;
 
--- Spend logs: one row per recorded request, for /spend/logs and /global/spend/report.
-create table spend_logs (
-    request_id        text primary key,
-    call_type         text        not null,
-    api_key           text        not null,
-    spend             numeric     not null,
-    total_tokens      bigint      not null,
-    prompt_tokens     bigint      not null,
-    completion_tokens bigint      not null,
-    start_time        timestamptz not null,
-    end_time          timestamptz not null,
-    model             text        not null,
-    model_id          text        not null,
-    model_group       text        not null,
-    user_id           text,
-    team_id           text,
-    end_user          text,
-    status            text        not null,
-    usage_estimated   boolean     not null default false
-);
-create index spend_logs_start on spend_logs (start_time);
-create index spend_logs_key on spend_logs (api_key, start_time);
-create index spend_logs_user on spend_logs (user_id, start_time);
-create index spend_logs_team on spend_logs (team_id, start_time);
-create index spend_logs_end_user on spend_logs (end_user, start_time);
-
 -- How a UsageRecorded event projects, as rows: one definition each, used by the live projection
 -- (one event) and by rebuilds (every event at once, set-based: these SQL functions inline).
 create function sl_usage_scopes(d jsonb) returns table (scope text, scope_id text)
@@ -465,9 +439,9 @@ create function sl_spend_log_row(d jsonb) returns table (
            d->>'status', coalesce((d->>'usage_estimated')::boolean, false)
 $$;
 
--- Projection of one UsageRecorded: lifetime totals per scope, the spend of each budget period the
--- request was admitted under (carried in the event, so a replay lands in the same periods), and
--- its spend log row. Rows are touched in a fixed order so concurrent recorders never deadlock.
+-- Projection of one UsageRecorded: lifetime totals per scope, and the spend of each budget period
+-- the request was admitted under (carried in the event, so a replay lands in the same periods).
+-- Rows are touched in a fixed order so concurrent recorders never deadlock.
 create function sl_apply_usage(d jsonb) returns void language sql as $$
     insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
     select s.scope, s.scope_id, (d->>'cost')::numeric, 1,
@@ -485,16 +459,23 @@ create function sl_apply_usage(d jsonb) returns void language sql as $$
     from sl_usage_periods(d) as p
     order by 1, 2, 3
     on conflict (scope, scope_id, period_start) do update set spent = b.spent + excluded.spent;
-    insert into spend_logs select * from sl_spend_log_row(d);
 $$;
+
+-- Spend logs are the usage events themselves, seen as rows: a view, so nothing is written twice
+-- and nothing needs rebuilding. Filters on key, user, team and customer use the expression
+-- indexes on events (0004); date ranges use recorded_at (the moment the usage was committed).
+create view spend_logs as
+select l.*, e.recorded_at, e.stream
+from events e, sl_spend_log_row(e.data) as l
+where e.type = 'UsageRecorded';
 """
 
 DOWNGRADE = """
+drop view spend_logs;
 drop function sl_apply_usage(jsonb);
 drop function sl_spend_log_row(jsonb);
 drop function sl_usage_periods(jsonb);
 drop function sl_usage_scopes(jsonb);
-drop table spend_logs;
 drop function sl_expire_holds();
 drop function sl_lock_for_settle(text[], jsonb);
 drop function sl_scope_rank(text);
