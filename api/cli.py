@@ -7,11 +7,13 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import date
 from types import FrameType
 from urllib.parse import urlsplit
 
 import structlog
 
+from api import rebuild_command
 from api.logging import configure_logging
 from ledger.config import ConfigError, Settings, load_settings
 from ledger.db import EmbeddedDatabase, resolve_data_dir, run_migrations
@@ -35,7 +37,27 @@ def _parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="run database migrations and exit")
     migrate.add_argument("--config", help="config.yaml (for general_settings.database_url)")
     migrate.add_argument("--data-dir")
+    export = sub.add_parser("export", help="reconciliation export: usage, exact spend and Lago delivery")
+    export.add_argument("--config", required=True)
+    export.add_argument("--data-dir")
+    export.add_argument("--by", choices=["customer", "user", "team"], default="customer")
+    export.add_argument("--period", choices=["day", "month"], default="day")
+    export.add_argument("--from", dest="first", type=_day, help="first UTC day, YYYY-MM-DD (inclusive)")
+    export.add_argument("--to", dest="last", type=_day, help="last UTC day, YYYY-MM-DD (inclusive)")
+    export.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    export.add_argument("--output", default="-", help="file to write, or - for stdout (default)")
+    reconcile = sub.add_parser("reconcile", help="list every difference between the ledger and Lago")
+    reconcile.add_argument("--config", required=True)
+    reconcile.add_argument("--data-dir")
+    rebuild_command.add_parser(sub)
     return parser
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day (YYYY-MM-DD): {text!r}") from None
 
 
 def _database(settings: Settings | None, data_dir: str | None) -> tuple[str, EmbeddedDatabase | None]:
@@ -155,15 +177,122 @@ def migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """Write the reconciliation export (CSV or Parquet) to a file or stdout."""
+    import asyncio
+
+    if args.first and args.last and args.first > args.last:
+        print("spendledger: --from is after --to", file=sys.stderr)
+        return 2
+    settings = _load(args.config)
+    url, embedded = _database(settings, args.data_dir)
+    try:
+        _migrate(url)
+        content = asyncio.run(_export(args, url))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    if content is None:
+        return 1
+    # Built whole before anything is written: a refused export leaves no partial file.
+    if args.output == "-":
+        sys.stdout.buffer.write(content)
+        sys.stdout.buffer.flush()
+    else:
+        with open(args.output, "wb") as file:
+            file.write(content)
+    return 0
+
+
+async def _export(args: argparse.Namespace, url: str) -> bytes | None:
+    import asyncpg
+
+    from projections.reconciliation import ReconciliationError, csv_bytes, parquet_bytes, reconciliation_rows
+    from projections.spend_logs import day_range
+
+    start, end = day_range(args.first, args.last)
+    conn = await asyncpg.connect(url)
+    try:
+        report = await reconciliation_rows(conn, args.by, args.period, start, end)
+        content = csv_bytes(report) if args.format == "csv" else parquet_bytes(report)
+    except ReconciliationError as exc:
+        print(f"spendledger: export error: {exc}", file=sys.stderr)
+        return None
+    finally:
+        await conn.close()
+    log.info("exported", rows=len(report.rows), format=args.format, output=args.output)
+    return content
+
+
+def reconcile(args: argparse.Namespace) -> int:
+    """Print every difference between the ledger and Lago, one JSON object a line; exit 1 if any."""
+    import asyncio
+
+    settings = _load(args.config)
+    assert settings is not None
+    if settings.lago is None:
+        print(
+            'spendledger: Lago is not configured (litellm_settings.callbacks: ["lago"]): nothing to reconcile',
+            file=sys.stderr,
+        )
+        return 2
+    url, embedded = _database(settings, args.data_dir)
+    try:
+        _migrate(url)
+        return asyncio.run(_reconcile(url, settings.lago.charge_by))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _reconcile(url: str, charge_by: str) -> int:
+    import asyncpg
+
+    from api.jsonio import encoder
+    from projections.reconciliation import reconcile
+
+    conn = await asyncpg.connect(url)
+    try:
+        differences = await reconcile(conn, charge_by)
+    finally:
+        await conn.close()
+    for difference in differences:
+        sys.stdout.buffer.write(encoder.encode(difference) + b"\n")
+    sys.stdout.buffer.flush()
+    if differences:
+        print(f"spendledger: {len(differences)} difference(s) between the ledger and Lago", file=sys.stderr)
+        return 1
+    print("spendledger: the ledger and Lago agree", file=sys.stderr)
+    return 0
+
+
 def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+def rebuild(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    url, embedded = _database(settings, args.data_dir)
+    try:
+        _migrate(url)
+        return rebuild_command.run_rebuild(url, args.verify_only)
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(getattr(args, "log_level", "INFO"))
     signal.signal(signal.SIGTERM, _terminate)
-    command = {"serve": serve, "publish": publish, "migrate": migrate}[args.command]
+    command = {
+        "serve": serve,
+        "publish": publish,
+        "migrate": migrate,
+        "export": export,
+        "reconcile": reconcile,
+        "rebuild": rebuild,
+    }[args.command]
     return command(args)
 
 

@@ -1,0 +1,76 @@
+"""The reconciliation export over HTTP: `GET /export/reconciliation` as JSON, CSV or Parquet."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date
+from typing import Any, Literal
+
+from litestar import Request, Response, get
+from litestar.params import Parameter
+
+from api.auth import master_key_only
+from api.errors import ApiError, bad_request
+from api.jsonio import json_response
+from api.services import Services
+from projections.reconciliation import (
+    PARQUET_MEDIA_TYPE,
+    PrecisionError,
+    ReconciliationError,
+    ReconciliationReport,
+    csv_bytes,
+    parquet_bytes,
+    reconciliation_rows,
+)
+from projections.spend_logs import day_range
+
+_FROM = Parameter(query="from", default=None, description="first UTC day (inclusive)")
+_TO = Parameter(query="to", default=None, description="last UTC day (inclusive)")
+
+
+def export_filename(
+    report: ReconciliationReport, extension: str, first: date | None, last: date | None
+) -> str:
+    span = f"{first.isoformat() if first else 'start'}_{last.isoformat() if last else 'now'}"
+    return f"reconciliation-{report.by}-{report.period}-{span}.{extension}"
+
+
+@get(
+    "/export/reconciliation",
+    guards=[master_key_only],
+    tags=["export"],
+    summary="Requests, tokens, exact spend and Lago delivery per customer/user/team and day/month",
+)
+async def get_reconciliation(
+    request: Request[Any, Any, Any],
+    by: Literal["customer", "user", "team"] = "customer",
+    period: Literal["day", "month"] = "day",
+    first: date | None = _FROM,
+    last: date | None = _TO,
+    format_: Literal["json", "csv", "parquet"] = Parameter(query="format", default="json"),
+) -> Response[Any]:
+    if first and last and first > last:
+        raise bad_request("'from' is after 'to'", "from")
+    services: Services = request.app.state.services
+    start, end = day_range(first, last)
+    try:
+        report = await reconciliation_rows(services.pool, by, period, start, end)
+        if format_ == "json":
+            return json_response(report.as_json())
+        if format_ == "csv":
+            content, media_type = csv_bytes(report), "text/csv; charset=utf-8"
+        else:
+            content, media_type = await asyncio.to_thread(parquet_bytes, report), PARQUET_MEDIA_TYPE
+    except PrecisionError as exc:
+        raise ApiError(422, str(exc), "invalid_request_error", "not_representable", "format") from exc
+    except ReconciliationError as exc:
+        raise ApiError(500, str(exc), "reconciliation_error") from exc
+    filename = export_filename(report, format_, first, last)
+    return Response(
+        content=content,
+        media_type=media_type,
+        headers={"content-disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+route_handlers = [get_reconciliation]

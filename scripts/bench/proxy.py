@@ -1,0 +1,747 @@
+"""Proxy vs direct vs LiteLLM (issue 6): the same chat completion load against a fast fake upstream
+directly, through spendledger (real PostgreSQL, a generated key, a customer with a budget, Lago and
+webhook sinks on: admission, holds, ledger writes and outbox rows all on the path) and through the
+LiteLLM proxy from PyPI on the same upstream.
+
+`wrk -t1 -c64` and `-c1` (POST, Lua body: scripts/bench/post.lua), alternating direct → spendledger →
+LiteLLM, --rounds times each after a warm-up. CPU per process from psutil (process trees, reaped
+children included), the machine's from /proc/stat. Then the checks: no socket error, timeout or
+non-2xx in any run; the ledger holds exactly one UsageRecorded per request spendledger forwarded and
+answered (= the fake upstream's count for spendledger's credential; wrk's completed requests plus
+those in flight when wrk stopped reading), all of them successes, and the outbox delivered one Lago
+event and one webhook for each. Last a py-spy profile of spendledger under 64 connections, summarised
+in docs/profile-proxy.txt. Writes "## Proxy vs direct vs LiteLLM (issue 6)" of docs/benchmarks.md.
+
+    .venv/bin/python scripts/bench/proxy.py [--duration 10] [--skip-litellm] [--workers 1]
+        [--rounds 2] [--warmup 5] [--no-profile]
+
+Needs `wrk` (`apt-get install wrk`). Bench-only tools live in .bench/ (git-ignored):
+    python3 -m venv .bench/litellm && .bench/litellm/bin/pip install 'litellm[proxy]==1.106.2'
+    python3 -m venv .bench/tools && .bench/tools/bin/pip install granian py-spy
+The fake upstream runs on granian if the project venv or .bench/tools has it, else on uvicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from ledger.db import PROJECT_ROOT, EmbeddedDatabase
+from scripts.bench.report import write_section
+
+TITLE = "Proxy vs direct vs LiteLLM (issue 6)"
+BENCH = PROJECT_ROOT / "scripts" / "bench"
+LUA = BENCH / "post.lua"
+PROFILE = PROJECT_ROOT / "docs" / "profile-proxy.txt"
+TOOLS = PROJECT_ROOT / ".bench" / "tools" / "bin"
+LITELLM = PROJECT_ROOT / ".bench" / "litellm" / "bin" / "litellm"
+LITELLM_VERSION = "1.106.2"
+MASTER_KEY = "sk-1234"
+CUSTOMER = "bench-customer"
+MODEL = "fake-openai-endpoint"
+SL_UPSTREAM_KEY = "spendledger-upstream"  # the fake upstream counts requests by these credentials
+LITELLM_UPSTREAM_KEY = "litellm-upstream"
+DIRECT_KEY = "direct"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+CONNECTIONS = (64, 1)
+WRK_TIMEOUT = "30s"
+PRICES = "      input_cost_per_token: 0.0000015\n      output_cost_per_token: 0.000002\n"
+
+
+def body(customer: str) -> str:
+    return json.dumps(
+        {
+            "model": MODEL,
+            "user": customer,
+            "max_tokens": 64,
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What time is it in Paris right now?"},
+            ],
+        },
+        separators=(",", ":"),
+    )
+
+
+def model_list(upstream: str, api_key: str) -> str:
+    return (
+        f"model_list:\n  - model_name: {MODEL}\n    litellm_params:\n      model: openai/fake\n"
+        f"      api_key: {api_key}\n      api_base: {upstream}\n    model_info:\n{PRICES}"
+    )
+
+
+def spendledger_config(upstream: str) -> str:
+    return (
+        model_list(upstream, SL_UPSTREAM_KEY)
+        + 'litellm_settings:\n  callbacks: ["lago"]\n'
+        + f'general_settings:\n  master_key: {MASTER_KEY}\n  alerting: ["webhook"]\n'
+    )
+
+
+def litellm_config(upstream: str) -> str:
+    return model_list(upstream, LITELLM_UPSTREAM_KEY) + f"general_settings:\n  master_key: {MASTER_KEY}\n"
+
+
+# --- processes ---
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self, tail: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+
+def granian() -> str | None:
+    for candidate in (PROJECT_ROOT / ".venv" / "bin" / "granian", TOOLS / "granian"):
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which("granian")
+
+
+def py_spy() -> str | None:
+    return str(TOOLS / "py-spy") if (TOOLS / "py-spy").exists() else shutil.which("py-spy")
+
+
+@contextlib.contextmanager
+def started(
+    name: str, argv: list[str], workdir: Path, url: str, ready: str, env: dict[str, str] | None = None,
+    timeout_s: float = 60.0, cwd: Path | None = None,
+) -> Iterator[Service]:  # fmt: skip
+    """Start `argv`, wait until GET `url + ready` answers 200, stop it with SIGTERM (its whole process
+    group with SIGKILL after 20 s)."""
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            argv, cwd=cwd or PROJECT_ROOT, env={**os.environ, **(env or {})}, stdout=log_file,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    service = Service(name, process, url, log_path)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"{name} exited with {process.returncode}:\n{service.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + ready, timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name} did not become ready in {timeout_s:.0f} s:\n{service.log()}")
+            time.sleep(0.2)
+        yield service
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)  # its own session: the group is its workers
+                process.wait()
+
+
+def fake(app: str, workdir: Path) -> contextlib.AbstractContextManager[Service]:
+    port = free_port()
+    server = granian()
+    if server:
+        argv = [server, "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--no-ws", "--log-level", "warning", "--working-dir", str(BENCH), f"fake_upstream:{app}"]  # fmt: skip
+    else:
+        argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH), "--host", "127.0.0.1", "--port",
+                str(port), "--log-level", "warning", "--no-access-log", "--loop", "uvloop", "--http",
+                "httptools", f"fake_upstream:{app}"]  # fmt: skip
+    return started(app, argv, workdir, f"http://127.0.0.1:{port}", "/bench/stats")
+
+
+def stats(service: Service) -> Counter[str]:
+    return Counter(httpx.get(f"{service.url}/bench/stats", timeout=10).json())
+
+
+# --- CPU ---
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process, its live descendants, and the children it has reaped."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = process.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def machine_cpu() -> float:
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # idle and iowait are not busy
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once reaped
+    return usage.ru_utime + usage.ru_stime
+
+
+class Meter:
+    """CPU seconds per group of processes over an interval, and the rest of the machine ("others")."""
+
+    def __init__(self, groups: dict[str, int]) -> None:
+        self.groups = groups
+
+    def sample(self) -> dict[str, float]:
+        sample = {name: tree_cpu(pid) for name, pid in self.groups.items()}
+        sample["wrk"] = children_cpu()
+        sample["bench"] = time.process_time()
+        sample["machine"] = machine_cpu()
+        sample["wall"] = time.perf_counter()
+        return sample
+
+    @staticmethod
+    def cores(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        wall = after["wall"] - before["wall"]
+        cores = {k: (after[k] - before[k]) / wall for k in before if k != "wall"}
+        ours = sum(v for k, v in cores.items() if k != "machine")
+        cores["others"] = max(0.0, cores.pop("machine") - ours)
+        return cores
+
+    def wait_quiet(self, limit: float, max_wait_s: float) -> float:
+        """Wait (at most max_wait_s) until the rest of the machine uses under `limit` cores for 1 s;
+        returns the seconds waited."""
+        start = time.monotonic()
+        while True:
+            before = self.sample()
+            time.sleep(1.0)
+            if self.cores(before, self.sample())["others"] < limit or time.monotonic() - start > max_wait_s:
+                return time.monotonic() - start - 1.0
+
+
+# --- load ---
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    token: str
+    body: str
+
+
+@dataclass
+class Run:
+    target: str
+    connections: int
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict[str, int]
+    cpu: dict[str, float]
+    label: str = ""
+    forwarded: int | None = None  # spendledger only: requests the upstream saw from it
+    recorded: int | None = None  # spendledger only: UsageRecorded appended during the run
+    drain_s: float | None = None  # spendledger only: until the outbox had nothing pending
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def ok(self) -> int:
+        return self.requests - self.errors["status"]
+
+
+def wrk(target: Target, connections: int, seconds: float, meter: Meter) -> Run:
+    env = {**os.environ, "BENCH_BODY": target.body, "BENCH_TOKEN": target.token}
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", WRK_TIMEOUT, "-s", str(LUA),
+            f"{target.url}/chat/completions"]  # fmt: skip
+    before = meter.sample()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    cpu = Meter.cores(before, meter.sample())
+    found = re.search(r"^BENCH (\{.*\})$", done.stdout, re.M)
+    if done.returncode != 0 or not found:
+        raise SystemExit(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    r = json.loads(found[1])
+    errors = {k: r[k] for k in ("connect", "read", "write", "timeout", "status")}
+    return Run(target.name, connections, r["requests"], r["duration_us"] / 1e6, r["p50_us"] / 1000,
+               r["p99_us"] / 1000, errors, cpu)  # fmt: skip
+
+
+class Ledger:
+    """A connection to spendledger's database, for the counts the checks need."""
+
+    def __init__(self, url: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.conn: asyncpg.Connection = self.loop.run_until_complete(asyncpg.connect(url))
+
+    def value(self, sql: str) -> Any:
+        return self.loop.run_until_complete(self.conn.fetchval(sql))
+
+    def rows(self, sql: str) -> list[asyncpg.Record]:
+        return self.loop.run_until_complete(self.conn.fetch(sql))
+
+    def usage_count(self) -> int:
+        return int(self.value("select count(*) from events where type = 'UsageRecorded'"))
+
+    def pending(self) -> int:
+        return int(self.value("select count(*) from outbox where state = 'pending'"))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
+def settle(ledger: Ledger, upstream: Service, timeout_s: float = 300.0) -> tuple[int, int, float]:
+    """Wait until every request spendledger forwarded is recorded and the outbox has nothing pending
+    (so a backlog of deliveries does not eat into the next run); (forwarded, recorded, seconds)."""
+    start = time.monotonic()
+    while True:
+        forwarded, recorded = stats(upstream)[SL_UPSTREAM_KEY], ledger.usage_count()
+        if forwarded == recorded and ledger.pending() == 0:
+            return forwarded, recorded, time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            raise SystemExit(
+                f"not settled after {timeout_s:.0f} s: forwarded {forwarded}, recorded {recorded}, "
+                f"outbox pending {ledger.pending()}"
+            )
+        time.sleep(0.1)
+
+
+# --- the profile ---
+
+# Where a sample's time goes: the innermost frame of its stack that matches one of these (in order).
+COST_CENTRES: list[tuple[str, tuple[str, ...], str]] = [
+    ("outbox publisher (Lago batches, one signed webhook POST per request)",
+     ("ledger/outbox.py", "ledger/sinks/", "api/publishing.py", "standardwebhooks"),
+     "every request makes a Lago row and a spend_tracked webhook row; the publisher in the same process "
+     "claims them, POSTs Lago in batches of 100 but each webhook alone (httpx + HMAC), and marks them"),
+    ("record: group commit (sl_record_usages)", ("ledger/usage.py",),
+     "building and encoding the UsageRecorded batch, the asyncpg round trip and decoding the spends"),
+    ("admission (sl_admit)", ("ledger/admission.py", "api/enforcement.py"),
+     "building the Admission, encoding it, one asyncpg round trip, decoding the outcome"),
+    ("upstream call (httpx client)", ("api/upstream.py",),
+     "httpx/httpcore: build the request, pool checkout, write, parse the response (pure Python h11)"),
+    ("proxy handler (decode head, body rewrite, usage, event, headers)", ("api/proxy.py", "api/routes/proxy.py"),
+     "msgspec decode of the head, re-encode of the body for the upstream model name, the event struct, "
+     "headers"),
+    ("auth (key cache, SHA-256)", ("api/auth.py", "api/keycache.py"), "hash the bearer key, look it up"),
+    ("background followers (daily spend, hold sweeper, key cache)",
+     ("projections/", "api/app.py"), "tasks every process runs besides requests"),
+    ("Litestar (routing, DI, request/response)", ("litestar/",),
+     "the framework: routing, dependency injection, building the Request and encoding the Response"),
+    ("uvicorn + httptools (HTTP server)", ("uvicorn/", "httptools"),
+     "parsing requests and writing responses in the server protocol"),
+    ("asyncio/uvloop event loop", ("asyncio/", "uvloop", "selectors.py"),
+     "scheduling tasks and futures, waking on sockets"),
+    ("logging", ("structlog", "logging/"), "log records"),
+]  # fmt: skip
+
+
+def summarise_profile(raw: Path, seconds: float, rps: float) -> tuple[str, list[tuple[str, float, str]]]:
+    """The text of docs/profile-proxy.txt, and the cost centres with their share of the samples."""
+    stacks: Counter[tuple[str, ...]] = Counter()
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks[tuple(f for f in stack.split(";") if not f.startswith(("process ", "thread ")))] += int(
+                count
+            )
+    total = sum(stacks.values()) or 1
+    own, inclusive, centres = Counter[str](), Counter[str](), Counter[str]()
+    for frames, n in stacks.items():
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+        centre = "other (libraries, asyncpg/msgspec internals)"
+        for frame in reversed(frames):
+            found = next((name for name, marks, _ in COST_CENTRES if any(m in frame for m in marks)), None)
+            if found:
+                centre = found
+                break
+        centres[centre] += n
+    notes = {name: note for name, _, note in COST_CENTRES}
+    ranked = [(name, n / total, notes.get(name, "")) for name, n in centres.most_common()]
+    lines = [
+        f"py-spy profile of spendledger (scripts/bench/proxy.py) under wrk -c64 for {seconds:.0f} s "
+        f"({rps:,.0f} req/s while profiled), {total:,} samples (CPU only, idle excluded).",
+        "",
+        "Cost centres (each sample goes to the innermost frame that matches one):",
+        *(f"  {share:6.1%}  {name}" for name, share, _ in ranked),
+        "",
+        "Top 40 functions by own time:",
+        *(f"  {n / total:6.1%}  {frame}" for frame, n in own.most_common(40)),
+        "",
+        "Top 80 functions by inclusive time:",
+        *(f"  {n / total:6.1%}  {frame}" for frame, n in inclusive.most_common(80)),
+        "",
+        "Top 40 stacks (root first; frames of the event loop and the server's protocol above the app elided):",
+    ]
+    for frames, n in stacks.most_common(40):
+        shown = list(frames)
+        cut = next(
+            (i for i, f in enumerate(shown) if "api/" in f or "ledger/" in f or "projections/" in f), 0
+        )
+        lines.append(f"  {n / total:6.1%}  " + " ; ".join(shown[max(0, cut - 1) :]))
+    return "\n".join(lines) + "\n", ranked
+
+
+def profile(spendledger: Service, target: Target, seconds: float, meter: Meter, workdir: Path,
+            spy: str, workers: int) -> tuple[Run, Path]:  # fmt: skip
+    raw = workdir / "profile.raw"
+    argv = [spy, "record", "--pid", str(spendledger.process.pid), "--rate", "100", "--duration",
+            str(max(1, int(seconds) - 1)), "--format", "raw", "--nonblocking", "-o", str(raw)]  # fmt: skip
+    if workers > 1:
+        argv.append("--subprocesses")
+    spying = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        run = wrk(target, 64, seconds, meter)
+    finally:
+        _, err = spying.communicate(timeout=60)
+    if spying.returncode != 0 or not raw.exists():
+        raise SystemExit(f"py-spy failed ({spying.returncode}): {err.decode(errors='replace')}")
+    run.label = "profiled"
+    return run, raw
+
+
+# --- the report ---
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+GROUPS = ("proxy", "postgres", "upstream", "sinks", "wrk", "others")
+
+
+def summary_rows(runs: list[Run]) -> dict[tuple[str, int], dict[str, float]]:
+    rows: dict[tuple[str, int], dict[str, float]] = {}
+    for key in dict.fromkeys((r.target, r.connections) for r in runs):
+        mine = [r for r in runs if (r.target, r.connections) == key]
+        row = {"rps": mean([r.rps for r in mine]), "p50": mean([r.p50_ms for r in mine]),
+               "p99": mean([r.p99_ms for r in mine])}  # fmt: skip
+        for group in GROUPS:
+            row[group] = mean([r.cpu.get(group, 0.0) for r in mine])
+        rows[key] = row
+    return rows
+
+
+def proxy_cpu(run: Run) -> dict[str, float]:
+    """The run's CPU with the proxy under test as `proxy` (the other proxy idles)."""
+    cpu = dict(run.cpu)
+    proxy = cpu.pop("spendledger", 0.0), cpu.pop("litellm", 0.0)
+    cpu["proxy"] = proxy[0] if run.target == "spendledger" else proxy[1] if run.target == "litellm" else 0.0
+    return cpu
+
+
+def markdown(runs: list[Run], profiled: Run | None, args: argparse.Namespace, checks: list[str],
+             centres: list[tuple[str, float, str]], setup: str) -> str:  # fmt: skip
+    for run in runs:
+        run.cpu = proxy_cpu(run)
+    rows = summary_rows(runs)
+    out = [setup, "",
+           "| target | conns | req/s | p50 ms | p99 ms | CPU proxy | CPU postgres | CPU upstream | CPU sinks "
+           "| CPU wrk | CPU others |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (target, conns), row in rows.items():
+        proxy = f"{row['proxy']:.2f}" if target != "direct" else "–"
+        out.append(
+            f"| {target} | {conns} | {row['rps']:,.0f} | {row['p50']:.2f} | {row['p99']:.2f} | {proxy} | "
+            f"{row['postgres']:.2f} | {row['upstream']:.2f} | {row['sinks']:.2f} | {row['wrk']:.2f} | "
+            f"{row['others']:.2f} |"
+        )
+    out += ["", "CPU in cores (1.00 = one core busy for the whole run), mean of the runs; `others` is the rest "
+            "of the machine (other work on it skews every number)."]  # fmt: skip
+    sl64, d64, l64 = rows.get(("spendledger", 64)), rows.get(("direct", 64)), rows.get(("litellm", 64))
+    sl1, d1, l1 = rows.get(("spendledger", 1)), rows.get(("direct", 1)), rows.get(("litellm", 1))
+    out.append("")
+    if sl64 and l64:
+        out.append(f"- **spendledger / LiteLLM at 64 connections: {sl64['rps'] / l64['rps']:.1f}×** "
+                   f"the throughput ({sl64['rps']:,.0f} vs {l64['rps']:,.0f} req/s); per core of the proxy "
+                   f"process {sl64['rps'] / max(sl64['proxy'], 1e-9):,.0f} vs "
+                   f"{l64['rps'] / max(l64['proxy'], 1e-9):,.0f} req/s.")  # fmt: skip
+    if sl64 and d64:
+        out.append(f"- **spendledger / direct at 64 connections: {sl64['rps'] / d64['rps']:.1%}** of the "
+                   f"fake upstream's own throughput ({d64['rps']:,.0f} req/s).")  # fmt: skip
+    if sl1 and d1:
+        added = (
+            f"- **added latency over direct at 1 connection: spendledger +{sl1['p50'] - d1['p50']:.2f} ms p50"
+        )
+        added += f" (+{sl1['p99'] - d1['p99']:.2f} ms p99)"
+        if l1:
+            added += f", LiteLLM +{l1['p50'] - d1['p50']:.2f} ms p50 (+{l1['p99'] - d1['p99']:.2f} ms p99)"
+        out.append(added + "**.")
+    if sl1 and l1:
+        out.append(f"- spendledger / LiteLLM at 1 connection: {sl1['rps'] / l1['rps']:.1f}× the throughput.")
+    out += ["", "Every run, in the order run:", "",
+            "| # | target | conns | requests | req/s | p50 ms | p99 ms | errors | CPU proxy | CPU postgres "
+            "| CPU others | ledger check |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for i, run in enumerate([*runs, *([profiled] if profiled else [])], 1):
+        if profiled is run:
+            run.cpu = proxy_cpu(run)
+        errors = sum(run.errors.values())
+        check = "–"
+        if run.recorded is not None:
+            check = (f"{run.recorded:,} recorded = {run.forwarded:,} forwarded = {run.ok:,} answered "
+                     f"+ {run.recorded - run.ok} in flight at wrk's stop; outbox drained in {run.drain_s:.1f} s")  # fmt: skip
+        name = f"{run.target} ({run.label})" if run.label else run.target
+        proxy = f"{run.cpu['proxy']:.2f}" if run.target != "direct" else "–"
+        out.append(f"| {i} | {name} | {run.connections} | {run.requests:,} | {run.rps:,.0f} | {run.p50_ms:.2f} "
+                   f"| {run.p99_ms:.2f} | {errors} | {proxy} | {run.cpu['postgres']:.2f} | "
+                   f"{run.cpu['others']:.2f} | {check} |")  # fmt: skip
+    out += ["", "Checks:", "", *(f"- {c}" for c in checks)]
+    if centres and profiled:
+        out += ["", f"### Profile of spendledger at 64 connections ({PROFILE.relative_to(PROJECT_ROOT)})", "",
+                f"py-spy (100 Hz, CPU samples, idle excluded) of the spendledger process during an extra "
+                f"{args.duration:g} s run at 64 connections ({profiled.rps:,.0f} req/s while profiled; not in the "
+                "table above). Each sample is charged to the innermost frame that belongs to one of these:", "",
+                "| cost centre | share of CPU samples | what it is |", "|---|---|---|"]  # fmt: skip
+        out += [f"| {name} | {share:.1%} | {note} |" for name, share, note in centres]
+    return "\n".join(out) + "\n"
+
+
+# --- main ---
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of each measured run")
+    parser.add_argument("--skip-litellm", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="server processes of spendledger and LiteLLM")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each target per conns")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up per target")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--quiet-wait", type=float, default=30.0,
+                        help="seconds to wait at most, before each run, for other work on the machine to calm")  # fmt: skip
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/ alone")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is missing: apt-get update && apt-get install -y wrk")
+    if not args.skip_litellm and not LITELLM.exists():
+        raise SystemExit(
+            f"LiteLLM is missing ({LITELLM.relative_to(PROJECT_ROOT)}); create it with:\n"
+            f"  python3 -m venv .bench/litellm && .bench/litellm/bin/pip install 'litellm[proxy]=={LITELLM_VERSION}'\n"
+            "or run with --skip-litellm"
+        )  # fmt: skip
+    spy = None if args.no_profile else py_spy()
+    if not args.no_profile and spy is None:
+        raise SystemExit(
+            "py-spy is missing; create it with:\n"
+            "  python3 -m venv .bench/tools && .bench/tools/bin/pip install granian py-spy\n"
+            "or run with --no-profile"
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="sl-bench-proxy-", dir="/tmp"))
+    database: EmbeddedDatabase | None = None
+    try:
+        database = EmbeddedDatabase(workdir / "pg")
+        with contextlib.ExitStack() as stack:
+            bench(args, workdir, database, stack, spy)
+    finally:
+        if database is not None:
+            database.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, stack: contextlib.ExitStack,
+          spy: str | None) -> None:  # fmt: skip
+    upstream = stack.enter_context(fake("upstream", workdir))
+    sinks = stack.enter_context(fake("sinks", workdir))
+    server = "granian" if granian() else "uvicorn"
+    (workdir / "spendledger.yaml").write_text(spendledger_config(upstream.url))
+    port = free_port()
+    spendledger = stack.enter_context(started(
+        "spendledger",
+        [str(PROJECT_ROOT / ".venv" / "bin" / "spendledger"), "serve", "--config", str(workdir / "spendledger.yaml"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)],
+        workdir, f"http://127.0.0.1:{port}", "/health/readiness",
+        env={"DATABASE_URL": database.url, "LAGO_API_BASE": sinks.url, "LAGO_API_KEY": "bench-lago-key",
+             "LAGO_API_EVENT_CODE": "llm_usage", "WEBHOOK_URL": f"{sinks.url}/webhook",
+             "WEBHOOK_SECRET": WEBHOOK_SECRET},
+        timeout_s=120,
+    ))  # fmt: skip
+    admin = {"Authorization": f"Bearer {MASTER_KEY}"}
+    key = httpx.post(
+        f"{spendledger.url}/key/generate", json={"key_alias": "bench"}, headers=admin, timeout=30
+    )
+    key.raise_for_status()
+    customer = httpx.post(f"{spendledger.url}/customer/new", headers=admin, timeout=30,
+                          json={"user_id": CUSTOMER, "max_budget": 1_000_000})  # fmt: skip
+    customer.raise_for_status()
+    targets = [
+        Target("direct", upstream.url, DIRECT_KEY, body(CUSTOMER)),
+        Target("spendledger", spendledger.url, key.json()["key"], body(CUSTOMER)),
+    ]
+    groups = {"spendledger": spendledger.process.pid, "upstream": upstream.process.pid, "sinks": sinks.process.pid,
+              "postgres": int((database.data_dir / "postmaster.pid").read_text().split()[0])}  # fmt: skip
+    if not args.skip_litellm:
+        (workdir / "litellm.yaml").write_text(litellm_config(upstream.url))
+        port = free_port()
+        litellm = stack.enter_context(started(
+            "litellm",
+            [str(LITELLM), "--config", str(workdir / "litellm.yaml"), "--host", "127.0.0.1", "--port", str(port),
+             "--num_workers", str(args.workers)],
+            workdir, f"http://127.0.0.1:{port}", "/health/liveliness",
+            env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
+                 "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true", "LITELLM_LOG": "ERROR"},
+            timeout_s=180, cwd=workdir,
+        ))  # fmt: skip
+        targets.append(Target("litellm", litellm.url, MASTER_KEY, body(CUSTOMER)))
+        groups["litellm"] = litellm.process.pid
+    for target in targets:  # one request each, read back: all answer the same completion with usage
+        reply = httpx.post(f"{target.url}/chat/completions", content=target.body, timeout=60,
+                           headers={"Authorization": f"Bearer {target.token}", "Content-Type": "application/json"})  # fmt: skip
+        if reply.status_code != 200 or reply.json()["usage"]["total_tokens"] != 15:
+            raise SystemExit(f"{target.name} answered {reply.status_code}: {reply.text[:500]}")
+    meter, ledger = Meter(groups), Ledger(database.url)
+    pg_version = str(ledger.value("show server_version"))
+    runs: list[Run] = []
+    warm: list[Run] = []
+    profiled: Run | None = None
+
+    def measure(target: Target, conns: int, seconds: float) -> Run:
+        waited = meter.wait_quiet(0.3, args.quiet_wait)
+        recorded = ledger.usage_count()
+        run = wrk(target, conns, seconds, meter)
+        if target.name == "spendledger":
+            _, total, run.drain_s = settle(ledger, upstream)
+            run.forwarded = run.recorded = total - recorded
+        print(f"{target.name:>11} c{conns:<3} {run.rps:9,.0f} req/s  p50 {run.p50_ms:7.2f} ms  p99 "
+              f"{run.p99_ms:8.2f} ms  errors {sum(run.errors.values())}  proxy CPU "
+              f"{run.cpu.get(target.name, 0):.2f}  pg {run.cpu['postgres']:.2f}  others "
+              f"{run.cpu['others']:.2f}  (waited {waited:.0f} s for calm)", flush=True)  # fmt: skip
+        return run
+
+    settle(ledger, upstream)
+    for target in targets:
+        warm.append(measure(target, 64, args.warmup))
+    for conns in CONNECTIONS:
+        for _ in range(args.rounds):
+            for target in targets:
+                runs.append(measure(target, conns, args.duration))
+    centres: list[tuple[str, float, str]] = []
+    if spy:
+        meter.wait_quiet(0.3, args.quiet_wait)
+        before = ledger.usage_count()
+        profiled, raw = profile(spendledger, targets[1], args.duration, meter, workdir, spy, args.workers)
+        _, total, profiled.drain_s = settle(ledger, upstream)
+        profiled.forwarded = profiled.recorded = total - before
+        text, centres = summarise_profile(raw, args.duration, profiled.rps)
+        if not args.no_doc:
+            PROFILE.write_text(text)
+        print(text)
+    checks = final_checks(ledger, upstream, sinks, [*warm, *runs, *([profiled] if profiled else [])])
+    ledger.close()
+    setup = describe(args, server)
+    command = f".venv/bin/python scripts/bench/proxy.py {' '.join(sys.argv[1:])}".strip()
+    text = markdown(runs, profiled, args, checks, centres, setup)
+    print(text)
+    if not args.no_doc:
+        write_section(TITLE, command, text, pg_version)
+        print(f"wrote {TITLE!r} in docs/benchmarks.md")
+    if any(c.startswith("FAILED") for c in checks):
+        raise SystemExit(1)
+
+
+def final_checks(ledger: Ledger, upstream: Service, sinks: Service, runs: list[Run]) -> list[str]:
+    checks = []
+    bad = [r for r in runs if any(r.errors.values())]
+    checks.append(
+        f"{'FAILED' if bad else 'ok'}: no socket error, timeout (wrk --timeout {WRK_TIMEOUT}) or non-2xx answer "
+        f"in any of the {len(runs)} runs (warm-ups and the profiled run included)"
+        + "".join(f"; {r.target} c{r.connections}: {r.errors}" for r in bad)
+    )  # fmt: skip
+    forwarded = stats(upstream)[SL_UPSTREAM_KEY]
+    rows = ledger.rows(
+        "select data->>'status' as status, (data->>'http_status')::int as http, count(*) as n, "
+        "count(distinct data->>'call_id') as calls from events where type = 'UsageRecorded' group by 1, 2"
+    )
+    recorded = sum(r["n"] for r in rows)
+    successes = sum(r["n"] for r in rows if r["status"] == "success" and r["http"] == 200)
+    distinct = sum(r["calls"] for r in rows)
+    answered = sum(r.ok for r in runs if r.target == "spendledger") + 1  # + the smoke request
+    in_flight = recorded - answered
+    spendledger_runs = sum(1 for r in runs if r.target == "spendledger")
+    ok = recorded == forwarded == successes == distinct and 0 <= in_flight <= 64 * spendledger_runs
+    refused = ledger.value("select count(*) from events where type = 'RequestRefused'")
+    checks.append(
+        f"{'ok' if ok and not refused else 'FAILED'}: the ledger holds {recorded:,} UsageRecorded, one per request "
+        f"spendledger forwarded ({forwarded:,} at the upstream), all successes with HTTP 200 and distinct call ids "
+        f"({successes:,}, {distinct:,}); wrk read {answered:,} of their 2xx answers (smoke request included), the "
+        f"other {in_flight} were in flight when wrk stopped reading (at most 64 per run); {refused} RequestRefused"
+    )  # fmt: skip
+    outbox = {(r["sink"], r["state"]): r["n"] for r in ledger.rows(
+        "select sink, state, count(*) as n from outbox group by 1, 2")}  # fmt: skip
+    received = stats(sinks)
+    ok = (outbox.get(("lago", "delivered")) == outbox.get(("webhook", "delivered")) == recorded
+          and len(outbox) == 2 and received["lago_events"] == received["webhooks"] == recorded)  # fmt: skip
+    checks.append(
+        f"{'ok' if ok else 'FAILED'}: outbox {dict(sorted(outbox.items()))}; the fake Lago received "
+        f"{received['lago_events']:,} events in {received['lago_posts']:,} batches, the webhook receiver "
+        f"{received['webhooks']:,} POSTs: one Lago event and one spend_tracked webhook per request"
+    )  # fmt: skip
+    return checks
+
+
+def describe(args: argparse.Namespace, server: str) -> str:
+    litellm = (
+        "" if args.skip_litellm else
+        f" LiteLLM proxy {LITELLM_VERSION} from PyPI (own virtualenv .bench/litellm, `litellm --config "
+        f"--num_workers {args.workers}`, no database — so no budgets, no spend ledger, no callbacks — offline with "
+        "`LITELLM_LOCAL_MODEL_COST_MAP=True`, `LITELLM_LOG=ERROR`) serves the same model on the same upstream with "
+        "the master key."
+    )  # fmt: skip
+    return (
+        f"One machine runs everything: the fake OpenAI upstream (raw ASGI on {server}, answers at once with usage), "
+        f"fake Lago and webhook receivers (same, other process), spendledger (`spendledger serve --workers "
+        f"{args.workers}`: uvicorn, uvloop, httptools) on an embedded PostgreSQL 16, and wrk. spendledger serves a "
+        "generated key; the body names a customer with a budget of 1,000,000 (admission holds on it, the settle "
+        "releases it); `callbacks: [\"lago\"]` and `alerting: [\"webhook\"]` (signed) are on, so every request "
+        "appends a UsageRecorded and two outbox rows that the publisher in the same process delivers." + litellm
+        + f" Load: `wrk -t1 -c64|-c1 -d{args.duration:g}s --timeout {WRK_TIMEOUT} -s scripts/bench/post.lua`, "
+        f"the same POST /chat/completions body (model, user, max_tokens 64, two messages) for all; after a "
+        f"{args.warmup:g} s warm-up of each, runs alternate direct → spendledger → LiteLLM, {args.rounds} rounds per "
+        "connection count; before each run the script waits (up to "
+        f"{args.quiet_wait:g} s) for the rest of the machine to use under 0.3 cores, and after each spendledger run "
+        "until the ledger has every forwarded request and the outbox nothing pending."
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
