@@ -17,6 +17,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from api.jsonio import json_response
 from ledger.config import ConfigError
 from ledger.errors import AlreadyExists, InvalidCommand, LedgerError, NotFound
+from ledger.store import ConcurrencyError
 
 log = structlog.get_logger(__name__)
 
@@ -79,6 +80,12 @@ def _handle_ledger_error(_: Request[Any, Any, Any], exc: LedgerError) -> Respons
     return error_response(400, exc.message, "invalid_request_error", "invalid_request", exc.param)
 
 
+def _handle_conflict(_: Request[Any, Any, Any], exc: ConcurrencyError) -> Response[Any]:
+    """Two commands raced on one stream and this one lost: nothing was written; send it again."""
+    message = f"{exc}: another change to the same object won the race; nothing was written, retry"
+    return error_response(409, message, "conflict_error", "conflict")
+
+
 def _handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     param = None
     details = []
@@ -127,6 +134,7 @@ def _handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respo
 exception_handlers: Mapping[Any, Any] = {
     ApiError: _handle_api_error,
     LedgerError: _handle_ledger_error,
+    ConcurrencyError: _handle_conflict,
     ValidationException: _handle_validation,
     HTTPException: _handle_http,
     # asyncpg's server-side data errors (class 22) and its client-side argument-encoding errors

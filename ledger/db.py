@@ -69,7 +69,7 @@ def head_revision() -> str:
     return head
 
 
-async def create_pool(database_url: str, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
+async def create_pool(database_url: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, command_timeout=60)
     assert pool is not None
     return pool

@@ -441,8 +441,10 @@ $$;
 
 -- Projection of one UsageRecorded: lifetime totals per scope, and the spend of each budget period
 -- the request was admitted under (carried in the event, so a replay lands in the same periods).
--- Rows are touched in a fixed order so concurrent recorders never deadlock.
-create function sl_apply_usage(d jsonb) returns void language sql as $$
+-- Rows are touched in a fixed order so concurrent recorders never deadlock. plpgsql, not sql: its
+-- plans are cached, where a multi-statement sql function is planned again on every call.
+create function sl_apply_usage(d jsonb) returns void language plpgsql as $$
+begin
     insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
     select s.scope, s.scope_id, (d->>'cost')::numeric, 1,
            (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint, (d->>'ended_at')::timestamptz
@@ -459,7 +461,7 @@ create function sl_apply_usage(d jsonb) returns void language sql as $$
     from sl_usage_periods(d) as p
     order by 1, 2, 3
     on conflict (scope, scope_id, period_start) do update set spent = b.spent + excluded.spent;
-$$;
+end $$;
 
 -- Spend logs are the usage events themselves, seen as rows: a view, so nothing is written twice
 -- and nothing needs rebuilding. Filters on key, user, team and customer use the expression

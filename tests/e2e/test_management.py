@@ -8,8 +8,10 @@ appended none.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -589,3 +591,42 @@ def test_user_models_restrict_the_users_keys(server: RunningServer) -> None:
         error = assert_error(chat(server, key, model="gpt-3.5-turbo"), 401, "key_model_access_denied")
         assert error["param"] == "model"
         assert chat(server, key).status_code == 200
+
+
+def test_two_updates_racing_on_one_stream_one_wins_the_other_gets_409(server: RunningServer) -> None:
+    """Optimistic concurrency: both read version n and append n + 1; the loser writes nothing."""
+    created = httpx.post(
+        f"{server.base_url}/budget/new", headers=AUTH, json={"budget_id": "raced", "max_budget": 1}
+    )
+    assert created.status_code == 200
+    barrier = threading.Barrier(8)
+
+    def update(amount: int) -> int:
+        barrier.wait()
+        return httpx.post(
+            f"{server.base_url}/budget/update",
+            headers=AUTH,
+            json={"budget_id": "raced", "max_budget": amount},
+        ).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(update, range(2, 10)))
+    assert set(statuses) <= {200, 409} and 200 in statuses
+    rows = asyncio.run(
+        _fetch(
+            server.database_url,
+            "select version from events where stream = $1 order by version",
+            "budget:raced",
+        )
+    )
+    versions = [row["version"] for row in rows]
+    assert versions == list(range(1, len(versions) + 1))  # no gap, no duplicate
+    assert len(versions) == 1 + statuses.count(200)
+
+
+async def _fetch(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
