@@ -1,4 +1,4 @@
-"""Forwarding one OpenAI-style request and accounting for it.
+"""Forwarding one OpenAI-style request and accounting for it (streams: api/streaming.py).
 
 The path of a request: decode the few fields we need, pick a deployment, forward the body (only
 `model`, and for streams `stream_options`, are rewritten), read the usage, record `UsageRecorded`,
@@ -8,7 +8,7 @@ and only then release the response: no request is ever served unbilled.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
@@ -18,7 +18,6 @@ import httpx
 import msgspec
 import structlog
 from litestar import Response
-from litestar.response import Stream
 
 from api.auth import Caller
 from api.errors import ApiError, bad_request
@@ -71,15 +70,9 @@ class _UsageOnly(msgspec.Struct):
     usage: Usage | None = None
 
 
-class _ChunkHead(msgspec.Struct):
-    choices: list[msgspec.Raw] = []
-    usage: Usage | None = None
-
-
 _head_decoder: Final = msgspec.json.Decoder(RequestHead)
 _fields_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _usage_decoder: Final = msgspec.json.Decoder(_UsageOnly)
-_chunk_decoder: Final = msgspec.json.Decoder(_ChunkHead)
 
 
 def decode_head(body: bytes) -> RequestHead:
@@ -114,11 +107,11 @@ def customer_of(head: RequestHead, headers: Mapping[str, str]) -> str | None:
 
 def upstream_body(body: bytes, head: RequestHead, deployment: Deployment) -> bytes:
     """The body to send upstream: the deployment's model name, and usage asked for on streams."""
-    if deployment.upstream_model == head.model and not (head.stream and not _asks_usage(head)):
+    if deployment.upstream_model == head.model and not (head.stream and not asks_usage(head)):
         return body
     fields = _fields_decoder.decode(body)
     fields["model"] = msgspec.Raw(_encoder.encode(deployment.upstream_model))
-    if head.stream and not _asks_usage(head):
+    if head.stream and not asks_usage(head):
         options = dict(head.stream_options or {})
         options["include_usage"] = True
         fields["stream_options"] = (
@@ -127,7 +120,7 @@ def upstream_body(body: bytes, head: RequestHead, deployment: Deployment) -> byt
     return _encoder.encode(fields)
 
 
-def _asks_usage(head: RequestHead) -> bool:
+def asks_usage(head: RequestHead) -> bool:
     return bool(head.stream_options and head.stream_options.get("include_usage"))
 
 
@@ -232,20 +225,22 @@ async def record(services: Services, exchange: Exchange, event: UsageRecorded) -
         ) from None
 
 
-async def _failed(services: Services, exchange: Exchange, failure: UpstreamFailure) -> ApiError:
+async def record_failure(services: Services, exchange: Exchange, failure: UpstreamFailure) -> ApiError:
     event = exchange.usage_event(status="failure", http_status=failure.status, error_type=failure.error_type)
     await record(services, exchange, event)
     return ApiError(failure.status, failure.message, failure.error_type, headers=exchange.headers(event))
 
 
-async def _upstream_error(services: Services, exchange: Exchange, response: httpx.Response) -> Response[Any]:
+async def upstream_error_response(
+    services: Services, exchange: Exchange, response: httpx.Response
+) -> Response[Any]:
     """A provider's own error: 4xx pass through (the caller's request was at fault), else 502."""
     body = await response.aread()
     status = response.status_code
     if status in (401, 403) or status >= 500:
         message = f"{exchange.deployment.model_name}: upstream answered {status}"
         failure = UpstreamFailure(502, "upstream_error", message)
-        raise await _failed(services, exchange, failure)
+        raise await record_failure(services, exchange, failure)
     event = exchange.usage_event(status="failure", http_status=status, error_type="upstream_client_error")
     await record(services, exchange, event)
     try:
@@ -267,14 +262,14 @@ async def forward(services: Services, exchange: Exchange, body: bytes) -> Respon
     try:
         response = await services.upstream.send(exchange.deployment, path, body, stream=False)
     except UpstreamFailure as failure:
-        raise await _failed(services, exchange, failure) from None
+        raise await record_failure(services, exchange, failure) from None
     if response.status_code != 200:
-        return await _upstream_error(services, exchange, response)
+        return await upstream_error_response(services, exchange, response)
     content = response.content
     try:
         usage = _usage_decoder.decode(content).usage
     except msgspec.DecodeError:
-        raise await _failed(
+        raise await record_failure(
             services,
             exchange,
             UpstreamFailure(
@@ -294,109 +289,3 @@ async def forward(services: Services, exchange: Exchange, body: bytes) -> Respon
         media_type="application/json",
         headers=exchange.headers(event, key_spend),
     )
-
-
-async def forward_stream(services: Services, exchange: Exchange, body: bytes) -> Response[Any]:
-    path = UPSTREAM_PATHS[exchange.route]
-    try:
-        response = await services.upstream.send(exchange.deployment, path, body, stream=True)
-    except UpstreamFailure as failure:
-        raise await _failed(services, exchange, failure) from None
-    if response.status_code != 200:
-        try:
-            return await _upstream_error(services, exchange, response)
-        finally:
-            await response.aclose()
-    relay = StreamRelay(services, exchange, response, request_bytes=len(body))
-    return Stream(
-        relay.events(),
-        media_type="text/event-stream",
-        headers={**exchange.headers(), "cache-control": "no-cache"},
-    )
-
-
-class StreamRelay:
-    """Passes SSE events through, keeps the usage, and holds `[DONE]` back until usage is recorded."""
-
-    def __init__(
-        self, services: Services, exchange: Exchange, response: httpx.Response, request_bytes: int
-    ) -> None:
-        self._services = services
-        self._exchange = exchange
-        self._response = response
-        self._request_bytes = request_bytes
-        self._client_wants_usage = _asks_usage(exchange.head)
-        self._usage: Usage | None = None
-        self._usage_chunk: bytes | None = None
-        self._content_chunks = 0
-
-    async def events(self) -> AsyncIterator[bytes]:
-        try:
-            buffer = b""
-            async for data in self._response.aiter_bytes():
-                buffer += data.replace(b"\r\n", b"\n")
-                while (end := buffer.find(b"\n\n")) >= 0:
-                    event, buffer = buffer[: end + 2], buffer[end + 2 :]
-                    out = self._pass(event)
-                    if out:
-                        yield out
-            await self._finish("success", 200)
-            tail = self._usage_chunk if (self._client_wants_usage and self._usage_chunk) else b""
-            yield tail + b"data: [DONE]\n\n"
-        except httpx.HTTPError as exc:
-            yield await self._fail(f"upstream stream broke ({type(exc).__name__})")
-        except ApiError as exc:  # the ledger could not record: end without [DONE]
-            yield _sse_error(exc.message, exc.type)
-        finally:
-            if not self._exchange.recorded:
-                # The client hung up: bill what was generated, in a task our cancellation can't stop
-                # (spawned before any await here, which a cancellation could interrupt).
-                event = self._event("success", 200, error_type="client_disconnected")
-                self._services.spawn(record(self._services, self._exchange, event))
-            await self._response.aclose()
-
-    def _pass(self, event: bytes) -> bytes | None:
-        """The bytes to send the client for one upstream event (None to hold or drop it)."""
-        if not event.startswith(b"data:"):
-            return event
-        payload = event[5:].strip()
-        if payload == b"[DONE]":
-            return None
-        if b'"usage"' in payload:
-            try:
-                chunk = _chunk_decoder.decode(payload)
-            except msgspec.DecodeError:
-                return event
-            if chunk.usage is not None:
-                self._usage = chunk.usage
-                if not chunk.choices:
-                    self._usage_chunk = event
-                    return None
-        self._content_chunks += 1
-        return event
-
-    def _event(self, status: str, http_status: int, error_type: str | None = None) -> UsageRecorded:
-        usage, estimated = self._usage, False
-        if usage is None:
-            estimated = True
-            usage = Usage(
-                prompt_tokens=max(1, self._request_bytes // 4), completion_tokens=self._content_chunks
-            )
-        return self._exchange.usage_event(
-            status=status, http_status=http_status, usage=usage, estimated=estimated, error_type=error_type
-        )
-
-    async def _fail(self, message: str) -> bytes:
-        try:
-            await self._finish("failure", 502, error_type="upstream_error")
-        except ApiError as exc:
-            return _sse_error(exc.message, exc.type)
-        return _sse_error(message, "upstream_error")
-
-    async def _finish(self, status: str, http_status: int, error_type: str | None = None) -> None:
-        await record(self._services, self._exchange, self._event(status, http_status, error_type))
-
-
-def _sse_error(message: str, type_: str) -> bytes:
-    error = {"error": {"message": message, "type": type_, "param": None, "code": type_}}
-    return b"data: " + _encoder.encode(error) + b"\n\n"

@@ -11,8 +11,9 @@ from api.auth import Caller, authenticate
 from api.enforcement import admit
 from api.errors import ApiError, bad_request
 from api.jsonio import json_response
-from api.proxy import Exchange, customer_of, decode_head, forward, forward_stream, record, upstream_body
+from api.proxy import Exchange, customer_of, decode_head, forward, record, upstream_body
 from api.services import Services
+from api.streaming import forward_stream
 
 _MODEL_CREATED = 1677610602  # OpenAI's list shows a creation time; ours are config entries
 

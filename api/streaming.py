@@ -1,0 +1,143 @@
+"""Streaming (SSE) responses: chunks pass through as they come, the usage chunk is kept (hidden
+from clients that did not ask for it), and `[DONE]` waits until the usage is committed. A client
+that hangs up is billed for what was generated, by a task its cancellation cannot stop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import httpx
+import msgspec
+from litestar import Response
+from litestar.response import Stream
+
+from api.errors import ApiError
+from api.proxy import (
+    UPSTREAM_PATHS,
+    Exchange,
+    Usage,
+    asks_usage,
+    record,
+    record_failure,
+    upstream_error_response,
+)
+from api.services import Services
+from api.upstream import UpstreamFailure
+from ledger.events import UsageRecorded
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+class _ChunkHead(msgspec.Struct):
+    choices: list[msgspec.Raw] = []
+    usage: Usage | None = None
+
+
+_chunk_decoder: Final = msgspec.json.Decoder(_ChunkHead)
+
+
+async def forward_stream(services: Services, exchange: Exchange, body: bytes) -> Response[Any]:
+    path = UPSTREAM_PATHS[exchange.route]
+    try:
+        response = await services.upstream.send(exchange.deployment, path, body, stream=True)
+    except UpstreamFailure as failure:
+        raise await record_failure(services, exchange, failure) from None
+    if response.status_code != 200:
+        try:
+            return await upstream_error_response(services, exchange, response)
+        finally:
+            await response.aclose()
+    relay = StreamRelay(services, exchange, response, request_bytes=len(body))
+    return Stream(
+        relay.events(),
+        media_type="text/event-stream",
+        headers={**exchange.headers(), "cache-control": "no-cache"},
+    )
+
+
+class StreamRelay:
+    """Passes SSE events through, keeps the usage, and holds `[DONE]` back until usage is recorded."""
+
+    def __init__(
+        self, services: Services, exchange: Exchange, response: httpx.Response, request_bytes: int
+    ) -> None:
+        self._services = services
+        self._exchange = exchange
+        self._response = response
+        self._request_bytes = request_bytes
+        self._client_wants_usage = asks_usage(exchange.head)
+        self._usage: Usage | None = None
+        self._usage_chunk: bytes | None = None
+        self._content_chunks = 0
+
+    async def events(self) -> AsyncIterator[bytes]:
+        try:
+            buffer = b""
+            async for data in self._response.aiter_bytes():
+                buffer += data.replace(b"\r\n", b"\n")
+                while (end := buffer.find(b"\n\n")) >= 0:
+                    event, buffer = buffer[: end + 2], buffer[end + 2 :]
+                    out = self._pass(event)
+                    if out:
+                        yield out
+            await self._finish("success", 200)
+            tail = self._usage_chunk if (self._client_wants_usage and self._usage_chunk) else b""
+            yield tail + b"data: [DONE]\n\n"
+        except httpx.HTTPError as exc:
+            yield await self._fail(f"upstream stream broke ({type(exc).__name__})")
+        except ApiError as exc:  # the ledger could not record: end without [DONE]
+            yield _sse_error(exc.message, exc.type)
+        finally:
+            if not self._exchange.recorded:
+                # The client hung up: bill what was generated, in a task our cancellation can't stop
+                # (spawned before any await here, which a cancellation could interrupt).
+                event = self._event("success", 200, error_type="client_disconnected")
+                self._services.spawn(record(self._services, self._exchange, event))
+            await self._response.aclose()
+
+    def _pass(self, event: bytes) -> bytes | None:
+        """The bytes to send the client for one upstream event (None to hold or drop it)."""
+        if not event.startswith(b"data:"):
+            return event
+        payload = event[5:].strip()
+        if payload == b"[DONE]":
+            return None
+        if b'"usage"' in payload:
+            try:
+                chunk = _chunk_decoder.decode(payload)
+            except msgspec.DecodeError:
+                return event
+            if chunk.usage is not None:
+                self._usage = chunk.usage
+                if not chunk.choices:
+                    self._usage_chunk = event
+                    return None
+        self._content_chunks += 1
+        return event
+
+    def _event(self, status: str, http_status: int, error_type: str | None = None) -> UsageRecorded:
+        usage, estimated = self._usage, False
+        if usage is None:
+            estimated = True
+            usage = Usage(
+                prompt_tokens=max(1, self._request_bytes // 4), completion_tokens=self._content_chunks
+            )
+        return self._exchange.usage_event(
+            status=status, http_status=http_status, usage=usage, estimated=estimated, error_type=error_type
+        )
+
+    async def _fail(self, message: str) -> bytes:
+        try:
+            await self._finish("failure", 502, error_type="upstream_error")
+        except ApiError as exc:
+            return _sse_error(exc.message, exc.type)
+        return _sse_error(message, "upstream_error")
+
+    async def _finish(self, status: str, http_status: int, error_type: str | None = None) -> None:
+        await record(self._services, self._exchange, self._event(status, http_status, error_type))
+
+
+def _sse_error(message: str, type_: str) -> bytes:
+    error = {"error": {"message": message, "type": type_, "param": None, "code": type_}}
+    return b"data: " + _encoder.encode(error) + b"\n\n"
