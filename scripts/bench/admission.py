@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
-import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -41,8 +38,10 @@ from ledger.events import BudgetDefined, CustomerCreated, UsageRecorded
 from ledger.money import ZERO, add
 from ledger.usage import NO_CONTEXT, GroupRecorder, Recording
 
-SECTION = "## Admission (issue 3)"
-DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
+sys.path.insert(0, str(PROJECT_ROOT))
+from scripts.bench.report import DOC, write_section
+
+TITLE = "Admission (issue 3)"
 TIER = "bench-tier"
 KEY = "k" * 64
 HOLD = Decimal("0.001")
@@ -204,31 +203,14 @@ async def bench(admin_url: str, seconds: float, concurrency: int) -> tuple[list[
         await admin.close()
 
 
-def machine(pg_version: str) -> str:
-    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    mem = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-    return (
-        f"`nproc` {len(os.sched_getaffinity(0))}, {cpu[1] if cpu else '?'}, {int(mem[1] if mem else 0) / 2**20:.1f}"
-        f" GiB RAM, Python {platform.python_version()}, PostgreSQL {pg_version}"
-    )
-
-
-def write_doc(results: list[Result], markdown: str, command: str, pg_version: str) -> None:
-    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\nMachine: {machine(pg_version)}.\n"
+def doc_body(results: list[Result], markdown: str) -> str:
     share = [", ".join(f"{w} {n / r.waits.total():.0%}" for w, n in r.waits.most_common(5)) for r in results]
     waits = "\n".join(f"- {r.name}: {text}" for r, text in zip(results, share, strict=True))
-    section = (
-        f"{SECTION}\n\nRun {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine(pg_version)}:\n\n"
-        f"```\n{command}\n```\n\n{markdown.strip()}\n\n"
+    return (
+        f"{markdown.strip()}\n\n"
         + "\n".join(f"- {r.name}: {r.check}; {r.load}" for r in results)
         + f"\n\nBackends of the benchmark by wait event (sampled every 50 ms):\n\n{waits}\n"
     )
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
 
 
 def main() -> None:
@@ -255,7 +237,7 @@ def main() -> None:
         print(f"{r.name}: {r.check}; {r.load}; waits: {dict(r.waits.most_common(6))}")
     argv = " ".join(sys.argv[1:]).replace(args.database_url or "\0", "URL")  # no password in the doc
     command = f".venv/bin/python scripts/bench/admission.py {argv}".strip()
-    write_doc(results, buffer.getvalue(), command, pg_version)
+    write_section(TITLE, command, doc_body(results, buffer.getvalue()), pg_version)
     print(f"wrote {DOC.relative_to(PROJECT_ROOT)}")
     if any(not r.check.startswith("ok") for r in results):
         raise SystemExit(1)

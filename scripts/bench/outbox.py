@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
-import re
 import shutil
 import socket
 import sys
@@ -50,10 +49,10 @@ from ledger.sinks.lago import LagoSink, lago_row
 from ledger.usage import record_usage
 
 sys.path.insert(0, str(PROJECT_ROOT))
+from scripts.bench.report import DOC, write_section
 from tests.fakes.lago import DEFAULT_API_KEY, FakeLago
 
-SECTION = "## Outbox delivery (issue 4)"
-DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
+TITLE = "Outbox delivery (issue 4)"
 PHASES = ("claim", "post", "mark", "commit")
 # lago_row's payload, built in SQL: 1,000 subscribers, varying token counts, a many-digit cost.
 BACKLOG_SQL = """
@@ -297,23 +296,17 @@ def table(results: list[Result]) -> Table:
     return out
 
 
-def write_doc(results: list[Result], markdown: str, command: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+def doc_body(results: list[Result], markdown: str) -> str:
     notes = "\n".join(f"- {r.name}, {r.receiver}: {r.check}; {r.notes}" for r in results)
-    section = (f"{SECTION}\n\nRun {datetime.now(UTC):%Y-%m-%d %H:%M} UTC:\n\n```\n{command}\n```\n\n"
-               f"{markdown.strip()}\n\n{notes}\n")  # fmt: skip
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    return f"{markdown.strip()}\n\n{notes}\n"
 
 
-async def admin(url: str, sql: str) -> None:
+async def admin(url: str, sql: str) -> str:
+    """Run `sql` on the server; return the server's version."""
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(sql)
+        return str(await conn.fetchval("show server_version"))
     finally:
         await conn.close()
 
@@ -334,7 +327,7 @@ def main() -> None:
     name, results = f"sl_bench_{uuid.uuid4().hex[:12]}", list[Result]()
     db = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
     try:
-        asyncio.run(admin(admin_url, f"create database {name}"))
+        pg_version = asyncio.run(admin(admin_url, f"create database {name}"))
         try:
             run_migrations(db)
             for kind in ("fake", "raw") if args.receiver == "both" else (args.receiver,):
@@ -352,9 +345,8 @@ def main() -> None:
     for r in results:
         print(f"{r.name}, {r.receiver}: {r.check}; {r.notes}")
     argv = [("URL" if a == args.database_url else a) for a in sys.argv[1:]]  # no password in the doc
-    write_doc(
-        results, console.export_text(), " ".join([".venv/bin/python", "scripts/bench/outbox.py", *argv])
-    )
+    command = " ".join([".venv/bin/python", "scripts/bench/outbox.py", *argv])
+    write_section(TITLE, command, doc_body(results, console.export_text()), pg_version)
     print(f"wrote {DOC.relative_to(PROJECT_ROOT)}")
     if any(not r.check.startswith("ok") for r in results):
         raise SystemExit(1)

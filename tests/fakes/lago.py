@@ -43,7 +43,6 @@ import datetime as dt
 import decimal
 import http
 import json
-import socket
 import threading
 import time
 import uuid
@@ -52,7 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import uvicorn
+
+from tests.fakes.serving import Served, serve_in_thread
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -404,17 +404,12 @@ class FakeLago:
 
 
 @dataclass
-class RunningLago:
+class RunningLago(Served[FakeLago]):
     """Handle on a served FakeLago: point `LAGO_API_BASE` at `base_url`."""
-
-    app: FakeLago
-    port: int
-    server: uvicorn.Server
-    thread: threading.Thread
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.root_url
 
 
 @contextlib.contextmanager
@@ -423,40 +418,11 @@ def run_fake_lago(app: FakeLago | None = None, startup_timeout_s: float = 10.0) 
 
     The socket is bound here and handed to uvicorn, so there is no pick-a-port race.
     """
-    app = app or FakeLago()
-    app._stopping = False
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="asyncio",
-        log_level="warning",
-        lifespan="off",
-        ws="none",
-        access_log=False,
-        interface="asgi3",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name=f"fake-lago-{port}", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("fake Lago failed to start")
-            time.sleep(0.01)
-        with socket.create_connection(("127.0.0.1", port), timeout=startup_timeout_s):
-            pass
-        yield RunningLago(app=app, port=port, server=server, thread=thread)
-    finally:
-        app._stopping = True
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    fake = app or FakeLago()
+    fake._stopping = False
+
+    def stopping() -> None:  # delayed answers give up at once, so shutdown need not wait for them
+        fake._stopping = True
+
+    with serve_in_thread(fake, "fake-lago", startup_timeout_s, what="fake Lago", on_stop=stopping) as served:
+        yield RunningLago(fake, served.port, served.server, served.thread)

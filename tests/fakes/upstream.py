@@ -10,9 +10,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import socket
 import struct
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import uvicorn
+
+from tests.fakes.serving import Served, serve_in_thread
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -345,17 +344,8 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
 
 
 @dataclass
-class RunningUpstream:
+class RunningUpstream(Served[FakeUpstream]):
     """Handle on a served FakeUpstream: point the proxy at `base_url`."""
-
-    app: FakeUpstream
-    port: int
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    @property
-    def root_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -371,37 +361,5 @@ def run_fake_upstream(
     The socket is bound here and handed to uvicorn, so there is no pick-a-port race.
     """
     app = app or FakeUpstream()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="asyncio",
-        log_level="warning",
-        lifespan="off",
-        ws="none",
-        access_log=False,
-        interface="asgi3",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name=f"fake-upstream-{port}", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("fake upstream failed to start")
-            time.sleep(0.01)
-        with socket.create_connection(("127.0.0.1", port), timeout=startup_timeout_s):
-            pass
-        yield RunningUpstream(app=app, port=port, server=server, thread=thread)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_thread(app, "fake-upstream", startup_timeout_s, what="fake upstream") as served:
+        yield RunningUpstream(app, served.port, served.server, served.thread)

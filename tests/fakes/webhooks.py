@@ -12,15 +12,15 @@ import asyncio
 import contextlib
 import decimal
 import json
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from tests.fakes.serving import Served, serve_in_thread
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -195,17 +195,12 @@ async def _send(send: Send, status: int, body: bytes, extra: list[tuple[bytes, b
 
 
 @dataclass
-class RunningWebhookReceiver:
+class RunningWebhookReceiver(Served[FakeWebhookReceiver]):
     """Handle on a served FakeWebhookReceiver: set `WEBHOOK_URL` to `url` (any path is accepted)."""
-
-    app: FakeWebhookReceiver
-    port: int
-    server: uvicorn.Server
-    thread: threading.Thread
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.root_url
 
     @property
     def url(self) -> str:
@@ -217,40 +212,13 @@ def run_fake_webhook_receiver(
     app: FakeWebhookReceiver | None = None, startup_timeout_s: float = 10.0
 ) -> Iterator[RunningWebhookReceiver]:
     """Serve `app` with uvicorn in a background thread on a free 127.0.0.1 port; stop it on exit."""
-    app = app or FakeWebhookReceiver()
-    app._stopping = False
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="asyncio",
-        log_level="warning",
-        lifespan="off",
-        ws="none",
-        access_log=False,
-        interface="asgi3",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name=f"fake-webhooks-{port}", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("fake webhook receiver failed to start")
-            time.sleep(0.01)
-        with socket.create_connection(("127.0.0.1", port), timeout=startup_timeout_s):
-            pass
-        yield RunningWebhookReceiver(app=app, port=port, server=server, thread=thread)
-    finally:
-        app._stopping = True
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    fake = app or FakeWebhookReceiver()
+    fake._stopping = False
+
+    def stopping() -> None:  # delayed answers give up at once, so shutdown need not wait for them
+        fake._stopping = True
+
+    with serve_in_thread(
+        fake, "fake-webhooks", startup_timeout_s, what="fake webhook receiver", on_stop=stopping
+    ) as served:
+        yield RunningWebhookReceiver(fake, served.port, served.server, served.thread)
