@@ -17,8 +17,17 @@ from typing import Any, Final
 import msgspec
 import yaml
 
-from ledger.durations import DurationError, parse_duration
-from ledger.money import MoneyError, to_money
+from ledger.config_values import (
+    ConfigError,
+    check_duration,
+    flag,
+    optional_int,
+    optional_money,
+    optional_str,
+    positive_float,
+    positive_money,
+    string_list,
+)
 
 OPENAI_COMPATIBLE: Final = frozenset(
     {"openai", "text-completion-openai", "hosted_vllm", "openai_like", "custom_openai", "openrouter"}
@@ -86,10 +95,6 @@ _MODEL_INFO: Final = {
     "base_model",
     "description",
 }
-
-
-class ConfigError(ValueError):
-    """The config file cannot be served; the message says where and why."""
 
 
 class Deployment(msgspec.Struct, frozen=True, kw_only=True):
@@ -199,30 +204,30 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
     _note_unknown(sorted(set(litellm) - _LITELLM_SETTINGS, key=str), "litellm_settings.", warnings)
     _note_unknown(sorted(set(general) - _GENERAL_SETTINGS, key=str), "general_settings.", warnings)
     deployments = _parse_model_list(resolved.get("model_list"), warnings, source)
-    callbacks = _string_list(litellm.get("callbacks"), "litellm_settings.callbacks", source)
-    callbacks += _string_list(litellm.get("success_callback"), "litellm_settings.success_callback", source)
-    alerting = _string_list(general.get("alerting"), "general_settings.alerting", source)
+    callbacks = string_list(litellm.get("callbacks"), "litellm_settings.callbacks", source)
+    callbacks += string_list(litellm.get("success_callback"), "litellm_settings.success_callback", source)
+    alerting = string_list(general.get("alerting"), "general_settings.alerting", source)
     budget_duration = litellm.get("budget_duration")
     if budget_duration is not None:
-        _check_duration(budget_duration, "litellm_settings.budget_duration", source)
+        check_duration(budget_duration, "litellm_settings.budget_duration", source)
     return Settings(
         deployments=deployments,
-        master_key=_optional_str(general.get("master_key"), "general_settings.master_key", source),
-        database_url=_optional_str(general.get("database_url"), "general_settings.database_url", source),
+        master_key=optional_str(general.get("master_key"), "general_settings.master_key", source),
+        database_url=optional_str(general.get("database_url"), "general_settings.database_url", source),
         callbacks=tuple(dict.fromkeys(callbacks)),
         alerting=tuple(alerting),
-        max_end_user_budget_id=_optional_str(
+        max_end_user_budget_id=optional_str(
             litellm.get("max_end_user_budget_id"), "litellm_settings.max_end_user_budget_id", source
         ),
-        max_budget=_optional_money(litellm.get("max_budget"), "litellm_settings.max_budget", source),
+        max_budget=optional_money(litellm.get("max_budget"), "litellm_settings.max_budget", source),
         budget_duration=budget_duration,
-        max_request_size_mb=_positive_money(
+        max_request_size_mb=positive_money(
             general.get("max_request_size_mb", 32), "general_settings.max_request_size_mb", source
         ),
-        reject_unpriced_models=_flag(
+        reject_unpriced_models=flag(
             general.get("reject_unpriced_models", False), "general_settings.reject_unpriced_models", source
         ),
-        request_timeout_s=_positive_float(
+        request_timeout_s=positive_float(
             litellm.get("request_timeout", 600), "litellm_settings.request_timeout", source
         ),
         lago=_lago_settings(callbacks, environ, source),
@@ -282,21 +287,21 @@ def _parse_deployment(entry: dict[str, Any], where: str, warnings: list[str]) ->
         provider=provider,
         upstream_model=upstream_model,
         api_base=str(api_base).rstrip("/") if api_base else None,
-        api_key=_optional_str(params.get("api_key"), f"{ctx}.api_key", ""),
-        rpm=_optional_int(params.get("rpm"), f"{ctx}.rpm"),
-        tpm=_optional_int(params.get("tpm"), f"{ctx}.tpm"),
-        timeout_s=_positive_float(params.get("timeout", 600), f"{ctx}.timeout", ""),
-        input_cost_per_token=_optional_money(
+        api_key=optional_str(params.get("api_key"), f"{ctx}.api_key", ""),
+        rpm=optional_int(params.get("rpm"), f"{ctx}.rpm"),
+        tpm=optional_int(params.get("tpm"), f"{ctx}.tpm"),
+        timeout_s=positive_float(params.get("timeout", 600), f"{ctx}.timeout", ""),
+        input_cost_per_token=optional_money(
             info.get("input_cost_per_token", params.get("input_cost_per_token")),
             f"{ctx}.input_cost_per_token",
             "",
         ),
-        output_cost_per_token=_optional_money(
+        output_cost_per_token=optional_money(
             info.get("output_cost_per_token", params.get("output_cost_per_token")),
             f"{ctx}.output_cost_per_token",
             "",
         ),
-        max_output_tokens=_optional_int(
+        max_output_tokens=optional_int(
             info.get("max_output_tokens", info.get("max_tokens")), f"{ctx}.max_output_tokens"
         ),
     )
@@ -340,94 +345,6 @@ def _note_unknown(keys: list[str], prefix: str, warnings: list[str]) -> None:
             warnings[index] = head + ", ".join(dict.fromkeys(names))
             return
     warnings.append(head + ", ".join(dict.fromkeys(names)))
-
-
-def _string_list(value: Any, name: str, source: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{source}: '{name}' must be a list of strings")
-    return list(value)
-
-
-def _optional_str(value: Any, name: str, source: str) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
-        raise ConfigError(f"{source}: '{name}' must be a string".lstrip(": "))
-    return str(value)
-
-
-def _flag(value: Any, name: str, source: str) -> bool:
-    """A YAML bool, or the text of one (values read from the environment are strings)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", ""):
-        return False
-    raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
-
-
-def _number_text(value: Any) -> Any:
-    """Numbers read from the environment arrive as text: read them as numbers."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.isdigit():
-            return int(text)
-        try:
-            return Decimal(text)
-        except ArithmeticError:
-            return value
-    return value
-
-
-def _optional_int(value: Any, name: str) -> int | None:
-    value = _number_text(value)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
-
-
-def _optional_money(value: Any, name: str, source: str) -> Decimal | None:
-    if value is None:
-        return None
-    try:
-        amount = to_money(value)
-    except MoneyError as exc:
-        raise ConfigError(f"{source}: {name}: {exc}".lstrip(": ")) from None
-    if amount < 0:
-        raise ConfigError(f"{source}: {name} must not be negative, got {value}".lstrip(": "))
-    return amount
-
-
-def _positive_money(value: Any, name: str, source: str) -> Decimal:
-    amount = _optional_money(value, name, source)
-    if amount is None or amount <= 0:
-        raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}")
-    return amount
-
-
-def _positive_float(value: Any, name: str, source: str) -> float:
-    # A timeout is a duration, not money: float is right here.
-    value = _number_text(value)
-    if isinstance(value, bool) or not isinstance(value, int | Decimal) or value <= 0:
-        raise ConfigError(
-            f"{source}: {name} must be a positive number of seconds, got {value!r}".lstrip(": ")
-        )
-    return float(value)
-
-
-def _check_duration(value: Any, name: str, source: str) -> None:
-    try:
-        parse_duration(value)
-    except DurationError as exc:
-        raise ConfigError(f"{source}: {name}: {exc}") from None
 
 
 def _lago_settings(callbacks: list[str], environ: Mapping[str, str], source: str) -> LagoSettings | None:
