@@ -207,7 +207,8 @@ def export(args: argparse.Namespace) -> int:
 async def _export(args: argparse.Namespace, url: str) -> bytes | None:
     import asyncpg
 
-    from projections.reconciliation import ReconciliationError, csv_bytes, parquet_bytes, reconciliation_rows
+    from projections.export_files import csv_bytes, parquet_bytes
+    from projections.reconciliation import ReconciliationError, reconciliation_rows
     from projections.spend_logs import day_range
 
     start, end = day_range(args.first, args.last)
@@ -249,7 +250,7 @@ async def _reconcile(url: str, charge_by: str) -> int:
     import asyncpg
 
     from api.jsonio import encoder
-    from projections.reconciliation import reconcile
+    from projections.lago_reconcile import reconcile
 
     conn = await asyncpg.connect(url)
     try:

@@ -13,13 +13,11 @@ from api.auth import master_key_only
 from api.errors import ApiError, bad_request
 from api.jsonio import json_response
 from api.services import Services
+from projections.export_files import PARQUET_MEDIA_TYPE, csv_bytes, parquet_bytes
 from projections.reconciliation import (
-    PARQUET_MEDIA_TYPE,
     PrecisionError,
     ReconciliationError,
     ReconciliationReport,
-    csv_bytes,
-    parquet_bytes,
     reconciliation_rows,
 )
 from projections.spend_logs import day_range

@@ -26,8 +26,9 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ledger.db import EmbeddedDatabase, run_migrations
+from projections.export_files import csv_bytes
 from projections.rebuild import Report, rebuild
-from projections.reconciliation import csv_bytes, reconciliation_rows
+from projections.reconciliation import reconciliation_rows
 from scripts.bench.report import write_section
 
 GENERATE = """

@@ -29,6 +29,8 @@ from ledger.config import LagoSettings
 from ledger.events import UsageRecorded
 from ledger.sinks.lago import lago_row
 from ledger.usage import RecordingContext, record_usage
+from projections.export_files import csv_bytes, parquet_bytes
+from projections.lago_reconcile import reconcile
 from projections.reconciliation import (
     BY_FIELD,
     TOTAL_COLUMNS,
@@ -36,9 +38,6 @@ from projections.reconciliation import (
     ReconciliationError,
     ReconciliationReport,
     check_totals,
-    csv_bytes,
-    parquet_bytes,
-    reconcile,
     reconciliation_rows,
 )
 from projections.spend_logs import day_range
