@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from ledger import keys
 from ledger.entities import (
     BUDGETS,
     CUSTOMERS,
@@ -176,9 +177,11 @@ async def update_team(conn: asyncpg.Connection, event: TeamUpdated, actor: str, 
     await update(conn, TEAMS, event, actor, now)
 
 
-async def delete_teams(conn: asyncpg.Connection, team_ids: list[str], actor: str) -> None:
+async def delete_teams(conn: asyncpg.Connection, team_ids: list[str], actor: str, now: datetime) -> None:
+    """Delete teams and their keys (all or none): a key must not outlive its team's budget."""
     for team_id in sorted(set(team_ids)):
         await delete(conn, TEAMS, TeamDeleted(team_id=team_id), actor)
+    await _delete_keys_of(conn, "team_id", team_ids, actor, now)
 
 
 async def create_user(conn: asyncpg.Connection, event: UserCreated, actor: str, now: datetime) -> None:
@@ -191,9 +194,19 @@ async def update_user(conn: asyncpg.Connection, event: UserUpdated, actor: str, 
     await update(conn, USERS, event, actor, now)
 
 
-async def delete_users(conn: asyncpg.Connection, user_ids: list[str], actor: str) -> None:
+async def delete_users(conn: asyncpg.Connection, user_ids: list[str], actor: str, now: datetime) -> None:
+    """Delete internal users and their keys (all or none), as LiteLLM does."""
     for user_id in sorted(set(user_ids)):
         await delete(conn, USERS, UserDeleted(user_id=user_id), actor)
+    await _delete_keys_of(conn, "user_id", user_ids, actor, now)
+
+
+async def _delete_keys_of(
+    conn: asyncpg.Connection, owner: str, owner_ids: list[str], actor: str, now: datetime
+) -> None:
+    rows = await conn.fetch(f"select key_hash from keys where {owner} = any($1::text[])", owner_ids)
+    if rows:
+        await keys.delete_keys(conn, [row["key_hash"] for row in rows], actor, now)
 
 
 def _fields(event: Event) -> dict[str, Any]:

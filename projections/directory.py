@@ -200,12 +200,3 @@ async def keys_of(conn: Conn, owner: str, owner_id: str) -> list[tuple[KeyRecord
         values["metadata"] = msgspec.json.decode(values["metadata"] or "{}")
         result.append((KeyRecord(**values), spend))
     return result
-
-
-async def key_hashes_of(conn: Conn, owner: str, owner_ids: Sequence[str]) -> list[str]:
-    """The hashes of every key of these teams or users (to delete them with their owners)."""
-    column = {"team": "team_id", "user": "user_id"}[owner]
-    rows = await conn.fetch(
-        f"select key_hash from keys where {column} = any($1::text[]) order by key_hash", list(owner_ids)
-    )
-    return [row["key_hash"] for row in rows]

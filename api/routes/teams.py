@@ -19,10 +19,9 @@ from api.jsonio import json_response
 from api.routes.keys import key_view
 from api.services import Services
 from ledger import directory
-from ledger import keys as key_commands
 from ledger.errors import NotFound
 from ledger.events import TeamCreated, TeamUpdated
-from projections.directory import get_team, key_hashes_of, keys_of, list_teams
+from projections.directory import get_team, keys_of, list_teams
 
 
 class NewTeamRequest(msgspec.Struct, kw_only=True):
@@ -143,11 +142,7 @@ async def delete_teams(request: Request[Any, Any, Any], data: TeamIds) -> Respon
         raise bad_request("team_ids must name at least one team", param="team_ids")
     now = datetime.now(UTC)
     async with services.pool.acquire() as conn, conn.transaction():
-        # As LiteLLM: a team's keys go with it (else they would outlive the team's budget).
-        hashes = await key_hashes_of(conn, "team", data.team_ids)
-        await directory.delete_teams(conn, data.team_ids, "master_key")
-        if hashes:
-            await key_commands.delete_keys(conn, hashes, actor="master_key", now=now)
+        await directory.delete_teams(conn, data.team_ids, "master_key", now)
     return json_response({"deleted_teams": data.team_ids})
 
 

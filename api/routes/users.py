@@ -24,7 +24,7 @@ from ledger.durations import DurationError, parse_duration
 from ledger.errors import NotFound
 from ledger.events import KeyGenerated, UserCreated, UserUpdated
 from ledger.keys import display_name, hash_key, new_key
-from projections.directory import get_user, key_hashes_of, keys_of, list_users
+from projections.directory import get_user, keys_of, list_users
 
 # LiteLLM's user roles (LitellmUserRoles).
 USER_ROLES: Final = frozenset(
@@ -199,11 +199,7 @@ async def delete_users(request: Request[Any, Any, Any], data: UserIds) -> Respon
         raise bad_request("user_ids must name at least one user", param="user_ids")
     now = datetime.now(UTC)
     async with services.pool.acquire() as conn, conn.transaction():
-        # As LiteLLM: a user's keys go with it (else they would outlive the user's budget).
-        hashes = await key_hashes_of(conn, "user", data.user_ids)
-        await directory.delete_users(conn, data.user_ids, "master_key")
-        if hashes:
-            await key_commands.delete_keys(conn, hashes, actor="master_key", now=now)
+        await directory.delete_users(conn, data.user_ids, "master_key", now)
     return json_response({"deleted_users": data.user_ids})
 
 
