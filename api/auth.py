@@ -15,7 +15,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from api.errors import auth_error
-from api.services import Services
+from api.services import services_of
 from ledger.keys import KeyRecord, hash_key
 
 
@@ -50,13 +50,8 @@ def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     return token or None
 
 
-def _services(connection: ASGIConnection[Any, Any, Any, Any]) -> Services:
-    services: Services = connection.app.state.services
-    return services
-
-
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
-    services = _services(connection)
+    services = services_of(connection)
     master_key = services.settings.master_key
     token = presented_key(connection)
     if master_key is None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+from litestar.connection import ASGIConnection
 
 from api.keycache import KeyCache
 from api.publishing import PublisherRunner
@@ -54,3 +55,9 @@ class Services:
     async def drain(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def services_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Services:
+    """The Services the composition root put on the app (every route's way to its dependencies)."""
+    services: Services = connection.app.state.services
+    return services

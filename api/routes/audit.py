@@ -20,7 +20,7 @@ from litestar.response import Stream
 from api.auth import Caller, authenticate
 from api.errors import auth_error, bad_request
 from api.jsonio import json_response
-from api.services import Services
+from api.services import Services, services_of
 from ledger.errors import NotFound
 from ledger.keys import hash_key
 from projections.audit import (
@@ -43,11 +43,6 @@ NDJSON_PAGE: Final = MAX_LIMIT
 _line_encoder: Final = msgspec.json.Encoder()
 # A "+hh:mm" offset sent unencoded in a query string arrives as " hh:mm".
 _SPACED_OFFSET: Final = re.compile(r" (\d{2}:?\d{2})$")
-
-
-def _services(request: Request[Any, Any, Any]) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 def _scope_of(caller: Caller) -> str | None:
@@ -109,7 +104,7 @@ async def audit_events(
 ) -> Response[Any]:
     caller = await authenticate(request)
     scope_key = _scope_of(caller)
-    services = _services(request)
+    services = services_of(request)
     for name, value in (
         ("customer", customer),
         ("user", user),

@@ -13,7 +13,7 @@ from msgspec import UNSET, UnsetType
 from api.auth import master_key_only
 from api.errors import bad_request
 from api.jsonio import json_response
-from api.services import Services
+from api.services import services_of
 from ledger import directory
 from ledger.errors import NotFound
 from ledger.events import BudgetDefined, BudgetUpdated
@@ -51,18 +51,13 @@ class BudgetRef(msgspec.Struct, kw_only=True):
 _tags = ["budgets"]
 
 
-def _services(request: Request[Any, Any, Any]) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
 def _missing(budget_id: str, param: str = "budget_id") -> NotFound:
     return NotFound(f"budget {budget_id!r} does not exist", param=param)
 
 
 @post("/budget/new", guards=[master_key_only], tags=_tags, status_code=200, summary="Create a budget tier")
 async def new_budget(request: Request[Any, Any, Any], data: NewBudgetRequest) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     budget_id = directory.new_budget_id() if data.budget_id is None else data.budget_id
     if not budget_id.strip():
         raise bad_request("budget_id must not be empty", param="budget_id")
@@ -85,7 +80,7 @@ async def new_budget(request: Request[Any, Any, Any], data: NewBudgetRequest) ->
 async def budget_info(request: Request[Any, Any, Any], data: BudgetIds) -> Response[Any]:
     if not data.budgets:
         raise bad_request("Name the budgets to read: {'budgets': [...]}", param="budgets")
-    found = await get_budgets(_services(request).pool, data.budgets)
+    found = await get_budgets(services_of(request).pool, data.budgets)
     known = {budget["budget_id"] for budget in found}
     for budget_id in data.budgets:
         if budget_id not in known:
@@ -101,7 +96,7 @@ async def budget_info(request: Request[Any, Any, Any], data: BudgetIds) -> Respo
     summary="Change a budget tier (only the fields sent)",
 )
 async def update_budget(request: Request[Any, Any, Any], data: UpdateBudgetRequest) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     changes = {
         name: getattr(data, name)
         for name in data.__struct_fields__
@@ -126,7 +121,7 @@ async def update_budget(request: Request[Any, Any, Any], data: UpdateBudgetReque
     summary="Delete a budget tier that no customer or key uses",
 )
 async def delete_budget(request: Request[Any, Any, Any], data: BudgetRef) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     async with services.pool.acquire() as conn, conn.transaction():
         view = await get_budget(conn, data.id)
         if view is None:
@@ -137,7 +132,7 @@ async def delete_budget(request: Request[Any, Any, Any], data: BudgetRef) -> Res
 
 @get("/budget/list", guards=[master_key_only], tags=_tags, summary="Every budget tier")
 async def budget_list(request: Request[Any, Any, Any]) -> Response[Any]:
-    return json_response(await list_budgets(_services(request).pool))
+    return json_response(await list_budgets(services_of(request).pool))
 
 
 route_handlers = [new_budget, budget_info, update_budget, delete_budget, budget_list]

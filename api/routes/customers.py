@@ -14,7 +14,7 @@ from msgspec import UNSET, UnsetType
 from api.auth import master_key_only
 from api.errors import bad_request
 from api.jsonio import json_response
-from api.services import Services
+from api.services import Services, services_of
 from ledger import directory
 from ledger.errors import NotFound
 from ledger.events import CustomerCreated, CustomerUpdated
@@ -59,11 +59,6 @@ _BUDGET_FIELDS = directory.BUDGET_FIELDS
 _tags = ["customers"]
 
 
-def _services(request: Request[Any, Any, Any]) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
 async def _info(services: Services, user_id: str) -> dict[str, Any]:
     info = await customer_info(services.pool, user_id, services.settings.max_end_user_budget_id)
     if info is None:
@@ -79,7 +74,7 @@ async def _info(services: Services, user_id: str) -> dict[str, Any]:
     summary="Create a customer with a budget tier (budget_id) or its own limits",
 )
 async def new_customer(request: Request[Any, Any, Any], data: NewCustomerRequest) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     if not data.user_id.strip():
         raise bad_request("user_id must not be empty", param="user_id")
     event = CustomerCreated(
@@ -105,7 +100,7 @@ async def new_customer(request: Request[Any, Any, Any], data: NewCustomerRequest
 async def get_customer_info(
     request: Request[Any, Any, Any], end_user_id: str = Parameter(query="end_user_id", min_length=1)
 ) -> Response[Any]:
-    return json_response(await _info(_services(request), end_user_id))
+    return json_response(await _info(services_of(request), end_user_id))
 
 
 @post(
@@ -116,7 +111,7 @@ async def get_customer_info(
     summary="Change a customer's alias, tier or own limits",
 )
 async def update_customer(request: Request[Any, Any, Any], data: UpdateCustomerRequest) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     changes = {
         name: getattr(data, name)
         for name in ("alias", "budget_id", "allowed_model_region", "default_model")
@@ -142,14 +137,14 @@ async def update_customer(request: Request[Any, Any, Any], data: UpdateCustomerR
     summary="Delete customers (all or none); their events and spend history stay",
 )
 async def delete_customers(request: Request[Any, Any, Any], data: CustomerIds) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     async with services.pool.acquire() as conn, conn.transaction():
         await directory.delete_customers(conn, data.user_ids, "master_key")
     return json_response({"deleted_customers": data.user_ids})
 
 
 async def _set_blocked(request: Request[Any, Any, Any], user_ids: list[str], blocked: bool) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     if not user_ids:
         raise bad_request("user_ids must name at least one customer", param="user_ids")
     now = datetime.now(UTC)
@@ -183,7 +178,7 @@ async def unblock_customers(request: Request[Any, Any, Any], data: CustomerIds) 
 
 @get(["/customer/list", "/end_user/list"], guards=[master_key_only], tags=_tags, summary="Every customer")
 async def get_customer_list(request: Request[Any, Any, Any]) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     return json_response(await list_customers(services.pool, services.settings.max_end_user_budget_id))
 
 

@@ -12,7 +12,7 @@ from litestar.params import Parameter
 from api.auth import master_key_only
 from api.errors import ApiError, bad_request
 from api.jsonio import json_response
-from api.services import Services
+from api.services import services_of
 from projections.export_files import PARQUET_MEDIA_TYPE, csv_bytes, parquet_bytes
 from projections.reconciliation import (
     PrecisionError,
@@ -49,7 +49,7 @@ async def get_reconciliation(
 ) -> Response[Any]:
     if first and last and first > last:
         raise bad_request("'from' is after 'to'", "from")
-    services: Services = request.app.state.services
+    services = services_of(request)
     start, end = day_range(first, last)
     try:
         report = await reconciliation_rows(services.pool, by, period, start, end)

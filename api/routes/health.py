@@ -9,7 +9,7 @@ from litestar import Request, Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.jsonio import json_response
-from api.services import Services
+from api.services import services_of
 from ledger.db import current_revision, head_revision
 
 
@@ -20,7 +20,7 @@ async def liveliness() -> Response[Any]:
 
 @get("/health/readiness", tags=["health"], summary="The database is reachable and migrated")
 async def readiness(request: Request[Any, Any, Any]) -> Response[Any]:
-    services: Services = request.app.state.services
+    services = services_of(request)
     try:
         revision = await current_revision(services.pool)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

@@ -15,7 +15,7 @@ from msgspec import UNSET, UnsetType
 from api.auth import Caller, authenticate, master_key_only
 from api.errors import auth_error, bad_request
 from api.jsonio import json_response
-from api.services import Services
+from api.services import services_of
 from ledger import keys as key_commands
 from ledger.durations import DurationError, parse_duration
 from ledger.errors import NotFound
@@ -105,11 +105,6 @@ def _key_hash(value: str) -> str:
     return value if _HASH.match(value) else hash_key(value)
 
 
-def _services(request: Request[Any, Any, Any]) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
 class KeyController(Controller):
     path = "/key"
     guards = [master_key_only]
@@ -117,7 +112,7 @@ class KeyController(Controller):
 
     @post("/generate", status_code=200, summary="Generate a virtual key (the plaintext is shown once)")
     async def generate(self, request: Request[Any, Any, Any], data: GenerateKeyRequest) -> Response[Any]:
-        services = _services(request)
+        services = services_of(request)
         now = datetime.now(UTC)
         plaintext = data.key or new_key()
         if not plaintext.startswith("sk-"):
@@ -145,7 +140,7 @@ class KeyController(Controller):
 
     @post("/update", status_code=200, summary="Change a key's settings (only the fields sent)")
     async def update(self, request: Request[Any, Any, Any], data: UpdateKeyRequest) -> Response[Any]:
-        services = _services(request)
+        services = services_of(request)
         now = datetime.now(UTC)
         changes = {
             name: getattr(data, name)
@@ -163,7 +158,7 @@ class KeyController(Controller):
 
     @post("/delete", status_code=200, summary="Delete keys (all or none)")
     async def delete(self, request: Request[Any, Any, Any], data: DeleteKeysRequest) -> Response[Any]:
-        services = _services(request)
+        services = services_of(request)
         hashes = [_key_hash(k) for k in data.keys]
         async with services.pool.acquire() as conn, conn.transaction():
             for alias in data.key_aliases:
@@ -185,7 +180,7 @@ class KeyController(Controller):
         return await self._set_blocked(request, data.key, blocked=False)
 
     async def _set_blocked(self, request: Request[Any, Any, Any], key: str, blocked: bool) -> Response[Any]:
-        services = _services(request)
+        services = services_of(request)
         async with services.pool.acquire() as conn, conn.transaction():
             record = await key_commands.set_blocked(
                 conn, _key_hash(key), blocked, "master_key", datetime.now(UTC)
@@ -203,7 +198,7 @@ class KeyController(Controller):
         size: int = Parameter(default=10, ge=1, le=100),
         return_full_object: bool = False,
     ) -> Response[Any]:
-        services = _services(request)
+        services = services_of(request)
         where = (
             "($1::text is null or user_id = $1) and ($2::text is null or team_id = $2) "
             "and ($3::text is null or key_alias = $3)"
@@ -238,7 +233,7 @@ class KeyController(Controller):
 @get("/key/info", tags=["keys"], summary="A key's settings and spend (the master key, or the key itself)")
 async def key_info(request: Request[Any, Any, Any], key: str | None = None) -> Response[Any]:
     caller: Caller = await authenticate(request)
-    services = _services(request)
+    services = services_of(request)
     if key is None:
         if caller.key is None:
             raise bad_request("Name the key: /key/info?key=sk-…", param="key")

@@ -10,7 +10,7 @@ from litestar import Request, Response, get, post
 from api.auth import master_key_only
 from api.jsonio import json_response
 from api.metrics import observe_status
-from api.services import Services
+from api.services import Services, services_of
 from ledger.outbox import outbox_status, retry_dead_letters
 
 
@@ -37,7 +37,7 @@ def publisher_health(services: Services) -> dict[str, Any]:
     summary="Outbox rows by sink and state, the oldest pending age, and the dead letters",
 )
 async def get_outbox_status(request: Request[Any, Any, Any]) -> Response[Any]:
-    services: Services = request.app.state.services
+    services = services_of(request)
     status = await outbox_status(services.pool)
     observe_status(status)
     return json_response({**status, "publisher": publisher_health(services)})
@@ -51,7 +51,7 @@ async def get_outbox_status(request: Request[Any, Any, Any]) -> Response[Any]:
     summary="Send dead letters again (all, or those named)",
 )
 async def post_outbox_retry(request: Request[Any, Any, Any], data: RetryRequest) -> Response[Any]:
-    services: Services = request.app.state.services
+    services = services_of(request)
     count = await retry_dead_letters(services.pool, data.ids, data.sink)
     return json_response({"requeued": count})
 

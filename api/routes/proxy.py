@@ -12,7 +12,7 @@ from api.enforcement import admit
 from api.errors import ApiError, bad_request
 from api.jsonio import json_response
 from api.proxy import Exchange, customer_of, decode_head, forward, record, upstream_body
-from api.services import Services
+from api.services import services_of
 from api.streaming import forward_stream
 
 _MODEL_CREATED = 1677610602  # OpenAI's list shows a creation time; ours are config entries
@@ -22,13 +22,8 @@ async def _caller(request: Request[Any, Any, Any]) -> Caller:
     return await authenticate(request)
 
 
-def _services(request: Request[Any, Any, Any]) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
 async def _proxy(route: str, request: Request[Any, Any, Any], caller: Caller) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     body = await request.body()
     head = decode_head(body)
     if head.stream and route == "embeddings":
@@ -111,7 +106,7 @@ async def embeddings(request: Request[Any, Any, Any], caller: Caller) -> Respons
 
 @get(["/models", "/v1/models"], dependencies=_dependencies, summary="Models this key may use")
 async def list_models(request: Request[Any, Any, Any], caller: Caller) -> Response[Any]:
-    names = [name for name in _services(request).router.model_names if caller.allows_model(name)]
+    names = [name for name in services_of(request).router.model_names if caller.allows_model(name)]
     data = [
         {"id": name, "object": "model", "created": _MODEL_CREATED, "owned_by": "spendledger"}
         for name in names

@@ -11,7 +11,7 @@ from litestar.params import Parameter
 
 from api.auth import master_key_only
 from api.jsonio import json_response
-from api.services import Services
+from api.services import services_of
 from ledger.keys import hash_key
 from projections import daily
 from projections.spend_logs import daily_spend, day_range, global_spend_report, spend_logs
@@ -34,7 +34,7 @@ async def get_spend_logs(
     end_date: date | None = None,
     limit: int = Parameter(default=1000, ge=1, le=100_000),
 ) -> Response[Any]:
-    services: Services = request.app.state.services
+    services = services_of(request)
     start, end = day_range(start_date, end_date)
     if api_key is None and user_id is None and request_id is None and (start or end):
         return json_response(await daily_spend(services.pool, start, end))
@@ -63,7 +63,7 @@ async def get_global_spend_report(
     end_date: date | None = None,
     group_by: Literal["team", "customer", "api_key"] = "team",
 ) -> Response[Any]:
-    services: Services = request.app.state.services
+    services = services_of(request)
     start, end = day_range(start_date, end_date)
     return json_response(await global_spend_report(services.pool, start, end, group_by))
 
@@ -81,7 +81,7 @@ async def get_daily_spend(
     start_date: date | None = None,
     end_date: date | None = None,
 ) -> Response[Any]:
-    services: Services = request.app.state.services
+    services = services_of(request)
     rows = await daily.daily_spend(services.pool, scope, start_date, end_date, scope_id)
     return json_response({"rows": rows, "checkpoint": await daily.checkpoint(services.pool)})
 

@@ -17,7 +17,7 @@ from api.auth import master_key_only
 from api.errors import bad_request
 from api.jsonio import json_response
 from api.routes.keys import key_view
-from api.services import Services
+from api.services import services_of
 from ledger import directory
 from ledger.errors import NotFound
 from ledger.events import TeamCreated, TeamUpdated
@@ -63,11 +63,6 @@ class TeamRef(msgspec.Struct, kw_only=True):
 _tags = ["teams"]
 
 
-def _services(request: Request[Any, Any, Any]) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
 async def _team(conn: asyncpg.Connection | asyncpg.Pool, team_id: str) -> dict[str, Any]:
     view = await get_team(conn, team_id)
     if view is None:
@@ -76,7 +71,7 @@ async def _team(conn: asyncpg.Connection | asyncpg.Pool, team_id: str) -> dict[s
 
 
 async def _update(request: Request[Any, Any, Any], team_id: str, changes: dict[str, Any]) -> dict[str, Any]:
-    services = _services(request)
+    services = services_of(request)
     async with services.pool.acquire() as conn, conn.transaction():
         if changes:
             await directory.update_team(
@@ -87,7 +82,7 @@ async def _update(request: Request[Any, Any, Any], team_id: str, changes: dict[s
 
 @post("/team/new", guards=[master_key_only], tags=_tags, status_code=200, summary="Create a team")
 async def new_team(request: Request[Any, Any, Any], data: NewTeamRequest) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     team_id = str(uuid.uuid4()) if data.team_id is None else data.team_id
     if not team_id.strip():
         raise bad_request("team_id must not be empty", param="team_id")
@@ -137,7 +132,7 @@ async def update_team(request: Request[Any, Any, Any], data: UpdateTeamRequest) 
     summary="Delete teams and their keys (all or none); their events and spend history stay",
 )
 async def delete_teams(request: Request[Any, Any, Any], data: TeamIds) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     if not data.team_ids:
         raise bad_request("team_ids must name at least one team", param="team_ids")
     now = datetime.now(UTC)
@@ -150,7 +145,7 @@ async def delete_teams(request: Request[Any, Any, Any], data: TeamIds) -> Respon
 async def team_info(
     request: Request[Any, Any, Any], team_id: str = Parameter(query="team_id", min_length=1)
 ) -> Response[Any]:
-    pool = _services(request).pool
+    pool = services_of(request).pool
     view = await _team(pool, team_id)
     keys = [key_view(record, spend) for record, spend in await keys_of(pool, "team", team_id)]
     return json_response({"team_id": team_id, "team_info": view, "keys": keys})
@@ -158,7 +153,7 @@ async def team_info(
 
 @get("/team/list", guards=[master_key_only], tags=_tags, summary="Every team")
 async def team_list(request: Request[Any, Any, Any]) -> Response[Any]:
-    return json_response(await list_teams(_services(request).pool))
+    return json_response(await list_teams(services_of(request).pool))
 
 
 @post(

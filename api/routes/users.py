@@ -17,7 +17,7 @@ from api.auth import master_key_only
 from api.errors import bad_request
 from api.jsonio import json_response
 from api.routes.keys import key_view
-from api.services import Services
+from api.services import services_of
 from ledger import directory
 from ledger import keys as key_commands
 from ledger.durations import DurationError, parse_duration
@@ -81,11 +81,6 @@ class UserIds(msgspec.Struct, kw_only=True):
 _tags = ["users"]
 
 
-def _services(request: Request[Any, Any, Any]) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
 def _check_role(role: str | None) -> None:
     if role is not None and role not in USER_ROLES:
         raise bad_request(
@@ -108,7 +103,7 @@ async def _user(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> dict[s
     summary="Create an internal user, and a key for it (the plaintext is shown once)",
 )
 async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     now = datetime.now(UTC)
     user_id = str(uuid.uuid4()) if data.user_id is None else data.user_id
     if not user_id.strip():
@@ -167,7 +162,7 @@ async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Res
     summary="Change an internal user (only the fields sent)",
 )
 async def update_user(request: Request[Any, Any, Any], data: UpdateUserRequest) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     changes = {
         name: getattr(data, name)
         for name in data.__struct_fields__
@@ -194,7 +189,7 @@ async def update_user(request: Request[Any, Any, Any], data: UpdateUserRequest) 
     summary="Delete internal users and their keys (all or none); their events and spend history stay",
 )
 async def delete_users(request: Request[Any, Any, Any], data: UserIds) -> Response[Any]:
-    services = _services(request)
+    services = services_of(request)
     if not data.user_ids:
         raise bad_request("user_ids must name at least one user", param="user_ids")
     now = datetime.now(UTC)
@@ -207,7 +202,7 @@ async def delete_users(request: Request[Any, Any, Any], data: UserIds) -> Respon
 async def user_info(
     request: Request[Any, Any, Any], user_id: str = Parameter(query="user_id", min_length=1)
 ) -> Response[Any]:
-    pool = _services(request).pool
+    pool = services_of(request).pool
     view = await _user(pool, user_id)
     keys = [key_view(record, spend) for record, spend in await keys_of(pool, "user", user_id)]
     return json_response({"user_id": user_id, "user_info": view, "keys": keys})
@@ -222,7 +217,7 @@ async def user_list(
     page_size: int = Parameter(default=25, ge=1, le=100),
 ) -> Response[Any]:
     ids = [uid.strip() for uid in user_ids.split(",") if uid.strip()] if user_ids else None
-    users, total = await list_users(_services(request).pool, page, page_size, role=role, user_ids=ids)
+    users, total = await list_users(services_of(request).pool, page, page_size, role=role, user_ids=ids)
     return json_response(
         {
             "users": users,
