@@ -9,6 +9,7 @@ import asyncpg
 import httpx
 import structlog
 
+from api.http_client import pooled_client
 from api.metrics import observe_delivery, observe_status
 from ledger.config import Settings
 from ledger.events import UsageRecorded
@@ -38,7 +39,7 @@ class PublisherRunner:
     """Runs a Publisher and keeps the outbox gauges fresh; stopped with the process."""
 
     def __init__(self, pool: asyncpg.Pool, database_url: str, settings: Settings) -> None:
-        self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=100))
+        self._client = pooled_client(100)
         self.sinks = build_sinks(settings, self._client)
         self.publisher = Publisher(pool, database_url, self.sinks)
         self.publisher.on_delivered.append(observe_delivery)

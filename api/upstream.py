@@ -10,6 +10,7 @@ from typing import Final
 
 import httpx
 
+from api.http_client import pooled_client
 from api.mock_provider import MockTransport
 from ledger.config import Deployment
 
@@ -28,8 +29,7 @@ class UpstreamFailure(Exception):
 
 class Upstream:
     def __init__(self, max_connections: int = 1000) -> None:
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self._http = httpx.AsyncClient(limits=limits, http2=False, follow_redirects=False)
+        self._http = pooled_client(max_connections, follow_redirects=False)
         self._mock = httpx.AsyncClient(transport=MockTransport(), base_url="http://mock.invalid")
 
     async def aclose(self) -> None:
