@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections import Counter
@@ -47,7 +48,11 @@ from typing import Any
 
 import asyncpg
 import httpx
-import psutil
+
+try:
+    import psutil
+except ImportError:  # read /proc instead
+    psutil = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -196,6 +201,8 @@ def stats(service: Service) -> Counter[str]:
 
 def tree_cpu(pid: int) -> float:
     """CPU seconds of a process, its live descendants, and the children it has reaped."""
+    if psutil is None:
+        return _proc_tree_cpu(pid)
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
@@ -207,6 +214,23 @@ def tree_cpu(pid: int) -> float:
             t = process.cpu_times()
             total += t.user + t.system + t.children_user + t.children_system
     return total
+
+
+def _proc_tree_cpu(pid: int) -> float:
+    """tree_cpu from /proc/<pid>/stat: utime, stime, cutime, cstime (fields 14-17), children by ppid."""
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stats[int(entry.name)] = (entry / "stat").read_text().rpartition(")")[2].split()
+    tree, todo = set[int](), [pid]
+    while todo:
+        current = todo.pop()
+        if current in stats and current not in tree:
+            tree.add(current)
+            todo += [p for p, fields in stats.items() if int(fields[1]) == current]
+    ticks = sum(int(v) for p in tree for v in stats[p][11:15])  # after "(comm)": state is [0], utime [11]
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def machine_cpu() -> float:
@@ -277,6 +301,8 @@ class Run:
     forwarded: int | None = None  # spendledger only: requests the upstream saw from it
     recorded: int | None = None  # spendledger only: UsageRecorded appended during the run
     drain_s: float | None = None  # spendledger only: until the outbox had nothing pending
+    waits: Counter[str] | None = None  # spendledger only: PostgreSQL's active backends by wait event
+    wait_samples: int = 0
 
     @property
     def rps(self) -> float:
@@ -301,6 +327,46 @@ def wrk(target: Target, connections: int, seconds: float, meter: Meter) -> Run:
     errors = {k: r[k] for k in ("connect", "read", "write", "timeout", "status")}
     return Run(target.name, connections, r["requests"], r["duration_us"] / 1e6, r["p50_us"] / 1000,
                r["p99_us"] / 1000, errors, cpu)  # fmt: skip
+
+
+class WaitSampler:
+    """PostgreSQL's active backends by wait event every 50 ms (`CPU` when not waiting), from a thread with a
+    connection of its own."""
+
+    SQL = (
+        "select coalesce(wait_event_type || ':' || wait_event, 'CPU') as w, count(*) as n from pg_stat_activity "
+        "where datname = current_database() and pid <> pg_backend_pid() and backend_type = 'client backend' "
+        "and state <> 'idle' group by 1"
+    )
+
+    def __init__(self, url: str) -> None:
+        self.url, self.waits, self.samples = url, Counter[str](), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._sample()), daemon=True)
+
+    def __enter__(self) -> WaitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    async def _sample(self) -> None:
+        conn = await asyncpg.connect(self.url)
+        try:
+            while not self._stop.is_set():
+                self.waits.update({r["w"]: r["n"] for r in await conn.fetch(self.SQL)})
+                self.samples += 1
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+
+
+def waits_text(waits: Counter[str], samples: int) -> str:
+    total = waits.total() or 1
+    shares = ", ".join(f"{w} {n / total:.0%}" for w, n in waits.most_common(5))
+    return f"{waits.total() / max(samples, 1):.1f} backends active on average: {shares}"
 
 
 class Ledger:
@@ -345,64 +411,119 @@ def settle(ledger: Ledger, upstream: Service, timeout_s: float = 300.0) -> tuple
 
 # --- the profile ---
 
-# Where a sample's time goes: the innermost frame of its stack that matches one of these (in order).
-COST_CENTRES: list[tuple[str, tuple[str, ...], str]] = [
-    ("outbox publisher (Lago batches, one signed webhook POST per request)",
-     ("ledger/outbox.py", "ledger/sinks/", "api/publishing.py", "standardwebhooks"),
-     "every request makes a Lago row and a spend_tracked webhook row; the publisher in the same process "
-     "claims them, POSTs Lago in batches of 100 but each webhook alone (httpx + HMAC), and marks them"),
-    ("record: group commit (sl_record_usages)", ("ledger/usage.py",),
-     "building and encoding the UsageRecorded batch, the asyncpg round trip and decoding the spends"),
-    ("admission (sl_admit)", ("ledger/admission.py", "api/enforcement.py"),
-     "building the Admission, encoding it, one asyncpg round trip, decoding the outcome"),
-    ("upstream call (httpx client)", ("api/upstream.py",),
-     "httpx/httpcore: build the request, pool checkout, write, parse the response (pure Python h11)"),
-    ("proxy handler (decode head, body rewrite, usage, event, headers)", ("api/proxy.py", "api/routes/proxy.py"),
-     "msgspec decode of the head, re-encode of the body for the upstream model name, the event struct, "
-     "headers"),
-    ("auth (key cache, SHA-256)", ("api/auth.py", "api/keycache.py"), "hash the bearer key, look it up"),
-    ("background followers (daily spend, hold sweeper, key cache)",
-     ("projections/", "api/app.py"), "tasks every process runs besides requests"),
-    ("Litestar (routing, DI, request/response)", ("litestar/",),
-     "the framework: routing, dependency injection, building the Request and encoding the Response"),
-    ("uvicorn + httptools (HTTP server)", ("uvicorn/", "httptools"),
-     "parsing requests and writing responses in the server protocol"),
-    ("asyncio/uvloop event loop", ("asyncio/", "uvloop", "selectors.py"),
-     "scheduling tasks and futures, waking on sockets"),
-    ("logging", ("structlog", "logging/"), "log records"),
+# Which part of spendledger a CPU sample is for: the innermost frame of its stack in one of these.
+COMPONENTS: list[tuple[str, tuple[str, ...], str]] = [
+    ("webhook deliveries (outbox)", ("ledger/sinks/webhook.py",),
+     "one signed POST per request (httpx + Standard Webhooks HMAC), sent by the publisher in the same process"),
+    ("Lago deliveries (outbox)", ("ledger/sinks/lago.py",), "one POST per batch of up to 100 events"),
+    ("outbox claim / mark", ("ledger/outbox.py", "api/publishing.py", "api/metrics.py"),
+     "the publisher's claim (FOR UPDATE SKIP LOCKED) and mark transactions, woken by NOTIFY"),
+    ("record: group commit", ("ledger/usage.py",),
+     "encode the batch of UsageRecorded, one `sl_record_usages` round trip, release the connection"),
+    ("admission", ("ledger/admission.py", "api/enforcement.py"),
+     "build and encode the Admission, one `sl_admit` round trip, release the connection"),
+    ("upstream call", ("api/upstream.py",), "the httpx request to the provider and reading its answer"),
+    ("proxy handler", ("api/proxy.py", "api/routes/proxy.py"),
+     "decode the head, rewrite `model` in the body, read usage, build the event and the headers"),
+    ("auth", ("api/auth.py", "api/keycache.py"), "hash the bearer key, look it up in the cache"),
+    ("background tasks", ("projections/", "api/app.py", "ledger/"), "daily spend follower, hold sweeper"),
 ]  # fmt: skip
+# Which library spends the CPU: the innermost frame of the sample's stack in one of these (frames of the
+# standard library, such as asyncio's current_task under anyio, go to the library that called them).
+PACKAGES: list[tuple[str, tuple[str, ...]]] = [
+    (
+        "HTTP client, transport: aiohttp (httpx-aiohttp)",
+        ("aiohttp/", "httpx_aiohttp/", "yarl/", "multidict/"),
+    ),
+    ("HTTP client, transport: httpcore, h11, anyio", ("httpcore/", "h11/", "anyio/", "sniffio/")),
+    ("HTTP client: httpx's API layer (requests, headers, URLs)", ("httpx/",)),
+    ("asyncpg (with its Cython protocol)", ("asyncpg/",)),
+    ("Litestar", ("litestar/",)),
+    ("uvicorn + httptools", ("uvicorn/", "httptools/")),
+    ("webhook signing (standardwebhooks)", ("standardwebhooks/",)),
+    ("prometheus_client", ("prometheus_client/",)),
+    ("msgspec", ("msgspec/",)),
+    ("structlog", ("structlog/",)),
+    ("spendledger's own code", ("api/", "ledger/", "projections/")),
+]
+LOOP = "Runner.run (asyncio/runners.py"
+EVENT_LOOP = "event loop: uvloop's C code (epoll, socket syscalls, loopback TCP)"
+IDLE_LEAVES = ("Condition.wait (threading.py", "Queue.get (queue.py", "EpollSelector.select (selectors.py")
 
 
-def summarise_profile(raw: Path, seconds: float, rps: float) -> tuple[str, list[tuple[str, float, str]]]:
-    """The text of docs/profile-proxy.txt, and the cost centres with their share of the samples."""
+def _frames(raw: Path) -> Counter[tuple[str, ...]]:
     stacks: Counter[tuple[str, ...]] = Counter()
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
-            stacks[tuple(f for f in stack.split(";") if not f.startswith(("process ", "thread ")))] += int(
-                count
-            )
+            frames = tuple(f for f in stack.split(";") if f and not f.startswith(("process ", "thread ")))
+            if frames and not frames[-1].startswith(IDLE_LEAVES):  # threads py-spy took for busy
+                stacks[frames] += int(count)
+    return stacks
+
+
+def _below_loop(frames: tuple[str, ...]) -> tuple[str, ...]:
+    """The frames run by the event loop (not the server's start-up frames above it)."""
+    loop = max((i for i, f in enumerate(frames) if f.startswith(LOOP)), default=-1)
+    return frames[loop + 1 :]
+
+
+def _component(frames: tuple[str, ...]) -> str:
+    below = _below_loop(frames)
+    for frame in reversed(below):
+        for name, marks, _ in COMPONENTS:
+            if any(f"({m}" in frame for m in marks):
+                return name
+    if not below:
+        return EVENT_LOOP
+    if any("(litestar/" in f or "(uvicorn/" in f for f in below):
+        return "server and framework, outside our handlers"
+    return "socket callbacks outside any handler (asyncpg, aiohttp protocols)"
+
+
+def _package(frames: tuple[str, ...]) -> str:
+    below = _below_loop(frames)
+    if not below:
+        return EVENT_LOOP
+    for frame in reversed(below):
+        path = frame.rpartition("(")[2]
+        for name, marks in PACKAGES:
+            if path.startswith(marks):
+                return name
+    return "standard library only (asyncio callbacks, threads)"
+
+
+def summarise_profile(raw: Path, seconds: float, rps: float) -> tuple[str, list[tuple[str, float, str]]]:
+    """The text of docs/profile-proxy.txt; the components and the packages with their shares."""
+    stacks = _frames(raw)
     total = sum(stacks.values()) or 1
-    own, inclusive, centres = Counter[str](), Counter[str](), Counter[str]()
+    own, inclusive, components, packages = Counter[str](), Counter[str](), Counter[str](), Counter[str]()
     for frames, n in stacks.items():
         own[frames[-1]] += n
         for frame in set(frames):
             inclusive[frame] += n
-        centre = "other (libraries, asyncpg/msgspec internals)"
-        for frame in reversed(frames):
-            found = next((name for name, marks, _ in COST_CENTRES if any(m in frame for m in marks)), None)
-            if found:
-                centre = found
-                break
-        centres[centre] += n
-    notes = {name: note for name, _, note in COST_CENTRES}
-    ranked = [(name, n / total, notes.get(name, "")) for name, n in centres.most_common()]
+        components[_component(frames)] += n
+        packages[_package(frames)] += n
+    notes = {name: note for name, _, note in COMPONENTS} | {
+        EVENT_LOOP: "uvloop runs in C: waiting is excluded, so this is socket reads and writes (the kernel's "
+        "loopback TCP work included) and callback dispatch",
+        "server and framework, outside our handlers": "uvicorn's protocol, Litestar's routing, dependency "
+        "injection and response encoding",
+        "socket callbacks outside any handler (asyncpg, aiohttp protocols)": "data arriving on PostgreSQL and "
+        "HTTP client connections, parsed before the awaiting request resumes",
+    }
+    ranked = [(name, n / total, notes.get(name, "")) for name, n in components.most_common()]
+    ranked += [(f"package: {name}", n / total, "") for name, n in packages.most_common()]
     lines = [
-        f"py-spy profile of spendledger (scripts/bench/proxy.py) under wrk -c64 for {seconds:.0f} s "
-        f"({rps:,.0f} req/s while profiled), {total:,} samples (CPU only, idle excluded).",
+        f"py-spy profile of spendledger (scripts/bench/proxy.py) under wrk -c64 for {seconds:g} s "
+        f"({rps:,.0f} req/s while profiled): {total:,} CPU samples at 100 Hz (blocking mode, so stacks are "
+        "whole; idle excluded).",
         "",
-        "Cost centres (each sample goes to the innermost frame that matches one):",
-        *(f"  {share:6.1%}  {name}" for name, share, _ in ranked),
+        "By component of spendledger (innermost frame of ours in the stack):",
+        *(f"  {n / total:6.1%}  {name}" for name, n in components.most_common()),
+        "",
+        "By library that spends the CPU (innermost library frame; stdlib frames go to their caller):",
+        *(f"  {n / total:6.1%}  {name}" for name, n in packages.most_common()),
         "",
         "Top 40 functions by own time:",
         *(f"  {n / total:6.1%}  {frame}" for frame, n in own.most_common(40)),
@@ -410,14 +531,13 @@ def summarise_profile(raw: Path, seconds: float, rps: float) -> tuple[str, list[
         "Top 80 functions by inclusive time:",
         *(f"  {n / total:6.1%}  {frame}" for frame, n in inclusive.most_common(80)),
         "",
-        "Top 40 stacks (root first; frames of the event loop and the server's protocol above the app elided):",
+        "Top 30 stacks (innermost last; frames above the first of ours cut):",
     ]
-    for frames, n in stacks.most_common(40):
-        shown = list(frames)
+    for frames, n in stacks.most_common(30):
         cut = next(
-            (i for i, f in enumerate(shown) if "api/" in f or "ledger/" in f or "projections/" in f), 0
+            (i for i, f in enumerate(frames) if "(api/" in f or "(ledger/" in f or "(projections/" in f), 0
         )
-        lines.append(f"  {n / total:6.1%}  " + " ; ".join(shown[max(0, cut - 1) :]))
+        lines.append(f"  {n / total:6.1%}  " + " ; ".join(frames[cut:]))
     return "\n".join(lines) + "\n", ranked
 
 
@@ -425,7 +545,7 @@ def profile(spendledger: Service, target: Target, seconds: float, meter: Meter, 
             spy: str, workers: int) -> tuple[Run, Path]:  # fmt: skip
     raw = workdir / "profile.raw"
     argv = [spy, "record", "--pid", str(spendledger.process.pid), "--rate", "100", "--duration",
-            str(max(1, int(seconds) - 1)), "--format", "raw", "--nonblocking", "-o", str(raw)]  # fmt: skip
+            str(max(1, int(seconds) - 1)), "--format", "raw", "-o", str(raw)]  # fmt: skip
     if workers > 1:
         argv.append("--subprocesses")
     spying = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -525,18 +645,118 @@ def markdown(runs: list[Run], profiled: Run | None, args: argparse.Namespace, ch
         out.append(f"| {i} | {name} | {run.connections} | {run.requests:,} | {run.rps:,.0f} | {run.p50_ms:.2f} "
                    f"| {run.p99_ms:.2f} | {errors} | {proxy} | {run.cpu['postgres']:.2f} | "
                    f"{run.cpu['others']:.2f} | {check} |")  # fmt: skip
+    waits = pg_waits(runs)
+    if waits:
+        out += ["", "PostgreSQL during spendledger's runs (its active backends by wait event, sampled every 50 ms; "
+                "`CPU` = not waiting):", "", *(f"- {conns} connection(s): {text}" for conns, (text, _) in waits.items())]  # fmt: skip
     out += ["", "Checks:", "", *(f"- {c}" for c in checks)]
     if centres and profiled:
         out += ["", f"### Profile of spendledger at 64 connections ({PROFILE.relative_to(PROJECT_ROOT)})", "",
-                f"py-spy (100 Hz, CPU samples, idle excluded) of the spendledger process during an extra "
+                f"py-spy (100 Hz, blocking mode so that stacks are whole, idle excluded) of the spendledger process during an extra "
                 f"{args.duration:g} s run at 64 connections ({profiled.rps:,.0f} req/s while profiled; not in the "
-                "table above). Each sample is charged to the innermost frame that belongs to one of these:", "",
-                "| cost centre | share of CPU samples | what it is |", "|---|---|---|"]  # fmt: skip
-        out += [f"| {name} | {share:.1%} | {note} |" for name, share, note in centres]
+                "table above). A sample is charged to the innermost frame of spendledger's own code in its stack "
+                "(first table), and to the innermost library frame, the library that spends the CPU (second):", "",
+                "| component | share of CPU samples | what it is |", "|---|---|---|"]  # fmt: skip
+        out += [
+            f"| {name} | {share:.1%} | {note} |"
+            for name, share, note in centres
+            if not name.startswith("package: ")
+        ]
+        out += ["", "| library | share of CPU samples |", "|---|---|"]
+        out += [f"| {name.removeprefix('package: ')} | {share:.1%} |" for name, share, _ in centres
+                if name.startswith("package: ")]  # fmt: skip
+        out += ["", *explain(dict((name, share) for name, share, _ in centres), rows, waits.get(64))]
     return "\n".join(out) + "\n"
 
 
+def pg_waits(runs: list[Run]) -> dict[int, tuple[str, Counter[str]]]:
+    out = {}
+    for conns in CONNECTIONS:
+        mine = [
+            r for r in runs if r.target == "spendledger" and r.connections == conns and r.waits is not None
+        ]
+        if mine:
+            waits = sum((r.waits for r in mine if r.waits is not None), Counter[str]())
+            out[conns] = (waits_text(waits, sum(r.wait_samples for r in mine)), waits)
+    return out
+
+
+def explain(
+    share: dict[str, float],
+    rows: dict[tuple[str, int], dict[str, float]],
+    waits: tuple[str, Counter[str]] | None,
+) -> list[str]:
+    """The top costs in words, with this run's numbers (the wording follows what the profile shows)."""
+
+    def lib(name: str) -> float:
+        return share.get("package: " + name, 0.0)
+
+    aio, core, api = (lib(name) for name, _ in PACKAGES[:3])
+    http, pg = aio + core + api, lib(PACKAGES[3][0])
+    frame = lib("Litestar") + lib("uvicorn + httptools")
+    sl = rows.get(("spendledger", 64), {})
+    rps = max(sl.get("rps", 1.0), 1.0)
+    machine = sum(sl.get(g, 0.0) for g in GROUPS)
+    webhooks = share.get("webhook deliveries (outbox)", 0.0)
+    cores = len(os.sched_getaffinity(0))
+    lock = sum(n for w, n in (waits[1] if waits else Counter[str]()).items() if w.startswith("Lock:"))
+    lock_share = lock / max((waits[1].total() if waits else 0), 1)
+    wal_share = (waits[1]["IO:WALSync"] if waits else 0) / max((waits[1].total() if waits else 0), 1)
+    if sl.get("proxy", 0.0) >= 0.9:
+        bound = (
+            f"**At 64 connections spendledger is bound by its one process's CPU** ({sl['proxy']:.2f} cores)"
+        )
+    elif machine < 0.9 * cores and waits:
+        bound = (
+            f"**At 64 connections neither spendledger's process ({sl.get('proxy', 0):.2f} cores) nor the machine "
+            f"({machine:.2f} of {cores} cores) is saturated: requests wait on PostgreSQL**, whose active backends "
+            f"spend {lock_share:.0%} of their time waiting for a lock ({waits[0]}). Every admission updates the one "
+            "customer's budget row; each group-commit batch locks that row first (`sl_lock_for_settle`) and keeps it "
+            "until the whole batch is settled and committed, so admissions queue behind settles and settles behind "
+            f"admissions. The flush is not what they wait for (IO:WALSync {wal_share:.0%})"
+        )
+    else:
+        bound = (
+            f"**At 64 connections the machine is the limit**: {machine:.2f} of its {cores} cores busy, "
+            f"spendledger's process {sl.get('proxy', 0):.2f}, PostgreSQL {sl.get('postgres', 0):.2f}, the fakes and wrk "
+            "the rest"
+        )
+    transport = (
+        "Its transport is aiohttp (httpx-aiohttp): most of the client's time is now httpx's own request, header "
+        "and URL objects around it, and aiohttp's writer and parser."
+        if aio >= core
+        else "Its transport is httpcore: the pool walks every pooled connection when a request is queued and again "
+        "when one is released, polling each idle socket (`has_expired` → `is_socket_readable`), so with 64 "
+        "upstream connections most of that time is pool bookkeeping, plus anyio's cancel scopes around every "
+        "socket operation and h11's pure-Python parsing."
+    )
+    return [
+        "What the profile says:",
+        "",
+        f"- {bound}. Per request: {sl.get('proxy', 0) / rps * 1000:.2f} ms of CPU in spendledger's process and "
+        f"{sl.get('postgres', 0) / rps * 1000:.2f} ms in PostgreSQL; requests queue, which is why p50 at 64 "
+        "connections is far above the single-connection latency.",
+        f"- **The HTTP client is the top cost: {http:.0%} of the CPU samples** (httpx's API layer {api:.0%}, "
+        f"aiohttp {aio:.0%}, httpcore/h11/anyio {core:.0%}), for the upstream call "
+        f"({share.get('upstream call', 0):.0%} of all samples) and the publisher's deliveries (webhooks "
+        f"{webhooks:.0%}, Lago {share.get('Lago deliveries (outbox)', 0):.0%}). {transport}",
+        f"- **The webhook sink costs one full HTTP request per proxied request** ({webhooks:.0%} of the samples, "
+        "on the same event loop as the requests): `spend_tracked` is one signed POST per request, where Lago gets "
+        "one POST per batch of up to 100 events.",
+        f"- **asyncpg {pg:.0%}**: the admission and the group commit, one round trip each, plus the `reset` "
+        "(`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`) asyncpg sends when a connection goes back "
+        "to the pool: one more round trip after every `pool.fetch*`, and the publisher's claims and marks.",
+        f"- Litestar and uvicorn {frame:.0%}; the event loop's C code {lib(EVENT_LOOP):.0%}; spendledger's own code "
+        f"(the head decode, the body rewrite, the event, pricing, encoding) {lib(PACKAGES[-1][0]):.0%}. JSON work "
+        "and logging are not where the time goes.",
+    ]
+
+
 # --- main ---
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -551,6 +771,7 @@ def main() -> None:
                         help="seconds to wait at most, before each run, for other work on the machine to calm")  # fmt: skip
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)  # stop every server we started, as Ctrl-C does
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get update && apt-get install -y wrk")
@@ -638,8 +859,11 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
     def measure(target: Target, conns: int, seconds: float) -> Run:
         waited = meter.wait_quiet(0.3, args.quiet_wait)
         recorded = ledger.usage_count()
-        run = wrk(target, conns, seconds, meter)
-        if target.name == "spendledger":
+        sampler = WaitSampler(database.url) if target.name == "spendledger" else None
+        with sampler or contextlib.nullcontext():
+            run = wrk(target, conns, seconds, meter)
+        if sampler is not None:
+            run.waits, run.wait_samples = sampler.waits, sampler.samples
             _, total, run.drain_s = settle(ledger, upstream)
             run.forwarded = run.recorded = total - recorded
         print(f"{target.name:>11} c{conns:<3} {run.rps:9,.0f} req/s  p50 {run.p50_ms:7.2f} ms  p99 "
@@ -720,6 +944,7 @@ def final_checks(ledger: Ledger, upstream: Service, sinks: Service, runs: list[R
 
 
 def describe(args: argparse.Namespace, server: str) -> str:
+    order = "direct → spendledger" + ("" if args.skip_litellm else " → LiteLLM")
     litellm = (
         "" if args.skip_litellm else
         f" LiteLLM proxy {LITELLM_VERSION} from PyPI (own virtualenv .bench/litellm, `litellm --config "
@@ -736,7 +961,7 @@ def describe(args: argparse.Namespace, server: str) -> str:
         "appends a UsageRecorded and two outbox rows that the publisher in the same process delivers." + litellm
         + f" Load: `wrk -t1 -c64|-c1 -d{args.duration:g}s --timeout {WRK_TIMEOUT} -s scripts/bench/post.lua`, "
         f"the same POST /chat/completions body (model, user, max_tokens 64, two messages) for all; after a "
-        f"{args.warmup:g} s warm-up of each, runs alternate direct → spendledger → LiteLLM, {args.rounds} rounds per "
+        f"{args.warmup:g} s warm-up of each, runs alternate {order}, {args.rounds} rounds per "
         "connection count; before each run the script waits (up to "
         f"{args.quiet_wait:g} s) for the rest of the machine to use under 0.3 cores, and after each spendledger run "
         "until the ledger has every forwarded request and the outbox nothing pending."
