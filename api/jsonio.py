@@ -15,6 +15,17 @@ from litestar import Response
 encoder: Final = msgspec.json.Encoder(decimal_format="number")
 
 
+def sent_fields(data: msgspec.Struct, *leave_out: str) -> dict[str, Any]:
+    """The fields an update request actually sent (UNSET ones, and `leave_out`, omitted), lists
+    made tuples as the events hold them: "only the fields sent change"."""
+    fields = {}
+    for name in data.__struct_fields__:
+        value = getattr(data, name)
+        if name not in leave_out and value is not msgspec.UNSET:
+            fields[name] = tuple(value) if isinstance(value, list) else value
+    return fields
+
+
 def json_response(
     content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response[Any]:

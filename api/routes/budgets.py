@@ -12,7 +12,7 @@ from msgspec import UNSET, UnsetType
 
 from api.auth import master_key_only
 from api.errors import bad_request
-from api.jsonio import json_response
+from api.jsonio import json_response, sent_fields
 from api.services import services_of
 from ledger import directory
 from ledger.errors import NotFound
@@ -97,11 +97,7 @@ async def budget_info(request: Request[Any, Any, Any], data: BudgetIds) -> Respo
 )
 async def update_budget(request: Request[Any, Any, Any], data: UpdateBudgetRequest) -> Response[Any]:
     services = services_of(request)
-    changes = {
-        name: getattr(data, name)
-        for name in data.__struct_fields__
-        if name != "budget_id" and getattr(data, name) is not UNSET
-    }
+    changes = sent_fields(data, "budget_id")
     async with services.pool.acquire() as conn, conn.transaction():
         if changes:
             await directory.update_budget(

@@ -14,7 +14,7 @@ from msgspec import UNSET, UnsetType
 
 from api.auth import Caller, authenticate, master_key_only
 from api.errors import auth_error, bad_request
-from api.jsonio import json_response
+from api.jsonio import json_response, sent_fields
 from api.services import services_of
 from ledger import keys as key_commands
 from ledger.durations import DurationError, parse_duration
@@ -142,13 +142,7 @@ class KeyController(Controller):
     async def update(self, request: Request[Any, Any, Any], data: UpdateKeyRequest) -> Response[Any]:
         services = services_of(request)
         now = datetime.now(UTC)
-        changes = {
-            name: getattr(data, name)
-            for name in data.__struct_fields__
-            if name not in ("key", "duration") and getattr(data, name) is not UNSET
-        }
-        if "models" in changes:
-            changes["models"] = tuple(changes["models"])
+        changes = sent_fields(data, "key", "duration")
         if data.duration is not UNSET:
             changes["expires"] = _expires(data.duration, now)
         update = KeyUpdated(key_hash=_key_hash(data.key), **changes)

@@ -15,7 +15,7 @@ from msgspec import UNSET, UnsetType
 
 from api.auth import master_key_only
 from api.errors import bad_request
-from api.jsonio import json_response
+from api.jsonio import json_response, sent_fields
 from api.routes.keys import key_view
 from api.services import services_of
 from ledger import directory
@@ -113,13 +113,7 @@ async def new_team(request: Request[Any, Any, Any], data: NewTeamRequest) -> Res
     summary="Change a team (only the fields sent)",
 )
 async def update_team(request: Request[Any, Any, Any], data: UpdateTeamRequest) -> Response[Any]:
-    changes = {
-        name: getattr(data, name)
-        for name in data.__struct_fields__
-        if name != "team_id" and getattr(data, name) is not UNSET
-    }
-    if "models" in changes:
-        changes["models"] = tuple(changes["models"])
+    changes = sent_fields(data, "team_id")
     view = await _update(request, data.team_id, changes)
     return json_response({"team_id": data.team_id, "data": view})
 

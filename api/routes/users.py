@@ -15,7 +15,7 @@ from msgspec import UNSET, UnsetType
 
 from api.auth import master_key_only
 from api.errors import bad_request
-from api.jsonio import json_response
+from api.jsonio import json_response, sent_fields
 from api.routes.keys import key_view
 from api.services import services_of
 from ledger import directory
@@ -163,13 +163,7 @@ async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Res
 )
 async def update_user(request: Request[Any, Any, Any], data: UpdateUserRequest) -> Response[Any]:
     services = services_of(request)
-    changes = {
-        name: getattr(data, name)
-        for name in data.__struct_fields__
-        if name != "user_id" and getattr(data, name) is not UNSET
-    }
-    if "models" in changes:
-        changes["models"] = tuple(changes["models"])
+    changes = sent_fields(data, "user_id")
     if "user_role" in changes:
         _check_role(changes["user_role"])
     async with services.pool.acquire() as conn, conn.transaction():
