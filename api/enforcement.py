@@ -3,6 +3,7 @@ status, error type and headers of CONTRACT §5."""
 
 from __future__ import annotations
 
+import functools
 import os
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -29,8 +30,10 @@ log = structlog.get_logger(__name__)
 _STREAM_HOLD_FLOOR: Final = timedelta(minutes=10)
 
 
+@functools.cache
 def hold_grace() -> timedelta:
-    """SPENDLEDGER_HOLD_GRACE_S shortens the grace (tests of crashed processes use it)."""
+    """SPENDLEDGER_HOLD_GRACE_S shortens the grace (tests of crashed processes use it); read once,
+    not on every request."""
     value = os.environ.get("SPENDLEDGER_HOLD_GRACE_S")
     return timedelta(seconds=float(value)) if value else HOLD_GRACE
 
