@@ -20,7 +20,7 @@ from api.routes import audit, budgets, customers, export, health, keys, outbox, 
 from api.routing import ModelRouter
 from api.services import Services
 from api.upstream import Upstream
-from ledger.admission import expire_holds
+from ledger.admission import GroupAdmitter, expire_holds
 from ledger.config import Settings, load_settings
 from ledger.db import create_pool, wait_for_database
 from ledger.keys import hash_key
@@ -45,7 +45,10 @@ async def _sweep_expired_holds(services: Services) -> None:
                 log.warning("expired_holds_released", count=released)
 
 
-def create_app(settings: Settings, database_url: str) -> Litestar:
+def create_app(settings: Settings, database_url: str, publish: bool = True) -> Litestar:
+    """The app; with `publish=False` it enqueues outbox rows but leaves their delivery to a separate
+    `spendledger publish` process (off the serving event loop)."""
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await wait_for_database(database_url)
@@ -53,7 +56,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
         key_cache = KeyCache(pool, database_url)
         await key_cache.start()
         upstream = Upstream()
-        publisher = PublisherRunner(pool, database_url, settings)
+        publisher = PublisherRunner(pool, database_url, settings, deliver=publish)
         recording = RecordingContext(
             default_budget_id=settings.max_end_user_budget_id,
             global_max_budget=settings.max_budget,
@@ -61,6 +64,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             webhooks=settings.webhook is not None,
         )
         recorder = GroupRecorder(pool, recording)
+        admitter = GroupAdmitter(pool)
         services = Services(
             settings=settings,
             database_url=database_url,
@@ -70,6 +74,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             prices=PriceBook(settings.deployments),
             router=ModelRouter(settings.deployments),
             master_key_hash=hash_key(settings.master_key or "anonymous"),
+            admitter=admitter,
             recorder=recorder,
             publisher=publisher,
         )
@@ -86,6 +91,7 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
             # In-flight requests are finished by the server before lifespan ends; recordings that
             # outlived their request (client hang-ups) are awaited here so none is lost.
             await services.drain()
+            await admitter.stop()
             await recorder.stop()
             await follower.stop()
             await publisher.stop()
@@ -118,7 +124,8 @@ def create_app(settings: Settings, database_url: str) -> Litestar:
 def create_app_from_env() -> Litestar:
     """Factory for server workers: the CLI puts the config path and database URL in the environment."""
     settings = load_settings(os.environ["SPENDLEDGER_CONFIG"])
-    return create_app(settings, os.environ["SPENDLEDGER_DATABASE_URL"])
+    publish = os.environ.get("SPENDLEDGER_PUBLISH", "1") != "0"
+    return create_app(settings, os.environ["SPENDLEDGER_DATABASE_URL"], publish=publish)
 
 
 def startup_warnings(settings: Settings, prices: PriceBook) -> list[dict[str, Any]]:

@@ -19,7 +19,6 @@ from ledger.admission import (
     Admission,
     Admitted,
     Refused,
-    admit_request,
     announce_budget_exhausted,
     worst_case_cost,
 )
@@ -64,7 +63,7 @@ async def admit(services: Services, exchange: Exchange, request_bytes: int) -> N
         global_budget_duration=settings.budget_duration,
         refused_at=now,
     )
-    outcome = await admit_request(services.pool, admission)
+    outcome = await services.admitter.admit(admission)
     if isinstance(outcome, Refused):
         exchange.recorded = True  # RequestRefused is its terminal event
         if outcome.reason == "budget_exceeded" and settings.webhook is not None:

@@ -18,6 +18,7 @@ from api.keycache import KeyCache
 from api.publishing import PublisherRunner
 from api.routing import ModelRouter
 from api.upstream import Upstream
+from ledger.admission import GroupAdmitter
 from ledger.config import Settings
 from ledger.pricing import PriceBook
 from ledger.usage import GroupRecorder
@@ -35,6 +36,7 @@ class Services:
     prices: PriceBook
     router: ModelRouter
     master_key_hash: str
+    admitter: GroupAdmitter
     recorder: GroupRecorder
     publisher: PublisherRunner
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)

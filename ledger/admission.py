@@ -9,6 +9,8 @@ the model's output cap, bounds the output), so the settled spend never passes th
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
@@ -83,6 +85,9 @@ class Refused(msgspec.Struct, frozen=True, kw_only=True):
         return f"{who} is blocked"
 
 
+Outcome = Admitted | Refused
+
+
 def worst_case_cost(price: Price | None, request_bytes: int, max_output_tokens: int | None) -> Decimal:
     """An upper bound of a request's cost: every token is at least one byte of the request body,
     and the output is bounded by `max_tokens`, the model's cap, or DEFAULT_OUTPUT_CAP."""
@@ -95,8 +100,8 @@ def worst_case_cost(price: Price | None, request_bytes: int, max_output_tokens: 
     )
 
 
-async def admit_request(conn: asyncpg.Connection | asyncpg.Pool, admission: Admission) -> Admitted | Refused:
-    params: dict[str, Any] = {
+def _params(admission: Admission) -> dict[str, Any]:
+    return {
         "call_id": admission.call_id,
         "model": admission.model,
         "key_hash": admission.key_hash,
@@ -121,8 +126,9 @@ async def admit_request(conn: asyncpg.Connection | asyncpg.Pool, admission: Admi
             "refused_at": admission.refused_at,
         },
     }
-    raw = await conn.fetchval("select sl_admit($1::jsonb)::text", _encoder.encode(params).decode())
-    result = _decoder.decode(raw)
+
+
+def _outcome(result: dict[str, Any]) -> Admitted | Refused:
     if result.pop("admitted"):
         periods = tuple((str(s), str(i), str(p)) for s, i, p in result["budget_periods"])
         return Admitted(
@@ -131,6 +137,103 @@ async def admit_request(conn: asyncpg.Connection | asyncpg.Pool, admission: Admi
             remaining_tokens=result.get("remaining_tokens"),
         )
     return Refused(reason=result["reason"], scope=result["scope"], scope_id=result["scope_id"], detail=result)
+
+
+async def admit_request(conn: asyncpg.Connection | asyncpg.Pool, admission: Admission) -> Admitted | Refused:
+    raw = await conn.fetchval("select sl_admit($1::jsonb)::text", _encoder.encode(_params(admission)).decode())
+    return _outcome(_decoder.decode(raw))
+
+
+async def admit_requests(
+    conn: asyncpg.Connection | asyncpg.Pool, admissions: Sequence[Admission]
+) -> list[Admitted | Refused]:
+    """Admit a batch in one transaction, in order (each sees the holds of those before it).
+
+    Only batch admissions with the same scopes (see `scopes_of`): their rows are then locked in the
+    global order, as one admission's are."""
+    raw = await conn.fetchval(
+        "select sl_admit_many($1::jsonb)::text", _encoder.encode([_params(a) for a in admissions]).decode()
+    )
+    return [_outcome(result) for result in _decoder.decode(raw)]
+
+
+def scopes_of(admission: Admission) -> tuple[str, str | None, str | None, str | None]:
+    """The scopes whose rows an admission locks (the global budget is common to all)."""
+    return (admission.key_hash, admission.user_id, admission.team_id, admission.customer_id)
+
+
+class GroupAdmitter:
+    """Batches concurrent admissions that share their scopes: one transaction admits the batch.
+
+    Admissions for one hot budget otherwise queue on its row lock one by one. Requests with the
+    same scopes form a batch (one batch in flight per scope set; those that arrive meanwhile form
+    the next); requests with other scopes go in other transactions, concurrently. A lone request
+    is admitted by `sl_admit` directly. If a batch fails as a whole, each of its requests is
+    admitted alone, so one bad request fails only its own caller. A caller cancelled while its
+    batch runs leaves its hold to expire, as a request whose process dies does.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, max_batch: int = 128) -> None:
+        self._pool = pool
+        self._max_batch = max_batch
+        self._queues: dict[tuple[str | None, ...], list[tuple[Admission, asyncio.Future[Outcome]]]] = {}
+        self._running: dict[tuple[str | None, ...], asyncio.Task[None]] = {}
+
+    async def admit(self, admission: Admission) -> Outcome:
+        scopes = scopes_of(admission)
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(scopes, []).append((admission, future))
+        if scopes not in self._running:
+            self._running[scopes] = asyncio.create_task(self._drain(scopes))
+        return await asyncio.shield(future)  # a cancelled caller must not cancel the batch
+
+    async def stop(self) -> None:
+        """Finish the batches in flight."""
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def _drain(self, scopes: tuple[str | None, ...]) -> None:
+        try:
+            while queue := self._queues.get(scopes):
+                batch = queue[: self._max_batch]
+                del queue[: self._max_batch]
+                await self._admit_batch(batch)
+        finally:
+            # No await between the empty check and here: a newcomer either joined the queue
+            # before it (and was drained) or finds no task and starts one.
+            self._queues.pop(scopes, None)
+            del self._running[scopes]
+
+    async def _admit_batch(self, batch: list[tuple[Admission, asyncio.Future[Outcome]]]) -> None:
+        try:
+            if len(batch) == 1:
+                outcomes = [await admit_request(self._pool, batch[0][0])]
+            else:
+                outcomes = await admit_requests(self._pool, [admission for admission, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                _resolve(batch[0][1], exc=exc)
+                return
+            for admission, future in batch:
+                try:
+                    outcome = await admit_request(self._pool, admission)
+                except Exception as alone:
+                    _resolve(future, exc=alone)
+                else:
+                    _resolve(future, outcome)
+            return
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            _resolve(future, outcome)
+
+
+def _resolve(
+    future: asyncio.Future[Outcome], outcome: Outcome | None = None, exc: BaseException | None = None
+) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    elif outcome is not None:
+        future.set_result(outcome)
 
 
 async def expire_holds(conn: asyncpg.Connection | asyncpg.Pool) -> int:
