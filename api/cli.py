@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=4000)
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--data-dir", help="embedded PostgreSQL data directory (default ./.spendledger)")
+    serve.add_argument(
+        "--no-publisher",
+        action="store_true",
+        help="do not deliver the outbox from the server; run `spendledger publish` beside it",
+    )
     serve.add_argument("--log-level", default=os.environ.get("SPENDLEDGER_LOG_LEVEL", "INFO"))
     publish = sub.add_parser("publish", help="deliver the outbox (Lago, webhooks) without serving HTTP")
     publish.add_argument("--config", required=True)
@@ -110,6 +115,7 @@ def serve(args: argparse.Namespace) -> int:
         _migrate(url)
         os.environ["SPENDLEDGER_CONFIG"] = str(args.config)
         os.environ["SPENDLEDGER_DATABASE_URL"] = url
+        os.environ["SPENDLEDGER_PUBLISH"] = "0" if args.no_publisher else "1"
         log.info(
             "serving", host=args.host, port=args.port, workers=args.workers, models=list(settings.model_names)
         )
@@ -132,14 +138,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def publish(args: argparse.Namespace) -> int:
-    import asyncio
+    import uvloop
 
     settings = _load(args.config)
     assert settings is not None
     url, embedded = _database(settings, args.data_dir)
     try:
         _migrate(url)
-        asyncio.run(_publish_forever(settings, url))
+        uvloop.run(_publish_forever(settings, url))
     except KeyboardInterrupt:
         pass
     finally:

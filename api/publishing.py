@@ -36,18 +36,20 @@ def outbox_rows_for(event: UsageRecorded, settings: Settings) -> list[OutboxRow]
 
 
 class PublisherRunner:
-    """Runs a Publisher and keeps the outbox gauges fresh; stopped with the process."""
+    """Runs a Publisher (unless `deliver` is off: `serve --no-publisher` leaves delivery to a separate
+    `spendledger publish`) and keeps the outbox gauges fresh; stopped with the process."""
 
-    def __init__(self, pool: asyncpg.Pool, database_url: str, settings: Settings) -> None:
+    def __init__(self, pool: asyncpg.Pool, database_url: str, settings: Settings, deliver: bool = True) -> None:
         self._client = pooled_client(100)
         self.sinks = build_sinks(settings, self._client)
         self.publisher = Publisher(pool, database_url, self.sinks)
         self.publisher.on_delivered.append(observe_delivery)
         self._pool = pool
+        self._deliver = deliver
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        if self.sinks:
+        if self.sinks and self._deliver:
             self._tasks.append(asyncio.create_task(self.publisher.run()))
         self._tasks.append(asyncio.create_task(self._refresh_gauges()))
 

@@ -65,6 +65,7 @@ LUA = BENCH / "post.lua"
 PROFILE = PROJECT_ROOT / "docs" / "profile-proxy.txt"
 TOOLS = PROJECT_ROOT / ".bench" / "tools" / "bin"
 LITELLM = PROJECT_ROOT / ".bench" / "litellm" / "bin" / "litellm"
+SPENDLEDGER = PROJECT_ROOT / ".venv" / "bin" / "spendledger"
 LITELLM_VERSION = "1.106.2"
 MASTER_KEY = "sk-1234"
 CUSTOMER = "bench-customer"
@@ -176,6 +177,27 @@ def started(
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)  # its own session: the group is its workers
+                process.wait()
+
+
+@contextlib.contextmanager
+def background(name: str, argv: list[str], workdir: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a process that serves no HTTP (the publisher); stop it with SIGTERM."""
+    with (workdir / f"{name}.log").open("wb") as log_file:
+        process = subprocess.Popen(argv, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=log_file,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        time.sleep(1.0)
+        if process.poll() is not None:
+            raise SystemExit(f"{name} exited with {process.returncode}: {(workdir / f'{name}.log').read_text()}")
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
 
 
@@ -566,7 +588,7 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-GROUPS = ("proxy", "postgres", "upstream", "sinks", "wrk", "others")
+GROUPS = ("proxy", "publisher", "postgres", "upstream", "sinks", "wrk", "others")
 
 
 def summary_rows(runs: list[Run]) -> dict[tuple[str, int], dict[str, float]]:
@@ -595,14 +617,14 @@ def markdown(runs: list[Run], profiled: Run | None, args: argparse.Namespace, ch
         run.cpu = proxy_cpu(run)
     rows = summary_rows(runs)
     out = [setup, "",
-           "| target | conns | req/s | p50 ms | p99 ms | CPU proxy | CPU postgres | CPU upstream | CPU sinks "
-           "| CPU wrk | CPU others |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           "| target | conns | req/s | p50 ms | p99 ms | CPU proxy | CPU publisher | CPU postgres | CPU upstream "
+           "| CPU sinks | CPU wrk | CPU others |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (target, conns), row in rows.items():
         proxy = f"{row['proxy']:.2f}" if target != "direct" else "–"
         out.append(
             f"| {target} | {conns} | {row['rps']:,.0f} | {row['p50']:.2f} | {row['p99']:.2f} | {proxy} | "
-            f"{row['postgres']:.2f} | {row['upstream']:.2f} | {row['sinks']:.2f} | {row['wrk']:.2f} | "
+            f"{row.get('publisher', 0.0):.2f} | {row['postgres']:.2f} | {row['upstream']:.2f} | {row['sinks']:.2f} | {row['wrk']:.2f} | "
             f"{row['others']:.2f} |"
         )
     out += ["", "CPU in cores (1.00 = one core busy for the whole run), mean of the runs; `others` is the rest "
@@ -770,6 +792,9 @@ def main() -> None:
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="seconds to wait at most, before each run, for other work on the machine to calm")  # fmt: skip
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--publisher", choices=["separate", "inline"], default="separate",
+                        help="deliver the outbox from a `spendledger publish` process beside the server "
+                        "(`serve --no-publisher`), or from the serving process itself")  # fmt: skip
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # stop every server we started, as Ctrl-C does
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
@@ -807,16 +832,21 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
     server = "granian" if granian() else "uvicorn"
     (workdir / "spendledger.yaml").write_text(spendledger_config(upstream.url))
     port = free_port()
+    sl_env = {"DATABASE_URL": database.url, "LAGO_API_BASE": sinks.url, "LAGO_API_KEY": "bench-lago-key",
+              "LAGO_API_EVENT_CODE": "llm_usage", "WEBHOOK_URL": f"{sinks.url}/webhook",
+              "WEBHOOK_SECRET": WEBHOOK_SECRET}  # fmt: skip
+    separate = args.publisher == "separate"
     spendledger = stack.enter_context(started(
         "spendledger",
-        [str(PROJECT_ROOT / ".venv" / "bin" / "spendledger"), "serve", "--config", str(workdir / "spendledger.yaml"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)],
-        workdir, f"http://127.0.0.1:{port}", "/health/readiness",
-        env={"DATABASE_URL": database.url, "LAGO_API_BASE": sinks.url, "LAGO_API_KEY": "bench-lago-key",
-             "LAGO_API_EVENT_CODE": "llm_usage", "WEBHOOK_URL": f"{sinks.url}/webhook",
-             "WEBHOOK_SECRET": WEBHOOK_SECRET},
-        timeout_s=120,
+        [str(SPENDLEDGER), "serve", "--config", str(workdir / "spendledger.yaml"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", str(args.workers), *(["--no-publisher"] if separate else [])],
+        workdir, f"http://127.0.0.1:{port}", "/health/readiness", env=sl_env, timeout_s=120,
     ))  # fmt: skip
+    publisher = (
+        stack.enter_context(background("publisher", [str(SPENDLEDGER), "publish", "--config",
+                                                     str(workdir / "spendledger.yaml")], workdir, sl_env))
+        if separate else None
+    )  # fmt: skip
     admin = {"Authorization": f"Bearer {MASTER_KEY}"}
     key = httpx.post(
         f"{spendledger.url}/key/generate", json={"key_alias": "bench"}, headers=admin, timeout=30
@@ -831,6 +861,8 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
     ]
     groups = {"spendledger": spendledger.process.pid, "upstream": upstream.process.pid, "sinks": sinks.process.pid,
               "postgres": int((database.data_dir / "postmaster.pid").read_text().split()[0])}  # fmt: skip
+    if publisher is not None:
+        groups["publisher"] = publisher.pid
     if not args.skip_litellm:
         (workdir / "litellm.yaml").write_text(litellm_config(upstream.url))
         port = free_port()
@@ -958,7 +990,10 @@ def describe(args: argparse.Namespace, server: str) -> str:
         f"{args.workers}`: uvicorn, uvloop, httptools) on an embedded PostgreSQL 16, and wrk. spendledger serves a "
         "generated key; the body names a customer with a budget of 1,000,000 (admission holds on it, the settle "
         "releases it); `callbacks: [\"lago\"]` and `alerting: [\"webhook\"]` (signed) are on, so every request "
-        "appends a UsageRecorded and two outbox rows that the publisher in the same process delivers." + litellm
+        "appends a UsageRecorded and two outbox rows, which "
+        + ("a `spendledger publish` process beside the server (`serve --no-publisher`) delivers."
+           if args.publisher == "separate" else "the publisher in the serving process delivers.")
+        + litellm
         + f" Load: `wrk -t1 -c64|-c1 -d{args.duration:g}s --timeout {WRK_TIMEOUT} -s scripts/bench/post.lua`, "
         f"the same POST /chat/completions body (model, user, max_tokens 64, two messages) for all; after a "
         f"{args.warmup:g} s warm-up of each, runs alternate {order}, {args.rounds} rounds per "
