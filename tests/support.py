@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +118,9 @@ def run_server(
     env: dict[str, str] | None = None,
     workers: int = 1,
     startup_timeout_s: float = 30.0,
+    args: Sequence[str] = (),
 ) -> Iterator[RunningServer]:
-    """Start `spendledger serve` as a real process on a free port; stop it with SIGTERM."""
+    """Start `spendledger serve` (plus `args`) as a real process on a free port; stop it with SIGTERM."""
     workdir = Path(tempfile.mkdtemp(prefix="sl-serve-"))
     config_path = workdir / "config.yaml"
     config_path.write_text(config_text)
@@ -141,6 +142,7 @@ def run_server(
                 str(port),
                 "--workers",
                 str(workers),
+                *args,
             ],
             cwd=PROJECT_ROOT,
             env=process_env,

@@ -119,6 +119,22 @@ def test_each_customer_request_becomes_one_lago_event_and_usage_without_customer
     assert query(database_url, "select 1 from events where stream = $1", f"request:{unbillable}")
 
 
+def test_serve_without_publisher_leaves_delivery_to_a_publish_process(
+    upstream: RunningUpstream, lago: RunningLago, database_url: str
+) -> None:
+    config = outbox_config(upstream.base_url, lago=True)
+    env = lago_env(lago.base_url)
+    with run_server(config, database_url, env=env, args=["--no-publisher"]) as server:
+        call_ids = chats(server.base_url, [f"np-{i}" for i in range(10)])
+        time.sleep(1.5)  # a publisher in the server would have delivered by now (NOTIFY wakes it)
+        assert lago.app.accepted == {}
+        assert db_counts(database_url) == {"pending": 10}
+        with run_publisher(config, database_url, env) as publisher:
+            assert wait_until(lambda: db_counts(database_url) == {"delivered": 10}, 30), publisher.log()
+    ledger = assert_lago_exactly_once(lago, database_url, expected=10)
+    assert set(ledger) == set(call_ids)
+
+
 def test_lago_charge_by_team_id_charges_the_keys_team(
     upstream: RunningUpstream, lago: RunningLago, database_url: str
 ) -> None:
