@@ -1,5 +1,8 @@
 """The one place that talks to LLM providers: pooled httpx clients, plain and streaming.
 
+Each deployment's URL, headers and timeout are prepared once (`PostTarget`); requests go straight to
+the transport (`DirectClient`): no redirects followed, no cookies kept.
+
 Bodies are forwarded as bytes; the provider's key comes from the deployment, never from the caller.
 Transport failures become `UpstreamFailure` with the status and error type the contract names.
 """
@@ -10,9 +13,10 @@ from typing import Final
 
 import httpx
 
-from api.http_client import pooled_client
+from api.http_client import DirectClient, pooled_client
 from api.mock_provider import MockTransport
 from ledger.config import Deployment
+from ledger.sinks.http import PostTarget
 
 _CONNECT_TIMEOUT_S: Final = 10.0
 
@@ -30,32 +34,36 @@ class UpstreamFailure(Exception):
 class Upstream:
     def __init__(self, max_connections: int = 1000) -> None:
         self._http = pooled_client(max_connections, follow_redirects=False)
-        self._mock = httpx.AsyncClient(transport=MockTransport(), base_url="http://mock.invalid")
+        self._mock = DirectClient(MockTransport(), trust_env=False)  # never proxied
+        # Per (deployment, path): its client and prepared POST. Keyed by identity, checked on use:
+        # deployments live as long as the configuration, and hashing one costs more than the lookup.
+        self._targets: dict[tuple[int, str], tuple[Deployment, httpx.AsyncClient, PostTarget]] = {}
 
     async def aclose(self) -> None:
         await self._http.aclose()
         await self._mock.aclose()
 
-    def _request(
-        self, deployment: Deployment, path: str, body: bytes
-    ) -> tuple[httpx.AsyncClient, httpx.Request]:
+    def _target(self, deployment: Deployment, path: str) -> tuple[httpx.AsyncClient, PostTarget]:
+        found = self._targets.get((id(deployment), path))
+        if found is not None and found[0] is deployment:
+            return found[1], found[2]
         headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
         if deployment.api_key:
             headers["authorization"] = f"Bearer {deployment.api_key}"
         timeout = httpx.Timeout(deployment.timeout_s, connect=min(_CONNECT_TIMEOUT_S, deployment.timeout_s))
         if deployment.provider == "mock":
-            client = self._mock
-            url = f"http://mock.invalid/v1{path}"
+            client, url = self._mock, f"http://mock.invalid/v1{path}"
         else:
-            client = self._http
-            url = f"{deployment.api_base}{path}"
-        return client, client.build_request("POST", url, content=body, headers=headers, timeout=timeout)
+            client, url = self._http, f"{deployment.api_base}{path}"
+        target = PostTarget(client, url, headers, timeout)
+        self._targets[(id(deployment), path)] = (deployment, client, target)
+        return client, target
 
     async def send(self, deployment: Deployment, path: str, body: bytes, *, stream: bool) -> httpx.Response:
         """POST `body` to the deployment. With `stream=True` the caller must close the response."""
-        client, request = self._request(deployment, path, body)
+        client, target = self._target(deployment, path)
         try:
-            response = await client.send(request, stream=stream)
+            response = await client.send(target.request(body), stream=stream)
         except httpx.TimeoutException:
             raise UpstreamFailure(
                 504, "upstream_timeout", f"{deployment.model_name}: upstream timed out"

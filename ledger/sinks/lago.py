@@ -21,6 +21,7 @@ import msgspec
 from ledger.config import LagoSettings
 from ledger.events import UsageRecorded
 from ledger.outbox import Claimed, Delivery, OutboxRow
+from ledger.sinks.http import PostTarget
 
 NAME: Final = "lago"
 MAX_BATCH: Final = 100
@@ -81,10 +82,10 @@ class LagoSink:
     batch_size = MAX_BATCH
 
     def __init__(self, settings: LagoSettings, client: httpx.AsyncClient, timeout_s: float = 10.0) -> None:
-        self._url = settings.api_base.rstrip("/") + "/api/v1/events/batch"
-        self._headers = {"Authorization": f"Bearer {settings.api_key}", "Content-Type": "application/json"}
+        headers = {"Authorization": f"Bearer {settings.api_key}", "Content-Type": "application/json"}
+        url = settings.api_base.rstrip("/") + "/api/v1/events/batch"
+        self._target = PostTarget(client, url, headers, httpx.Timeout(timeout_s))
         self._client = client
-        self._timeout = timeout_s
 
     async def deliver(self, rows: Sequence[Claimed]) -> Delivery:
         delivery = Delivery()
@@ -92,9 +93,7 @@ class LagoSink:
         while pending:
             body = b'{"events":[' + b",".join(row.payload for row in pending) + b"]}"
             try:
-                response = await self._client.post(
-                    self._url, content=body, headers=self._headers, timeout=self._timeout
-                )
+                response = await self._client.send(self._target.request(body))
             except httpx.HTTPError as exc:
                 return self._retry_all(delivery, pending, f"lago unreachable: {type(exc).__name__}")
             status = response.status_code

@@ -17,6 +17,7 @@ from standardwebhooks.webhooks import Webhook
 
 from ledger.config import WebhookSettings
 from ledger.outbox import Claimed, Delivery
+from ledger.sinks.http import PostTarget
 
 NAME: Final = "webhook"
 
@@ -26,30 +27,26 @@ class WebhookSink:
     batch_size = 50
 
     def __init__(self, settings: WebhookSettings, client: httpx.AsyncClient, timeout_s: float = 10.0) -> None:
-        self._url = settings.url
         self._signer = Webhook(settings.secret) if settings.secret else None
         self._client = client
-        self._timeout = timeout_s
+        self._target = PostTarget(
+            client, settings.url, {"content-type": "application/json"}, httpx.Timeout(timeout_s)
+        )
 
-    def headers(self, row: Claimed, now: datetime) -> dict[str, str]:
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": row.dedupe_key,
-            "webhook-timestamp": str(int(now.timestamp())),
-        }
+    def headers(self, row: Claimed, now: datetime) -> list[tuple[str, str]]:
+        """The headers of this row's POST (content-type and the client's own are the target's)."""
+        headers = [("webhook-id", row.dedupe_key), ("webhook-timestamp", str(int(now.timestamp())))]
         if self._signer is not None:
-            headers["webhook-signature"] = self._signer.sign(row.dedupe_key, now, row.payload.decode())
+            headers.append(
+                ("webhook-signature", self._signer.sign(row.dedupe_key, now, row.payload.decode()))
+            )
         return headers
 
     async def _send(self, row: Claimed) -> str | None:
         """None when the receiver took it; else why not."""
+        request = self._target.request(row.payload, self.headers(row, datetime.now(UTC)))
         try:
-            response = await self._client.post(
-                self._url,
-                content=row.payload,
-                headers=self.headers(row, datetime.now(UTC)),
-                timeout=self._timeout,
-            )
+            response = await self._client.send(request)
         except httpx.HTTPError as exc:
             return f"webhook receiver unreachable: {type(exc).__name__}"
         if 200 <= response.status_code < 300:

@@ -454,8 +454,8 @@ COMPONENTS: list[tuple[str, tuple[str, ...], str]] = [
 # standard library, such as asyncio's current_task under anyio, go to the library that called them).
 PACKAGES: list[tuple[str, tuple[str, ...]]] = [
     (
-        "HTTP client, transport: aiohttp (httpx-aiohttp)",
-        ("aiohttp/", "httpx_aiohttp/", "yarl/", "multidict/"),
+        "HTTP client, transport: aiohttp (api/http_client.py)",
+        ("aiohttp/", "api/http_client.py", "httpx_aiohttp/", "yarl/", "multidict/"),
     ),
     ("HTTP client, transport: httpcore, h11, anyio", ("httpcore/", "h11/", "anyio/", "sniffio/")),
     ("HTTP client: httpx's API layer (requests, headers, URLs)", ("httpx/",)),
@@ -744,7 +744,7 @@ def explain(
             "the rest"
         )
     transport = (
-        "Its transport is aiohttp (httpx-aiohttp): most of the client's time is now httpx's own request, header "
+        "Its transport is aiohttp (api/http_client.py): most of the client's time is now httpx's own request, header "
         "and URL objects around it, and aiohttp's writer and parser."
         if aio >= core
         else "Its transport is httpcore: the pool walks every pooled connection when a request is queued and again "

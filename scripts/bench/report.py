@@ -16,8 +16,8 @@ def machine(pg_version: str) -> str:
     mem = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
     return (
         f"`nproc` {len(os.sched_getaffinity(0))}, {cpu[1] if cpu else '?'}, "
-        f"{int(mem[1] if mem else 0) / 2**20:.1f} GiB RAM, Python {platform.python_version()}, "
-        f"PostgreSQL {pg_version}"
+        f"{int(mem[1] if mem else 0) / 2**20:.1f} GiB RAM, Python {platform.python_version()}"
+        + (f", PostgreSQL {pg_version}" if pg_version else "")
     )
 
 
