@@ -732,10 +732,11 @@ def explain(
         bound = (
             f"**At 64 connections neither spendledger's process ({sl.get('proxy', 0):.2f} cores) nor the machine "
             f"({machine:.2f} of {cores} cores) is saturated: requests wait on PostgreSQL**, whose active backends "
-            f"spend {lock_share:.0%} of their time waiting for a lock ({waits[0]}). Every admission updates the one "
-            "customer's budget row; each group-commit batch locks that row first (`sl_lock_for_settle`) and keeps it "
-            "until the whole batch is settled and committed, so admissions queue behind settles and settles behind "
-            f"admissions. The flush is not what they wait for (IO:WALSync {wal_share:.0%})"
+            f"spend {lock_share:.0%} of their time waiting for a lock ({waits[0]}). Every request updates the one "
+            "customer's budget row twice, at admission (batched per scope set, `sl_admit_many`) and at settle "
+            "(group commit, `sl_record_usages`); a batch holds the row until its commit, so admission batches and "
+            "settle batches take turns on it, and each request waits for one of each. The flush is not what they "
+            f"wait for (IO:WALSync {wal_share:.0%})"
         )
     else:
         bound = (
@@ -744,30 +745,31 @@ def explain(
             "the rest"
         )
     transport = (
-        "Its transport is aiohttp (api/http_client.py): most of the client's time is now httpx's own request, header "
-        "and URL objects around it, and aiohttp's writer and parser."
-        if aio >= core
-        else "Its transport is httpcore: the pool walks every pooled connection when a request is queued and again "
-        "when one is released, polling each idle socket (`has_expired` → `is_socket_readable`), so with 64 "
-        "upstream connections most of that time is pool bookkeeping, plus anyio's cancel scopes around every "
-        "socket operation and h11's pure-Python parsing."
+        "Its transport is aiohttp under httpx's API (api/http_client.py: prepared requests sent straight to the "
+        "transport; see 'HTTP client cost per request' below)."
     )
+    separate = sl.get("publisher", 0.0) > 0.0
     return [
         "What the profile says:",
         "",
         f"- {bound}. Per request: {sl.get('proxy', 0) / rps * 1000:.2f} ms of CPU in spendledger's process and "
         f"{sl.get('postgres', 0) / rps * 1000:.2f} ms in PostgreSQL; requests queue, which is why p50 at 64 "
         "connections is far above the single-connection latency.",
-        f"- **The HTTP client is the top cost: {http:.0%} of the CPU samples** (httpx's API layer {api:.0%}, "
+        f"- **The HTTP client: {http:.0%} of the CPU samples** (httpx's API layer {api:.0%}, "
         f"aiohttp {aio:.0%}, httpcore/h11/anyio {core:.0%}), for the upstream call "
         f"({share.get('upstream call', 0):.0%} of all samples) and the publisher's deliveries (webhooks "
         f"{webhooks:.0%}, Lago {share.get('Lago deliveries (outbox)', 0):.0%}). {transport}",
-        f"- **The webhook sink costs one full HTTP request per proxied request** ({webhooks:.0%} of the samples, "
-        "on the same event loop as the requests): `spend_tracked` is one signed POST per request, where Lago gets "
-        "one POST per batch of up to 100 events.",
-        f"- **asyncpg {pg:.0%}**: the admission and the group commit, one round trip each, plus the `reset` "
-        "(`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`) asyncpg sends when a connection goes back "
-        "to the pool: one more round trip after every `pool.fetch*`, and the publisher's claims and marks.",
+        (
+            f"- **The outbox is delivered by its own process** (`spendledger publish`, column CPU publisher: "
+            f"{sl.get('publisher', 0) / rps * 1000:.2f} ms per request): `spend_tracked` is one signed POST per "
+            "request, where Lago gets one POST per batch of up to 100 events."
+            if separate
+            else f"- **The webhook sink costs one full HTTP request per proxied request** ({webhooks:.0%} of the "
+            "samples, on the same event loop as the requests): `spend_tracked` is one signed POST per request, "
+            "where Lago gets one POST per batch of up to 100 events."
+        ),
+        f"- **asyncpg {pg:.0%}**: one admission batch and one group commit per batch of requests, one round trip "
+        "each (pooled connections skip asyncpg's reset on release).",
         f"- Litestar and uvicorn {frame:.0%}; the event loop's C code {lib(EVENT_LOOP):.0%}; spendledger's own code "
         f"(the head decode, the body rewrite, the event, pricing, encoding) {lib(PACKAGES[-1][0]):.0%}. JSON work "
         "and logging are not where the time goes.",
