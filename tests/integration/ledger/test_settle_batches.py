@@ -1,0 +1,117 @@
+"""Settle batches read the values their webhooks need before they lock, and write the rows that
+admissions share last: the webhooks are still those of settling the requests one by one, in order,
+also when another process settles the same budget between the read and the lock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from ledger.admission import Admitted, admit_request
+from ledger.directory import create_customer
+from ledger.events import CustomerCreated, UsageRecorded
+from ledger.usage import Recording, RecordingContext, record_usages
+from tests.integration.ledger.test_group_admitter import admission
+
+WEBHOOKS = RecordingContext(webhooks=True)
+
+
+async def budgeted(pool: asyncpg.Pool, customer: str, max_budget: str) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        await create_customer(
+            conn, CustomerCreated(user_id=customer), {"max_budget": Decimal(max_budget)}, "test", datetime.now(UTC)
+        )
+
+
+async def admitted(pool: asyncpg.Pool, call_id: str, customer: str) -> Admitted:
+    outcome = await admit_request(pool, msgspec.structs.replace(admission(call_id, customer), hold=Decimal("0.0001")))
+    assert isinstance(outcome, Admitted)
+    return outcome
+
+
+def usage(call_id: str, customer: str, cost: str, periods: tuple[tuple[str, str, str], ...]) -> UsageRecorded:
+    now = datetime.now(UTC)
+    return UsageRecorded(
+        call_id=call_id, route="chat.completions", model_group="m", deployment_id="d", provider="openai",
+        upstream_model="m", key_hash="k" * 64, customer_id=customer, status="success", http_status=200,
+        input_tokens=3, output_tokens=2, total_tokens=5, cost=Decimal(cost), priced=True, started_at=now,
+        ended_at=now + timedelta(milliseconds=1), budget_periods=periods,
+    )  # fmt: skip
+
+
+async def webhooks(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    rows = await pool.fetch("select call_id, payload::text from outbox where sink = 'webhook' order by id")
+    return [{"call_id": r["call_id"], **json.loads(r["payload"])} for r in rows]
+
+
+async def recordings(pool: asyncpg.Pool, customer: str, costs: list[str]) -> list[Recording]:
+    out = []
+    for i, cost in enumerate(costs):
+        outcome = await admitted(pool, f"{customer}-{i}", customer)
+        out.append(Recording(event=usage(f"{customer}-{i}", customer, cost, outcome.budget_periods)))
+    return out
+
+
+async def test_a_crossing_inside_a_batch_is_announced_once_by_the_request_that_crossed(
+    pool: asyncpg.Pool,
+) -> None:
+    await budgeted(pool, "one-dollar", "1")
+    batch = await recordings(pool, "one-dollar", ["0.25"] * 5)
+    spends = await record_usages(pool, batch, WEBHOOKS)
+    assert spends == [Decimal("0.25") * n for n in range(1, 6)]  # the key's spend after each request
+    sent = await webhooks(pool)
+    tracked = [w for w in sent if w["event"] == "spend_tracked"]
+    assert [Decimal(str(w["total_spend"])) for w in tracked] == [Decimal("0.25") * n for n in range(1, 6)]
+    crossings = sorted((w["event"], w["call_id"], Decimal(str(w["spend"]))) for w in sent if w not in tracked)
+    assert crossings == [
+        ("budget_crossed", "one-dollar-3", Decimal(1)),
+        ("threshold_crossed", "one-dollar-3", Decimal(1)),
+        ("threshold_crossed", "one-dollar-3", Decimal(1)),
+    ]
+    row = await pool.fetchrow("select spent, held from budget_usage where scope = 'customer'")
+    assert row is not None and row["spent"] == Decimal("1.25") and row["held"] == 0
+    totals = await pool.fetchrow("select spend, requests from spend_totals where scope = 'customer'")
+    assert totals is not None and totals["spend"] == Decimal("1.25") and totals["requests"] == 5
+
+
+async def test_a_settle_in_between_by_another_process_rewrites_the_webhooks_from_the_locked_values(
+    pool: asyncpg.Pool,
+) -> None:
+    await budgeted(pool, "contended", "1")
+    batch = await recordings(pool, "contended", ["0.2"] * 3)
+    other = await pool.acquire()
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        # Another process's settle of 0.5 holds the budget row while our batch reads and works.
+        await other.execute("update budget_usage set spent = spent + 0.5 where scope = 'customer'")
+        ours = asyncio.create_task(record_usages(pool, batch, WEBHOOKS))
+        for _ in range(200):
+            waiting = await pool.fetchval(
+                "select count(*) from pg_stat_activity where datname = current_database() "
+                "and wait_event_type = 'Lock'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting, "our batch never waited for the budget row"
+        await transaction.commit()
+        await ours
+    finally:
+        await pool.release(other)
+    sent = await webhooks(pool)
+    tracked = [Decimal(str(w["total_spend"])) for w in sent if w["event"] == "spend_tracked"]
+    assert tracked == [Decimal("0.7"), Decimal("0.9"), Decimal("1.1")]  # not 0.2, 0.4, 0.6
+    crossings = sorted((w["event"], w["call_id"]) for w in sent if w["event"] != "spend_tracked")
+    assert crossings == [
+        ("budget_crossed", "contended-2"),
+        ("threshold_crossed", "contended-1"),
+        ("threshold_crossed", "contended-2"),
+    ]
+    assert await pool.fetchval("select spent from budget_usage where scope = 'customer'") == Decimal("1.1")
