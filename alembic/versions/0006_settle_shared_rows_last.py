@@ -88,13 +88,19 @@ begin
         end loop;
     end loop;
     if d->>'customer_id' is not null then
-        perform sl_enqueue_webhook('spend_tracked', 'spend_tracked:' || (d->>'call_id'),
-            jsonb_build_object(
+        -- A plain insert: a call is settled once (its UsageRecorded is unique), so its
+        -- spend_tracked cannot exist yet. The payload is sl_enqueue_webhook's, built in one go.
+        insert into outbox (sink, dedupe_key, payload, call_id)
+        values ('webhook', 'spend_tracked:' || (d->>'call_id'), jsonb_build_object(
                 'spend', cost, 'max_budget', customer_budget, 'event_group', 'customer',
                 'total_spend', trim_scale(coalesce(total, cost)),
                 'event_message', 'Customer spend tracked. Customer=' || (d->>'customer_id')
-                                 || ', spend=' || trim_scale(cost)),
-            d);
+                                 || ', spend=' || trim_scale(cost),
+                'token', d->>'key_hash', 'customer_id', d->>'customer_id', 'user_id', d->>'user_id',
+                'team_id', d->>'team_id', 'user_email', null, 'key_alias', d->>'key_alias',
+                'projected_exceeded_date', null, 'projected_spend', null, 'event', 'spend_tracked',
+                'event_id', 'spend_tracked:' || (d->>'call_id'), 'created_at', d->>'ended_at'),
+            d->>'call_id');
     end if;
 end $$;
 
@@ -106,27 +112,30 @@ create function sl_usage_value_keys(d jsonb) returns setof text language sql imm
     select 'l|' || s.scope || '|' || s.scope_id from sl_usage_scopes(d) as s
 $$;
 
--- Count each request's cost into `vals` in order and write its webhook rows; the key spends.
+-- Count each request's cost into `vals` in order (a running sum per key: one query for the batch)
+-- and write its webhook rows; the key spends.
 create function sl_settle_values(ds jsonb, ctx jsonb, vals jsonb) returns numeric[]
 language plpgsql as $$
 declare
-    d jsonb;
-    k text;
-    cost numeric;
-    spends numeric[] := '{}';
-    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);
+    after jsonb[];
+    spends numeric[];
 begin
-    for i in 0 .. jsonb_array_length(ds) - 1 loop
-        d := ds->i;
-        cost := (d->>'cost')::numeric;
-        for k in select sl_usage_value_keys(d) loop
-            vals := jsonb_set(vals, array[k], to_jsonb(coalesce((vals->>k)::numeric, 0) + cost));
+    select array_agg(v order by i), array_agg(trim_scale((v->>('l|key|' || key_hash))::numeric) order by i)
+    into after, spends
+    from (
+        select x.i, x.key_hash, jsonb_object_agg(x.k, coalesce((vals->>x.k)::numeric, 0) + x.running) as v
+        from (
+            select e.i, e.d->>'key_hash' as key_hash, k,
+                   sum((e.d->>'cost')::numeric) over (partition by k order by e.i) as running
+            from jsonb_array_elements(ds) with ordinality as e(d, i), sl_usage_value_keys(e.d) as k
+        ) as x
+        group by x.i, x.key_hash
+    ) as y;
+    if coalesce((ctx->>'webhooks')::boolean, false) then
+        for i in 1 .. jsonb_array_length(ds) loop
+            perform sl_enqueue_webhooks_after(ds->(i - 1), ctx, after[i]);
         end loop;
-        if webhooks then
-            perform sl_enqueue_webhooks_after(d, ctx, vals);
-        end if;
-        spends := spends || trim_scale((vals->>('l|key|' || (d->>'key_hash')))::numeric);
-    end loop;
+    end if;
     return spends;
 end $$;
 
