@@ -272,9 +272,18 @@ begin
         return next;
     end loop;
 end $$;
+
+-- Generic plans for the hot-path functions: their statements take jsonb parameters whose custom
+-- plans are no better, and re-planning them on every call (a connection's first five, and then
+-- whenever PostgreSQL judges a custom plan worth it) costs more than running them.
+alter function sl_record_usages(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan;
+alter function sl_admit(jsonb) set plan_cache_mode = force_generic_plan;
+alter function sl_admit_many(jsonb) set plan_cache_mode = force_generic_plan;
 """
 
 DOWNGRADE = """
+alter function sl_admit_many(jsonb) reset plan_cache_mode;
+alter function sl_admit(jsonb) reset plan_cache_mode;
 create or replace function sl_record_usages(ds jsonb, metas jsonb, ctx jsonb, outboxes jsonb)
 returns table (idx integer, key_spend numeric)
 language plpgsql as $$
