@@ -22,7 +22,10 @@ async def _caller(request: Request[Any, Any, Any]) -> Caller:
     return await authenticate(request)
 
 
-async def _proxy(route: str, request: Request[Any, Any, Any], caller: Caller) -> Response[Any]:
+async def _proxy(route: str, request: Request[Any, Any, Any]) -> Response[Any]:
+    # Authenticated here rather than as a Litestar dependency: on the hot path, resolving the
+    # dependency and validating the handler's signature cost more than the lookup itself.
+    caller = await authenticate(request)
     services = services_of(request)
     body = await request.body()
     head = decode_head(body)
@@ -76,32 +79,29 @@ _dependencies = {"caller": Provide(_caller)}
 
 @post(
     ["/chat/completions", "/v1/chat/completions"],
-    dependencies=_dependencies,
     status_code=200,
     summary="Create a chat completion (OpenAI-compatible)",
 )
-async def chat_completions(request: Request[Any, Any, Any], caller: Caller) -> Response[Any]:
-    return await _proxy("chat.completions", request, caller)
+async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
+    return await _proxy("chat.completions", request)
 
 
 @post(
     ["/completions", "/v1/completions"],
-    dependencies=_dependencies,
     status_code=200,
     summary="Create a completion (OpenAI-compatible)",
 )
-async def completions(request: Request[Any, Any, Any], caller: Caller) -> Response[Any]:
-    return await _proxy("completions", request, caller)
+async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
+    return await _proxy("completions", request)
 
 
 @post(
     ["/embeddings", "/v1/embeddings"],
-    dependencies=_dependencies,
     status_code=200,
     summary="Create embeddings (OpenAI-compatible)",
 )
-async def embeddings(request: Request[Any, Any, Any], caller: Caller) -> Response[Any]:
-    return await _proxy("embeddings", request, caller)
+async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
+    return await _proxy("embeddings", request)
 
 
 @get(["/models", "/v1/models"], dependencies=_dependencies, summary="Models this key may use")
