@@ -65,7 +65,12 @@ LUA = BENCH / "post.lua"
 PROFILE = PROJECT_ROOT / "docs" / "profile-proxy.txt"
 TOOLS = PROJECT_ROOT / ".bench" / "tools" / "bin"
 LITELLM = PROJECT_ROOT / ".bench" / "litellm" / "bin" / "litellm"
-SPENDLEDGER = PROJECT_ROOT / ".venv" / "bin" / "spendledger"
+GRANIAN_IN_VENV = PROJECT_ROOT / ".venv" / "bin" / "granian"
+# The processes under test, by target name (CPU column "proxy" of each run is its own).
+PROXIES = ("spendledger", "spendledger on granian", "litellm")
+# `python -m api` from this checkout (not the console script, which runs wherever the package was
+# installed from), so a second checkout can be benchmarked against this one.
+SPENDLEDGER = [sys.executable, "-m", "api"]
 LITELLM_VERSION = "1.106.2"
 MASTER_KEY = "sk-1234"
 CUSTOMER = "bench-customer"
@@ -606,8 +611,8 @@ def summary_rows(runs: list[Run]) -> dict[tuple[str, int], dict[str, float]]:
 def proxy_cpu(run: Run) -> dict[str, float]:
     """The run's CPU with the proxy under test as `proxy` (the other proxy idles)."""
     cpu = dict(run.cpu)
-    proxy = cpu.pop("spendledger", 0.0), cpu.pop("litellm", 0.0)
-    cpu["proxy"] = proxy[0] if run.target == "spendledger" else proxy[1] if run.target == "litellm" else 0.0
+    proxies = {name: cpu.pop(name, 0.0) for name in PROXIES}
+    cpu["proxy"] = proxies.get(run.target, 0.0)
     return cpu
 
 
@@ -650,6 +655,11 @@ def markdown(runs: list[Run], profiled: Run | None, args: argparse.Namespace, ch
         out.append(added + "**.")
     if sl1 and l1:
         out.append(f"- spendledger / LiteLLM at 1 connection: {sl1['rps'] / l1['rps']:.1f}× the throughput.")
+    g64, g1 = rows.get(("spendledger on granian", 64)), rows.get(("spendledger on granian", 1))
+    if g64 and sl64 and g1 and sl1:
+        out.append(f"- ASGI server, the same app and database: granian {g64['rps']:,.0f} req/s at 64 connections "
+                   f"({g64['proxy']:.2f} cores) vs uvicorn {sl64['rps']:,.0f} ({sl64['proxy']:.2f} cores); p50 at 1 "
+                   f"connection {g1['p50']:.2f} vs {sl1['p50']:.2f} ms.")  # fmt: skip
     out += ["", "Every run, in the order run:", "",
             "| # | target | conns | requests | req/s | p50 ms | p99 ms | errors | CPU proxy | CPU postgres "
             "| CPU others | ledger check |",
@@ -794,12 +804,19 @@ def main() -> None:
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="seconds to wait at most, before each run, for other work on the machine to calm")  # fmt: skip
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--connections", type=int, nargs="+", default=list(CONNECTIONS),
+                        help="wrk's connection counts, in order (default: 64 1)")  # fmt: skip
+    parser.add_argument("--granian", action="store_true",
+                        help="also serve spendledger on granian (pip install granian into .venv), to compare "
+                        "the ASGI servers in the same run")  # fmt: skip
     parser.add_argument("--publisher", choices=["separate", "inline"], default="separate",
                         help="deliver the outbox from a `spendledger publish` process beside the server "
                         "(`serve --no-publisher`), or from the serving process itself")  # fmt: skip
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # stop every server we started, as Ctrl-C does
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+    if args.granian and not GRANIAN_IN_VENV.exists():
+        raise SystemExit("granian is missing from .venv: .venv/bin/pip install granian, or run without --granian")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get update && apt-get install -y wrk")
     if not args.skip_litellm and not LITELLM.exists():
@@ -840,12 +857,12 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
     separate = args.publisher == "separate"
     spendledger = stack.enter_context(started(
         "spendledger",
-        [str(SPENDLEDGER), "serve", "--config", str(workdir / "spendledger.yaml"), "--host", "127.0.0.1",
+        [*SPENDLEDGER, "serve", "--config", str(workdir / "spendledger.yaml"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", str(args.workers), *(["--no-publisher"] if separate else [])],
         workdir, f"http://127.0.0.1:{port}", "/health/readiness", env=sl_env, timeout_s=120,
     ))  # fmt: skip
     publisher = (
-        stack.enter_context(background("publisher", [str(SPENDLEDGER), "publish", "--config",
+        stack.enter_context(background("publisher", [*SPENDLEDGER, "publish", "--config",
                                                      str(workdir / "spendledger.yaml")], workdir, sl_env))
         if separate else None
     )  # fmt: skip
@@ -865,6 +882,20 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
               "postgres": int((database.data_dir / "postmaster.pid").read_text().split()[0])}  # fmt: skip
     if publisher is not None:
         groups["publisher"] = publisher.pid
+    if args.granian:
+        port = free_port()
+        on_granian = stack.enter_context(started(
+            "spendledger on granian",
+            [str(GRANIAN_IN_VENV), "--interface", "asgi", "--factory", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", str(args.workers), "--loop", "uvloop", "--no-ws", "--log-level", "warning",
+             "--working-dir", str(PROJECT_ROOT), "api.app:create_app_from_env"],
+            workdir, f"http://127.0.0.1:{port}", "/health/readiness",
+            env={**sl_env, "SPENDLEDGER_CONFIG": str(workdir / "spendledger.yaml"),
+                 "SPENDLEDGER_DATABASE_URL": database.url, "SPENDLEDGER_PUBLISH": "0" if separate else "1"},
+            timeout_s=120,
+        ))  # fmt: skip
+        targets.append(Target("spendledger on granian", on_granian.url, key.json()["key"], body(CUSTOMER)))
+        groups["spendledger on granian"] = on_granian.process.pid
     if not args.skip_litellm:
         (workdir / "litellm.yaml").write_text(litellm_config(upstream.url))
         port = free_port()
@@ -893,7 +924,7 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
     def measure(target: Target, conns: int, seconds: float) -> Run:
         waited = meter.wait_quiet(0.3, args.quiet_wait)
         recorded = ledger.usage_count()
-        sampler = WaitSampler(database.url) if target.name == "spendledger" else None
+        sampler = WaitSampler(database.url) if target.name.startswith("spendledger") else None
         with sampler or contextlib.nullcontext():
             run = wrk(target, conns, seconds, meter)
         if sampler is not None:
@@ -909,7 +940,7 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
     settle(ledger, upstream)
     for target in targets:
         warm.append(measure(target, 64, args.warmup))
-    for conns in CONNECTIONS:
+    for conns in args.connections:
         for _ in range(args.rounds):
             for target in targets:
                 runs.append(measure(target, conns, args.duration))
@@ -953,9 +984,9 @@ def final_checks(ledger: Ledger, upstream: Service, sinks: Service, runs: list[R
     recorded = sum(r["n"] for r in rows)
     successes = sum(r["n"] for r in rows if r["status"] == "success" and r["http"] == 200)
     distinct = sum(r["calls"] for r in rows)
-    answered = sum(r.ok for r in runs if r.target == "spendledger") + 1  # + the smoke request
+    answered = sum(r.ok for r in runs if r.target.startswith("spendledger")) + 1  # + the smoke request
     in_flight = recorded - answered
-    spendledger_runs = sum(1 for r in runs if r.target == "spendledger")
+    spendledger_runs = sum(1 for r in runs if r.target.startswith("spendledger"))
     ok = recorded == forwarded == successes == distinct and 0 <= in_flight <= 64 * spendledger_runs
     refused = ledger.value("select count(*) from events where type = 'RequestRefused'")
     checks.append(
