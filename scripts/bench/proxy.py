@@ -738,15 +738,23 @@ def explain(
         bound = (
             f"**At 64 connections spendledger is bound by its one process's CPU** ({sl['proxy']:.2f} cores)"
         )
-    elif machine < 0.9 * cores and waits:
+    elif machine < 0.9 * cores and waits and lock_share >= 0.1:
         bound = (
             f"**At 64 connections neither spendledger's process ({sl.get('proxy', 0):.2f} cores) nor the machine "
             f"({machine:.2f} of {cores} cores) is saturated: requests wait on PostgreSQL**, whose active backends "
-            f"spend {lock_share:.0%} of their time waiting for a lock ({waits[0]}). Every request updates the one "
-            "customer's budget row twice, at admission (batched per scope set, `sl_admit_many`) and at settle "
-            "(group commit, `sl_record_usages`); a batch holds the row until its commit, so admission batches and "
-            "settle batches take turns on it, and each request waits for one of each. The flush is not what they "
-            f"wait for (IO:WALSync {wal_share:.0%})"
+            f"spend {lock_share:.0%} of their time waiting for a lock ({waits[0]}): admission batches and settle "
+            "batches take turns on the one customer's budget row"
+        )
+    elif machine < 0.9 * cores and waits:
+        bound = (
+            f"**At 64 connections neither spendledger's process ({sl.get('proxy', 0):.2f} cores) nor the machine "
+            f"({machine:.2f} of {cores} cores) is saturated, and PostgreSQL's backends hardly wait for locks "
+            f"({lock_share:.0%}; {waits[0]}): requests wait for their batch.** One customer's requests share one "
+            "scope set, so one admission batch (`sl_admit_many`) is in flight at a time; the process has one group "
+            "commit (`sl_record_usages`) in flight at a time. A request waits for the batch in flight and then its "
+            "own, twice; the batches grow with the load (about 20 requests each at this rate), and what each batch "
+            "costs per request is what bounds the rate. The budget row is locked only at the end of a settle batch, "
+            f"and the flush is not what they wait for either (IO:WALSync {wal_share:.0%})"
         )
     else:
         bound = (
