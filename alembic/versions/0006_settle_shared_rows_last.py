@@ -14,6 +14,9 @@ Revision ID: 0006
 Revises: 0005
 """
 
+import importlib.util
+from pathlib import Path
+
 from alembic import op
 from ledger.db import split_sql
 
@@ -279,39 +282,29 @@ end $$;
 alter function sl_record_usages(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan;
 alter function sl_admit(jsonb) set plan_cache_mode = force_generic_plan;
 alter function sl_admit_many(jsonb) set plan_cache_mode = force_generic_plan;
+
+-- Superseded by sl_record_usages and sl_enqueue_webhooks_after above.
+drop function sl_settle(jsonb, jsonb, jsonb, jsonb);
+drop function sl_enqueue_webhooks(jsonb, jsonb);
 """
 
 DOWNGRADE = """
 alter function sl_admit_many(jsonb) reset plan_cache_mode;
 alter function sl_admit(jsonb) reset plan_cache_mode;
-create or replace function sl_record_usages(ds jsonb, metas jsonb, ctx jsonb, outboxes jsonb)
-returns table (idx integer, key_spend numeric)
-language plpgsql as $$
-declare
-    c record;
-begin
-    for c in
-        select d->>'customer_id' as customer, min(i) as first
-        from jsonb_array_elements(ds) with ordinality as e(d, i)
-        where d->>'customer_id' is not null
-        group by 1 order by 1
-    loop
-        perform sl_customer_first_seen(c.customer, ctx->>'default_budget_id', metas->(c.first::integer - 1));
-    end loop;
-    perform sl_lock_for_settle(
-        array(select d->>'call_id' from jsonb_array_elements(ds) as d),
-        (select coalesce(jsonb_agg(r), '[]') from jsonb_array_elements(ds) as d,
-                jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r));
-    for i in 0 .. jsonb_array_length(ds) - 1 loop
-        idx := i;
-        key_spend := sl_settle(ds->i, metas->i, ctx, outboxes->i);
-        return next;
-    end loop;
-end $$;
+drop function sl_record_usages(jsonb, jsonb, jsonb, jsonb);
 drop function sl_settle_values(jsonb, jsonb, jsonb);
 drop function sl_usage_value_keys(jsonb);
 drop function sl_enqueue_webhooks_after(jsonb, jsonb, jsonb);
 """
+
+
+def _from_revision_0003(*names: str) -> list[str]:
+    """Revision 0003's definitions of these functions, which a downgrade brings back as they were."""
+    spec = importlib.util.spec_from_file_location("revision_0003", Path(__file__).with_name("0003_outbox.py"))
+    assert spec is not None and spec.loader is not None
+    revision_0003 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(revision_0003)
+    return [s for s in split_sql(revision_0003.UPGRADE) if any(f"create function {n}(" in s for n in names)]
 
 
 def upgrade() -> None:
@@ -321,4 +314,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for statement in split_sql(DOWNGRADE):
+        op.get_bind().exec_driver_sql(statement)
+    for statement in _from_revision_0003("sl_enqueue_webhooks", "sl_settle", "sl_record_usages"):
         op.get_bind().exec_driver_sql(statement)

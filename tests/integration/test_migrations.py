@@ -1,0 +1,60 @@
+"""The newest revisions go down and up again, and the hot path works after the round trip."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import asyncpg
+from alembic.config import Config
+
+from alembic import command
+from ledger.db import PROJECT_ROOT
+from ledger.usage import Recording, RecordingContext, record_usages
+from tests.integration.ledger.test_settle_batches import admitted, budgeted, usage
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_ROOT / "alembic"))
+    config.attributes["database_url"] = database_url
+    return config
+
+
+async def functions(url: str) -> set[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("select proname from pg_proc where proname like 'sl\\_%'")
+    finally:
+        await conn.close()
+    return {r["proname"] for r in rows}
+
+
+async def settle_one(url: str, customer: str, key_spend: str) -> None:
+    """Admit and settle one request of 0.25 (the key's spend is then `key_spend`)."""
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        await budgeted(pool, customer, "1")
+        outcome = await admitted(pool, f"{customer}-0", customer)
+        event = usage(f"{customer}-0", customer, "0.25", outcome.budget_periods)
+        spends = await record_usages(pool, [Recording(event=event)], RecordingContext(webhooks=True))
+        assert spends == [Decimal(key_spend)]
+        assert await pool.fetchval("select count(*) from outbox where sink = 'webhook'") >= 1
+    finally:
+        await pool.close()
+
+
+def test_down_to_0004_and_up_again(database_url: str) -> None:
+    config = alembic_config(database_url)
+    head = asyncio.run(functions(database_url))
+    assert {"sl_admit_many", "sl_enqueue_webhooks_after"} <= head
+    assert "sl_settle" not in head  # superseded in 0006
+    command.downgrade(config, "0004")
+    down = asyncio.run(functions(database_url))
+    assert {"sl_settle", "sl_enqueue_webhooks", "sl_record_usages", "sl_admit"} <= down
+    assert not {"sl_admit_many", "sl_enqueue_webhooks_after", "sl_settle_values"} & down
+    asyncio.run(settle_one(database_url, "before-0005", "0.25"))  # 0004's settle works again
+    command.upgrade(config, "head")
+    assert asyncio.run(functions(database_url)) == head
+    asyncio.run(settle_one(database_url, "after-0006", "0.5"))
