@@ -211,29 +211,25 @@ class GroupAdmitter:
                 outcomes = await admit_requests(self._pool, [admission for admission, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
-                _resolve(batch[0][1], exc=exc)
+                _resolve(batch[0][1], exc)
                 return
             for admission, future in batch:
                 try:
-                    outcome = await admit_request(self._pool, admission)
+                    _resolve(future, await admit_request(self._pool, admission))
                 except Exception as alone:
-                    _resolve(future, exc=alone)
-                else:
-                    _resolve(future, outcome)
+                    _resolve(future, alone)
             return
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             _resolve(future, outcome)
 
 
-def _resolve(
-    future: asyncio.Future[Outcome], outcome: Outcome | None = None, exc: BaseException | None = None
-) -> None:
+def _resolve(future: asyncio.Future[Outcome], result: Outcome | BaseException) -> None:
     if future.done():
         return
-    if exc is not None:
-        future.set_exception(exc)
-    elif outcome is not None:
-        future.set_result(outcome)
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 async def expire_holds(conn: asyncpg.Connection | asyncpg.Pool) -> int:

@@ -28,8 +28,8 @@ CHANNEL: Final = "sl_outbox"
 BACKOFF_BASE_S: Final = 1.0
 BACKOFF_CAP_S: Final = 300.0
 # How long a publisher woken from idle lets rows gather before it claims: a trickle of requests
-# then costs one claim/mark transaction per batch rather than per row (the outbox bench: lag p50
-# rises by about this much).
+# then costs one claim/mark transaction per batch rather than per row, for at most this much more
+# delivery lag (none under load: a busy publisher does not wait).
 DEFAULT_LINGER_S: Final = 0.05
 # While the sink refuses our credentials, probe again at this pace: nothing is lost meanwhile.
 UNAUTHORIZED_RETRY_S: Final = 30.0
