@@ -34,9 +34,11 @@ async def trickle(pool: asyncpg.Pool, rows: int, gap_s: float) -> None:
         await asyncio.sleep(gap_s)
 
 
-@pytest.mark.parametrize(("linger_s", "batched"), [(0.5, True), (0.0, False)])
+# Five rows 50 ms apart all fall within a 0.5 s linger; 150 ms apart, a publisher that does not
+# linger has long sent each before the next arrives.
+@pytest.mark.parametrize(("linger_s", "gap_s", "batched"), [(0.5, 0.05, True), (0.0, 0.15, False)])
 async def test_a_trickle_is_sent_in_one_batch_after_the_linger(
-    pool: asyncpg.Pool, database_url: str, linger_s: float, batched: bool
+    pool: asyncpg.Pool, database_url: str, linger_s: float, gap_s: float, batched: bool
 ) -> None:
     sink = CountingSink()
     publisher = Publisher(pool, database_url, [sink], idle_wait_s=5.0, linger_s=linger_s)
@@ -44,22 +46,27 @@ async def test_a_trickle_is_sent_in_one_batch_after_the_linger(
     try:
         # Listening, and past its first sweep (which would take whatever is there at once).
         for _ in range(200):
-            if await pool.fetchval("select count(*) from pg_stat_activity "
-                "where datname = current_database() and query ilike 'listen%'"):
+            listening = await pool.fetchval(
+                "select count(*) from pg_stat_activity where datname = current_database() "
+                "and query ilike 'listen%'"
+            )
+            if listening:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
-        await trickle(pool, rows=5, gap_s=0.05)
-        for _ in range(200):
-            if sum(sink.batches) == 5:
+        await trickle(pool, rows=5, gap_s=gap_s)
+        delivered = 0
+        for _ in range(200):  # marked and committed, not only handed to the sink
+            delivered = await pool.fetchval("select count(*) from outbox where state = 'delivered'")
+            if delivered == 5:
                 break
             await asyncio.sleep(0.05)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    assert sum(sink.batches) == 5, (sink.batches, publisher.health)
-    assert await pool.fetchval("select count(*) from outbox where state = 'delivered'") == 5
+    assert delivered == 5, (sink.batches, publisher.health)
+    assert sum(sink.batches) == 5
     if batched:
         assert sink.batches == [5]
     else:
