@@ -157,11 +157,7 @@ def started(
     """Start `argv`, wait until GET `url + ready` answers 200, stop it with SIGTERM (its whole process
     group with SIGKILL after 20 s)."""
     log_path = workdir / f"{name}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            argv, cwd=cwd or PROJECT_ROOT, env={**os.environ, **(env or {})}, stdout=log_file,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    process = _spawn(argv, log_path, env or {}, cwd or PROJECT_ROOT)
     service = Service(name, process, url, log_path)
     try:
         deadline = time.monotonic() + timeout_s
@@ -176,34 +172,39 @@ def started(
             time.sleep(0.2)
         yield service
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)  # its own session: the group is its workers
-                process.wait()
+        _stop(process)
 
 
 @contextlib.contextmanager
 def background(name: str, argv: list[str], workdir: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a process that serves no HTTP (the publisher); stop it with SIGTERM."""
-    with (workdir / f"{name}.log").open("wb") as log_file:
-        process = subprocess.Popen(argv, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=log_file,
-                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    """Start a process that serves no HTTP (the publisher); stop it as `started` does."""
+    log_path = workdir / f"{name}.log"
+    process = _spawn(argv, log_path, env, PROJECT_ROOT)
     try:
         time.sleep(1.0)
         if process.poll() is not None:
-            raise SystemExit(f"{name} exited with {process.returncode}: {(workdir / f'{name}.log').read_text()}")
+            raise SystemExit(f"{name} exited with {process.returncode}: {log_path.read_text()}")
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        _stop(process)
+
+
+def _spawn(argv: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    """`argv` in a session of its own (so its workers can be stopped as a group), output to `log_path`."""
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(argv, cwd=cwd, env={**os.environ, **env}, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL to its whole process group after 20 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: the group is its workers
+            process.wait()
 
 
 def fake(app: str, workdir: Path) -> contextlib.AbstractContextManager[Service]:
