@@ -1,13 +1,12 @@
 """HTTP client cost per request (issue 6): the CPU our process spends to POST one chat completion.
 
 Sends --requests POSTs of a chat-completion body (split over --rounds, variants alternating) at
---concurrency to the fast fake upstream (scripts/bench/fake_upstream.py `upstream`, on granian if
-found, else uvicorn, in its own process) through each way of sending it, on uvloop as the server
-runs. Reports the client process's CPU (time.process_time) per request and req/s per variant, checks
+--concurrency to the fast fake upstream (scripts/bench/fake_upstream.py `upstream`, in its own
+process) through each way of sending it, on uvloop as the server runs. Reports the client process's CPU (time.process_time) per request and req/s per variant, checks
 that the fake upstream counted every request, and with --write puts the table in docs/benchmarks.md.
 
     .venv/bin/python scripts/bench/http_client.py [--requests 20000] [--rounds 2] [--concurrency 64]
-        [--granian PATH] [--write]
+        [--write]
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import shutil
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from api.http_client import AiohttpTransport, DirectClient
 from ledger.sinks.http import PostTarget
-from scripts.bench.proxy import BENCH, TOOLS, free_port, granian, started, stats
+from scripts.bench.proxy import fake_argv, free_port, started, stats
 from scripts.bench.report import write_section
 
 try:
@@ -192,33 +190,20 @@ def findings(found: list[Variant]) -> str:
     return "\n".join(lines)
 
 
-def server_argv(port: int, path: str | None) -> list[str]:
-    if path:
-        return [path, "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--no-ws", "--log-level", "warning", "--working-dir", str(BENCH), "fake_upstream:upstream"]  # fmt: skip
-    return [sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH), "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning", "--no-access-log", "--loop", "uvloop", "--http", "httptools",
-            "fake_upstream:upstream"]  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=20_000, help="per variant, over all rounds")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument(
-        "--granian", help=f"granian to serve the fake upstream (else found in .venv, {TOOLS})"
-    )
     parser.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     args = parser.parse_args()
-    server = args.granian or granian() or shutil.which("granian")
     port = free_port()
     per_round = args.requests // args.rounds
     found = variants()
     with (
         tempfile.TemporaryDirectory() as tmp,
         started(
-            "upstream", server_argv(port, server), Path(tmp), f"http://127.0.0.1:{port}", "/bench/stats"
+            "upstream", fake_argv("upstream", port), Path(tmp), f"http://127.0.0.1:{port}", "/bench/stats"
         ) as upstream,
     ):
         url = f"{upstream.url}/v1/chat/completions"
@@ -234,11 +219,10 @@ def main() -> None:
     if counted != sent:
         raise SystemExit(f"the fake upstream counted {counted} requests, {sent} were sent")
     body = table(found, found[0]) + "\n\n" + findings(found)
-    server_name = "granian" if server else "uvicorn"
     note = (
         f"{per_round:,} POSTs per variant and round at concurrency {args.concurrency} ({args.rounds} rounds, "
-        f"variants alternating, after a warm-up of {args.concurrency}), to the fake upstream on {server_name} "
-        f"(its own process); CPU of the client process only (`time.process_time`), event loop uvloop. The "
+        f"variants alternating, after a warm-up of {args.concurrency}), to the fake upstream "
+        f"(scripts/bench/fake_upstream.py, its own process); CPU of the client process only (`time.process_time`), event loop uvloop. The "
         f"fake upstream counted all {counted:,} requests.\n\n{body}\n"
     )
     print(note)

@@ -17,8 +17,8 @@ in docs/profile-proxy.txt. Writes "## Proxy vs direct vs LiteLLM (issue 6)" of d
 
 Needs `wrk` (`apt-get install wrk`). Bench-only tools live in .bench/ (git-ignored):
     python3 -m venv .bench/litellm && .bench/litellm/bin/pip install 'litellm[proxy]==1.106.2'
-    python3 -m venv .bench/tools && .bench/tools/bin/pip install granian py-spy
-The fake upstream runs on granian if the project venv or .bench/tools has it, else on uvicorn.
+    python3 -m venv .bench/tools && .bench/tools/bin/pip install py-spy
+The fakes (upstream, Lago and webhook receivers) are scripts/bench/fake_upstream.py, on uvloop.
 """
 
 from __future__ import annotations
@@ -138,13 +138,6 @@ class Service:
         return self.log_path.read_text(errors="replace")[-tail:]
 
 
-def granian() -> str | None:
-    for candidate in (PROJECT_ROOT / ".venv" / "bin" / "granian", TOOLS / "granian"):
-        if candidate.exists():
-            return str(candidate)
-    return shutil.which("granian")
-
-
 def py_spy() -> str | None:
     return str(TOOLS / "py-spy") if (TOOLS / "py-spy").exists() else shutil.which("py-spy")
 
@@ -176,7 +169,9 @@ def started(
 
 
 @contextlib.contextmanager
-def background(name: str, argv: list[str], workdir: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+def background(
+    name: str, argv: list[str], workdir: Path, env: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
     """Start a process that serves no HTTP (the publisher); stop it as `started` does."""
     log_path = workdir / f"{name}.log"
     process = _spawn(argv, log_path, env, PROJECT_ROOT)
@@ -207,17 +202,14 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def fake_argv(app: str, port: int) -> list[str]:
+    """The fast fake `app` (upstream or sinks) of scripts/bench/fake_upstream.py on `port`."""
+    return [sys.executable, str(BENCH / "fake_upstream.py"), app, "--port", str(port)]
+
+
 def fake(app: str, workdir: Path) -> contextlib.AbstractContextManager[Service]:
     port = free_port()
-    server = granian()
-    if server:
-        argv = [server, "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--no-ws", "--log-level", "warning", "--working-dir", str(BENCH), f"fake_upstream:{app}"]  # fmt: skip
-    else:
-        argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH), "--host", "127.0.0.1", "--port",
-                str(port), "--log-level", "warning", "--no-access-log", "--loop", "uvloop", "--http",
-                "httptools", f"fake_upstream:{app}"]  # fmt: skip
-    return started(app, argv, workdir, f"http://127.0.0.1:{port}", "/bench/stats")
+    return started(app, fake_argv(app, port), workdir, f"http://127.0.0.1:{port}", "/bench/stats")
 
 
 def stats(service: Service) -> Counter[str]:
@@ -825,7 +817,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # stop every server we started, as Ctrl-C does
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
     if args.granian and not GRANIAN_IN_VENV.exists():
-        raise SystemExit("granian is missing from .venv: .venv/bin/pip install granian, or run without --granian")
+        raise SystemExit(
+            "granian is missing from .venv: .venv/bin/pip install granian, or run without --granian"
+        )
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get update && apt-get install -y wrk")
     if not args.skip_litellm and not LITELLM.exists():
@@ -838,7 +832,7 @@ def main() -> None:
     if not args.no_profile and spy is None:
         raise SystemExit(
             "py-spy is missing; create it with:\n"
-            "  python3 -m venv .bench/tools && .bench/tools/bin/pip install granian py-spy\n"
+            "  python3 -m venv .bench/tools && .bench/tools/bin/pip install py-spy\n"
             "or run with --no-profile"
         )
     workdir = Path(tempfile.mkdtemp(prefix="sl-bench-proxy-", dir="/tmp"))
@@ -857,7 +851,6 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
           spy: str | None) -> None:  # fmt: skip
     upstream = stack.enter_context(fake("upstream", workdir))
     sinks = stack.enter_context(fake("sinks", workdir))
-    server = "granian" if granian() else "uvicorn"
     (workdir / "spendledger.yaml").write_text(spendledger_config(upstream.url))
     port = free_port()
     sl_env = {"DATABASE_URL": database.url, "LAGO_API_BASE": sinks.url, "LAGO_API_KEY": "bench-lago-key",
@@ -966,7 +959,7 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
         print(text)
     checks = final_checks(ledger, upstream, sinks, [*warm, *runs, *([profiled] if profiled else [])])
     ledger.close()
-    setup = describe(args, server)
+    setup = describe(args)
     command = f".venv/bin/python scripts/bench/proxy.py {' '.join(sys.argv[1:])}".strip()
     text = markdown(runs, profiled, args, checks, centres, setup)
     print(text)
@@ -1017,7 +1010,7 @@ def final_checks(ledger: Ledger, upstream: Service, sinks: Service, runs: list[R
     return checks
 
 
-def describe(args: argparse.Namespace, server: str) -> str:
+def describe(args: argparse.Namespace) -> str:
     order = "direct → spendledger" + ("" if args.skip_litellm else " → LiteLLM")
     litellm = (
         "" if args.skip_litellm else
@@ -1027,9 +1020,9 @@ def describe(args: argparse.Namespace, server: str) -> str:
         "the master key."
     )  # fmt: skip
     return (
-        f"One machine runs everything: the fake OpenAI upstream (raw ASGI on {server}, answers at once with usage), "
-        f"fake Lago and webhook receivers (same, other process), spendledger (`spendledger serve --workers "
-        f"{args.workers}`: uvicorn, uvloop, httptools) on an embedded PostgreSQL 16, and wrk. spendledger serves a "
+        "One machine runs everything: the fake OpenAI upstream (an asyncio protocol over httptools on uvloop, "
+        "answers at once with usage), fake Lago and webhook receivers (the same, another process), spendledger "
+        f"(`spendledger serve --workers {args.workers}`: uvicorn, uvloop, httptools) on an embedded PostgreSQL 16, and wrk. spendledger serves a "
         "generated key; the body names a customer with a budget of 1,000,000 (admission holds on it, the settle "
         "releases it); `callbacks: [\"lago\"]` and `alerting: [\"webhook\"]` (signed) are on, so every request "
         "appends a UsageRecorded and two outbox rows, which "
