@@ -2,7 +2,8 @@
 
 Each for --seconds with --concurrency asyncio workers on one asyncpg pool: (a) one hot customer budget
 row, admit → settle; (b) 1,000 customers round robin, admit → settle; (c) admit only on a hot row,
-holds released at the end by `expire_holds`. Then the budget rows must hold exactly the recorded
+holds released at the end by `expire_holds`; (d) as (a) one request at a time (what a request pays
+in the database at one connection, with nothing to share a batch with). Then the budget rows must hold exactly the recorded
 costs and nothing held. Prints a Markdown table; writes "## Admission (issue 3)" in docs/benchmarks.md.
 
     .venv/bin/python scripts/bench/admission.py [--seconds N] [--concurrency C] [--database-url URL]
@@ -54,6 +55,7 @@ class Result:
     name: str
     customers: list[str]
     settle: bool
+    concurrency: int | None = None  # else --concurrency
     admits: list[float] = field(default_factory=list)  # seconds
     cycles: list[float] = field(default_factory=list)  # admit + settle, seconds
     cost: Decimal = ZERO
@@ -180,7 +182,7 @@ def table(results: list[Result]) -> Table:
 
 
 async def bench(admin_url: str, seconds: float, concurrency: int) -> tuple[list[Result], str]:
-    """Create our own database on the server, migrate it, run (a), (b), (c), drop the database."""
+    """Create our own database on the server, migrate it, run (a) to (d), drop the database."""
     name = f"sl_bench_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(admin_url)
     await admin.execute(f"create database {name}")
@@ -190,14 +192,16 @@ async def bench(admin_url: str, seconds: float, concurrency: int) -> tuple[list[
         hot = Result("(a) hot budget, admit+settle", ["bench-hot-a"], settle=True)
         spread = Result("(b) 1,000 customers, admit+settle", [f"bench-c{i:03d}" for i in range(1000)], True)
         only = Result("(c) hot budget, admit only", ["bench-hot-c"], settle=False)
-        await setup(url, hot.customers + spread.customers + only.customers)
+        lone = Result("(d) one at a time, admit+settle", ["bench-hot-d"], settle=True, concurrency=1)
+        results = [hot, spread, only, lone]
+        await setup(url, [customer for result in results for customer in result.customers])
         pool = await create_pool(url, min_size=concurrency, max_size=concurrency)
         try:
-            for result in (hot, spread, only):
-                await run(pool, url, result, seconds, concurrency)
+            for result in results:
+                await run(pool, url, result, seconds, result.concurrency or concurrency)
         finally:
             await pool.close()
-        return [hot, spread, only], str(await admin.fetchval("show server_version"))
+        return results, str(await admin.fetchval("show server_version"))
     finally:
         await admin.execute(f"drop database if exists {name} with (force)")
         await admin.close()
