@@ -18,6 +18,7 @@ from api.keycache import KeyCache
 from api.publishing import PublisherRunner
 from api.routes import audit, budgets, customers, export, health, keys, outbox, proxy, spend, teams, users
 from api.routing import ModelRouter
+from api.runtime import freeze_startup_heap
 from api.services import Services
 from api.upstream import Upstream
 from ledger.admission import GroupAdmitter, expire_holds
@@ -45,9 +46,12 @@ async def _sweep_expired_holds(services: Services) -> None:
                 log.warning("expired_holds_released", count=released)
 
 
-def create_app(settings: Settings, database_url: str, publish: bool = True) -> Litestar:
+def create_app(
+    settings: Settings, database_url: str, publish: bool = True, freeze_heap: bool = False
+) -> Litestar:
     """The app; with `publish=False` it enqueues outbox rows but leaves their delivery to a separate
-    `spendledger publish` process (off the serving event loop)."""
+    `spendledger publish` process (off the serving event loop). With `freeze_heap` (a server
+    process's own app) what start-up leaves alive is frozen out of the garbage collector's walks."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -84,6 +88,8 @@ def create_app(settings: Settings, database_url: str, publish: bool = True) -> L
         recorder.start()
         follower = DailySpendFollower(pool)
         follower.start()
+        if freeze_heap:
+            freeze_startup_heap()
         try:
             yield
         finally:
@@ -125,7 +131,7 @@ def create_app_from_env() -> Litestar:
     """Factory for server workers: the CLI puts the config path and database URL in the environment."""
     settings = load_settings(os.environ["SPENDLEDGER_CONFIG"])
     publish = os.environ.get("SPENDLEDGER_PUBLISH", "1") != "0"
-    return create_app(settings, os.environ["SPENDLEDGER_DATABASE_URL"], publish=publish)
+    return create_app(settings, os.environ["SPENDLEDGER_DATABASE_URL"], publish=publish, freeze_heap=True)
 
 
 def startup_warnings(settings: Settings, prices: PriceBook) -> list[dict[str, Any]]:

@@ -156,6 +156,7 @@ def publish(args: argparse.Namespace) -> int:
 
 async def _publish_forever(settings: Settings, url: str) -> None:
     from api.publishing import PublisherRunner
+    from api.runtime import freeze_startup_heap
     from ledger.db import create_pool
 
     pool = await create_pool(url, min_size=1, max_size=4)
@@ -164,6 +165,7 @@ async def _publish_forever(settings: Settings, url: str) -> None:
         print("spendledger: no sink configured (callbacks: [lago] or alerting: [webhook])", file=sys.stderr)
         raise SystemExit(2)
     log.info("publishing", sinks=[sink.name for sink in runner.sinks])
+    freeze_startup_heap()
     try:
         await runner.publisher.run()
     finally:
