@@ -1,4 +1,4 @@
-"""The newest revisions go down and up again, and the hot path works after the round trip."""
+"""The newest revisions go down and up again, and the hot path works at each step."""
 
 from __future__ import annotations
 
@@ -48,13 +48,16 @@ async def settle_one(url: str, customer: str, key_spend: str) -> None:
 def test_down_to_0004_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
     head = asyncio.run(functions(database_url))
-    assert {"sl_admit_many", "sl_enqueue_webhooks_after"} <= head
-    assert "sl_settle" not in head  # superseded in 0006
+    assert {"sl_admit_many", "sl_settle_values"} <= head
+    assert not {"sl_settle", "sl_enqueue_webhooks_after"} & head  # superseded in 0006 and 0007
+    command.downgrade(config, "0006")
+    assert "sl_enqueue_webhooks_after" in asyncio.run(functions(database_url))
+    asyncio.run(settle_one(database_url, "at-0006", "0.25"))  # 0006's settle works again
     command.downgrade(config, "0004")
     down = asyncio.run(functions(database_url))
     assert {"sl_settle", "sl_enqueue_webhooks", "sl_record_usages", "sl_admit"} <= down
     assert not {"sl_admit_many", "sl_enqueue_webhooks_after", "sl_settle_values"} & down
-    asyncio.run(settle_one(database_url, "before-0005", "0.25"))  # 0004's settle works again
+    asyncio.run(settle_one(database_url, "before-0005", "0.5"))  # 0004's settle works again
     command.upgrade(config, "head")
     assert asyncio.run(functions(database_url)) == head
-    asyncio.run(settle_one(database_url, "after-0006", "0.5"))
+    asyncio.run(settle_one(database_url, "at-head", "0.75"))

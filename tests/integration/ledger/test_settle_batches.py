@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+import pytest
 
 from ledger.admission import Admitted, admit_request
 from ledger.directory import create_customer
@@ -115,3 +116,41 @@ async def test_a_settle_in_between_by_another_process_rewrites_the_webhooks_from
         ("threshold_crossed", "contended-2"),
     ]
     assert await pool.fetchval("select spent from budget_usage where scope = 'customer'") == Decimal("1.1")
+
+
+async def _limited(pool: asyncpg.Pool, customer: str, limits: dict[str, Any]) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        await create_customer(conn, CustomerCreated(user_id=customer), limits, "test", datetime.now(UTC))
+
+
+def _comparable(row: dict[str, Any], name: str) -> dict[str, Any]:
+    """A webhook row with its customer's name, time of request and period end left out."""
+    text = json.dumps({k: v for k, v in row.items() if k not in ("created_at", "budget_reset_at")})
+    return {**json.loads(text.replace(name, "c")), "resets": row.get("budget_reset_at") is not None}
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_budget": Decimal(1), "soft_budget": Decimal("0.5"), "budget_duration": "30d"},
+        {"max_budget": Decimal(1)},  # lifetime budget: no period
+        {"soft_budget": Decimal("0.6")},  # a soft budget alone: its line is on the lifetime spend
+    ],
+    ids=["period", "lifetime", "soft-only"],
+)
+async def test_the_webhook_rows_of_a_batch_are_those_of_its_requests_recorded_one_by_one(
+    pool: asyncpg.Pool, limits: dict[str, Any]
+) -> None:
+    costs = ["0.2", "0.25", "0.3", "0", "0.1", "0.4", "0.05", "0.3"]
+    await _limited(pool, "batched", limits)
+    await _limited(pool, "alone", limits)
+    await record_usages(pool, await recordings(pool, "batched", costs), WEBHOOKS)
+    for recording in await recordings(pool, "alone", costs):
+        await record_usages(pool, [recording], WEBHOOKS)
+    sent = await webhooks(pool)
+    batched = [_comparable(w, "batched") for w in sent if w["call_id"].startswith("batched-")]
+    alone = [_comparable(w, "alone") for w in sent if w["call_id"].startswith("alone-")]
+    assert batched == alone
+    events = [w["event"] for w in batched]
+    assert events.count("spend_tracked") == len(costs)
+    assert {"budget_crossed", "soft_budget_crossed"} & set(events)  # lines were crossed, not only tracked
