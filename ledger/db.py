@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -120,3 +121,14 @@ def split_sql(script: str) -> list[str]:
     if tail and not all(part.strip().startswith("--") for part in tail.splitlines() if part.strip()):
         statements.append(tail)
     return statements
+
+
+def definitions_in_revision(migration: Path, *names: str) -> list[str]:
+    """The statements of a migration's UPGRADE that define these functions: a later revision's
+    downgrade runs them to bring the functions back as that revision had them."""
+    spec = importlib.util.spec_from_file_location(f"revision_{migration.stem}", migration)
+    assert spec is not None and spec.loader is not None
+    revision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(revision)
+    upgrade: str = revision.UPGRADE
+    return [s for s in split_sql(upgrade) if any(f"create function {n}(" in s for n in names)]

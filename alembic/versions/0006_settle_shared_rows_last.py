@@ -14,11 +14,10 @@ Revision ID: 0006
 Revises: 0005
 """
 
-import importlib.util
 from pathlib import Path
 
 from alembic import op
-from ledger.db import split_sql
+from ledger.db import definitions_in_revision, split_sql
 
 revision = "0006"
 down_revision = "0005"
@@ -298,15 +297,6 @@ drop function sl_enqueue_webhooks_after(jsonb, jsonb, jsonb);
 """
 
 
-def _from_revision_0003(*names: str) -> list[str]:
-    """Revision 0003's definitions of these functions, which a downgrade brings back as they were."""
-    spec = importlib.util.spec_from_file_location("revision_0003", Path(__file__).with_name("0003_outbox.py"))
-    assert spec is not None and spec.loader is not None
-    revision_0003 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(revision_0003)
-    return [s for s in split_sql(revision_0003.UPGRADE) if any(f"create function {n}(" in s for n in names)]
-
-
 def upgrade() -> None:
     for statement in split_sql(UPGRADE):
         op.get_bind().exec_driver_sql(statement)
@@ -315,5 +305,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     for statement in split_sql(DOWNGRADE):
         op.get_bind().exec_driver_sql(statement)
-    for statement in _from_revision_0003("sl_enqueue_webhooks", "sl_settle", "sl_record_usages"):
+    revision_0003 = Path(__file__).with_name("0003_outbox.py")
+    for statement in definitions_in_revision(
+        revision_0003, "sl_enqueue_webhooks", "sl_settle", "sl_record_usages"
+    ):
         op.get_bind().exec_driver_sql(statement)

@@ -12,11 +12,10 @@ Revision ID: 0007
 Revises: 0006
 """
 
-import importlib.util
 from pathlib import Path
 
 from alembic import op
-from ledger.db import split_sql
+from ledger.db import definitions_in_revision, split_sql
 
 revision = "0007"
 down_revision = "0006"
@@ -61,9 +60,10 @@ begin
     ), per_scope as (
         select req.i, req.d, req.cost, s.ord, s.scope, s.scope_id, s.max_budget, s.soft_budget,
                s.budget_duration, s.anchor, p.period,
-               (req.request_values->>(case when p.period is null then 'l|' || s.scope || '|' || s.scope_id
-                                 else 'p|' || s.scope || '|' || s.scope_id || '|' || p.period::text
-                            end))::numeric as after
+               (req.request_values->>(
+                   case when p.period is null then 'l|' || s.scope || '|' || s.scope_id
+                        else 'p|' || s.scope || '|' || s.scope_id || '|' || p.period::text end
+               ))::numeric as after  -- the scope's spend once this request is counted
         from req
         join scopes as s on (s.key_hash, s.user_id, s.team_id, s.customer_id)
                             is not distinct from (req.key_hash, req.user_id, req.team_id, req.customer_id)
@@ -134,24 +134,14 @@ drop function sl_enqueue_webhooks_after(jsonb, jsonb, jsonb);
 """
 
 
-def _from_revision_0006(*names: str) -> list[str]:
-    """Revision 0006's definitions of these functions, which a downgrade brings back as they were."""
-    spec = importlib.util.spec_from_file_location(
-        "revision_0006", Path(__file__).with_name("0006_settle_shared_rows_last.py")
-    )
-    assert spec is not None and spec.loader is not None
-    revision_0006 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(revision_0006)
-    return [s for s in split_sql(revision_0006.UPGRADE) if any(f"function {n}(" in s for n in names)]
-
-
 def upgrade() -> None:
     for statement in split_sql(UPGRADE):
         op.get_bind().exec_driver_sql(statement)
 
 
 def downgrade() -> None:
-    for statement in _from_revision_0006("sl_enqueue_webhooks_after", "sl_settle_values"):
+    revision_0006 = Path(__file__).with_name("0006_settle_shared_rows_last.py")
+    for statement in definitions_in_revision(revision_0006, "sl_enqueue_webhooks_after", "sl_settle_values"):
         # sl_settle_values exists (ours): 0006's definition replaces it
         replaced = statement.replace(
             "create function sl_settle_values", "create or replace function sl_settle_values"
