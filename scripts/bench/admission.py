@@ -2,9 +2,9 @@
 
 Each for --seconds with --concurrency asyncio workers on one asyncpg pool: (a) one hot customer budget
 row, admit → settle; (b) 1,000 customers round robin, admit → settle; (c) admit only on a hot row,
-holds released at the end by `expire_holds`; (d) as (a) one request at a time (what a request pays
-in the database at one connection, with nothing to share a batch with). Then the budget rows must hold exactly the recorded
-costs and nothing held. Prints a Markdown table; writes "## Admission (issue 3)" in docs/benchmarks.md.
+holds released at the end by `expire_holds`; (d) as (a), one request at a time (what a request pays
+in the database at one connection, with nothing to share a batch with). Then the budget rows must
+hold exactly the recorded costs and nothing held. Prints a Markdown table; writes "## Admission (issue 3)" in docs/benchmarks.md.
 
     .venv/bin/python scripts/bench/admission.py [--seconds N] [--concurrency C] [--database-url URL]
 """
