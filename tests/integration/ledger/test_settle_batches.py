@@ -24,10 +24,12 @@ WEBHOOKS = RecordingContext(webhooks=True)
 
 
 async def budgeted(pool: asyncpg.Pool, customer: str, max_budget: str) -> None:
+    await limited(pool, customer, {"max_budget": Decimal(max_budget)})
+
+
+async def limited(pool: asyncpg.Pool, customer: str, limits: dict[str, Any]) -> None:
     async with pool.acquire() as conn, conn.transaction():
-        await create_customer(
-            conn, CustomerCreated(user_id=customer), {"max_budget": Decimal(max_budget)}, "test", datetime.now(UTC)
-        )
+        await create_customer(conn, CustomerCreated(user_id=customer), limits, "test", datetime.now(UTC))
 
 
 async def admitted(pool: asyncpg.Pool, call_id: str, customer: str) -> Admitted:
@@ -118,13 +120,9 @@ async def test_a_settle_in_between_by_another_process_rewrites_the_webhooks_from
     assert await pool.fetchval("select spent from budget_usage where scope = 'customer'") == Decimal("1.1")
 
 
-async def _limited(pool: asyncpg.Pool, customer: str, limits: dict[str, Any]) -> None:
-    async with pool.acquire() as conn, conn.transaction():
-        await create_customer(conn, CustomerCreated(user_id=customer), limits, "test", datetime.now(UTC))
-
-
 def _comparable(row: dict[str, Any], name: str) -> dict[str, Any]:
-    """A webhook row with its customer's name, time of request and period end left out."""
+    """A webhook row with its customer's name replaced, and without the times that follow the clock
+    (the request's end, the period's end: only whether there is one)."""
     text = json.dumps({k: v for k, v in row.items() if k not in ("created_at", "budget_reset_at")})
     return {**json.loads(text.replace(name, "c")), "resets": row.get("budget_reset_at") is not None}
 
@@ -142,8 +140,8 @@ async def test_the_webhook_rows_of_a_batch_are_those_of_its_requests_recorded_on
     pool: asyncpg.Pool, limits: dict[str, Any]
 ) -> None:
     costs = ["0.2", "0.25", "0.3", "0", "0.1", "0.4", "0.05", "0.3"]
-    await _limited(pool, "batched", limits)
-    await _limited(pool, "alone", limits)
+    await limited(pool, "batched", limits)
+    await limited(pool, "alone", limits)
     await record_usages(pool, await recordings(pool, "batched", costs), WEBHOOKS)
     for recording in await recordings(pool, "alone", costs):
         await record_usages(pool, [recording], WEBHOOKS)
