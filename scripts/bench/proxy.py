@@ -851,35 +851,12 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
           spy: str | None) -> None:  # fmt: skip
     upstream = stack.enter_context(fake("upstream", workdir))
     sinks = stack.enter_context(fake("sinks", workdir))
-    (workdir / "spendledger.yaml").write_text(spendledger_config(upstream.url))
-    port = free_port()
-    sl_env = {"DATABASE_URL": database.url, "LAGO_API_BASE": sinks.url, "LAGO_API_KEY": "bench-lago-key",
-              "LAGO_API_EVENT_CODE": "llm_usage", "WEBHOOK_URL": f"{sinks.url}/webhook",
-              "WEBHOOK_SECRET": WEBHOOK_SECRET}  # fmt: skip
     separate = args.publisher == "separate"
-    spendledger = stack.enter_context(started(
-        "spendledger",
-        [*SPENDLEDGER, "serve", "--config", str(workdir / "spendledger.yaml"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", str(args.workers), *(["--no-publisher"] if separate else [])],
-        workdir, f"http://127.0.0.1:{port}", "/health/readiness", env=sl_env, timeout_s=120,
-    ))  # fmt: skip
-    publisher = (
-        stack.enter_context(background("publisher", [*SPENDLEDGER, "publish", "--config",
-                                                     str(workdir / "spendledger.yaml")], workdir, sl_env))
-        if separate else None
-    )  # fmt: skip
-    admin = {"Authorization": f"Bearer {MASTER_KEY}"}
-    key = httpx.post(
-        f"{spendledger.url}/key/generate", json={"key_alias": "bench"}, headers=admin, timeout=30
+    spendledger, publisher, sl_target = start_spendledger(
+        stack, workdir, database.url, upstream, sinks, args.workers, separate
     )
-    key.raise_for_status()
-    customer = httpx.post(f"{spendledger.url}/customer/new", headers=admin, timeout=30,
-                          json={"user_id": CUSTOMER, "max_budget": 1_000_000})  # fmt: skip
-    customer.raise_for_status()
-    targets = [
-        Target("direct", upstream.url, DIRECT_KEY, body(CUSTOMER)),
-        Target("spendledger", spendledger.url, key.json()["key"], body(CUSTOMER)),
-    ]
+    sl_env = spendledger_env(database.url, sinks)
+    targets = [Target("direct", upstream.url, DIRECT_KEY, body(CUSTOMER)), sl_target]
     groups = {"spendledger": spendledger.process.pid, "upstream": upstream.process.pid, "sinks": sinks.process.pid,
               "postgres": int((database.data_dir / "postmaster.pid").read_text().split()[0])}  # fmt: skip
     if publisher is not None:
@@ -896,7 +873,7 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
                  "SPENDLEDGER_DATABASE_URL": database.url, "SPENDLEDGER_PUBLISH": "0" if separate else "1"},
             timeout_s=120,
         ))  # fmt: skip
-        targets.append(Target("spendledger on granian", on_granian.url, key.json()["key"], body(CUSTOMER)))
+        targets.append(Target("spendledger on granian", on_granian.url, sl_target.token, body(CUSTOMER)))
         groups["spendledger on granian"] = on_granian.process.pid
     if not args.skip_litellm:
         (workdir / "litellm.yaml").write_text(litellm_config(upstream.url))
@@ -968,6 +945,44 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
         print(f"wrote {TITLE!r} in docs/benchmarks.md")
     if any(c.startswith("FAILED") for c in checks):
         raise SystemExit(1)
+
+
+def spendledger_env(database_url: str, sinks: Service) -> dict[str, str]:
+    """spendledger's environment in the benchmarks: its database, Lago and the webhook on the fake sinks."""
+    return {"DATABASE_URL": database_url, "LAGO_API_BASE": sinks.url, "LAGO_API_KEY": "bench-lago-key",
+            "LAGO_API_EVENT_CODE": "llm_usage", "WEBHOOK_URL": f"{sinks.url}/webhook",
+            "WEBHOOK_SECRET": WEBHOOK_SECRET}  # fmt: skip
+
+
+def start_spendledger(
+    stack: contextlib.ExitStack, workdir: Path, database_url: str, upstream: Service, sinks: Service,
+    workers: int, separate: bool,
+) -> tuple[Service, subprocess.Popen[bytes] | None, Target]:  # fmt: skip
+    """spendledger as the benchmarks run it (with `separate`, `serve --no-publisher` beside a
+    `spendledger publish`), a generated key and a customer with a budget; the target they make."""
+    (workdir / "spendledger.yaml").write_text(spendledger_config(upstream.url))
+    port = free_port()
+    env = spendledger_env(database_url, sinks)
+    spendledger = stack.enter_context(started(
+        "spendledger",
+        [*SPENDLEDGER, "serve", "--config", str(workdir / "spendledger.yaml"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", str(workers), *(["--no-publisher"] if separate else [])],
+        workdir, f"http://127.0.0.1:{port}", "/health/readiness", env=env, timeout_s=120,
+    ))  # fmt: skip
+    publisher = (
+        stack.enter_context(background("publisher", [*SPENDLEDGER, "publish", "--config",
+                                                     str(workdir / "spendledger.yaml")], workdir, env))
+        if separate else None
+    )  # fmt: skip
+    admin = {"Authorization": f"Bearer {MASTER_KEY}"}
+    key = httpx.post(
+        f"{spendledger.url}/key/generate", json={"key_alias": "bench"}, headers=admin, timeout=30
+    )
+    key.raise_for_status()
+    customer = httpx.post(f"{spendledger.url}/customer/new", headers=admin, timeout=30,
+                          json={"user_id": CUSTOMER, "max_budget": 1_000_000})  # fmt: skip
+    customer.raise_for_status()
+    return spendledger, publisher, Target("spendledger", spendledger.url, key.json()["key"], body(CUSTOMER))
 
 
 def final_checks(ledger: Ledger, upstream: Service, sinks: Service, runs: list[Run]) -> list[str]:
