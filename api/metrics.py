@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from ledger.outbox import Claimed, Delivery
+from ledger.outbox import WAITING, Claimed, Delivery
 
 REQUESTS: Final = Counter(
     "spendledger_requests_total", "Proxied requests by route and outcome", ["route", "status"]
@@ -16,7 +16,9 @@ REQUESTS: Final = Counter(
 UNPRICED: Final = Counter(
     "spendledger_unpriced_requests_total", "Requests served for a model with no price", ["model"]
 )
-OUTBOX_ROWS: Final = Gauge("spendledger_outbox_rows", "Outbox rows by sink and state", ["sink", "state"])
+OUTBOX_ROWS: Final = Gauge(
+    "spendledger_outbox_rows", "Outbox rows waiting by sink and state (pending, dead, unbillable)", ["sink", "state"]
+)
 OUTBOX_OLDEST_PENDING: Final = Gauge(
     "spendledger_outbox_oldest_pending_seconds", "Age of the oldest pending outbox row", ["sink"]
 )
@@ -51,6 +53,6 @@ def observe_delivery(sink: str, rows: Sequence[Claimed], delivery: Delivery) -> 
 
 def observe_status(status: dict[str, Any]) -> None:
     for sink, counts in status["sinks"].items():
-        for state in ("pending", "delivered", "dead", "unbillable"):
+        for state in WAITING:
             OUTBOX_ROWS.labels(sink, state).set(counts.get(state, 0))
         OUTBOX_OLDEST_PENDING.labels(sink).set(counts.get("oldest_pending_age_s", 0))

@@ -37,7 +37,8 @@ def outbox_rows_for(event: UsageRecorded, settings: Settings) -> list[OutboxRow]
 
 class PublisherRunner:
     """Runs a Publisher (unless `deliver` is off: `serve --no-publisher` leaves delivery to a separate
-    `spendledger publish`) and keeps the outbox gauges fresh; stopped with the process."""
+    `spendledger publish`) and keeps the outbox gauges fresh (the rows that wait: delivered rows are
+    counted by `spendledger_outbox_delivered_total`); stopped with the process."""
 
     def __init__(self, pool: asyncpg.Pool, database_url: str, settings: Settings, deliver: bool = True) -> None:
         self._client = pooled_client(100)
@@ -63,5 +64,5 @@ class PublisherRunner:
     async def _refresh_gauges(self) -> None:
         while True:
             with contextlib.suppress(Exception):
-                observe_status(await outbox_status(self._pool, dead_limit=0))
+                observe_status(await outbox_status(self._pool, dead_limit=0, delivered=False))
             await asyncio.sleep(STATUS_INTERVAL_S)

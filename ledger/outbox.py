@@ -230,9 +230,23 @@ class Publisher:
             health.state, health.last_error = "ok", None
 
 
-async def outbox_status(conn: asyncpg.Connection | asyncpg.Pool, dead_limit: int = 100) -> dict[str, Any]:
-    """Counts by sink and state, the oldest pending row's age, and the dead letters."""
-    counts = await conn.fetch("select sink, state, count(*) as n from outbox group by 1, 2 order by 1, 2")
+WAITING: Final = ("pending", "dead", "unbillable")  # the states of rows not yet delivered
+
+# Counts by sink and state: of every row, or (from the index `outbox_waiting`) of those that wait.
+_COUNTS: Final = "select sink, state, count(*) as n from outbox group by 1, 2 order by 1, 2"
+_WAITING_COUNTS: Final = (
+    "select sink, state, count(*) as n from outbox where state <> 'delivered' group by 1, 2 order by 1, 2"
+)
+
+
+async def outbox_status(
+    conn: asyncpg.Connection | asyncpg.Pool, dead_limit: int = 100, delivered: bool = True
+) -> dict[str, Any]:
+    """Counts by sink and state, the oldest pending row's age, and the dead letters.
+
+    Without `delivered`, only the rows that wait are counted (no `delivered` count): what a
+    periodic refresh can afford, as delivered rows are kept and grow with every request."""
+    counts = await conn.fetch(_COUNTS if delivered else _WAITING_COUNTS)
     oldest = await conn.fetch(
         "select sink, extract(epoch from now() - min(created_at)) as age from outbox "
         "where state = 'pending' group by 1"
@@ -243,10 +257,9 @@ async def outbox_status(conn: asyncpg.Connection | asyncpg.Pool, dead_limit: int
         dead_limit,
     )
     sinks: dict[str, dict[str, Any]] = {}
+    zero = dict.fromkeys(("pending", "delivered", "dead", "unbillable") if delivered else WAITING, 0)
     for row in counts:
-        sinks.setdefault(row["sink"], {"pending": 0, "delivered": 0, "dead": 0, "unbillable": 0})[
-            row["state"]
-        ] = row["n"]
+        sinks.setdefault(row["sink"], dict(zero))[row["state"]] = row["n"]
     for row in oldest:
         sinks.setdefault(row["sink"], {})["oldest_pending_age_s"] = float(row["age"])
     return {

@@ -21,13 +21,15 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-async def functions(url: str) -> set[str]:
+async def schema_objects(url: str) -> set[str]:
+    """Our functions, and the indexes that a revision added alone (as `index:<name>`)."""
     conn = await asyncpg.connect(url)
     try:
         rows = await conn.fetch("select proname from pg_proc where proname like 'sl\\_%'")
+        indexes = await conn.fetch("select indexname from pg_indexes where indexname = 'outbox_waiting'")
     finally:
         await conn.close()
-    return {r["proname"] for r in rows}
+    return {r["proname"] for r in rows} | {f"index:{r['indexname']}" for r in indexes}
 
 
 async def settle_one(url: str, customer: str, key_spend: str) -> None:
@@ -47,17 +49,20 @@ async def settle_one(url: str, customer: str, key_spend: str) -> None:
 
 def test_down_to_0004_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
-    head = asyncio.run(functions(database_url))
+    head = asyncio.run(schema_objects(database_url))
     assert {"sl_admit_many", "sl_settle_values"} <= head
     assert not {"sl_settle", "sl_enqueue_webhooks_after"} & head  # superseded in 0006 and 0007
+    assert "index:outbox_waiting" in head  # 0008
+    command.downgrade(config, "0007")
+    assert "index:outbox_waiting" not in asyncio.run(schema_objects(database_url))
     command.downgrade(config, "0006")
-    assert "sl_enqueue_webhooks_after" in asyncio.run(functions(database_url))
+    assert "sl_enqueue_webhooks_after" in asyncio.run(schema_objects(database_url))
     asyncio.run(settle_one(database_url, "at-0006", "0.25"))  # 0006's settle works again
     command.downgrade(config, "0004")
-    down = asyncio.run(functions(database_url))
+    down = asyncio.run(schema_objects(database_url))
     assert {"sl_settle", "sl_enqueue_webhooks", "sl_record_usages", "sl_admit"} <= down
     assert not {"sl_admit_many", "sl_enqueue_webhooks_after", "sl_settle_values"} & down
     asyncio.run(settle_one(database_url, "before-0005", "0.5"))  # 0004's settle works again
     command.upgrade(config, "head")
-    assert asyncio.run(functions(database_url)) == head
+    assert asyncio.run(schema_objects(database_url)) == head
     asyncio.run(settle_one(database_url, "at-head", "0.75"))
