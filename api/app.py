@@ -26,6 +26,7 @@ from ledger.config import Settings, load_settings
 from ledger.db import create_pool, wait_for_database
 from ledger.keys import hash_key
 from ledger.pricing import PriceBook
+from ledger.publisher_wakeups import PublisherWakeups
 from ledger.usage import GroupRecorder, RecordingContext
 from projections.daily import DailySpendFollower
 
@@ -67,7 +68,7 @@ def create_app(
             global_budget_duration=settings.budget_duration,
             webhooks=settings.webhook is not None,
         )
-        recorder = GroupRecorder(pool, recording)
+        recorder = GroupRecorder(pool, recording, wakeups=PublisherWakeups(pool))
         admitter = GroupAdmitter(pool)
         services = Services(
             settings=settings,

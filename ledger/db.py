@@ -131,4 +131,5 @@ def definitions_in_revision(migration: Path, *names: str) -> list[str]:
     revision = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(revision)
     upgrade: str = revision.UPGRADE
-    return [s for s in split_sql(upgrade) if any(f"create function {n}(" in s for n in names)]
+    heads = [f"{verb} function {n}(" for n in names for verb in ("create", "create or replace")]
+    return [s for s in split_sql(upgrade) if any(head in s for head in heads)]

@@ -19,6 +19,7 @@ import msgspec
 
 from ledger.events import UsageRecorded, encode_event
 from ledger.outbox import OutboxRow
+from ledger.publisher_wakeups import PublisherWakeups
 
 _json: Final = msgspec.json.Encoder(decimal_format="number")
 _SQL: Final = "select idx, key_spend from sl_record_usages($1::jsonb, $2::jsonb, $3::jsonb, $4::jsonb)"
@@ -26,12 +27,14 @@ _SQL: Final = "select idx, key_spend from sl_record_usages($1::jsonb, $2::jsonb,
 
 class RecordingContext(msgspec.Struct, frozen=True, kw_only=True):
     """What the database needs besides the event: the default tier (for a customer seen first at
-    recording), the global budget and whether webhooks are on (to find budget crossings)."""
+    recording), the global budget, whether webhooks are on (to find budget crossings), and whether
+    to wake the outbox publishers (`notify`)."""
 
     default_budget_id: str | None = None
     global_max_budget: Decimal | None = None
     global_budget_duration: str | None = None
     webhooks: bool = False
+    notify: bool = True
 
 
 NO_CONTEXT: Final = RecordingContext()
@@ -84,13 +87,22 @@ class GroupRecorder:
 
     One flush runs at a time; recordings that arrive meanwhile form the next batch (up to
     `max_batch`). If a batch fails as a whole, each of its recordings is retried alone, so one bad
-    recording (say, a duplicate call id) fails only its own caller.
+    recording (say, a duplicate call id) fails only its own caller. With `wakeups`, a batch wakes
+    the outbox publishers only when they are not already awake (see `PublisherWakeups`).
     """
 
-    def __init__(self, pool: asyncpg.Pool, context: RecordingContext, max_batch: int = 128) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        context: RecordingContext,
+        max_batch: int = 128,
+        wakeups: PublisherWakeups | None = None,
+    ) -> None:
         self._pool = pool
         self._context = context
+        self._silent = msgspec.structs.replace(context, notify=False)
         self._max_batch = max_batch
+        self._wakeups = wakeups
         self._queue: list[tuple[Recording, asyncio.Future[Decimal | None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -106,6 +118,8 @@ class GroupRecorder:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._wakeups is not None:
+            await self._wakeups.stop()
 
     async def record(self, recording: Recording) -> Decimal | None:
         if self._task is None or self._task.done():  # not started (or stopped): record alone
@@ -124,8 +138,11 @@ class GroupRecorder:
 
     async def _flush(self) -> None:
         batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+        notify = self._wakeups is None or self._wakeups.should_notify()
         try:
-            spends = await record_usages(self._pool, [r for r, _ in batch], self._context)
+            spends = await record_usages(
+                self._pool, [r for r, _ in batch], self._context if notify else self._silent
+            )
         except Exception as exc:
             if len(batch) == 1:
                 _settle(batch[0][1], exc=exc)
@@ -138,6 +155,8 @@ class GroupRecorder:
                 else:
                     _settle(future, result)
             return
+        if not notify and self._wakeups is not None:
+            self._wakeups.committed_silently()
         for (_, future), spend in zip(batch, spends, strict=True):
             _settle(future, spend)
 
