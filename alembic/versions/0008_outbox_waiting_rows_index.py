@@ -21,6 +21,12 @@ depends_on = None
 
 def upgrade() -> None:
     with op.get_context().autocommit_block():
+        # A concurrent build that was interrupted leaves an invalid index behind: build it anew.
+        invalid = op.get_bind().exec_driver_sql(
+            "select 1 from pg_index where indexrelid = to_regclass('outbox_waiting') and not indisvalid"
+        )
+        if invalid.first() is not None:
+            op.execute("drop index concurrently outbox_waiting")
         op.execute("create index concurrently if not exists outbox_waiting on outbox (sink, state, id) "
                    "where state <> 'delivered'")  # fmt: skip
 

@@ -66,3 +66,32 @@ def test_down_to_0004_and_up_again(database_url: str) -> None:
     command.upgrade(config, "head")
     assert asyncio.run(schema_objects(database_url)) == head
     asyncio.run(settle_one(database_url, "at-head", "0.75"))
+
+
+def test_an_interrupted_build_of_the_waiting_rows_index_is_built_anew(database_url: str) -> None:
+    config = alembic_config(database_url)
+    command.downgrade(config, "0007")
+
+    async def leave_an_invalid_index() -> None:  # what an interrupted `create index concurrently` leaves
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("create index outbox_waiting on outbox (id)")
+            await conn.execute("update pg_index set indisvalid = false where indexrelid = 'outbox_waiting'::regclass")
+        finally:
+            await conn.close()
+
+    async def definition() -> tuple[bool, str]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            row = await conn.fetchrow(
+                "select indisvalid, pg_get_indexdef(indexrelid) as d from pg_index "
+                "where indexrelid = 'outbox_waiting'::regclass"
+            )
+        finally:
+            await conn.close()
+        return row["indisvalid"], row["d"]
+
+    asyncio.run(leave_an_invalid_index())
+    command.upgrade(config, "head")
+    valid, sql = asyncio.run(definition())
+    assert valid and "WHERE (state <> 'delivered'::text)" in sql
