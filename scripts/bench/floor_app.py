@@ -55,16 +55,15 @@ def create_app() -> Litestar:
     if mode not in MODES:
         raise SystemExit(f"FLOOR_MODE must be one of {MODES}, not {mode!r}")
     deployment = load_settings(os.environ["FLOOR_CONFIG"]).deployments[0]
-    state: dict[str, asyncpg.Pool | Upstream] = {}
 
     @asynccontextmanager
-    async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        state["pool"], state["upstream"] = await create_pool(os.environ["DATABASE_URL"]), Upstream()
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        app.state.pool, app.state.upstream = await create_pool(os.environ["DATABASE_URL"]), Upstream()
         try:
             yield
         finally:
-            await state["upstream"].aclose()  # type: ignore[union-attr]
-            await state["pool"].close()  # type: ignore[union-attr]
+            await app.state.upstream.aclose()
+            await app.state.pool.close()
 
     @get("/health")
     async def health() -> str:
@@ -72,8 +71,8 @@ def create_app() -> Litestar:
 
     @post("/chat/completions", status_code=200)
     async def chat(request: Request[None, None, None]) -> Response[bytes]:
-        pool: asyncpg.Pool = state["pool"]  # type: ignore[assignment]
-        upstream: Upstream = state["upstream"]  # type: ignore[assignment]
+        pool: asyncpg.Pool = request.app.state.pool
+        upstream: Upstream = request.app.state.upstream
         body = await request.body()
         if mode == "admit+insert":
             await pool.fetchval("select 1")
