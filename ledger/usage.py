@@ -1,6 +1,7 @@
 """Recording requests: each one's UsageRecorded event, every projection of it, and its outbox rows.
 
-`record_usages` settles a batch in one transaction and one round trip (`sl_record_usages`);
+`record_usages` settles a batch in one transaction and one round trip (`sl_record_usages`; a batch
+of one by `sl_record_usage`, the same work with plans made for one request);
 `GroupRecorder` gathers the settles of concurrent requests into such batches — group commit: while
 one batch commits, the next one fills, so a hot budget row is locked once per batch and one WAL
 flush serves many requests. Each caller still returns only after its own event is committed.
@@ -23,6 +24,7 @@ from ledger.publisher_wakeups import PublisherWakeups
 
 _json: Final = msgspec.json.Encoder(decimal_format="number")
 _SQL: Final = "select idx, key_spend from sl_record_usages($1::jsonb, $2::jsonb, $3::jsonb, $4::jsonb)"
+_ONE_SQL: Final = "select sl_record_usage($1::jsonb, $2::jsonb, $3::jsonb, $4::jsonb)"
 
 
 class RecordingContext(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,6 +58,16 @@ async def record_usages(
     conn: asyncpg.Connection | asyncpg.Pool, recordings: Sequence[Recording], context: RecordingContext
 ) -> list[Decimal | None]:
     """Append, project and enqueue every recording in one transaction; each key's new spend, in order."""
+    if len(recordings) == 1:
+        (one,) = recordings
+        spend: Decimal | None = await conn.fetchval(
+            _ONE_SQL,
+            encode_event(one.event).decode(),
+            _json.encode(one.metadata).decode(),
+            _json.encode(context).decode(),
+            _json.encode(one.outbox).decode(),
+        )
+        return [spend]
     rows = await conn.fetch(
         _SQL,
         _array([encode_event(r.event) for r in recordings]),

@@ -32,16 +32,19 @@ async def schema_objects(url: str) -> set[str]:
     return {r["proname"] for r in rows} | {f"index:{r['indexname']}" for r in indexes}
 
 
-async def settle_one(url: str, customer: str, key_spend: str) -> None:
-    """Admit and settle one request of 0.25 (the key's spend is then `key_spend`)."""
+async def settle(url: str, customer: str, key_spends: list[str]) -> None:
+    """Admit requests of 0.25 and settle them together (the key's spend after each is in
+    `key_spends`): one request by `sl_record_usage` (0010), more by `sl_record_usages`."""
     pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
     assert pool is not None
     try:
         await budgeted(pool, customer, "1")
-        outcome = await admitted(pool, f"{customer}-0", customer)
-        event = usage(f"{customer}-0", customer, "0.25", outcome.budget_periods)
-        spends = await record_usages(pool, [Recording(event=event)], RecordingContext(webhooks=True))
-        assert spends == [Decimal(key_spend)]
+        recordings = []
+        for i in range(len(key_spends)):
+            outcome = await admitted(pool, f"{customer}-{i}", customer)
+            recordings.append(Recording(event=usage(f"{customer}-{i}", customer, "0.25", outcome.budget_periods)))
+        spends = await record_usages(pool, recordings, RecordingContext(webhooks=True))
+        assert spends == [Decimal(spend) for spend in key_spends]
         assert await pool.fetchval("select count(*) from outbox where sink = 'webhook'") >= 1
     finally:
         await pool.close()
@@ -50,22 +53,26 @@ async def settle_one(url: str, customer: str, key_spend: str) -> None:
 def test_down_to_0004_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
     head = asyncio.run(schema_objects(database_url))
-    assert {"sl_admit_many", "sl_settle_values"} <= head
+    assert {"sl_admit_many", "sl_settle_values", "sl_record_usage", "sl_usage_webhooks"} <= head
     assert not {"sl_settle", "sl_enqueue_webhooks_after"} & head  # superseded in 0006 and 0007
     assert "index:outbox_waiting" in head  # 0008
+    command.downgrade(config, "0009")
+    assert not {"sl_record_usage", "sl_usage_webhooks"} & asyncio.run(schema_objects(database_url))
+    asyncio.run(settle(database_url, "at-0009", ["0.25", "0.5"]))  # batches still settle
     command.downgrade(config, "0007")
     assert "index:outbox_waiting" not in asyncio.run(schema_objects(database_url))
     command.downgrade(config, "0006")
     assert "sl_enqueue_webhooks_after" in asyncio.run(schema_objects(database_url))
-    asyncio.run(settle_one(database_url, "at-0006", "0.25"))  # 0006's settle works again
+    asyncio.run(settle(database_url, "at-0006", ["0.75", "1"]))  # 0006's settle works again
     command.downgrade(config, "0004")
     down = asyncio.run(schema_objects(database_url))
     assert {"sl_settle", "sl_enqueue_webhooks", "sl_record_usages", "sl_admit"} <= down
     assert not {"sl_admit_many", "sl_enqueue_webhooks_after", "sl_settle_values"} & down
-    asyncio.run(settle_one(database_url, "before-0005", "0.5"))  # 0004's settle works again
+    asyncio.run(settle(database_url, "before-0005", ["1.25", "1.5"]))  # 0004's settle works again
     command.upgrade(config, "head")
     assert asyncio.run(schema_objects(database_url)) == head
-    asyncio.run(settle_one(database_url, "at-head", "0.75"))
+    asyncio.run(settle(database_url, "at-head", ["1.75"]))
+    asyncio.run(settle(database_url, "at-head-batched", ["2", "2.25"]))
 
 
 def test_an_interrupted_build_of_the_waiting_rows_index_is_built_anew(database_url: str) -> None:

@@ -1,6 +1,7 @@
 """Settle batches read the values their webhooks need before they lock, and write the rows that
 admissions share last: the webhooks are still those of settling the requests one by one, in order,
-also when another process settles the same budget between the read and the lock."""
+also when another process settles the same budget between the read and the lock. A batch of one
+goes through `sl_record_usage` (0010), so "one by one" here is also that path against the batch's."""
 
 from __future__ import annotations
 
@@ -83,17 +84,14 @@ async def test_a_crossing_inside_a_batch_is_announced_once_by_the_request_that_c
     assert totals is not None and totals["spend"] == Decimal("1.25") and totals["requests"] == 5
 
 
-async def test_a_settle_in_between_by_another_process_rewrites_the_webhooks_from_the_locked_values(
-    pool: asyncpg.Pool,
-) -> None:
-    await budgeted(pool, "contended", "1")
-    batch = await recordings(pool, "contended", ["0.2"] * 3)
+async def settle_while_another_process_adds(pool: asyncpg.Pool, batch: list[Recording], amount: str) -> None:
+    """Settle `batch` while another process's settle of `amount` holds the customer's budget row:
+    ours reads the values without locks, then waits for the row, then finds it changed."""
     other = await pool.acquire()
     try:
         transaction = other.transaction()
         await transaction.start()
-        # Another process's settle of 0.5 holds the budget row while our batch reads and works.
-        await other.execute("update budget_usage set spent = spent + 0.5 where scope = 'customer'")
+        await other.execute("update budget_usage set spent = spent + $1::numeric where scope = 'customer'", amount)
         ours = asyncio.create_task(record_usages(pool, batch, WEBHOOKS))
         for _ in range(200):
             waiting = await pool.fetchval(
@@ -103,11 +101,18 @@ async def test_a_settle_in_between_by_another_process_rewrites_the_webhooks_from
             if waiting:
                 break
             await asyncio.sleep(0.02)
-        assert waiting, "our batch never waited for the budget row"
+        assert waiting, "our settle never waited for the budget row"
         await transaction.commit()
         await ours
     finally:
         await pool.release(other)
+
+
+async def test_a_settle_in_between_by_another_process_rewrites_the_webhooks_from_the_locked_values(
+    pool: asyncpg.Pool,
+) -> None:
+    await budgeted(pool, "contended", "1")
+    await settle_while_another_process_adds(pool, await recordings(pool, "contended", ["0.2"] * 3), "0.5")
     sent = await webhooks(pool)
     tracked = [Decimal(str(w["total_spend"])) for w in sent if w["event"] == "spend_tracked"]
     assert tracked == [Decimal("0.7"), Decimal("0.9"), Decimal("1.1")]  # not 0.2, 0.4, 0.6
@@ -118,6 +123,21 @@ async def test_a_settle_in_between_by_another_process_rewrites_the_webhooks_from
         ("threshold_crossed", "contended-2"),
     ]
     assert await pool.fetchval("select spent from budget_usage where scope = 'customer'") == Decimal("1.1")
+
+
+async def test_a_lone_settle_rewrites_its_webhooks_too_when_another_process_settled_in_between(
+    pool: asyncpg.Pool,
+) -> None:
+    await budgeted(pool, "contended-alone", "1")
+    await settle_while_another_process_adds(pool, await recordings(pool, "contended-alone", ["0.4"]), "0.5")
+    sent = await webhooks(pool)
+    # Read unlocked, the request took the spend to 0.4 (no line); locked, to 0.9: past 85%.
+    assert [(w["event"], Decimal(str(w.get("total_spend", w["spend"])))) for w in sent] == [
+        ("threshold_crossed", Decimal("0.9")),
+        ("spend_tracked", Decimal("0.9")),
+    ]
+    row = await pool.fetchrow("select spent, held from budget_usage where scope = 'customer'")
+    assert row is not None and row["spent"] == Decimal("0.9") and row["held"] == 0
 
 
 def _comparable(row: dict[str, Any], name: str) -> dict[str, Any]:
@@ -149,6 +169,14 @@ async def test_the_webhook_rows_of_a_batch_are_those_of_its_requests_recorded_on
     batched = [_comparable(w, "batched") for w in sent if w["call_id"].startswith("batched-")]
     alone = [_comparable(w, "alone") for w in sent if w["call_id"].startswith("alone-")]
     assert batched == alone
+    totals = await pool.fetch("select scope_id, spend, requests from spend_totals where scope = 'customer' order by 1")
+    assert [(r["spend"], r["requests"]) for r in totals] == [(sum(map(Decimal, costs)), len(costs))] * 2
+    budget = {
+        r["scope_id"]: (r["spent"], r["held"])
+        for r in await pool.fetch("select scope_id, spent, held from budget_usage where scope = 'customer'")
+    }
+    assert budget.get("batched") == budget.get("alone")
+    assert all(held == 0 for _, held in budget.values())
     events = [w["event"] for w in batched]
     assert events.count("spend_tracked") == len(costs)
     assert {"budget_crossed", "soft_budget_crossed"} & set(events)  # lines were crossed, not only tracked
