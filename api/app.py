@@ -25,6 +25,7 @@ from ledger.admission import GroupAdmitter, expire_holds
 from ledger.config import Settings, load_settings
 from ledger.db import create_pool, wait_for_database
 from ledger.keys import hash_key
+from ledger.leases import BudgetLeases
 from ledger.pricing import PriceBook
 from ledger.publisher_wakeups import PublisherWakeups
 from ledger.usage import GroupRecorder, RecordingContext
@@ -58,7 +59,9 @@ def create_app(
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await wait_for_database(database_url)
         pool = await create_pool(database_url)
-        key_cache = KeyCache(pool, database_url)
+        # Leases are asked for only while changes to scopes are heard (they retire on each).
+        leases = BudgetLeases(pool, trusted=lambda: key_cache.listening) if settings.budget_leases else None
+        key_cache = KeyCache(pool, database_url, on_scope_change=leases.invalidate if leases else lambda: None)
         await key_cache.start()
         upstream = Upstream()
         publisher = PublisherRunner(pool, database_url, settings, deliver=publish)
@@ -80,6 +83,7 @@ def create_app(
             router=ModelRouter(settings.deployments),
             master_key_hash=hash_key(settings.master_key or "anonymous"),
             admitter=admitter,
+            leases=leases,
             recorder=recorder,
             publisher=publisher,
         )
@@ -87,6 +91,8 @@ def create_app(
         sweeper = asyncio.create_task(_sweep_expired_holds(services))
         publisher.start()
         recorder.start()
+        if leases is not None:
+            leases.start()
         follower = DailySpendFollower(pool)
         follower.start()
         if freeze_heap:
@@ -100,6 +106,8 @@ def create_app(
             await services.drain()
             await admitter.stop()
             await recorder.stop()
+            if leases is not None:
+                await leases.stop()  # after the last settle: what they leave is given back
             await follower.stop()
             await publisher.stop()
             await key_cache.stop()

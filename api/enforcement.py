@@ -18,6 +18,7 @@ from ledger.admission import (
     HOLD_GRACE,
     Admission,
     Admitted,
+    Outcome,
     Refused,
     announce_budget_exhausted,
     worst_case_cost,
@@ -63,7 +64,11 @@ async def admit(services: Services, exchange: Exchange, request_bytes: int) -> N
         global_budget_duration=settings.budget_duration,
         refused_at=now,
     )
-    outcome = await services.admitter.admit(admission)
+    outcome: Outcome | None = None
+    if services.leases is not None:
+        outcome = await services.leases.admit(admission)
+    if outcome is None:
+        outcome = await services.admitter.admit(admission)
     if isinstance(outcome, Refused):
         exchange.recorded = True  # RequestRefused is its terminal event
         if outcome.reason == "budget_exceeded" and settings.webhook is not None:
@@ -75,6 +80,7 @@ async def admit(services: Services, exchange: Exchange, request_bytes: int) -> N
         raise refusal_error(outcome, exchange)
     exchange.budget_periods = outcome.budget_periods
     exchange.rate_headers = rate_headers(outcome)
+    exchange.lease, exchange.hold = outcome.lease, hold
 
 
 def rate_headers(admitted: Admitted) -> dict[str, str]:

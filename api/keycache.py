@@ -3,6 +3,10 @@
 Every key event's transaction sends `NOTIFY sl_key_changed, <hash>` (see `ledger.keys`), so every
 process drops its copy as soon as the change commits. If the LISTEN connection drops, the whole cache
 is cleared and rebuilt on demand: a stale key is never trusted for longer than the reconnect.
+
+The same connection hears `sl_scope_changed` (any change to keys, users, teams, customers or
+budgets: migration 0011's triggers) and passes it, key changes and a lost connection to
+`on_scope_change` — the budget leases retire on it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import asyncpg
@@ -20,14 +25,18 @@ from ledger.keys import KeyRecord, get_key
 log = structlog.get_logger(__name__)
 
 CHANNEL: Final = "sl_key_changed"
+SCOPE_CHANNEL: Final = "sl_scope_changed"
 # A backstop only: NOTIFY does the real work.
 MAX_AGE_S: Final = 300.0
 
 
 class KeyCache:
-    def __init__(self, pool: asyncpg.Pool, database_url: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, database_url: str, on_scope_change: Callable[[], None] = lambda: None
+    ) -> None:
         self._pool = pool
         self._database_url = database_url
+        self._on_scope_change = on_scope_change
         self._entries: dict[str, tuple[float, KeyRecord]] = {}
         self._listener: asyncpg.Connection | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -60,19 +69,31 @@ class KeyCache:
         else:
             self._entries.pop(key_hash, None)
 
+    @property
+    def listening(self) -> bool:
+        """Whether changes are heard right now."""
+        return self._listener is not None and not self._listener.is_closed()
+
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.invalidate(payload)
+        self._on_scope_change()
+
+    def _on_scope_notify(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        self._on_scope_change()
 
     async def _listen(self) -> None:
         self._listener = await asyncpg.connect(self._database_url)
         await self._listener.add_listener(CHANNEL, self._on_notify)
+        await self._listener.add_listener(SCOPE_CHANNEL, self._on_scope_notify)
         self.invalidate()  # anything cached before we listened may have missed a NOTIFY
+        self._on_scope_change()
 
     async def _keep_listening(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             if self._listener is None or self._listener.is_closed():
                 self.invalidate()
+                self._on_scope_change()
                 try:
                     await self._listen()
                 except (OSError, asyncpg.PostgresError) as exc:

@@ -26,7 +26,7 @@ from api.services import Services
 from api.upstream import UpstreamFailure
 from ledger.config import Deployment
 from ledger.events import UsageRecorded
-from ledger.money import format_money
+from ledger.money import ZERO, format_money
 from ledger.pricing import Price, cost_of_usage
 from ledger.usage import Recording
 
@@ -151,6 +151,8 @@ class Exchange:
         self.started_at = datetime.now(UTC)
         self.budget_periods: tuple[tuple[str, str, str], ...] = ()
         self.rate_headers: dict[str, str] = {}
+        self.lease: str | None = None  # admitted under this budget lease (ledger/leases.py)
+        self.hold = ZERO
         self.recorded = False
 
     def usage_event(
@@ -211,10 +213,17 @@ class Exchange:
 async def record(services: Services, exchange: Exchange, event: UsageRecorded) -> Decimal | None:
     """Commit the request's terminal event; if the ledger is unreachable, withhold the response."""
     exchange.recorded = True
+    drawn = None  # what the settle drew from the request's lease; None: unknown
     try:
-        return await services.recorder.record(
-            Recording(event=event, outbox=outbox_rows_for(event, services.settings))
+        spend = await services.recorder.record(
+            Recording(
+                event=event,
+                outbox=outbox_rows_for(event, services.settings),
+                metadata={"lease": exchange.lease} if exchange.lease else {},
+            )
         )
+        drawn = event.cost
+        return spend
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error("usage_not_recorded", call_id=exchange.call_id, error_type=type(exc).__name__)
         raise ApiError(
@@ -223,6 +232,9 @@ async def record(services: Services, exchange: Exchange, event: UsageRecorded) -
             "ledger_unavailable",
             headers=exchange.headers(),
         ) from None
+    finally:
+        if exchange.lease is not None and services.leases is not None:
+            services.leases.finished(exchange.lease, exchange.hold, drawn)
 
 
 async def record_failure(services: Services, exchange: Exchange, failure: UpstreamFailure) -> ApiError:

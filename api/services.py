@@ -20,6 +20,7 @@ from api.routing import ModelRouter
 from api.upstream import Upstream
 from ledger.admission import GroupAdmitter
 from ledger.config import Settings
+from ledger.leases import BudgetLeases
 from ledger.pricing import PriceBook
 from ledger.usage import GroupRecorder
 
@@ -37,6 +38,7 @@ class Services:
     router: ModelRouter
     master_key_hash: str
     admitter: GroupAdmitter
+    leases: BudgetLeases | None  # None: general_settings.budget_leases is off
     recorder: GroupRecorder
     publisher: PublisherRunner
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)

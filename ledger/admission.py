@@ -53,6 +53,7 @@ class Admitted(msgspec.Struct, frozen=True, kw_only=True):
     budget_periods: tuple[tuple[str, str, str], ...]
     remaining_requests: int | None = None
     remaining_tokens: int | None = None
+    lease: str | None = None  # admitted under this process's lease (ledger/leases.py), not a hold
 
 
 class Refused(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,7 +101,8 @@ def worst_case_cost(price: Price | None, request_bytes: int, max_output_tokens: 
     )
 
 
-def _params(admission: Admission) -> dict[str, Any]:
+def params_of(admission: Admission) -> dict[str, Any]:
+    """An admission as `sl_admit` (and `sl_lease`) read it."""
     return {
         "call_id": admission.call_id,
         "model": admission.model,
@@ -140,7 +142,8 @@ def _outcome(result: dict[str, Any]) -> Admitted | Refused:
 
 
 async def admit_request(conn: asyncpg.Connection | asyncpg.Pool, admission: Admission) -> Admitted | Refused:
-    raw = await conn.fetchval("select sl_admit($1::jsonb)::text", _encoder.encode(_params(admission)).decode())
+    params = _encoder.encode(params_of(admission)).decode()
+    raw = await conn.fetchval("select sl_admit($1::jsonb)::text", params)
     return _outcome(_decoder.decode(raw))
 
 
@@ -152,7 +155,7 @@ async def admit_requests(
     Only batch admissions with the same scopes (see `scopes_of`): their rows are then locked in the
     global order, as one admission's are."""
     raw = await conn.fetchval(
-        "select sl_admit_many($1::jsonb)::text", _encoder.encode([_params(a) for a in admissions]).decode()
+        "select sl_admit_many($1::jsonb)::text", _encoder.encode([params_of(a) for a in admissions]).decode()
     )
     return [_outcome(result) for result in _decoder.decode(raw)]
 

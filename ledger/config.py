@@ -64,6 +64,7 @@ _GENERAL_SETTINGS: Final = {
     "alerting",
     "max_request_size_mb",
     "reject_unpriced_models",
+    "budget_leases",
     "alerting_threshold",
     "proxy_batch_write_at",
     "database_connection_pool_limit",
@@ -146,6 +147,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     budget_duration: str | None = None
     max_request_size_mb: Decimal = Decimal(32)
     reject_unpriced_models: bool = False
+    budget_leases: bool = True  # admit from budget leased to the process (ledger/leases.py)
     request_timeout_s: float = 600.0
     lago: LagoSettings | None = None
     webhook: WebhookSettings | None = None
@@ -227,6 +229,7 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         reject_unpriced_models=flag(
             general.get("reject_unpriced_models", False), "general_settings.reject_unpriced_models", source
         ),
+        budget_leases=flag(general.get("budget_leases", True), "general_settings.budget_leases", source),
         request_timeout_s=positive_float(
             litellm.get("request_timeout", 600), "litellm_settings.request_timeout", source
         ),

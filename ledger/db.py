@@ -7,6 +7,7 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Final
 
 import asyncpg
@@ -123,13 +124,18 @@ def split_sql(script: str) -> list[str]:
     return statements
 
 
-def definitions_in_revision(migration: Path, *names: str) -> list[str]:
-    """The statements of a migration's UPGRADE that define these functions: a later revision's
-    downgrade runs them to bring the functions back as that revision had them."""
+def load_revision(migration: Path) -> ModuleType:
+    """A migration's module, for a later revision that builds on what it defined."""
     spec = importlib.util.spec_from_file_location(f"revision_{migration.stem}", migration)
     assert spec is not None and spec.loader is not None
     revision = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(revision)
-    upgrade: str = revision.UPGRADE
+    return revision
+
+
+def definitions_in_revision(migration: Path, *names: str) -> list[str]:
+    """The statements of a migration's UPGRADE that define these functions: a later revision's
+    downgrade runs them to bring the functions back as that revision had them."""
+    upgrade: str = load_revision(migration).UPGRADE
     heads = [f"{verb} function {n}(" for n in names for verb in ("create", "create or replace")]
     return [s for s in split_sql(upgrade) if any(head in s for head in heads)]

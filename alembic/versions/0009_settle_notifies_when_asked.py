@@ -43,8 +43,13 @@ def _record_usages_of_0006() -> str:
     return definition
 
 
+def definition() -> str:
+    """This revision's sl_record_usages (a later revision derives its own from it)."""
+    return _record_usages_of_0006().replace(ALWAYS, WHEN_ASKED)
+
+
 def upgrade() -> None:
-    op.get_bind().exec_driver_sql(_record_usages_of_0006().replace(ALWAYS, WHEN_ASKED))
+    op.get_bind().exec_driver_sql(definition())
     op.get_bind().exec_driver_sql(GENERIC_PLANS)  # create or replace resets the function's settings
 
 

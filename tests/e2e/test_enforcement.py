@@ -85,6 +85,35 @@ def test_concurrent_requests_never_overspend_a_budget_shared_by_two_processes(
     assert refused[0]["n"] == 100 - admitted
 
 
+def test_a_customer_blocked_elsewhere_is_refused_by_a_process_that_leased_their_budget(
+    two_servers: tuple[RunningServer, RunningServer],
+) -> None:
+    """Budget leases (ledger/leases.py) admit without asking PostgreSQL; a change made through
+    another process still reaches them at once (sl_scope_changed): no request is admitted on what
+    the lease knew."""
+    first, second = two_servers
+    customer = "leased-then-blocked"
+    assert post(first.base_url, "/customer/new", {"user_id": customer, "max_budget": 5}).status_code == 200
+    leases = "select amount from holds where call_id like 'lease:%'"
+    for _ in range(50):
+        assert chat(first.base_url, customer).status_code == 200
+        if query(first.database_url, leases):
+            break
+    assert query(first.database_url, leases), "the first process never leased the customer's budget"
+    assert chat(first.base_url, customer).status_code == 200
+    assert post(second.base_url, "/customer/block", {"user_ids": [customer]}).status_code == 200
+    time.sleep(0.2)  # the notification's way to the first process
+    refused = chat(first.base_url, customer)
+    assert refused.status_code == 403 and refused.json()["error"]["type"] == "customer_blocked"
+    assert wait_until(lambda: not query(first.database_url, leases), timeout_s=5)  # given back
+    usage = query(
+        first.database_url,
+        "select held, spent from budget_usage where scope = 'customer' and scope_id = $1",
+        customer,
+    )
+    assert usage[0]["held"] == 0 and usage[0]["spent"] == customer_info(first.base_url, customer)["spend"]
+
+
 def test_a_new_budget_period_starts_at_zero_without_overwriting_the_last(
     two_servers: tuple[RunningServer, RunningServer],
 ) -> None:
@@ -238,10 +267,15 @@ def test_the_hold_of_a_killed_process_expires(postgres: PostgresForTests, upstre
                 target=lambda: _ignore_errors(chat, doomed.base_url, customer), daemon=True
             ).start()
             assert wait_until(lambda: bool(query(url, "select 1 from holds")), timeout_s=5)
-            held = query(
-                url, "select held from budget_usage where scope = 'customer' and scope_id = $1", customer
+            # The request holds its hold; the process may also hold a lease for the next ones.
+            (row,) = query(
+                url,
+                "select (select held from budget_usage where scope = 'customer' and scope_id = $1) as held, "
+                "(select sum(amount) from holds) as holds, "
+                "(select sum(amount) from holds where call_id not like 'lease:%') as own",
+                customer,
             )
-            assert held[0]["held"] == hold_of(customer)
+            assert row["own"] == hold_of(customer) and row["held"] == row["holds"]
             doomed.process.kill()  # SIGKILL: no chance to settle or release
             doomed.process.wait()
         upstream.app.delay_s = 0
