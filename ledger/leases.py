@@ -236,9 +236,10 @@ class BudgetLeases:
         """Retire leases past their time or idle, so their room does not sit unused."""
         while True:
             await asyncio.sleep(_SWEEP_S)
-            now, idle_since = datetime.now(UTC), time.monotonic() - IDLE_S
+            now, clock = datetime.now(UTC), time.monotonic()
+            self._unleasable = {key: until for key, until in self._unleasable.items() if until > clock}
             for key, lease in list(self._leases.items()):
-                if lease.valid_until <= now or (lease.in_flight == 0 and lease.last_used < idle_since):
+                if lease.valid_until <= now or (lease.in_flight == 0 and lease.last_used < clock - IDLE_S):
                     await self._retire(key, lease)
 
     async def _quietly(self, work: Coroutine[Any, Any, Any]) -> None:

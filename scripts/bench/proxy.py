@@ -735,19 +735,19 @@ def explain(
         bound = (
             f"**At 64 connections neither spendledger's process ({sl.get('proxy', 0):.2f} cores) nor the machine "
             f"({machine:.2f} of {cores} cores) is saturated: requests wait on PostgreSQL**, whose active backends "
-            f"spend {lock_share:.0%} of their time waiting for a lock ({waits[0]}): admission batches and settle "
-            "batches take turns on the one customer's budget row"
+            f"spend {lock_share:.0%} of their time waiting for a lock ({waits[0]}): settle batches (and the "
+            "occasional lease or admission) take turns on the one customer's budget row"
         )
     elif machine < 0.9 * cores and waits:
         bound = (
             f"**At 64 connections neither spendledger's process ({sl.get('proxy', 0):.2f} cores) nor the machine "
             f"({machine:.2f} of {cores} cores) is saturated, and PostgreSQL's backends hardly wait for locks "
-            f"({lock_share:.0%}; {waits[0]}): requests wait for their batch.** One customer's requests share one "
-            "scope set, so one admission batch (`sl_admit_many`) is in flight at a time; the process has one group "
-            "commit (`sl_record_usages`) in flight at a time. A request waits for the batch in flight and then its "
-            "own, twice; the batches grow with the load (about 20 requests each at this rate), and what each batch "
-            "costs per request is what bounds the rate. The budget row is locked only at the end of a settle batch, "
-            f"and the flush is not what they wait for either (IO:WALSync {wal_share:.0%})"
+            f"({lock_share:.0%}; {waits[0]}): requests wait for their batch.** Admission takes no round trip (the "
+            "process admits the customer's requests from a budget lease, ledger/leases.py); the process has one "
+            "group commit (`sl_record_usages`) in flight at a time. A request waits for the batch in flight and then "
+            "its own; the batches grow with the load, and what each batch costs per request is what bounds the "
+            "rate. The budget row is locked only at the end of a settle batch, and the flush is not what they wait "
+            f"for either (IO:WALSync {wal_share:.0%})"
         )
     else:
         bound = (
@@ -779,8 +779,9 @@ def explain(
             "samples, on the same event loop as the requests): `spend_tracked` is one signed POST per request, "
             "where Lago gets one POST per batch of up to 100 events."
         ),
-        f"- **asyncpg {pg:.0%}**: one admission batch and one group commit per batch of requests, one round trip "
-        "each (pooled connections skip asyncpg's reset on release).",
+        f"- **asyncpg {pg:.0%}**: one group commit per batch of requests, one round trip (admissions come from "
+        "the lease: a round trip only when one is granted or given back; pooled connections skip asyncpg's reset "
+        "on release).",
         f"- Litestar and uvicorn {frame:.0%}; the event loop's C code {lib(EVENT_LOOP):.0%}; spendledger's own code "
         f"(the head decode, the body rewrite, the event, pricing, encoding) {lib(PACKAGES[-1][0]):.0%}. JSON work "
         "and logging are not where the time goes.",
@@ -1038,8 +1039,8 @@ def describe(args: argparse.Namespace) -> str:
         "One machine runs everything: the fake OpenAI upstream (an asyncio protocol over httptools on uvloop, "
         "answers at once with usage), fake Lago and webhook receivers (the same, another process), spendledger "
         f"(`spendledger serve --workers {args.workers}`: uvicorn, uvloop, httptools) on an embedded PostgreSQL 16, and wrk. spendledger serves a "
-        "generated key; the body names a customer with a budget of 1,000,000 (admission holds on it, the settle "
-        "releases it); `callbacks: [\"lago\"]` and `alerting: [\"webhook\"]` (signed) are on, so every request "
+        "generated key; the body names a customer with a budget of 1,000,000 (admission holds on it — from a "
+        "budget lease after the first request — and each settle draws from the hold); `callbacks: [\"lago\"]` and `alerting: [\"webhook\"]` (signed) are on, so every request "
         "appends a UsageRecorded and two outbox rows, which "
         + ("a `spendledger publish` process beside the server (`serve --no-publisher`) delivers."
            if args.publisher == "separate" else "the publisher in the serving process delivers.")
