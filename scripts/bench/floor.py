@@ -1,13 +1,14 @@
 """The floor under spendledger's latency at 1 connection (issue 6): what any design of its shape adds.
 
-DESIGN.md's hot path has two database round trips a design cannot drop: the admission before the
-upstream call, and the commit of the request's `UsageRecorded` before its response. This measures,
+DESIGN.md's hot path has two database round trips: the admission before the upstream call (which
+budget leases, ledger/leases.py, take off the path of most requests) and the commit of the
+request's `UsageRecorded` before its response, which no design of this shape can drop. This measures,
 in the same run and on the same fake upstream, alternating: the upstream directly; the floor app
 (scripts/bench/floor_app.py: spendledger's server, framework and upstream client, with only a
 durable one-row append after the upstream call — `insert` — or also a `select 1` round trip
 before it — `admit+insert`); and spendledger itself, set up as scripts/bench/proxy.py sets it up.
-The difference between the floor and spendledger is what spendledger's own admission and settle
-cost beyond the least their round trips do. Writes "## The floor …" of docs/benchmarks.md.
+The difference between the floor (`insert`, with leases) and spendledger is what spendledger's
+own admission and settle cost beyond the least their round trips do. Writes "## The floor …" of docs/benchmarks.md.
 
     .venv/bin/python scripts/bench/floor.py [--duration 10] [--rounds 3] [--connections 1]
 """
