@@ -241,6 +241,11 @@ class BudgetLeases:
             for key, lease in list(self._leases.items()):
                 if lease.valid_until <= now or (lease.in_flight == 0 and lease.last_used < clock - IDLE_S):
                     await self._retire(key, lease)
+            # A request that never finished (its task was cancelled) keeps its lease from being
+            # released here: past its expiry the hold sweeper has released it, so forget it.
+            for lease_id, lease in list(self._by_id.items()):
+                if lease.retired and lease.expires_at <= now:
+                    del self._by_id[lease_id]
 
     async def _quietly(self, work: Coroutine[Any, Any, Any]) -> None:
         """Give back room; if the database cannot be reached, the hold sweeper releases it at expiry."""
