@@ -10,8 +10,9 @@ what the lease holds, and what it holds fitted the budget when it was granted.
 
 PostgreSQL grants a lease only where deciding in memory is deciding as `sl_admit` would (no scope
 blocked, the model allowed, no rpm / tpm / parallel limit) and where every budget has room for
-`MIN_HOLDS` holds: near a limit requests go one by one again, so no budget refuses early because
-a lease sits on its room. A lease is retired — no new requests; what they have not taken given
+`MIN_HOLDS` holds: near a limit requests go one by one again. (A budget several leases share —
+two processes, or a team's or the global budget under several scope sets — can still refuse a
+request while another lease sits on unused room: docs/budgets.md says how long at most.) A lease is retired — no new requests; what they have not taken given
 back at once (`sl_return_lease`); the rest released when its last request has settled
 (`sl_release_hold`) — when it cannot take a request, when it is `TTL` old or `IDLE_S` idle, and
 when any key, user, team, customer or budget changes (`invalidate`, on `sl_scope_changed`).
