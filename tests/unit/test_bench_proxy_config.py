@@ -1,0 +1,28 @@
+"""scripts/bench/proxy.py configures spendledger as it says: Lago and the signed webhook sink, or
+(`--no-webhooks`) Lago alone; both files are valid config.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ledger.config import load_settings
+from scripts.bench.proxy import spendledger_config
+
+ENVIRON = {
+    "LAGO_API_BASE": "http://127.0.0.1:1",
+    "LAGO_API_KEY": "k",
+    "LAGO_API_EVENT_CODE": "llm_usage",
+    "WEBHOOK_URL": "http://127.0.0.1:1/webhook",
+}
+
+
+@pytest.mark.parametrize("webhooks", [True, False])
+def test_the_benchmark_config_has_the_webhook_sink_only_when_asked(tmp_path: Path, webhooks: bool) -> None:
+    config = tmp_path / "spendledger.yaml"
+    config.write_text(spendledger_config("http://127.0.0.1:2", webhooks))
+    settings = load_settings(config, ENVIRON)
+    assert settings.lago is not None
+    assert (settings.webhook is not None) is webhooks
+    assert settings.budget_leases  # the benchmark measures the default
