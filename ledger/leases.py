@@ -12,11 +12,13 @@ PostgreSQL grants a lease only where deciding in memory is deciding as `sl_admit
 blocked, the model allowed, no rpm / tpm / parallel limit) and where every budget has room for
 `MIN_HOLDS` holds: near a limit requests go one by one again. (A budget several leases share —
 two processes, or a team's or the global budget under several scope sets — can still refuse a
-request while another lease sits on unused room: docs/budgets.md says how long at most.) A lease is retired — no new requests; what they have not taken given
-back at once (`sl_return_lease`); the rest released when its last request has settled
-(`sl_release_hold`) — when it cannot take a request, when it is `TTL` old or `IDLE_S` idle, and
-when any key, user, team, customer or budget changes (`invalidate`, on `sl_scope_changed`).
-A process that dies leaves its leases to the hold sweeper, as it leaves its requests' holds.
+request while another lease sits on unused room: docs/budgets.md says how long at most.)
+
+A lease is retired — no new requests; what they have not taken given back at once
+(`sl_return_lease`); the rest released when its last request has settled (`sl_release_hold`) —
+when it cannot take a request, when it is `TTL` old or `IDLE_S` idle, and when any key, user,
+team, customer or budget changes (`invalidate`, on `sl_scope_changed`). A process that dies
+leaves its leases to the hold sweeper, as it leaves its requests' holds.
 """
 
 from __future__ import annotations
