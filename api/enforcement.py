@@ -12,6 +12,7 @@ import asyncpg
 import structlog
 
 from api.errors import ApiError
+from api.metrics import observe_admission, observe_request
 from api.proxy import Exchange
 from api.services import Services
 from ledger.admission import (
@@ -67,10 +68,13 @@ async def admit(services: Services, exchange: Exchange, request_bytes: int) -> N
     outcome: Outcome | None = None
     if services.leases is not None:
         outcome = await services.leases.admit(admission)
+    under_lease = outcome is not None
     if outcome is None:
         outcome = await services.admitter.admit(admission)
+    observe_admission(under_lease, isinstance(outcome, Admitted))
     if isinstance(outcome, Refused):
         exchange.recorded = True  # RequestRefused is its terminal event
+        observe_request(exchange.route, "refused", exchange.head.model, priced=True)
         if outcome.reason == "budget_exceeded" and settings.webhook is not None:
             try:
                 await announce_budget_exhausted(services.pool, outcome, admission)

@@ -16,6 +16,11 @@ REQUESTS: Final = Counter(
 UNPRICED: Final = Counter(
     "spendledger_unpriced_requests_total", "Requests served for a model with no price", ["model"]
 )
+ADMISSIONS: Final = Counter(
+    "spendledger_admissions_total",
+    "Admission decisions by how they were made: in memory from a budget lease, or by a round trip",
+    ["path", "outcome"],
+)
 OUTBOX_ROWS: Final = Gauge(
     "spendledger_outbox_rows", "Outbox rows waiting by sink and state (pending, dead, unbillable)", ["sink", "state"]
 )
@@ -38,6 +43,17 @@ DELIVERY_LAG: Final = Histogram(
     ["sink"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
+
+
+def observe_admission(under_lease: bool, admitted: bool) -> None:
+    ADMISSIONS.labels("lease" if under_lease else "database", "admitted" if admitted else "refused").inc()
+
+
+def observe_request(route: str, status: str, model: str, priced: bool) -> None:
+    """A request's terminal event: `status` is its UsageRecorded status, or "refused"."""
+    REQUESTS.labels(route, status).inc()
+    if not priced:
+        UNPRICED.labels(model).inc()
 
 
 def observe_delivery(sink: str, rows: Sequence[Claimed], delivery: Delivery) -> None:

@@ -21,6 +21,7 @@ from litestar import Response
 
 from api.auth import Caller
 from api.errors import ApiError, bad_request
+from api.metrics import observe_request
 from api.publishing import outbox_rows_for
 from api.services import Services
 from api.upstream import UpstreamFailure
@@ -223,6 +224,7 @@ async def record(services: Services, exchange: Exchange, event: UsageRecorded) -
             )
         )
         drawn = event.cost
+        observe_request(event.route, event.status, event.model_group, event.priced)
         return spend
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error("usage_not_recorded", call_id=exchange.call_id, error_type=type(exc).__name__)

@@ -114,6 +114,39 @@ def test_a_customer_blocked_elsewhere_is_refused_by_a_process_that_leased_their_
     assert usage[0]["held"] == 0 and usage[0]["spent"] == customer_info(first.base_url, customer)["spend"]
 
 
+def _metrics(base_url: str) -> dict[str, float]:
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return {
+        name: float(value)
+        for name, _, value in (line.rpartition(" ") for line in text.splitlines())
+        if name.startswith(("spendledger_requests_total{", "spendledger_admissions_total{"))
+    }
+
+
+def test_metrics_count_requests_and_how_their_admissions_were_decided(
+    two_servers: tuple[RunningServer, RunningServer],
+) -> None:
+    server = two_servers[0]
+    assert post(server.base_url, "/customer/new", {"user_id": "counted", "max_budget": 5}).status_code == 200
+    assert post(server.base_url, "/customer/new", {"user_id": "broke", "max_budget": 0}).status_code == 200
+    before = _metrics(server.base_url)
+    for _ in range(20):
+        assert chat(server.base_url, "counted").status_code == 200
+        time.sleep(0.01)  # time for the first request's lease to be granted
+    assert chat(server.base_url, "broke").status_code == 429
+    after = _metrics(server.base_url)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('spendledger_requests_total{route="chat.completions",status="success"}') == 20
+    assert delta('spendledger_requests_total{route="chat.completions",status="refused"}') == 1
+    under_lease = delta('spendledger_admissions_total{outcome="admitted",path="lease"}')
+    one_by_one = delta('spendledger_admissions_total{outcome="admitted",path="database"}')
+    assert under_lease + one_by_one == 20 and under_lease >= 10 and one_by_one >= 1
+    assert delta('spendledger_admissions_total{outcome="refused",path="database"}') == 1
+
+
 def test_a_new_budget_period_starts_at_zero_without_overwriting_the_last(
     two_servers: tuple[RunningServer, RunningServer],
 ) -> None:
