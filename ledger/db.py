@@ -124,6 +124,12 @@ def split_sql(script: str) -> list[str]:
     return statements
 
 
+def execute_script(bind: Any, script: str) -> None:
+    """Run a migration's SQL script statement by statement on alembic's connection (`op.get_bind()`)."""
+    for statement in split_sql(script):
+        bind.exec_driver_sql(statement)
+
+
 def load_revision(migration: Path) -> ModuleType:
     """A migration's module, for a later revision that builds on what it defined."""
     spec = importlib.util.spec_from_file_location(f"revision_{migration.stem}", migration)

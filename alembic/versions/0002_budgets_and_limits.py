@@ -11,7 +11,7 @@ Revises: 0001
 """
 
 from alembic import op
-from ledger.db import split_sql
+from ledger.db import execute_script
 
 revision = "0002"
 down_revision = "0001"
@@ -500,10 +500,8 @@ drop table budgets;
 
 
 def upgrade() -> None:
-    for statement in split_sql(UPGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in split_sql(DOWNGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), DOWNGRADE)

@@ -9,7 +9,7 @@ Revises: 0002
 """
 
 from alembic import op
-from ledger.db import split_sql
+from ledger.db import execute_script
 
 revision = "0003"
 down_revision = "0002"
@@ -192,10 +192,8 @@ drop table outbox;
 
 
 def upgrade() -> None:
-    for statement in split_sql(UPGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in split_sql(DOWNGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), DOWNGRADE)

@@ -5,7 +5,7 @@ Revises: 0003
 """
 
 from alembic import op
-from ledger.db import split_sql
+from ledger.db import execute_script
 
 revision = "0004"
 down_revision = "0003"
@@ -122,10 +122,8 @@ drop index events_customer;
 
 
 def upgrade() -> None:
-    for statement in split_sql(UPGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in split_sql(DOWNGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), DOWNGRADE)

@@ -13,7 +13,7 @@ Revises: 0004
 """
 
 from alembic import op
-from ledger.db import split_sql
+from ledger.db import execute_script
 
 revision = "0005"
 down_revision = "0004"
@@ -240,10 +240,8 @@ drop function sl_admit_many(jsonb);
 
 
 def upgrade() -> None:
-    for statement in split_sql(UPGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in split_sql(DOWNGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), DOWNGRADE)

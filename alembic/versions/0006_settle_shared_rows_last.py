@@ -17,7 +17,7 @@ Revises: 0005
 from pathlib import Path
 
 from alembic import op
-from ledger.db import definitions_in_revision, split_sql
+from ledger.db import definitions_in_revision, execute_script
 
 revision = "0006"
 down_revision = "0005"
@@ -298,13 +298,11 @@ drop function sl_enqueue_webhooks_after(jsonb, jsonb, jsonb);
 
 
 def upgrade() -> None:
-    for statement in split_sql(UPGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in split_sql(DOWNGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), DOWNGRADE)
     revision_0003 = Path(__file__).with_name("0003_outbox.py")
     for statement in definitions_in_revision(
         revision_0003, "sl_enqueue_webhooks", "sl_settle", "sl_record_usages"

@@ -15,7 +15,7 @@ Revises: 0006
 from pathlib import Path
 
 from alembic import op
-from ledger.db import definitions_in_revision, split_sql
+from ledger.db import definitions_in_revision, execute_script
 
 revision = "0007"
 down_revision = "0006"
@@ -135,8 +135,7 @@ drop function sl_enqueue_webhooks_after(jsonb, jsonb, jsonb);
 
 
 def upgrade() -> None:
-    for statement in split_sql(UPGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:

@@ -16,7 +16,7 @@ Revises: 0009
 """
 
 from alembic import op
-from ledger.db import split_sql
+from ledger.db import execute_script
 
 revision = "0010"
 down_revision = "0009"
@@ -210,10 +210,8 @@ drop function sl_usage_webhooks(jsonb, jsonb, jsonb);
 
 
 def upgrade() -> None:
-    for statement in split_sql(UPGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in split_sql(DOWNGRADE):
-        op.get_bind().exec_driver_sql(statement)
+    execute_script(op.get_bind(), DOWNGRADE)

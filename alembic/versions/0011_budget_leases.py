@@ -20,7 +20,7 @@ Revises: 0010
 from pathlib import Path
 
 from alembic import op
-from ledger.db import definitions_in_revision, load_revision, split_sql
+from ledger.db import definitions_in_revision, execute_script, load_revision
 
 revision = "0011"
 down_revision = "0010"
@@ -165,8 +165,9 @@ def _settles() -> tuple[str, str]:
 
 def upgrade() -> None:
     bind = op.get_bind()
-    for statement in [*split_sql(UPGRADE), *TRIGGERS]:
-        bind.exec_driver_sql(statement)
+    execute_script(bind, UPGRADE)
+    for trigger in TRIGGERS:
+        bind.exec_driver_sql(trigger)
     batch, one = _settles()
     bind.exec_driver_sql(batch.replace(BATCH_HOLDS, BATCH_DRAWS))
     bind.exec_driver_sql(one.replace(ONE_HOLD, ONE_DRAWS))
