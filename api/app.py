@@ -15,7 +15,7 @@ from litestar.openapi.config import OpenAPIConfig
 
 from api.errors import exception_handlers
 from api.keycache import KeyCache
-from api.publishing import PublisherRunner
+from api.publishing import PublisherRunner, recording_context
 from api.routes import audit, budgets, customers, export, health, keys, outbox, proxy, spend, teams, users
 from api.routing import ModelRouter
 from api.runtime import freeze_startup_heap
@@ -28,7 +28,7 @@ from ledger.keys import hash_key
 from ledger.leases import BudgetLeases
 from ledger.pricing import PriceBook
 from ledger.publisher_wakeups import PublisherWakeups
-from ledger.usage import GroupRecorder, RecordingContext
+from ledger.usage import GroupRecorder
 from projections.daily import DailySpendFollower
 
 log = structlog.get_logger(__name__)
@@ -65,13 +65,7 @@ def create_app(
         await key_cache.start()
         upstream = Upstream()
         publisher = PublisherRunner(pool, database_url, settings, deliver=publish)
-        recording = RecordingContext(
-            default_budget_id=settings.max_end_user_budget_id,
-            global_max_budget=settings.max_budget,
-            global_budget_duration=settings.budget_duration,
-            webhooks=settings.webhook is not None,
-        )
-        recorder = GroupRecorder(pool, recording, wakeups=PublisherWakeups(pool))
+        recorder = GroupRecorder(pool, recording_context(settings), wakeups=PublisherWakeups(pool))
         admitter = GroupAdmitter(pool)
         services = Services(
             settings=settings,

@@ -16,6 +16,8 @@ from ledger.events import UsageRecorded
 from ledger.outbox import OutboxRow, Publisher, Sink, outbox_status
 from ledger.sinks.lago import LagoSink, lago_row
 from ledger.sinks.webhook import WebhookSink
+from ledger.usage import RecordingContext
+from ledger.webhook_rows import WebhookFollower
 
 log = structlog.get_logger(__name__)
 STATUS_INTERVAL_S = 5.0
@@ -28,6 +30,16 @@ def build_sinks(settings: Settings, client: httpx.AsyncClient) -> list[Sink]:
     if settings.webhook is not None:
         sinks.append(WebhookSink(settings.webhook, client))
     return sinks
+
+
+def recording_context(settings: Settings) -> RecordingContext:
+    """What settles (and the webhook follower, which writes their webhook rows) take from the config."""
+    return RecordingContext(
+        default_budget_id=settings.max_end_user_budget_id,
+        global_max_budget=settings.max_budget,
+        global_budget_duration=settings.budget_duration,
+        webhooks=settings.webhook is not None,
+    )
 
 
 def outbox_rows_for(event: UsageRecorded, settings: Settings) -> list[OutboxRow]:
@@ -43,7 +55,9 @@ class PublisherRunner:
     def __init__(self, pool: asyncpg.Pool, database_url: str, settings: Settings, deliver: bool = True) -> None:
         self._client = pooled_client(100)
         self.sinks = build_sinks(settings, self._client)
-        self.publisher = Publisher(pool, database_url, self.sinks)
+        # The webhook rows follow the log: the publisher writes them before it claims them.
+        feeders = [WebhookFollower(pool, recording_context(settings))] if settings.webhook is not None else []
+        self.publisher = Publisher(pool, database_url, self.sinks, feeders=feeders)
         self.publisher.on_delivered.append(observe_delivery)
         self._pool = pool
         self._deliver = deliver

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol
@@ -102,8 +102,10 @@ class Publisher:
         sinks: Sequence[Sink],
         idle_wait_s: float = 1.0,
         linger_s: float = DEFAULT_LINGER_S,
+        feeders: Sequence[Callable[[], Awaitable[int]]] = (),
     ):
         self._pool = pool
+        self._feeders = list(feeders)  # each writes rows into the outbox (how many events it read)
         self._database_url = database_url
         self._sinks = list(sinks)
         self._idle_wait_s = idle_wait_s
@@ -118,7 +120,7 @@ class Publisher:
         try:
             while True:
                 self._wake.clear()  # before the sweep: a NOTIFY during it must wake the next wait
-                busy = False
+                busy = await self._feed()
                 for sink in self._sinks:
                     try:
                         busy |= await self.publish_once(sink) > 0
@@ -137,6 +139,19 @@ class Publisher:
         finally:
             if listener is not None and not listener.is_closed():
                 await listener.close()
+
+    async def _feed(self) -> bool:
+        """Run the feeders before the sinks claim (the webhook follower writes the rows they send);
+        whether any had work."""
+        busy = False
+        for feeder in self._feeders:
+            try:
+                busy |= await feeder() > 0
+            except (asyncpg.PostgresConnectionError, OSError):
+                pass  # the database is away: the log waits, we poll again
+            except Exception:  # a bug must not stop delivery of what is already queued
+                log.exception("outbox_feeder_error")
+        return busy
 
     async def _listen(self) -> asyncpg.Connection | None:
         try:

@@ -29,8 +29,9 @@ _ONE_SQL: Final = "select sl_record_usage($1::jsonb, $2::jsonb, $3::jsonb, $4::j
 
 class RecordingContext(msgspec.Struct, frozen=True, kw_only=True):
     """What the database needs besides the event: the default tier (for a customer seen first at
-    recording), the global budget, whether webhooks are on (to find budget crossings), and whether
-    to wake the outbox publishers (`notify`)."""
+    recording), the global budget, whether webhooks are on (the event is marked for the webhook
+    follower, ledger/webhook_rows.py, which writes its rows), and whether to wake the outbox
+    publishers (`notify`)."""
 
     default_budget_id: str | None = None
     global_max_budget: Decimal | None = None

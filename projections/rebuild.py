@@ -184,6 +184,8 @@ async def _swap(conn: asyncpg.Connection, snapshot: str) -> int:
         await conn.execute(f"alter table public.{table} set schema {OLD_SCHEMA}")
         await conn.execute(f"alter table {SCHEMA}.{table} set schema public")
     await conn.execute(f"drop schema {OLD_SCHEMA} cascade; drop schema {SCHEMA} cascade")
+    # The directory's history triggers (migration 0012) went with the old tables: put them on the new.
+    await conn.execute("select sl_remember_directory_changes()")
     # The asynchronous projection starts over and follows the whole log again.
     await conn.execute("truncate daily_spend")
     await conn.execute(

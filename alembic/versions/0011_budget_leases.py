@@ -163,14 +163,19 @@ def _settles() -> tuple[str, str]:
     return batch, one.replace("create function", "create or replace function", 1)
 
 
+def definitions() -> tuple[str, str]:
+    """This revision's sl_record_usages and sl_record_usage (a later revision derives its own)."""
+    batch, one = _settles()
+    return batch.replace(BATCH_HOLDS, BATCH_DRAWS), one.replace(ONE_HOLD, ONE_DRAWS)
+
+
 def upgrade() -> None:
     bind = op.get_bind()
     execute_script(bind, UPGRADE)
     for trigger in TRIGGERS:
         bind.exec_driver_sql(trigger)
-    batch, one = _settles()
-    bind.exec_driver_sql(batch.replace(BATCH_HOLDS, BATCH_DRAWS))
-    bind.exec_driver_sql(one.replace(ONE_HOLD, ONE_DRAWS))
+    for statement in definitions():
+        bind.exec_driver_sql(statement)
     for statement in GENERIC_PLANS:  # create or replace resets a function's settings
         bind.exec_driver_sql(statement)
 

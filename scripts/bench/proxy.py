@@ -407,7 +407,13 @@ class Ledger:
         return int(self.value("select count(*) from events where type = 'UsageRecorded'"))
 
     def pending(self) -> int:
-        return int(self.value("select count(*) from outbox where state = 'pending'"))
+        """Outbox rows not yet delivered, and events marked for webhooks whose rows the follower
+        of the log has not written yet (migration 0012)."""
+        return int(self.value(
+            "select (select count(*) from outbox where state = 'pending') + (select count(*) from events e "
+            "join projection_checkpoints c on c.name = 'webhooks' "
+            "where (e.txid, e.position) > (c.last_txid, c.last_position) and e.metadata ? 'webhooks')"
+        ))  # fmt: skip
 
     def close(self) -> None:
         self.loop.run_until_complete(self.conn.close())

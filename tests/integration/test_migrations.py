@@ -11,6 +11,7 @@ from alembic.config import Config
 from alembic import command
 from ledger.db import PROJECT_ROOT
 from ledger.usage import Recording, RecordingContext, record_usages
+from ledger.webhook_rows import catch_up_webhooks
 from tests.integration.ledger.test_settle_batches import admitted, budgeted, usage
 
 
@@ -43,9 +44,16 @@ async def settle(url: str, customer: str, key_spends: list[str]) -> None:
         for i in range(len(key_spends)):
             outcome = await admitted(pool, f"{customer}-{i}", customer)
             recordings.append(Recording(event=usage(f"{customer}-{i}", customer, "0.25", outcome.budget_periods)))
-        spends = await record_usages(pool, recordings, RecordingContext(webhooks=True))
+        context = RecordingContext(webhooks=True)
+        spends = await record_usages(pool, recordings, context)
         assert spends == [Decimal(spend) for spend in key_spends]
-        assert await pool.fetchval("select count(*) from outbox where sink = 'webhook'") >= 1
+        if await pool.fetchval("select to_regprocedure('sl_follow_webhooks(integer, jsonb)') is not null"):
+            await catch_up_webhooks(pool, context)  # 0012: the rows follow the log
+        tracked = await pool.fetchval(
+            "select count(*) from outbox where sink = 'webhook' and dedupe_key like 'spend_tracked:' || $1 || '-%'",
+            customer,
+        )
+        assert tracked == len(key_spends)  # each request's spend_tracked row, at every revision
     finally:
         await pool.close()
 
@@ -53,26 +61,32 @@ async def settle(url: str, customer: str, key_spends: list[str]) -> None:
 def test_down_to_0004_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
     head = asyncio.run(schema_objects(database_url))
-    assert {"sl_admit_many", "sl_settle_values", "sl_record_usage", "sl_usage_webhooks"} <= head
-    assert not {"sl_settle", "sl_enqueue_webhooks_after"} & head  # superseded in 0006 and 0007
+    assert {"sl_admit_many", "sl_settle_values", "sl_record_usage", "sl_follow_webhooks"} <= head
+    assert not {"sl_settle", "sl_enqueue_webhooks_after", "sl_usage_webhooks"} & head  # superseded
     assert "index:outbox_waiting" in head  # 0008
+    asyncio.run(settle(database_url, "at-0012", ["0.25", "0.5"]))
+    command.downgrade(config, "0011")
+    at_0011 = asyncio.run(schema_objects(database_url))
+    assert "sl_usage_webhooks" in at_0011  # the settle writes its webhook rows itself again
+    assert not {"sl_follow_webhooks", "sl_request_scopes_as_of", "sl_directory_row"} & at_0011
+    asyncio.run(settle(database_url, "at-0011", ["0.75"]))
     command.downgrade(config, "0009")
     assert not {"sl_record_usage", "sl_usage_webhooks"} & asyncio.run(schema_objects(database_url))
-    asyncio.run(settle(database_url, "at-0009", ["0.25", "0.5"]))  # batches still settle
+    asyncio.run(settle(database_url, "at-0009", ["1", "1.25"]))  # batches still settle
     command.downgrade(config, "0007")
     assert "index:outbox_waiting" not in asyncio.run(schema_objects(database_url))
     command.downgrade(config, "0006")
     assert "sl_enqueue_webhooks_after" in asyncio.run(schema_objects(database_url))
-    asyncio.run(settle(database_url, "at-0006", ["0.75", "1"]))  # 0006's settle works again
+    asyncio.run(settle(database_url, "at-0006", ["1.5", "1.75"]))  # 0006's settle works again
     command.downgrade(config, "0004")
     down = asyncio.run(schema_objects(database_url))
     assert {"sl_settle", "sl_enqueue_webhooks", "sl_record_usages", "sl_admit"} <= down
     assert not {"sl_admit_many", "sl_enqueue_webhooks_after", "sl_settle_values"} & down
-    asyncio.run(settle(database_url, "before-0005", ["1.25", "1.5"]))  # 0004's settle works again
+    asyncio.run(settle(database_url, "before-0005", ["2", "2.25"]))  # 0004's settle works again
     command.upgrade(config, "head")
     assert asyncio.run(schema_objects(database_url)) == head
-    asyncio.run(settle(database_url, "at-head", ["1.75"]))
-    asyncio.run(settle(database_url, "at-head-batched", ["2", "2.25"]))
+    asyncio.run(settle(database_url, "at-head", ["2.5"]))
+    asyncio.run(settle(database_url, "at-head-batched", ["2.75", "3"]))
 
 
 def test_an_interrupted_build_of_the_waiting_rows_index_is_built_anew(database_url: str) -> None:

@@ -146,6 +146,15 @@ async def test_a_planted_difference_is_reported_and_the_swap_repairs_it(
     )
     assert await pool.fetchval("select alias from customers where user_id = 'periodic'") is None
     assert (await rebuild(database_url, verify_only=True)).equal
+    # The swapped-in directory keeps its history for the webhook follower (migration 0012).
+    await pool.execute("delete from directory_history")
+    for table, id_column in (("keys", "key_hash"), ("customers", "user_id"), ("budgets", "budget_id"),
+                             ("teams", "team_id"), ("users", "user_id")):  # fmt: skip
+        await pool.execute(f"update {table} set created_at = created_at - interval '1 day' "
+                           f"where {id_column} = (select min({id_column}) from {table})")  # fmt: skip
+    remembered = await pool.fetch("select distinct entity from directory_history")
+    assert await pool.fetchval("select count(*) from pg_trigger where tgname = 'sl_directory_history'") == 5
+    assert {r["entity"] for r in remembered} >= {"keys", "customers", "budgets", "teams"}
 
 
 async def test_the_swap_is_safe_while_writers_append(pool: asyncpg.Pool, database_url: str) -> None:

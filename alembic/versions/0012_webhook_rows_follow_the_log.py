@@ -1,0 +1,428 @@
+"""Webhook rows follow the log, out of the response's transaction: `sl_follow_webhooks`.
+
+A settle wrote its request's webhook rows itself (`spend_tracked`, and a row for each budget line
+the request crossed), from the spend of its scopes read without locks and read again if another
+process had settled in between: about a quarter of a lone request's settle in PostgreSQL, on the
+path of every response. Now the settle only marks its event (`"webhooks": true` in the metadata,
+when `ctx.webhooks` asks) and a follower of the log writes the rows, as the daily spend is kept
+(0004): the next events after its checkpoint, in (txid, position) order and only below the
+snapshot's xmin, in one transaction with the checkpoint, so every event's rows are written exactly
+once across crashes and any number of followers (the checkpoint row is taken with SKIP LOCKED).
+The publishers run it before they claim webhook rows (ledger/webhook_rows.py).
+
+The rows are those the settle wrote (the one statement of 0007, `sl_settle_values`), from the
+follower's own running spend (`webhook_spend`: each scope's lifetime total and budget periods,
+counted in the order it follows the log), so each line is crossed by exactly one request, and
+`total_spend` climbs request by request. Events not marked (webhooks off when they were settled)
+are counted and get no rows. At upgrade the running spend starts from the projections, with the
+log locked so that they count exactly the events before the checkpoint.
+
+Revision ID: 0012
+Revises: 0011
+"""
+
+from pathlib import Path
+
+from alembic import op
+from ledger.db import definitions_in_revision, execute_script, load_revision
+
+revision = "0012"
+down_revision = "0011"
+branch_labels = None
+depends_on = None
+
+UPGRADE = r"""
+-- The spend the webhook follower has counted: per scope, its lifetime total (period_start
+-- '-infinity') and its budget periods, in the order the follower reads the log.
+create table webhook_spend (
+    scope        text        not null,
+    scope_id     text        not null,
+    period_start timestamptz not null,
+    spent        numeric     not null,
+    primary key (scope, scope_id, period_start)
+);
+
+-- The directory as it was: the row each transaction found before it changed or deleted a key,
+-- user, team, customer or budget. The follower announces a request's crossings against the limits
+-- in force where its event stands in the log, not against those of when it follows.
+create table directory_history (
+    seq       bigint generated always as identity primary key,
+    txid      xid8   not null default pg_current_xact_id(),
+    entity    text   not null,  -- the table
+    entity_id text   not null,
+    was       jsonb  not null
+);
+create index directory_history_entity on directory_history (entity, entity_id, txid, seq);
+create index directory_history_txid on directory_history (txid);
+
+create function sl_directory_history() returns trigger language plpgsql as $$
+begin
+    if tg_op = 'UPDATE' and to_jsonb(old) - 'updated_at' = to_jsonb(new) - 'updated_at' then  -- touched only
+        return null;
+    end if;
+    insert into directory_history (entity, entity_id, was)
+    values (tg_table_name, to_jsonb(old)->>tg_argv[0], to_jsonb(old));
+    return null;
+end $$;
+
+-- The triggers that keep directory_history (again after a rebuild swaps the tables in).
+create function sl_remember_directory_changes() returns void language plpgsql as $$
+declare
+    t record;
+begin
+    for t in select * from (values ('keys', 'key_hash'), ('users', 'user_id'), ('teams', 'team_id'),
+                                   ('customers', 'user_id'), ('budgets', 'budget_id')) as v(name, id)
+    loop
+        execute format('drop trigger if exists sl_directory_history on public.%I', t.name);
+        execute format('create trigger sl_directory_history after update or delete on public.%I '
+                       'for each row execute function sl_directory_history(%L)', t.name, t.id);
+    end loop;
+end $$;
+select sl_remember_directory_changes();
+
+-- A directory row as jsonb as it was after transaction `as_of` (the first change after it kept
+-- the row as it was), or as it is when nothing changed it since (or as_of is null).
+create function sl_directory_row(entity text, id text, as_of xid8) returns jsonb language plpgsql stable as $$
+declare
+    h directory_history;
+begin
+    if id is null then
+        return null;
+    end if;
+    if as_of is not null then
+        select * into h from directory_history as d
+        where d.entity = sl_directory_row.entity and d.entity_id = id and d.txid > as_of
+        order by d.txid, d.seq limit 1;
+        if found then
+            return h.was;
+        end if;
+    end if;
+    return case entity
+        when 'keys' then (select to_jsonb(x) from keys as x where x.key_hash = id)
+        when 'users' then (select to_jsonb(x) from users as x where x.user_id = id)
+        when 'teams' then (select to_jsonb(x) from teams as x where x.team_id = id)
+        when 'customers' then (select to_jsonb(x) from customers as x where x.user_id = id)
+        when 'budgets' then (select to_jsonb(x) from budgets as x where x.budget_id = id)
+    end;
+end $$;
+
+-- sl_request_scopes as the directory was after transaction p.as_of (as it is, without as_of).
+create function sl_request_scopes_as_of(p jsonb) returns table (
+    ord integer, scope text, scope_id text, max_budget numeric, soft_budget numeric, budget_duration text,
+    rpm_limit integer, tpm_limit integer, max_parallel_requests integer, anchor timestamptz,
+    models text[], blocked boolean
+) language sql stable as $$
+    with t as (select (p->>'as_of')::xid8 as as_of)
+    select 1, 'key', k.key_hash, coalesce(k.max_budget, b.max_budget), b.soft_budget,
+           coalesce(k.budget_duration, b.budget_duration), coalesce(k.rpm_limit, b.rpm_limit),
+           coalesce(k.tpm_limit, b.tpm_limit), coalesce(k.max_parallel_requests, b.max_parallel_requests),
+           k.created_at, null::text[], false
+    from t, jsonb_populate_record(null::keys, sl_directory_row('keys', p->>'key_hash', t.as_of)) as k,
+         jsonb_populate_record(null::budgets, sl_directory_row('budgets', k.budget_id, t.as_of)) as b
+    where k.key_hash is not null
+    union all
+    select 2, 'user', u.user_id, u.max_budget, u.soft_budget, u.budget_duration, u.rpm_limit, u.tpm_limit,
+           u.max_parallel_requests, u.created_at, u.models, false
+    from t, jsonb_populate_record(null::users, sl_directory_row('users', p->>'user_id', t.as_of)) as u
+    where u.user_id is not null
+    union all
+    select 3, 'team', tm.team_id, tm.max_budget, tm.soft_budget, tm.budget_duration, tm.rpm_limit, tm.tpm_limit,
+           tm.max_parallel_requests, tm.created_at, tm.models, tm.blocked
+    from t, jsonb_populate_record(null::teams, sl_directory_row('teams', p->>'team_id', t.as_of)) as tm
+    where tm.team_id is not null
+    union all
+    select 4, 'customer', c.user_id, b.max_budget, b.soft_budget, b.budget_duration, b.rpm_limit,
+           b.tpm_limit, b.max_parallel_requests, c.created_at, null::text[], c.blocked
+    from t, jsonb_populate_record(null::customers, sl_directory_row('customers', p->>'customer_id', t.as_of)) as c,
+         jsonb_populate_record(null::budgets,
+                               sl_directory_row('budgets', coalesce(c.budget_id, p->>'default_budget_id'), t.as_of)) as b
+    where c.user_id is not null
+    union all
+    select 5, 'global', 'global', (p->>'global_max_budget')::numeric, null, p->>'global_budget_duration',
+           null, null, null, 'epoch'::timestamptz, null::text[], false
+    where p->>'global_max_budget' is not null
+    order by 1
+$$;
+
+-- What a usage event counts in webhook_spend, with the key sl_settle_values knows it by
+-- (sl_usage_value_keys; a model's total is read by no webhook).
+create function sl_webhook_scopes(d jsonb) returns table (
+    scope text, scope_id text, period_start timestamptz, value_key text
+) language sql stable as $$
+    select r->>0, r->>1, (r->>2)::timestamptz, 'p|' || (r->>0) || '|' || (r->>1) || '|' || ((r->>2)::timestamptz)::text
+    from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+    union all
+    select s.scope, s.scope_id, '-infinity', 'l|' || s.scope || '|' || s.scope_id
+    from sl_usage_scopes(d) as s where s.scope <> 'model'
+$$;
+
+-- Count a run of usage events (in log order) into webhook_spend, and write their webhook rows
+-- if they were settled with webhooks on.
+create function sl_webhook_run(ds jsonb, ctx jsonb, webhooks boolean) returns void language plpgsql as $$
+declare
+    vals jsonb;
+begin
+    if webhooks then
+        select coalesce(jsonb_object_agg(k.value_key, w.spent), '{}') into vals
+        from (select distinct s.* from jsonb_array_elements(ds) as d, sl_webhook_scopes(d) as s) as k
+        join webhook_spend as w using (scope, scope_id, period_start);
+        perform sl_settle_values(ds, ctx || '{"webhooks": true}', vals);
+    end if;
+    insert into webhook_spend as w (scope, scope_id, period_start, spent)
+    select s.scope, s.scope_id, s.period_start, sum((d->>'cost')::numeric)
+    from jsonb_array_elements(ds) as d, sl_webhook_scopes(d) as s
+    group by 1, 2, 3 order by 1, 2, 3
+    on conflict (scope, scope_id, period_start) do update set spent = w.spent + excluded.spent;
+end $$;
+
+-- Follow the log one batch further for the webhooks (the rule of sl_follow_daily_spend): the
+-- usage events after the checkpoint, in runs of the same mark, then the checkpoint moved — one
+-- transaction. `ctx` as a settle's (the default budget, the global budget). Returns the events
+-- read, or -1 when another process holds the checkpoint.
+create function sl_follow_webhooks(batch integer, ctx jsonb) returns integer language plpgsql as $$
+declare
+    cp projection_checkpoints;
+    r record;
+    n integer;
+    next_txid xid8;
+    next_position bigint;
+begin
+    select * into cp from projection_checkpoints where name = 'webhooks' for update skip locked;
+    if not found then
+        return -1;
+    end if;
+    select count(*), (array_agg(txid order by txid desc, position desc))[1],
+           (array_agg(position order by txid desc, position desc))[1]
+    into n, next_txid, next_position
+    from (
+        select txid, position from events
+        where (txid, position) > (cp.last_txid, cp.last_position)
+          and txid < pg_snapshot_xmin(pg_current_snapshot())
+        order by txid, position
+        limit batch
+    ) as e;
+    if n = 0 then
+        return 0;
+    end if;
+    -- Every transaction below the xmin read above is over: no event can appear in this range now.
+    -- A run: events of the same mark with no directory change between them in the log (`epoch`),
+    -- so one set of limits holds for the whole run (sl_request_scopes_as_of).
+    for r in
+        select bool_or(marked) as webhooks, min(txid) as as_of, jsonb_agg(data order by txid, position) as ds
+        from (
+            select txid, position, data, marked,
+                   count(*) filter (where changed) over (order by txid, position) as run_number
+            from (
+                select txid, position, data, marked,
+                       (marked, epoch) is distinct from lag((marked, epoch)) over (order by txid, position) as changed
+                from (
+                    select e.txid, e.position, e.data, coalesce((e.metadata->>'webhooks')::boolean, false) as marked,
+                           (select count(*) from directory_history as h where h.txid <= e.txid) as epoch
+                    from events as e
+                    where (e.txid, e.position) > (cp.last_txid, cp.last_position)
+                      and (e.txid, e.position) <= (next_txid, next_position)
+                      and e.type = 'UsageRecorded'
+                ) as e
+            ) as e
+        ) as e
+        group by run_number
+        order by run_number
+    loop
+        perform sl_webhook_run(r.ds, ctx || jsonb_build_object('as_of', r.as_of::text), r.webhooks);
+    end loop;
+    update projection_checkpoints
+    set last_txid = next_txid, last_position = next_position, updated_at = now()
+    where name = 'webhooks';
+    -- Every event still to follow is after next_txid: what changed before it is needed no more.
+    delete from directory_history where txid <= next_txid;
+    return n;
+end $$;
+
+-- The follower starts where the log ends now, from the spend the projections count: settles wait
+-- for the lock, so both count exactly the events before the checkpoint.
+lock table events in share mode;
+insert into webhook_spend (scope, scope_id, period_start, spent)
+select scope, scope_id, '-infinity', spend from spend_totals where scope <> 'model'
+union all
+select scope, scope_id, period_start, spent from budget_usage where spent <> 0;
+insert into projection_checkpoints (name, last_txid, last_position)
+values ('webhooks',
+        coalesce((select txid from events order by txid desc, position desc limit 1), '0'),
+        coalesce((select position from events order by txid desc, position desc limit 1), 0));
+
+-- Record one request: its event (marked for the webhook follower when ctx.webhooks), its Lago
+-- row, its lifetime totals, then its shared rows in the global order (budget periods and the
+-- hold or lease it draws from, rate window, in-flight count). Returns the key's new lifetime spend.
+create or replace function sl_record_usage(d jsonb, meta jsonb, ctx jsonb, outbox_rows jsonb) returns numeric
+language plpgsql as $$
+declare
+    call text := d->>'call_id';
+    cost numeric := (d->>'cost')::numeric;
+    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);
+    h holds;
+    w record;
+    key_spend numeric;
+begin
+    perform sl_customer_first_seen(d->>'customer_id', ctx->>'default_budget_id', meta);
+    delete from holds where call_id = call returning * into h;
+    if not found and meta ? 'lease' then  -- admitted under a lease: draw the cost from it
+        update holds set amount = greatest(amount - cost, 0) where call_id = meta->>'lease'
+        returning call, cost, budget_rows, '[]'::jsonb, '[]'::jsonb, expires_at, created_at into h;
+    end if;
+    insert into events (stream, version, type, data, metadata)
+    values ('request:' || call, 1, 'UsageRecorded', d,
+            case when webhooks then meta || '{"webhooks": true}' else meta end);
+    insert into outbox (sink, dedupe_key, payload, state, call_id)
+    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', call
+    from jsonb_array_elements(outbox_rows) as o;
+    with up as (
+        insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
+        select s.scope, s.scope_id, cost, 1, (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint,
+               (d->>'ended_at')::timestamptz
+        from sl_usage_scopes(d) as s
+        order by s.scope, s.scope_id
+        on conflict (scope, scope_id) do update set
+            spend = t.spend + excluded.spend,
+            requests = t.requests + excluded.requests,
+            input_tokens = t.input_tokens + excluded.input_tokens,
+            output_tokens = t.output_tokens + excluded.output_tokens,
+            last_at = greatest(t.last_at, excluded.last_at)
+        returning t.scope, t.spend
+    )
+    select up.spend into key_spend from up where up.scope = 'key';
+    for w in
+        with budget as (
+            select r->>0 as scope, r->>1 as scope_id, (r->>2)::timestamptz as period,
+                   cost as spent, 0::numeric as held
+            from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+            union all
+            select r->>0, r->>1, (r->>2)::timestamptz, 0, h.amount
+            from jsonb_array_elements(coalesce(h.budget_rows, '[]')) as r
+        ), shared as (
+            select scope, scope_id, 0 as kind, period, sum(spent) as spent, sum(held) as held,
+                   0::bigint as tokens
+            from budget group by scope, scope_id, period
+            union all
+            select r->>0, r->>1, 1, null, 0, 0, (d->>'total_tokens')::bigint
+            from jsonb_array_elements(coalesce(h.tpm_rows, '[]')) as r
+            union all
+            select r->>0, r->>1, 2, null, 0, 0, 0
+            from jsonb_array_elements(coalesce(h.parallel_rows, '[]')) as r
+        )
+        select * from shared order by sl_scope_rank(scope), scope_id, kind, period
+    loop
+        if w.kind = 0 then
+            insert into budget_usage as b (scope, scope_id, period_start, spent)
+            values (w.scope, w.scope_id, w.period, w.spent)
+            on conflict (scope, scope_id, period_start) do update
+            set spent = b.spent + excluded.spent, held = greatest(b.held - w.held, 0);
+        elsif w.kind = 1 then
+            insert into rate_usage as u (scope, scope_id, window_start, tokens)
+            values (w.scope, w.scope_id, date_trunc('minute', now()), w.tokens)
+            on conflict (scope, scope_id, window_start) do update set tokens = u.tokens + excluded.tokens;
+        else
+            update in_flight set count = greatest(count - 1, 0) where scope = w.scope and scope_id = w.scope_id;
+        end if;
+    end loop;
+    if coalesce((ctx->>'notify')::boolean, true) and (webhooks or jsonb_array_length(outbox_rows) > 0) then
+        perform pg_notify('sl_outbox', '');
+    end if;
+    return trim_scale(key_spend);
+end $$;
+
+-- Superseded: the follower writes a lone request's webhook rows as a batch's.
+drop function sl_usage_webhooks(jsonb, jsonb, jsonb);
+"""
+
+DOWNGRADE = """
+drop function sl_follow_webhooks(integer, jsonb);
+drop function sl_webhook_run(jsonb, jsonb, boolean);
+drop function sl_webhook_scopes(jsonb);
+drop table webhook_spend;
+delete from projection_checkpoints where name = 'webhooks';
+drop trigger sl_directory_history on keys;
+drop trigger sl_directory_history on users;
+drop trigger sl_directory_history on teams;
+drop trigger sl_directory_history on customers;
+drop trigger sl_directory_history on budgets;
+drop function sl_remember_directory_changes();
+drop function sl_directory_history();
+"""
+# After the old sl_settle_values is back (it no longer calls them).
+DROP_AS_OF = """
+drop function sl_request_scopes_as_of(jsonb);
+drop function sl_directory_row(text, text, xid8);
+drop table directory_history;
+"""
+
+# The webhook rows' limits: as the directory was where the run of events stands in the log.
+SETTLE_VALUES_EDIT = ("sl_request_scopes(ctx || jsonb_build_object(", "sl_request_scopes_as_of(ctx || jsonb_build_object(")
+REVISION_0007 = Path(__file__).with_name("0007_webhook_rows_in_one_statement.py")
+
+# sl_record_usages (the batch) keeps 0011's definition with its webhook rows left to the follower:
+# it marks its events instead, and still counts the values forward for the key spends it returns.
+BATCH_EDITS = (
+    (
+        "    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);\n",
+        "    webhooks boolean := false;  -- the webhook rows follow the log (sl_follow_webhooks)\n"
+        "    marks jsonb := case when coalesce((ctx->>'webhooks')::boolean, false)\n"
+        "                   then '{\"webhooks\": true}' else '{}' end;\n",
+    ),
+    (
+        "'UsageRecorded', e.d, metas->(e.i::integer - 1)\n",
+        "'UsageRecorded', e.d, (metas->(e.i::integer - 1)) || marks\n",
+    ),
+    ("sl_settle_values(ds, ctx, ", "sl_settle_values(ds, ctx - 'webhooks', "),
+    (
+        "and (webhooks or jsonb_path_exists(outboxes, '$[*][*]')) then",
+        "and (marks <> '{}' or jsonb_path_exists(outboxes, '$[*][*]')) then",
+    ),
+)
+EDIT_COUNTS = (1, 1, 2, 1)
+GENERIC_PLANS = [
+    "alter function sl_record_usages(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan",
+    "alter function sl_record_usage(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan",
+]
+
+
+def _settles_of_0011() -> tuple[str, str]:
+    definitions: tuple[str, str] = load_revision(Path(__file__).with_name("0011_budget_leases.py")).definitions()
+    return definitions
+
+
+def _batch() -> str:
+    batch, _ = _settles_of_0011()
+    for (old, new), count in zip(BATCH_EDITS, EDIT_COUNTS, strict=True):
+        assert batch.count(old) == count, f"0011's sl_record_usages has {old!r} {count} time(s)"
+        batch = batch.replace(old, new)
+    return batch
+
+
+def _settle_values_of_0007() -> str:
+    (settle_values,) = definitions_in_revision(REVISION_0007, "sl_settle_values")
+    return settle_values
+
+
+def upgrade() -> None:
+    bind = op.get_bind()
+    execute_script(bind, UPGRADE)
+    old, new = SETTLE_VALUES_EDIT
+    settle_values = _settle_values_of_0007()
+    assert settle_values.count(old) == 1, "0007's sl_settle_values resolves its scopes once"
+    bind.exec_driver_sql(settle_values.replace(old, new))
+    bind.exec_driver_sql(_batch())
+    for statement in GENERIC_PLANS:  # create or replace resets a function's settings
+        bind.exec_driver_sql(statement)
+
+
+def downgrade() -> None:
+    bind = op.get_bind()
+    execute_script(bind, DOWNGRADE)
+    (webhooks,) = definitions_in_revision(Path(__file__).with_name("0010_settle_one_request.py"), "sl_usage_webhooks")
+    bind.exec_driver_sql(webhooks)
+    for statement in _settles_of_0011():
+        bind.exec_driver_sql(statement)
+    for statement in GENERIC_PLANS:
+        bind.exec_driver_sql(statement)
+    bind.exec_driver_sql(_settle_values_of_0007())
+    execute_script(bind, DROP_AS_OF)
