@@ -29,7 +29,7 @@ BACKOFF_BASE_S: Final = 1.0
 BACKOFF_CAP_S: Final = 300.0
 # How long a publisher woken from idle lets rows gather before it claims: a trickle of requests
 # then costs one claim/mark transaction per batch rather than per row, for at most this much more
-# delivery lag (none under load: a busy publisher does not wait).
+# delivery lag (none under load: a sweep that found a full batch goes again at once).
 DEFAULT_LINGER_S: Final = 0.05
 # While the sink refuses our credentials, probe again at this pace: nothing is lost meanwhile.
 UNAUTHORIZED_RETRY_S: Final = 30.0
@@ -102,10 +102,10 @@ class Publisher:
         sinks: Sequence[Sink],
         idle_wait_s: float = 1.0,
         linger_s: float = DEFAULT_LINGER_S,
-        feeders: Sequence[Callable[[], Awaitable[int]]] = (),
+        feeders: Sequence[Callable[[], Awaitable[bool]]] = (),
     ):
         self._pool = pool
-        self._feeders = list(feeders)  # each writes rows into the outbox (how many events it read)
+        self._feeders = list(feeders)  # each writes rows into the outbox; True: more may be waiting
         self._database_url = database_url
         self._sinks = list(sinks)
         self._idle_wait_s = idle_wait_s
@@ -120,10 +120,13 @@ class Publisher:
         try:
             while True:
                 self._wake.clear()  # before the sweep: a NOTIFY during it must wake the next wait
-                busy = await self._feed()
+                # Only a full batch says more is waiting. After a partial one the publisher waits for
+                # the next NOTIFY and lingers: going again at once would send a trickle row by row,
+                # one claim, mark and follow transaction each, on the cores the requests need.
+                more = await self._feed()
                 for sink in self._sinks:
                     try:
-                        busy |= await self.publish_once(sink) > 0
+                        more |= await self.publish_once(sink) >= sink.batch_size
                     except (asyncpg.PostgresConnectionError, OSError):
                         pass  # the database is away: the rows wait, we poll again
                     except Exception as exc:  # a bug must not stop delivery for good
@@ -131,7 +134,7 @@ class Publisher:
                         self.health[sink.name].last_error = f"publisher error: {type(exc).__name__}"
                         log.exception("outbox_publisher_error", sink=sink.name)
                         await asyncio.sleep(self._idle_wait_s)
-                if not busy:
+                if not more:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._idle_wait_s)
                     if self._wake.is_set() and self._linger_s > 0:
@@ -142,16 +145,16 @@ class Publisher:
 
     async def _feed(self) -> bool:
         """Run the feeders before the sinks claim (the webhook follower writes the rows they send);
-        whether any had work."""
-        busy = False
+        whether any may have more to do."""
+        more = False
         for feeder in self._feeders:
             try:
-                busy |= await feeder() > 0
+                more |= await feeder()
             except (asyncpg.PostgresConnectionError, OSError):
                 pass  # the database is away: the log waits, we poll again
             except Exception:  # a bug must not stop delivery of what is already queued
                 log.exception("outbox_feeder_error")
-        return busy
+        return more
 
     async def _listen(self) -> asyncpg.Connection | None:
         try:

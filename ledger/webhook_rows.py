@@ -48,5 +48,6 @@ class WebhookFollower:
         self._context = context
         self._batch = batch
 
-    async def __call__(self) -> int:
-        return await follow_webhooks(self._pool, self._context, self._batch)
+    async def __call__(self) -> bool:
+        """Follow one batch; True if it was full (more may be waiting)."""
+        return await follow_webhooks(self._pool, self._context, self._batch) >= self._batch

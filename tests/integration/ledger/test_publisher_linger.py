@@ -71,3 +71,57 @@ async def test_a_trickle_is_sent_in_one_batch_after_the_linger(
         assert sink.batches == [5]
     else:
         assert len(sink.batches) > 1  # without the linger, each wake-up sends what is there
+
+
+class ArrivalDuringSendSink(CountingSink):
+    """Records when each batch is handed over; while sending the first, one more row arrives."""
+
+    batch_size = 3
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.times: list[float] = []
+
+    async def deliver(self, rows: Sequence[Claimed]) -> Delivery:
+        self.times.append(asyncio.get_running_loop().time())
+        if len(self.times) == 1:
+            await trickle(self.pool, rows=1, gap_s=0)
+        return await super().deliver(rows)
+
+
+async def run_until_delivered(pool: asyncpg.Pool, publisher: Publisher, rows: int) -> None:
+    task = asyncio.create_task(publisher.run())
+    try:
+        for _ in range(400):
+            if await pool.fetchval("select count(*) from outbox where state = 'delivered'") == rows:
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    raise AssertionError(f"not delivered: {publisher.health}")
+
+
+@pytest.mark.parametrize(("waiting", "full"), [(1, False), (3, True)])
+async def test_only_a_full_batch_sends_the_publisher_straight_back(
+    pool: asyncpg.Pool, database_url: str, waiting: int, full: bool
+) -> None:
+    """After a partial batch, a row that came in during the send waits for the linger like any
+    other trickle; after a full batch, more is likely waiting and the publisher goes at once."""
+    await pool.execute(
+        "insert into outbox (sink, dedupe_key, payload) select 'webhook', 'waiting-' || g, '{}' "
+        "from generate_series(1, $1) g",
+        waiting,
+    )
+    sink = ArrivalDuringSendSink(pool)
+    linger_s = 1.0
+    publisher = Publisher(pool, database_url, [sink], idle_wait_s=5.0, linger_s=linger_s)
+    await run_until_delivered(pool, publisher, waiting + 1)
+    assert sink.batches == [waiting, 1]
+    gap = sink.times[1] - sink.times[0]
+    if full:
+        assert gap < linger_s
+    else:
+        assert gap >= linger_s

@@ -15,7 +15,7 @@ import asyncpg
 from ledger.directory import update_customer
 from ledger.events import CustomerUpdated
 from ledger.usage import NO_CONTEXT, Recording, RecordingContext, record_usages
-from ledger.webhook_rows import catch_up_webhooks, follow_webhooks
+from ledger.webhook_rows import WebhookFollower, catch_up_webhooks, follow_webhooks
 from tests.integration.ledger.test_settle_batches import budgeted, recordings
 
 WEBHOOKS = RecordingContext(webhooks=True)
@@ -202,3 +202,17 @@ async def test_only_one_follower_works_at_a_time(pool: asyncpg.Pool, database_ur
     finally:
         await holder.close()
     assert await follow_webhooks(pool, WEBHOOKS) > 0
+
+
+async def test_the_publishers_feeder_says_more_may_wait_only_after_a_full_batch(pool: asyncpg.Pool) -> None:
+    await catch_up_webhooks(pool, WEBHOOKS)  # what other tests left
+    await budgeted(pool, "feed", "100")
+    await record_usages(pool, await recordings(pool, "feed", ["0.1"] * 5), WEBHOOKS)
+    unread = await pool.fetchval(
+        "select count(*) from events e, projection_checkpoints c where c.name = 'webhooks' "
+        "and (e.txid, e.position) > (c.last_txid, c.last_position)"
+    )
+    feeder = WebhookFollower(pool, WEBHOOKS, batch=3)
+    answers = [await feeder() for _ in range(unread // 3 + 1)]
+    assert answers == [True] * (unread // 3) + [False]  # True after each full batch only
+    assert len([w for w in await rows(pool) if w["call_id"].startswith("feed-")]) == 5
