@@ -1059,11 +1059,12 @@ def describe(args: argparse.Namespace) -> str:
         "generated key; the body names a customer with a budget of 1,000,000 (admission holds on it — from a "
         "budget lease after the first request — and each settle draws from the hold); "
         + ("`callbacks: [\"lago\"]` and `alerting: [\"webhook\"]` (signed) are on, so every request appends a "
-           "UsageRecorded and two outbox rows, which " if not args.no_webhooks else
+           "UsageRecorded with its Lago row, and the webhook follower of the log writes its `spend_tracked` "
+           "row just after; " if not args.no_webhooks else
            "`callbacks: [\"lago\"]` is on and the webhook sink off (`--no-webhooks`), so every request appends a "
-           "UsageRecorded and one outbox row, which ")
-        + ("a `spendledger publish` process beside the server (`serve --no-publisher`) delivers."
-           if args.publisher == "separate" else "the publisher in the serving process delivers.")
+           "UsageRecorded and one outbox row; ")
+        + ("a `spendledger publish` process beside the server (`serve --no-publisher`) delivers them."
+           if args.publisher == "separate" else "the publisher in the serving process delivers them.")
         + litellm
         + f" Load: `wrk -t1 -c64|-c1 -d{args.duration:g}s --timeout {WRK_TIMEOUT} -s scripts/bench/post.lua`, "
         f"the same POST /chat/completions body (model, user, max_tokens 64, two messages) for all; after a "
