@@ -4,8 +4,10 @@ the event's outbox rows — `spend_tracked` and each budget line it crossed — 
 `sl_follow_webhooks` reads the next usage events after its checkpoint, in log order and only below
 the snapshot's xmin, counts their spend forward in its own running totals, writes their rows and
 moves the checkpoint, in one transaction: every event gets its rows exactly once, across crashes and
-any number of followers (one works at a time; the others find the checkpoint taken). The publishers
-follow before each sweep (`Publisher(feeders=…)`), so the rows are claimed in the same sweep.
+any number of followers (one works at a time; the others find the checkpoint taken). Crossings are
+judged against the limits in force where each event stands in the log (the directory's history,
+kept by triggers). The publishers follow before each sweep (`Publisher(feeders=…)`), so the rows
+are claimed in the same sweep.
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 A settle wrote its request's webhook rows itself (`spend_tracked`, and a row for each budget line
 the request crossed), from the spend of its scopes read without locks and read again if another
-process had settled in between: about a quarter of a lone request's settle in PostgreSQL, on the
-path of every response. Now the settle only marks its event (`"webhooks": true` in the metadata,
-when `ctx.webhooks` asks) and a follower of the log writes the rows, as the daily spend is kept
-(0004): the next events after its checkpoint, in (txid, position) order and only below the
-snapshot's xmin, in one transaction with the checkpoint, so every event's rows are written exactly
-once across crashes and any number of followers (the checkpoint row is taken with SKIP LOCKED).
+process had settled in between: on the path of every response. Now the settle only marks its
+event (`"webhooks": true` in the metadata, when `ctx.webhooks` asks) and a follower of the log
+writes the rows, as the daily spend is kept (0004): the next events after its checkpoint, in
+(txid, position) order and only below the snapshot's xmin, in one transaction with the
+checkpoint, so every event's rows are written exactly once across crashes and any number of
+followers (the checkpoint row is taken with SKIP LOCKED).
 The publishers run it before they claim webhook rows (ledger/webhook_rows.py).
 
 The rows are those the settle wrote (the one statement of 0007, `sl_settle_values`), from the
@@ -16,6 +16,12 @@ counted in the order it follows the log), so each line is crossed by exactly one
 `total_spend` climbs request by request. Events not marked (webhooks off when they were settled)
 are counted and get no rows. At upgrade the running spend starts from the projections, with the
 log locked so that they count exactly the events before the checkpoint.
+
+A request crosses a line against the limits in force where its event stands in the log, as the
+settle did against those it read: triggers keep each key, user, team, customer and budget row as it
+was before a change or delete (`directory_history`, with the changing transaction's txid), and the
+follower reads the directory as of each run of events (`sl_request_scopes_as_of`, used by
+`sl_settle_values`: a run never spans a change), then deletes the history it has passed.
 
 Revision ID: 0012
 Revises: 0011
