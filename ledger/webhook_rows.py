@@ -12,7 +12,7 @@ are claimed in the same sweep.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 import msgspec
@@ -30,6 +30,18 @@ async def follow_webhooks(
     """Write the webhook rows of one batch of events; the events read (0: caught up, -1: another
     process follows). `context` gives the default and global budgets, as a settle's does."""
     return int(await conn.fetchval("select sl_follow_webhooks($1, $2::jsonb)", batch, _json.encode(context).decode()))
+
+
+async def webhook_follower_lag(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, Any]:
+    """How far the follower is behind: the marked events it has not read yet, and when it last moved."""
+    row = await conn.fetchrow(
+        "select c.updated_at, (select count(*) from events e where (e.txid, e.position) > "
+        "(c.last_txid, c.last_position) and e.metadata ? 'webhooks') as behind "
+        "from projection_checkpoints c where c.name = 'webhooks'"
+    )
+    if row is None:
+        return {"events_behind": 0, "followed_at": None}
+    return {"events_behind": row["behind"], "followed_at": row["updated_at"].isoformat()}
 
 
 async def catch_up_webhooks(

@@ -12,6 +12,7 @@ from api.jsonio import json_response
 from api.metrics import observe_status
 from api.services import Services, services_of
 from ledger.outbox import outbox_status, retry_dead_letters
+from ledger.webhook_rows import webhook_follower_lag
 
 
 class RetryRequest(msgspec.Struct, kw_only=True):
@@ -40,6 +41,8 @@ async def get_outbox_status(request: Request[Any, Any, Any]) -> Response[Any]:
     services = services_of(request)
     status = await outbox_status(services.pool)
     observe_status(status)
+    if services.settings.webhook is not None:  # its rows are written by the follower, after the log
+        status["webhook_follower"] = await webhook_follower_lag(services.pool)
     return json_response({**status, "publisher": publisher_health(services)})
 
 

@@ -103,6 +103,7 @@ def test_each_customer_request_becomes_one_lago_event_and_usage_without_customer
         )
         status = outbox_status(server.base_url)
         assert status["dead_letters"] == []
+        assert "webhook_follower" not in status  # no webhooks: nothing follows the log for them
         assert status["publisher"]["lago"]["state"] == "ok"
         assert status["publisher"]["lago"]["last_delivery_at"] is not None
     ledger = assert_lago_exactly_once(lago, database_url, expected=20)
@@ -586,6 +587,7 @@ def test_webhooks_spend_tracked_signed_exactly_once_and_each_budget_crossing_onc
 
         total = wait_webhooks_delivered(database_url, receiver)
         receiver.app.verify(WEBHOOK_SECRET)
+        assert outbox_status(url)["webhook_follower"]["events_behind"] == 0
     crossings = [p for p in receiver.app.delivered_payloads() if p["event"] != "spend_tracked"]
     by_id = {p["event_id"]: p for p in crossings if p["customer_id"] == "wh-budget"}
     assert sorted(by_id) == [

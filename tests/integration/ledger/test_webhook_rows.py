@@ -15,7 +15,7 @@ import asyncpg
 from ledger.directory import update_customer
 from ledger.events import CustomerUpdated
 from ledger.usage import NO_CONTEXT, Recording, RecordingContext, record_usages
-from ledger.webhook_rows import WebhookFollower, catch_up_webhooks, follow_webhooks
+from ledger.webhook_rows import WebhookFollower, catch_up_webhooks, follow_webhooks, webhook_follower_lag
 from tests.integration.ledger.test_settle_batches import budgeted, recordings
 
 WEBHOOKS = RecordingContext(webhooks=True)
@@ -216,3 +216,15 @@ async def test_the_publishers_feeder_says_more_may_wait_only_after_a_full_batch(
     answers = [await feeder() for _ in range(unread // 3 + 1)]
     assert answers == [True] * (unread // 3) + [False]  # True after each full batch only
     assert len([w for w in await rows(pool) if w["call_id"].startswith("feed-")]) == 5
+
+
+async def test_the_lag_counts_the_marked_events_not_yet_followed(pool: asyncpg.Pool) -> None:
+    await catch_up_webhooks(pool, WEBHOOKS)
+    await budgeted(pool, "lagging", "100")
+    batch = await recordings(pool, "lagging", ["0.1"] * 4)
+    await record_usages(pool, batch[:3], WEBHOOKS)
+    await record_usages(pool, batch[3:], NO_CONTEXT)  # not marked: nothing to write for it
+    assert (await webhook_follower_lag(pool))["events_behind"] == 3
+    await catch_up_webhooks(pool, WEBHOOKS)
+    lag = await webhook_follower_lag(pool)
+    assert lag["events_behind"] == 0 and lag["followed_at"] is not None
