@@ -24,6 +24,18 @@ class CountingSink:
         return Delivery(delivered=[row.id for row in rows])
 
 
+async def delivered_rows(pool: asyncpg.Pool, expected: int, timeout_s: float = 10.0) -> int:
+    """The rows marked delivered (and committed, not only handed to the sink), once `expected` or
+    at the timeout."""
+    delivered = 0
+    for _ in range(int(timeout_s / 0.05)):
+        delivered = await pool.fetchval("select count(*) from outbox where state = 'delivered'")
+        if delivered == expected:
+            break
+        await asyncio.sleep(0.05)
+    return int(delivered)
+
+
 async def trickle(pool: asyncpg.Pool, rows: int, gap_s: float) -> None:
     for i in range(rows):
         await pool.execute(
@@ -55,12 +67,7 @@ async def test_a_trickle_is_sent_in_one_batch_after_the_linger(
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
         await trickle(pool, rows=5, gap_s=gap_s)
-        delivered = 0
-        for _ in range(200):  # marked and committed, not only handed to the sink
-            delivered = await pool.fetchval("select count(*) from outbox where state = 'delivered'")
-            if delivered == 5:
-                break
-            await asyncio.sleep(0.05)
+        delivered = await delivered_rows(pool, 5)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -93,15 +100,12 @@ class ArrivalDuringSendSink(CountingSink):
 async def run_until_delivered(pool: asyncpg.Pool, publisher: Publisher, rows: int) -> None:
     task = asyncio.create_task(publisher.run())
     try:
-        for _ in range(400):
-            if await pool.fetchval("select count(*) from outbox where state = 'delivered'") == rows:
-                return
-            await asyncio.sleep(0.05)
+        delivered = await delivered_rows(pool, rows, timeout_s=20)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    raise AssertionError(f"not delivered: {publisher.health}")
+    assert delivered == rows, publisher.health
 
 
 @pytest.mark.parametrize(("waiting", "full"), [(1, False), (3, True)])
