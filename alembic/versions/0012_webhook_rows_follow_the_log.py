@@ -249,7 +249,8 @@ begin
     update projection_checkpoints
     set last_txid = next_txid, last_position = next_position, updated_at = now()
     where name = 'webhooks';
-    -- Every event still to follow is after next_txid: what changed before it is needed no more.
+    -- Every event still to follow has a txid >= next_txid and needs only the changes of later
+    -- transactions: the history up to next_txid (all committed, as it is below the xmin) can go.
     delete from directory_history where txid <= next_txid;
     return n;
 end $$;
