@@ -202,6 +202,7 @@ declare
     n integer;
     next_txid xid8;
     next_position bigint;
+    changes xid8[];
 begin
     select * into cp from projection_checkpoints where name = 'webhooks' for update skip locked;
     if not found then
@@ -221,8 +222,11 @@ begin
         return 0;
     end if;
     -- Every transaction below the xmin read above is over: no event can appear in this range now.
-    -- A run: events of the same mark with no directory change between them in the log (`epoch`),
-    -- so one set of limits holds for the whole run (sl_request_scopes_as_of).
+    -- A run: events of the same mark with no directory change between them in the log (`epoch`:
+    -- the changes in this range up to the event), so one set of limits holds for the whole run
+    -- (sl_request_scopes_as_of).
+    select array_agg(distinct h.txid) into changes
+    from directory_history as h where h.txid > cp.last_txid and h.txid <= next_txid;
     for r in
         select bool_or(marked) as webhooks, min(txid) as as_of, jsonb_agg(data order by txid, position) as ds
         from (
@@ -233,7 +237,7 @@ begin
                        (marked, epoch) is distinct from lag((marked, epoch)) over (order by txid, position) as changed
                 from (
                     select e.txid, e.position, e.data, coalesce((e.metadata->>'webhooks')::boolean, false) as marked,
-                           (select count(*) from directory_history as h where h.txid <= e.txid) as epoch
+                           (select count(*) from unnest(changes) as c where c <= e.txid) as epoch
                     from events as e
                     where (e.txid, e.position) > (cp.last_txid, cp.last_position)
                       and (e.txid, e.position) <= (next_txid, next_position)
