@@ -34,6 +34,12 @@ OUTBOX_DEAD: Final = Counter(
 OUTBOX_RETRIES: Final = Counter(
     "spendledger_outbox_retries_total", "Outbox deliveries to retry later", ["sink"]
 )
+OUTBOX_ROW_FAILURES: Final = Counter(
+    "spendledger_outbox_row_failures_total",
+    "Outbox rows that failed on their own (an exception building or sending the row, not the receiver's "
+    "answer): retried with backoff, dead letters after ledger.outbox.MAX_OWN_FAILURES",
+    ["sink", "error_type"],
+)
 SINK_UNAUTHORIZED: Final = Gauge(
     "spendledger_sink_unauthorized", "1 while a sink refuses our credentials (deliveries wait)", ["sink"]
 )
@@ -64,6 +70,8 @@ def observe_delivery(sink: str, rows: Sequence[Claimed], delivery: Delivery) -> 
     OUTBOX_DELIVERED.labels(sink).inc(len(delivery.delivered))
     OUTBOX_DEAD.labels(sink).inc(len(delivery.dead))
     OUTBOX_RETRIES.labels(sink).inc(len(delivery.retry))
+    for error_type in delivery.failed.values():
+        OUTBOX_ROW_FAILURES.labels(sink, error_type).inc()
     SINK_UNAUTHORIZED.labels(sink).set(1 if delivery.unauthorized else 0)
 
 

@@ -15,6 +15,7 @@ from ledger.config import Settings
 from ledger.events import UsageRecorded
 from ledger.outbox import OutboxRow, Publisher, Sink, outbox_status
 from ledger.sinks.lago import LagoSink, lago_row
+from ledger.sinks.webhook import NAME as WEBHOOK
 from ledger.sinks.webhook import WebhookSink
 from ledger.usage import RecordingContext
 from ledger.webhook_rows import WebhookFollower
@@ -55,8 +56,13 @@ class PublisherRunner:
     def __init__(self, pool: asyncpg.Pool, database_url: str, settings: Settings, deliver: bool = True) -> None:
         self._client = pooled_client(100)
         self.sinks = build_sinks(settings, self._client)
-        # The webhook rows follow the log: the publisher writes them before it claims them.
-        feeders = [WebhookFollower(pool, recording_context(settings))] if settings.webhook is not None else []
+        # The webhook rows follow the log: the webhook sink's loop writes them before it claims them
+        # (on its own loop: a slow follower or receiver does not hold Lago's rows back).
+        feeders = (
+            {WEBHOOK: [WebhookFollower(pool, recording_context(settings))]}
+            if settings.webhook is not None
+            else {}
+        )
         self.publisher = Publisher(pool, database_url, self.sinks, feeders=feeders)
         self.publisher.on_delivered.append(observe_delivery)
         self._pool = pool

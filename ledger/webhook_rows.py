@@ -6,8 +6,9 @@ the snapshot's xmin, counts their spend forward in its own running totals, write
 moves the checkpoint, in one transaction: every event gets its rows exactly once, across crashes and
 any number of followers (one works at a time; the others find the checkpoint taken). Crossings are
 judged against the limits in force where each event stands in the log (the directory's history,
-kept by triggers). The publishers follow before each sweep (`Publisher(feeders=…)`), so the rows
-are claimed in the same sweep.
+kept by triggers). Each publisher follows on its webhook sink's loop, before each claim
+(`Publisher(feeders={"webhook": […]})`), so the rows are claimed in the same sweep, and a follower
+that is slow holds back no other sink.
 """
 
 from __future__ import annotations

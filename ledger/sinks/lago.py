@@ -7,6 +7,9 @@
   dead letters. The rest are re-sent at once, without them.
 - 401/403: our key is refused — nothing is lost, delivery waits and says so (logs, health, metrics).
 - 429, 5xx, timeouts, connection errors: retried later with backoff and jitter (`Retry-After` honoured).
+
+Any other exception out of a batch's send is caught by the publisher, which then sends each row
+alone, so that it fails only the row that causes it (ledger/outbox.py).
 """
 
 from __future__ import annotations
@@ -111,8 +114,7 @@ class LagoSink:
                         return delivery
                     # Not keyed by index: isolate the culprit by sending one event at a time.
                     for row in pending:
-                        single = await self.deliver([row])
-                        _merge(delivery, single)
+                        delivery.merge(await self.deliver([row]))
                     return delivery
                 resend = []
                 for index, row in enumerate(pending):
@@ -134,14 +136,6 @@ class LagoSink:
         for row in rows:
             delivery.retry[row.id] = error
         return delivery
-
-
-def _merge(into: Delivery, part: Delivery) -> None:
-    into.delivered += part.delivered
-    into.dead |= part.dead
-    into.retry |= part.retry
-    into.unauthorized |= part.unauthorized
-    into.retry_after_s = part.retry_after_s or into.retry_after_s
 
 
 def _retry_after(response: httpx.Response) -> float | None:

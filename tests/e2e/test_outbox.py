@@ -279,23 +279,17 @@ def test_publisher_killed_between_send_and_mark_resends_and_lago_dedupes(
         first.process.kill()
         first.process.wait()
     assert first.process.returncode == -signal.SIGKILL
-    # Its transaction died with its connection: the rows are unlocked, unmarked and due.
-    assert wait_until(
-        lambda: (
-            len(
-                query(
-                    database_url,
-                    "select id from outbox where sink = 'lago' and state = 'pending' "
-                    "and next_attempt_at <= now() for update skip locked",
-                )
-            )
-            == 10
-        ),
-        15,
+    # It held no transaction: its claim outlives it as a lease. The rows are pending and unmarked,
+    # out of the due set until the lease passes (test_publisher_leases.py waits one out).
+    leased = query(
+        database_url,
+        "select id from outbox where sink = 'lago' and state = 'pending' and next_attempt_at > now()",
     )
+    assert len(leased) == 10
     after = {r["call_id"]: r["attempts"] for r in query(database_url, "select call_id, attempts from outbox")}
     assert after == before
     lago.app.delay_s = 0.0
+    make_due(database_url)  # stands for the lease passing
     with run_publisher(config, database_url, lago_env(lago.base_url)) as second:
         assert wait_until(lambda: db_counts(database_url) == {"delivered": 10}, 30), second.log()
     assert [r.status for r in lago.app.event_requests()] == [200, 422]
