@@ -14,6 +14,7 @@ from litestar import Litestar
 from litestar.openapi.config import OpenAPIConfig
 
 from api.errors import exception_handlers
+from api.json_body import BoundedJsonRequest
 from api.keycache import KeyCache
 from api.publishing import PublisherRunner, recording_context
 from api.routes import audit, budgets, customers, export, health, keys, outbox, proxy, spend, teams, users
@@ -124,6 +125,7 @@ def create_app(
         ],
         lifespan=[lifespan],
         exception_handlers=dict(exception_handlers),
+        request_class=BoundedJsonRequest,  # JSON bodies nested too deeply are a 400
         request_max_body_size=settings.max_request_size_bytes,
         openapi_config=OpenAPIConfig(title="spendledger", version="0.1.0"),
         debug=False,

@@ -103,6 +103,7 @@ def _migrate(url: str) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from api import http_protocol
     from api.app import startup_warnings
     from ledger.pricing import PriceBook
 
@@ -126,7 +127,7 @@ def serve(args: argparse.Namespace) -> int:
             port=args.port,
             workers=args.workers,
             loop="uvloop",
-            http="httptools",
+            http=http_protocol.IMPORT_STRING,  # httptools, with its own 400 as a JSON error envelope
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=30,

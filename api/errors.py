@@ -16,10 +16,15 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from api.jsonio import json_response
 from ledger.config import ConfigError
+from ledger.db import database_unavailable
 from ledger.errors import AlreadyExists, InvalidCommand, LedgerError, NotFound
+from ledger.identifiers import ID_MAX_LENGTH, ID_RULE
 from ledger.store import ConcurrencyError
 
 log = structlog.get_logger(__name__)
+
+# How long a client should wait before retrying while the database is unreachable (seconds).
+LEDGER_RETRY_AFTER_S = 2
 
 
 class ApiError(Exception):
@@ -55,6 +60,9 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> Response[Any]:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code or type_}}
+    if type_ == "ledger_unavailable" and not any(name.lower() == "retry-after" for name in headers or {}):
+        # Every 503 of an unreachable ledger says when to retry, whichever code path raised it.
+        headers = {**(headers or {}), "retry-after": str(LEDGER_RETRY_AFTER_S)}
     return json_response(body, status, headers)
 
 
@@ -86,7 +94,7 @@ def _handle_conflict(_: Request[Any, Any, Any], exc: ConcurrencyError) -> Respon
     return error_response(409, message, "conflict_error", "conflict")
 
 
-def _handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+def _handle_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     param = None
     details = []
     for item in exc.extra or []:
@@ -94,9 +102,24 @@ def _handle_validation(_: Request[Any, Any, Any], exc: ValidationException) -> R
             key = item.get("key")
             if key and param is None:
                 param = str(key)
-            details.append(f"{item.get('key') or 'body'}: {item.get('message')}")
-    message = exc.detail if not details else f"{exc.detail}: " + "; ".join(details)
+            details.append(f"{item.get('key') or 'body'}: {_readable(str(item.get('message')))}")
+    where = exc.detail
+    if where.startswith("Validation failed for "):
+        # By method and path only: Litestar's own detail repeats the query string, whatever it holds.
+        where = f"Validation failed for {request.method} {request.url.path}"
+    message = where if not details else f"{where}: " + "; ".join(details)
     return error_response(400, message, "invalid_request_error", "invalid_request", param)
+
+
+# What msgspec says when a value breaks the id rule (ledger/identifiers.py): its bounds, its regex.
+_ID_VIOLATIONS = ("Expected `str` of length >= 1", f"Expected `str` of length <= {ID_MAX_LENGTH}")
+
+
+def _readable(message: str) -> str:
+    """An id's violation as the id rule, not as msgspec's bound or the regex it was checked with."""
+    if message.startswith("Expected `str` matching regex") or message in _ID_VIOLATIONS:
+        return f"Expected an id: {ID_RULE}"
+    return message
 
 
 _STATUS_TYPES = {
@@ -118,9 +141,29 @@ def _handle_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]
 def _handle_unstorable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """A value PostgreSQL refuses (NUL in text, a number out of range): the caller's input, not a 500."""
     log.warning("unstorable_input", path=request.url.path, error_type=type(exc).__name__)
-    # PostgreSQL's own messages name no values; asyncpg's client-side ones quote them: not echoed.
-    reason = str(exc) if isinstance(exc, asyncpg.PostgresError) else "a value is out of range"
+    # Only the server's own messages are echoed (they carry a severity): asyncpg raises the same
+    # class client-side for an argument it cannot encode, quoting the argument, whatever it holds.
+    from_server = isinstance(exc, asyncpg.PostgresError) and getattr(exc, "severity", None)
+    reason = str(exc) if from_server else "a value is out of range or of the wrong type"
     message = f"A value in the request cannot be stored: {reason}"
+    return error_response(400, message, "invalid_request_error", "invalid_request")
+
+
+def _handle_database_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """The database is down, restarting or out of connections: 503 with a retry-after, on any
+    route. The message names nothing of the database (its address may carry a password)."""
+    if not database_unavailable(exc):
+        return _handle_unexpected(request, exc)
+    log.error("ledger_unavailable", path=request.url.path, error_type=type(exc).__name__)
+    message = "The ledger database is unavailable; retry shortly"
+    return error_response(503, message, "ledger_unavailable")
+
+
+def _handle_recursion(request: Request[Any, Any, Any], exc: RecursionError) -> Response[Any]:
+    """Only a client's input nests deep enough to exhaust the stack (a JSON body decoded by
+    Litestar or msgspec): the caller's fault, never a 500."""
+    log.warning("input_nested_too_deeply", path=request.url.path)
+    message = "The request is nested too deeply to be read"
     return error_response(400, message, "invalid_request_error", "invalid_request")
 
 
@@ -140,5 +183,14 @@ exception_handlers: Mapping[Any, Any] = {
     # asyncpg's server-side data errors (class 22) and its client-side argument-encoding errors
     asyncpg.DataError: _handle_unstorable,
     asyncpg.exceptions._base.DataError: _handle_unstorable,
+    # Connection-level failures (the handler tells them from other errors of these classes).
+    OSError: _handle_database_error,
+    asyncpg.PostgresConnectionError: _handle_database_error,
+    asyncpg.InterfaceError: _handle_database_error,
+    asyncpg.CannotConnectNowError: _handle_database_error,
+    asyncpg.AdminShutdownError: _handle_database_error,
+    asyncpg.CrashShutdownError: _handle_database_error,
+    asyncpg.TooManyConnectionsError: _handle_database_error,
+    RecursionError: _handle_recursion,
     Exception: _handle_unexpected,
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import warnings
 from pathlib import Path
@@ -29,11 +30,100 @@ class EmbeddedDatabase:
         self.data_dir = data_dir.resolve()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs complains about XDG_RUNTIME_DIR: harmless
+            forget_dead_handles(self.data_dir)
             self._server: Any = pgserver.get_server(self.data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
         self.url: str = self._server.get_uri()
 
     def stop(self) -> None:
         self._server.cleanup()
+
+
+HANDLE_FILE: Final = ".handle_pids.json"
+
+
+def forget_dead_handles(data_dir: Path) -> list[int]:
+    """Drop the PIDs of processes that are gone from pgserver's list of the data directory's users.
+
+    pgserver keeps the PID of every process holding the server in `<data dir>/.handle_pids.json`
+    and stops PostgreSQL only when the last of them leaves. A process killed with SIGKILL never
+    leaves: its PID stayed there for good, so every later server thought another process still
+    used the database and left PostgreSQL running when it stopped. Done under pgserver's own lock,
+    before our PID is added. Returns the PIDs dropped.
+    """
+    from pgserver.postgres_server import PostgresServer
+
+    path = data_dir / HANDLE_FILE
+    with PostgresServer._lock:
+        try:
+            pids = json.loads(path.read_text())
+            written_at = path.stat().st_mtime
+        except (OSError, ValueError):
+            return []  # no list yet (or not one pgserver could read either): nothing to drop
+        if not isinstance(pids, list):
+            return []
+        alive = [pid for pid in pids if isinstance(pid, int) and _still_holds(pid, written_at)]
+        dropped = [pid for pid in pids if pid not in alive]
+        if dropped:
+            path.write_text(json.dumps(alive))
+            log.warning("embedded_postgres_dead_handles_dropped", pids=dropped)
+    return dropped
+
+
+# A process's start time is known to about a second (Linux counts it from a boot time in whole
+# seconds): only a process started clearly after the list was last written is taken for a reuse.
+_START_TIME_SLACK_S: Final = 2.0
+
+
+def _still_holds(pid: int, list_written_at: float) -> bool:
+    """Whether `pid` may still be the process that put itself on the list: it runs, is no zombie,
+    and was started before the list was last written (else the PID was reused by a newer process)."""
+    import psutil  # type: ignore[import-untyped]  # pgserver's own dependency; it has no stubs
+
+    try:
+        process = psutil.Process(pid)
+        started = process.create_time()
+        return bool(
+            process.status() != psutil.STATUS_ZOMBIE and started <= list_written_at + _START_TIME_SLACK_S
+        )
+    except psutil.Error:
+        return False
+
+
+# PostgreSQL errors that say the server cannot take us now, whatever the statement: starting up or
+# shutting down (57P01-57P03) and no connection slot left (53300).
+_SERVER_UNAVAILABLE: Final = (
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+# asyncpg's own InterfaceErrors for a connection or pool that is gone (others are usage errors: bugs).
+_LOST_CONNECTION_MESSAGES: Final = ("connection is closed", "pool is closing", "pool is closed")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached right now (down, restarting, refusing
+    connections, the connection lost) rather than that a statement is wrong: a 503 the client may
+    retry, not a 500."""
+    if isinstance(exc, (asyncpg.PostgresConnectionError, *_SERVER_UNAVAILABLE)):
+        return True
+    if type(exc) is asyncpg.InterfaceError:
+        return any(message in str(exc) for message in _LOST_CONNECTION_MESSAGES)
+    if isinstance(exc, OSError):
+        # Socket errors and connect timeouts (TimeoutError is an OSError) count when asyncpg raised
+        # them: an OSError of anything else is no news about the database.
+        return _raised_within(exc, "asyncpg")
+    return False
+
+
+def _raised_within(exc: BaseException, package: str) -> bool:
+    traceback = exc.__traceback__
+    while traceback is not None:
+        module = traceback.tb_frame.f_globals.get("__name__", "")
+        if module == package or str(module).startswith(package + "."):
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def resolve_data_dir(cli_value: str | None) -> Path:

@@ -17,9 +17,7 @@ ID_MAX_LENGTH: Final = 256
 # Any character but the C0 controls and DEL, and at least one that is not whitespace.
 ID_PATTERN: Final = r"^(?=.*\S)[^\x00-\x1f\x7f]+$"
 _ID: Final = re.compile(ID_PATTERN, re.DOTALL)
-ID_RULE: Final = (
-    f"1 to {ID_MAX_LENGTH} characters, not only whitespace, with no control characters"
-)
+ID_RULE: Final = f"1 to {ID_MAX_LENGTH} characters, not only whitespace, with no control characters"
 
 # For msgspec Structs (request bodies): a violation is a ValidationError naming the field.
 Identifier = Annotated[
@@ -30,3 +28,11 @@ Identifier = Annotated[
 def is_identifier(value: str) -> bool:
     """The same rule as `Identifier`, for values that do not come through a Struct (headers)."""
     return len(value) <= ID_MAX_LENGTH and _ID.match(value) is not None
+
+
+TEXT_MAX_LENGTH: Final = 1024
+# Free text that names something for people (aliases, emails, regions): not an id, so any
+# characters, but bounded — it is stored in rows and events and echoed in every answer about it.
+FreeText = Annotated[
+    str, Meta(max_length=TEXT_MAX_LENGTH, description=f"Free text, at most {TEXT_MAX_LENGTH} characters")
+]

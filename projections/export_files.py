@@ -28,18 +28,30 @@ def money_text(amount: Decimal) -> str:
     return format(amount, "f")
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (`=HYPERLINK(…)` in a
+# customer id would be a live link in the accountant's Excel): OWASP's CSV injection advice.
+FORMULA_PREFIXES: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def text_cell(text: str) -> str:
+    """Text as a spreadsheet shows it, never runs it: a leading formula character gets a `'` before it."""
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, Decimal):
-        return money_text(value)
+        return money_text(value)  # numbers (a negative one too) stay numbers
+    if isinstance(value, str):
+        return text_cell(value)  # ids and names come from clients
     return str(value)
 
 
 def write_csv(report: ReconciliationReport, stream: IO[str]) -> None:
     """Header, one line per row, and a final TOTAL line from the ledger's summary. A row with no
     id (usage without a customer, user or team) has an empty first cell; the TOTAL line is the one
-    with an empty period."""
+    with an empty period. Text cells that start like a formula are escaped (`text_cell`)."""
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(report.columns)
     for row in report.rows:

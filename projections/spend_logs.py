@@ -18,11 +18,17 @@ _COLUMNS: Final = (
 
 
 def day_range(start_date: date | None, end_date: date | None) -> tuple[datetime | None, datetime | None]:
-    """Inclusive calendar days (UTC) → a half-open instant range."""
+    """Inclusive calendar days (UTC) → a half-open instant range.
+
+    Any day a client can name is accepted: the last one there is (9999-12-31) ends no earlier than
+    everything recorded, so it leaves the range open instead of overflowing into the year 10000.
+    """
     from datetime import UTC
 
     start = datetime.combine(start_date, time.min, UTC) if start_date else None
-    end = datetime.combine(end_date + timedelta(days=1), time.min, UTC) if end_date else None
+    end = None
+    if end_date is not None and end_date < date.max:
+        end = datetime.combine(end_date + timedelta(days=1), time.min, UTC)
     return start, end
 
 

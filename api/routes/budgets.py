@@ -17,11 +17,12 @@ from api.services import services_of
 from ledger import directory
 from ledger.errors import NotFound
 from ledger.events import BudgetDefined, BudgetUpdated
+from ledger.identifiers import Identifier
 from projections.directory import get_budget, get_budgets, list_budgets
 
 
 class NewBudgetRequest(msgspec.Struct, kw_only=True):
-    budget_id: str | None = None
+    budget_id: Identifier | None = None
     max_budget: Decimal | None = None
     soft_budget: Decimal | None = None
     rpm_limit: int | None = None
@@ -31,7 +32,7 @@ class NewBudgetRequest(msgspec.Struct, kw_only=True):
 
 
 class UpdateBudgetRequest(msgspec.Struct, kw_only=True):
-    budget_id: str
+    budget_id: Identifier
     max_budget: Decimal | None | UnsetType = UNSET
     soft_budget: Decimal | None | UnsetType = UNSET
     rpm_limit: int | None | UnsetType = UNSET
@@ -41,11 +42,11 @@ class UpdateBudgetRequest(msgspec.Struct, kw_only=True):
 
 
 class BudgetIds(msgspec.Struct, kw_only=True):
-    budgets: list[str]
+    budgets: list[Identifier]
 
 
 class BudgetRef(msgspec.Struct, kw_only=True):
-    id: str
+    id: Identifier
 
 
 _tags = ["budgets"]

@@ -8,26 +8,27 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, get, post
-from litestar.params import Parameter
 from msgspec import UNSET, UnsetType
 
 from api.auth import master_key_only
 from api.errors import bad_request
 from api.jsonio import json_response
+from api.params import ID_PARAM
 from api.services import Services, services_of
 from ledger import directory
 from ledger.errors import NotFound
 from ledger.events import CustomerCreated, CustomerUpdated
+from ledger.identifiers import FreeText, Identifier
 from projections.customers import customer_info, list_customers
 
 
 class NewCustomerRequest(msgspec.Struct, kw_only=True):
-    user_id: str
-    alias: str | None = None
+    user_id: Identifier
+    alias: FreeText | None = None
     blocked: bool = False
-    budget_id: str | None = None
-    allowed_model_region: str | None = None
-    default_model: str | None = None
+    budget_id: Identifier | None = None
+    allowed_model_region: FreeText | None = None
+    default_model: FreeText | None = None
     max_budget: Decimal | None = None
     soft_budget: Decimal | None = None
     rpm_limit: int | None = None
@@ -37,12 +38,12 @@ class NewCustomerRequest(msgspec.Struct, kw_only=True):
 
 
 class UpdateCustomerRequest(msgspec.Struct, kw_only=True):
-    user_id: str
-    alias: str | None | UnsetType = UNSET
+    user_id: Identifier
+    alias: FreeText | None | UnsetType = UNSET
     blocked: bool | UnsetType = UNSET
-    budget_id: str | None | UnsetType = UNSET
-    allowed_model_region: str | None | UnsetType = UNSET
-    default_model: str | None | UnsetType = UNSET
+    budget_id: Identifier | None | UnsetType = UNSET
+    allowed_model_region: FreeText | None | UnsetType = UNSET
+    default_model: FreeText | None | UnsetType = UNSET
     max_budget: Decimal | None = None
     soft_budget: Decimal | None = None
     rpm_limit: int | None = None
@@ -52,7 +53,7 @@ class UpdateCustomerRequest(msgspec.Struct, kw_only=True):
 
 
 class CustomerIds(msgspec.Struct, kw_only=True):
-    user_ids: list[str]
+    user_ids: list[Identifier]
 
 
 _BUDGET_FIELDS = directory.BUDGET_FIELDS
@@ -97,9 +98,7 @@ async def new_customer(request: Request[Any, Any, Any], data: NewCustomerRequest
     tags=_tags,
     summary="A customer's status, budget tier and spend in the current budget period",
 )
-async def get_customer_info(
-    request: Request[Any, Any, Any], end_user_id: str = Parameter(query="end_user_id", min_length=1)
-) -> Response[Any]:
+async def get_customer_info(request: Request[Any, Any, Any], end_user_id: str = ID_PARAM) -> Response[Any]:
     return json_response(await _info(services_of(request), end_user_id))
 
 

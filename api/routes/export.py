@@ -22,8 +22,21 @@ from projections.reconciliation import (
 )
 from projections.spend_logs import day_range
 
-_FROM = Parameter(query="from", default=None, description="first UTC day (inclusive)")
-_TO = Parameter(query="to", default=None, description="last UTC day (inclusive)")
+_FROM = Parameter(query="from", default=None, description="first UTC day, YYYY-MM-DD (inclusive)")
+_TO = Parameter(query="to", default=None, description="last UTC day, YYYY-MM-DD (inclusive)")
+
+
+def _day(value: str | None, param: str) -> date | None:
+    """A day named by its wire name when it is not one (Litestar would name the Python argument,
+    and would read the text `null` as no day at all)."""
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise bad_request(
+            f"{param} must be a day, YYYY-MM-DD, from 0001-01-01 to 9999-12-31; got {value[:40]!r}", param
+        ) from None
 
 
 def export_filename(
@@ -43,10 +56,11 @@ async def get_reconciliation(
     request: Request[Any, Any, Any],
     by: Literal["customer", "user", "team"] = "customer",
     period: Literal["day", "month"] = "day",
-    first: date | None = _FROM,
-    last: date | None = _TO,
+    from_text: str | None = _FROM,
+    to_text: str | None = _TO,
     format_: Literal["json", "csv", "parquet"] = Parameter(query="format", default="json"),
 ) -> Response[Any]:
+    first, last = _day(from_text, "from"), _day(to_text, "to")
     if first and last and first > last:
         raise bad_request("'from' is after 'to'", "from")
     services = services_of(request)

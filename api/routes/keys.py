@@ -15,11 +15,13 @@ from msgspec import UNSET, UnsetType
 from api.auth import Caller, authenticate, master_key_only
 from api.errors import auth_error, bad_request
 from api.jsonio import json_response, sent_fields
+from api.params import OPTIONAL_ID_PARAM
 from api.services import services_of
 from ledger import keys as key_commands
 from ledger.durations import DurationError, parse_duration
 from ledger.errors import NotFound
 from ledger.events import KeyGenerated, KeyUpdated
+from ledger.identifiers import Identifier
 from ledger.keys import KeyRecord, display_name, hash_key, new_key
 from projections.spend import spend_by_id, spend_of
 
@@ -28,15 +30,15 @@ _HASH = re.compile(r"^[0-9a-f]{64}$")
 
 class GenerateKeyRequest(msgspec.Struct, kw_only=True):
     key: str | None = None
-    key_alias: str | None = None
-    user_id: str | None = None
-    team_id: str | None = None
+    key_alias: Identifier | None = None
+    user_id: Identifier | None = None
+    team_id: Identifier | None = None
     models: list[str] = []
     metadata: dict[str, Any] = {}
     duration: str | None = None
     max_budget: Decimal | None = None
     budget_duration: str | None = None
-    budget_id: str | None = None
+    budget_id: Identifier | None = None
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     max_parallel_requests: int | None = None
@@ -45,15 +47,15 @@ class GenerateKeyRequest(msgspec.Struct, kw_only=True):
 
 class UpdateKeyRequest(msgspec.Struct, kw_only=True):
     key: str
-    key_alias: str | None | UnsetType = UNSET
-    user_id: str | None | UnsetType = UNSET
-    team_id: str | None | UnsetType = UNSET
+    key_alias: Identifier | None | UnsetType = UNSET
+    user_id: Identifier | None | UnsetType = UNSET
+    team_id: Identifier | None | UnsetType = UNSET
     models: list[str] | UnsetType = UNSET
     metadata: dict[str, Any] | UnsetType = UNSET
     duration: str | None | UnsetType = UNSET
     max_budget: Decimal | None | UnsetType = UNSET
     budget_duration: str | None | UnsetType = UNSET
-    budget_id: str | None | UnsetType = UNSET
+    budget_id: Identifier | None | UnsetType = UNSET
     rpm_limit: int | None | UnsetType = UNSET
     tpm_limit: int | None | UnsetType = UNSET
     max_parallel_requests: int | None | UnsetType = UNSET
@@ -61,7 +63,7 @@ class UpdateKeyRequest(msgspec.Struct, kw_only=True):
 
 class DeleteKeysRequest(msgspec.Struct, kw_only=True):
     keys: list[str] = []
-    key_aliases: list[str] = []
+    key_aliases: list[Identifier] = []
 
 
 class KeyRef(msgspec.Struct, kw_only=True):
@@ -185,9 +187,9 @@ class KeyController(Controller):
     async def list_keys(
         self,
         request: Request[Any, Any, Any],
-        user_id: str | None = None,
-        team_id: str | None = None,
-        key_alias: str | None = None,
+        user_id: str | None = OPTIONAL_ID_PARAM,
+        team_id: str | None = OPTIONAL_ID_PARAM,
+        key_alias: str | None = OPTIONAL_ID_PARAM,
         page: int = Parameter(default=1, ge=1),
         size: int = Parameter(default=10, ge=1, le=100),
         return_full_object: bool = False,

@@ -11,6 +11,7 @@ from litestar.params import Parameter
 
 from api.auth import master_key_only
 from api.jsonio import json_response
+from api.params import OPTIONAL_ID_PARAM
 from api.services import services_of
 from ledger.keys import hash_key
 from projections import daily
@@ -28,8 +29,8 @@ _HASH = re.compile(r"^[0-9a-f]{64}$")
 async def get_spend_logs(
     request: Request[Any, Any, Any],
     api_key: str | None = None,
-    user_id: str | None = None,
-    request_id: str | None = None,
+    user_id: str | None = OPTIONAL_ID_PARAM,
+    request_id: str | None = OPTIONAL_ID_PARAM,
     start_date: date | None = None,
     end_date: date | None = None,
     limit: int = Parameter(default=1000, ge=1, le=100_000),
@@ -76,13 +77,16 @@ async def get_global_spend_report(
 )
 async def get_daily_spend(
     request: Request[Any, Any, Any],
-    scope: Literal["customer", "user", "team", "key", "model"] = "customer",
-    scope_id: str | None = None,
+    # Not named `scope` in Python: Litestar injects the ASGI scope into a parameter of that name.
+    scope_: Literal["customer", "user", "team", "key", "model"] = Parameter(
+        query="scope", default="customer"
+    ),
+    scope_id: str | None = OPTIONAL_ID_PARAM,
     start_date: date | None = None,
     end_date: date | None = None,
 ) -> Response[Any]:
     services = services_of(request)
-    rows = await daily.daily_spend(services.pool, scope, start_date, end_date, scope_id)
+    rows = await daily.daily_spend(services.pool, scope_, start_date, end_date, scope_id)
     return json_response({"rows": rows, "checkpoint": await daily.checkpoint(services.pool)})
 
 

@@ -10,23 +10,24 @@ from typing import Any
 import asyncpg
 import msgspec
 from litestar import Request, Response, get, post
-from litestar.params import Parameter
 from msgspec import UNSET, UnsetType
 
 from api.auth import master_key_only
 from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
+from api.params import ID_PARAM
 from api.routes.keys import key_view
 from api.services import services_of
 from ledger import directory
 from ledger.errors import NotFound
 from ledger.events import TeamCreated, TeamUpdated
+from ledger.identifiers import FreeText, Identifier
 from projections.directory import get_team, keys_of, list_teams
 
 
 class NewTeamRequest(msgspec.Struct, kw_only=True):
-    team_id: str | None = None
-    team_alias: str | None = None
+    team_id: Identifier | None = None
+    team_alias: FreeText | None = None
     max_budget: Decimal | None = None
     soft_budget: Decimal | None = None
     budget_duration: str | None = None
@@ -39,8 +40,8 @@ class NewTeamRequest(msgspec.Struct, kw_only=True):
 
 
 class UpdateTeamRequest(msgspec.Struct, kw_only=True):
-    team_id: str
-    team_alias: str | None | UnsetType = UNSET
+    team_id: Identifier
+    team_alias: FreeText | None | UnsetType = UNSET
     max_budget: Decimal | None | UnsetType = UNSET
     soft_budget: Decimal | None | UnsetType = UNSET
     budget_duration: str | None | UnsetType = UNSET
@@ -53,11 +54,11 @@ class UpdateTeamRequest(msgspec.Struct, kw_only=True):
 
 
 class TeamIds(msgspec.Struct, kw_only=True):
-    team_ids: list[str]
+    team_ids: list[Identifier]
 
 
 class TeamRef(msgspec.Struct, kw_only=True):
-    team_id: str
+    team_id: Identifier
 
 
 _tags = ["teams"]
@@ -136,9 +137,7 @@ async def delete_teams(request: Request[Any, Any, Any], data: TeamIds) -> Respon
 
 
 @get("/team/info", guards=[master_key_only], tags=_tags, summary="A team, its spend and its keys")
-async def team_info(
-    request: Request[Any, Any, Any], team_id: str = Parameter(query="team_id", min_length=1)
-) -> Response[Any]:
+async def team_info(request: Request[Any, Any, Any], team_id: str = ID_PARAM) -> Response[Any]:
     pool = services_of(request).pool
     view = await _team(pool, team_id)
     keys = [key_view(record, spend) for record, spend in await keys_of(pool, "team", team_id)]

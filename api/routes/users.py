@@ -16,6 +16,7 @@ from msgspec import UNSET, UnsetType
 from api.auth import master_key_only
 from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
+from api.params import ID_PARAM
 from api.routes.keys import key_view
 from api.services import services_of
 from ledger import directory
@@ -23,6 +24,7 @@ from ledger import keys as key_commands
 from ledger.durations import DurationError, parse_duration
 from ledger.errors import NotFound
 from ledger.events import KeyGenerated, UserCreated, UserUpdated
+from ledger.identifiers import ID_RULE, FreeText, Identifier, is_identifier
 from ledger.keys import display_name, hash_key, new_key
 from projections.directory import get_user, keys_of, list_users
 
@@ -41,10 +43,10 @@ USER_ROLES: Final = frozenset(
 
 
 class NewUserRequest(msgspec.Struct, kw_only=True):
-    user_id: str | None = None
-    user_email: str | None = None
-    user_alias: str | None = None
-    user_role: str | None = None
+    user_id: Identifier | None = None
+    user_email: FreeText | None = None
+    user_alias: FreeText | None = None
+    user_role: FreeText | None = None
     max_budget: Decimal | None = None
     soft_budget: Decimal | None = None
     budget_duration: str | None = None
@@ -55,15 +57,15 @@ class NewUserRequest(msgspec.Struct, kw_only=True):
     metadata: dict[str, Any] = {}
     # The key LiteLLM creates with the user (`auto_create_key`), and its alias and lifetime.
     auto_create_key: bool = True
-    key_alias: str | None = None
+    key_alias: Identifier | None = None
     duration: str | None = None
 
 
 class UpdateUserRequest(msgspec.Struct, kw_only=True):
-    user_id: str
-    user_email: str | None | UnsetType = UNSET
-    user_alias: str | None | UnsetType = UNSET
-    user_role: str | None | UnsetType = UNSET
+    user_id: Identifier
+    user_email: FreeText | None | UnsetType = UNSET
+    user_alias: FreeText | None | UnsetType = UNSET
+    user_role: FreeText | None | UnsetType = UNSET
     max_budget: Decimal | None | UnsetType = UNSET
     soft_budget: Decimal | None | UnsetType = UNSET
     budget_duration: str | None | UnsetType = UNSET
@@ -75,7 +77,7 @@ class UpdateUserRequest(msgspec.Struct, kw_only=True):
 
 
 class UserIds(msgspec.Struct, kw_only=True):
-    user_ids: list[str]
+    user_ids: list[Identifier]
 
 
 _tags = ["users"]
@@ -193,9 +195,7 @@ async def delete_users(request: Request[Any, Any, Any], data: UserIds) -> Respon
 
 
 @get("/user/info", guards=[master_key_only], tags=_tags, summary="An internal user, its spend and its keys")
-async def user_info(
-    request: Request[Any, Any, Any], user_id: str = Parameter(query="user_id", min_length=1)
-) -> Response[Any]:
+async def user_info(request: Request[Any, Any, Any], user_id: str = ID_PARAM) -> Response[Any]:
     pool = services_of(request).pool
     view = await _user(pool, user_id)
     keys = [key_view(record, spend) for record, spend in await keys_of(pool, "user", user_id)]
@@ -211,6 +211,8 @@ async def user_list(
     page_size: int = Parameter(default=25, ge=1, le=100),
 ) -> Response[Any]:
     ids = [uid.strip() for uid in user_ids.split(",") if uid.strip()] if user_ids else None
+    if ids is not None and not all(is_identifier(uid) for uid in ids):
+        raise bad_request(f"user_ids: each id must be {ID_RULE}", param="user_ids")
     users, total = await list_users(services_of(request).pool, page, page_size, role=role, user_ids=ids)
     return json_response(
         {
