@@ -3,14 +3,14 @@ delivers them at least once with stable ids — exactly once at receivers that d
 transaction_id; webhook receivers by `webhook-id`).
 
 No transaction is open while a row is on the network. A publisher claims due rows of one sink in
-one short statement (`sl_outbox_claim`, migration 0014: `FOR UPDATE SKIP LOCKED`, and the rows'
-`next_attempt_at` moved forward by a lease, which takes them out of the due set), sends them with
-no transaction open, and marks each row's outcome in another short statement (`sl_outbox_mark`).
-Other publishers skip leased rows; a publisher that dies between claim and mark (even SIGKILLed)
-leaves its rows pending, due again when the lease passes, and they are re-sent with the same ids
-for the receiver to drop. An open transaction across a send would hold back the snapshot horizon
-below which every follower of the log reads (`/audit/events`, the webhook follower) for as long as
-the receiver takes to answer.
+one short statement (`sl_outbox_claim`, migration 0014: `FOR UPDATE SKIP LOCKED` in due order, and
+the rows leased as one row of `outbox_claims`, which takes them out of the due set until the lease
+ends), sends them with no transaction open, and marks each row's outcome and drops the claim in
+another short statement (`sl_outbox_mark`). A publisher that dies between claim and mark (even
+SIGKILLed) leaves its claim behind: when the lease ends its rows are due again and are re-sent with
+the same ids, for the receiver to drop. An open transaction across a send would hold back the
+snapshot horizon below which every follower of the log reads (`/audit/events`, the webhook
+follower) for as long as the receiver takes to answer.
 
 Each sink is delivered on its own loop (its own task and wake-up), so a slow receiver delays only
 its own rows. A row is judged on its own: an exception while building or sending one row fails
@@ -73,7 +73,8 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int
     created_at: datetime
     own_failures: int = 0  # failures of the row's own so far (not the receiver's)
-    lease_until: datetime | None = None  # the claim's fence: its marks apply while this holds
+    claim: int | None = None  # the claim (outbox_claims) that leased it: the mark's fence
+    lease_until: datetime | None = None  # when that lease ends
 
 
 @dataclass
@@ -131,10 +132,10 @@ class SinkHealth:
 
 # One short transaction each, with no flush wait (migration 0014 says why); neither is open during a send.
 _CLAIM: Final = (
-    "select id, dedupe_key, payload, attempts, own_failures, created_at, lease_until "
+    "select claim, id, dedupe_key, payload, attempts, own_failures, created_at, lease_until "
     "from sl_outbox_claim($1, $2, make_interval(secs => $3))"
 )
-_MARK: Final = "select sl_outbox_mark($1, $2, $3, $4, $5, $6)"
+_MARK: Final = "select sl_outbox_mark($1, $2, $3, $4, $5, $6, $7)"
 
 
 class Publisher:
@@ -246,11 +247,12 @@ class Publisher:
                 attempts=r["attempts"],
                 created_at=r["created_at"],
                 own_failures=r["own_failures"],
+                claim=r["claim"],
                 lease_until=r["lease_until"],
             )
             for r in records
         ]
-        rows.sort(key=lambda row: row.id)  # an UPDATE's RETURNING has no order of its own
+        rows.sort(key=lambda row: row.id)  # a join's output has no order of its own
         return rows
 
     async def _deliver(self, sink: Sink, rows: Sequence[Claimed]) -> Delivery:
@@ -321,20 +323,18 @@ class Publisher:
         delivery: Delivery,
     ) -> None:
         waits = self._waits(rows, delivery)
-        outcome = {row_id: "delivered" for row_id in delivery.delivered}
-        outcome |= {row_id: "dead" for row_id in delivery.dead}
-        outcome |= {row_id: "retry" for row_id in delivery.retry}
-        errors = delivery.dead | delivery.retry
-        leases = {row.id: row.lease_until for row in rows}
-        ids = list(outcome)
+        errors = delivery.dead | delivery.retry  # the rows not delivered, each with why
+        ids = list(errors)
+        outcome = ["dead" if i in delivery.dead else "retry" for i in ids]
         await conn.fetchval(
             _MARK,
+            rows[0].claim if rows else None,
+            delivery.delivered,
             ids,
-            [outcome[i] for i in ids],
-            [errors.get(i) for i in ids],
+            outcome,
+            [errors[i] for i in ids],
             [waits.get(i, 0.0) for i in ids],
             [i in delivery.failed for i in ids],
-            [leases[i] for i in ids],
         )
         self._note_health(sink, delivery)
 

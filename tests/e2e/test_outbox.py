@@ -280,16 +280,17 @@ def test_publisher_killed_between_send_and_mark_resends_and_lago_dedupes(
         first.process.wait()
     assert first.process.returncode == -signal.SIGKILL
     # It held no transaction: its claim outlives it as a lease. The rows are pending and unmarked,
-    # out of the due set until the lease passes (test_publisher_leases.py waits one out).
+    # out of the due set until the lease ends (test_publisher_leases.py waits one out).
     leased = query(
         database_url,
-        "select id from outbox where sink = 'lago' and state = 'pending' and next_attempt_at > now()",
+        "select o.id from outbox o, outbox_claims c where o.id = any(c.ids) and c.lease_until > now() "
+        "and o.sink = 'lago' and o.state = 'pending'",
     )
     assert len(leased) == 10
     after = {r["call_id"]: r["attempts"] for r in query(database_url, "select call_id, attempts from outbox")}
     assert after == before
     lago.app.delay_s = 0.0
-    make_due(database_url)  # stands for the lease passing
+    query(database_url, "update outbox_claims set lease_until = now() returning id")  # the lease ends
     with run_publisher(config, database_url, lago_env(lago.base_url)) as second:
         assert wait_until(lambda: db_counts(database_url) == {"delivered": 10}, 30), second.log()
     assert [r.status for r in lago.app.event_requests()] == [200, 422]

@@ -107,8 +107,13 @@ async def states(pool: asyncpg.Pool) -> dict[str, dict[str, Any]]:
 
 
 async def make_due(pool: asyncpg.Pool) -> None:
-    """Time passing: every pending row's backoff (or lease) is over."""
+    """Time passing: every pending row's backoff is over (leases are `end_leases`)."""
     await pool.execute("update outbox set next_attempt_at = now() where state = 'pending'")
+
+
+async def end_leases(pool: asyncpg.Pool) -> None:
+    """Time passing: every claim's lease is over (its publisher is taken for dead)."""
+    await pool.execute("update outbox_claims set lease_until = now()")
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> bool:

@@ -15,9 +15,9 @@ from ledger.usage import NO_CONTEXT, Recording, record_usages
 from projections.audit import AuditFilters, read_events
 from tests.integration.ledger.publisher_support import (
     Receiver,
+    end_leases,
     enqueue,
     eventually,
-    make_due,
     running,
     state,
     states,
@@ -104,7 +104,7 @@ async def test_a_publisher_that_overran_its_lease_does_not_overwrite_the_next_cl
     await enqueue(pool, "webhook", "contested")
     overrun = asyncio.create_task(late.publish_once(webhook_sink(slow)))
     await asyncio.wait_for(slow.entered.wait(), 20)
-    await make_due(pool)  # its lease has passed: another publisher claims the row
+    await end_leases(pool)  # its lease has passed: another publisher claims the row
     other = Receiver(status=503)
     assert await Publisher(pool, database_url, [webhook_sink(other)]).publish_once(webhook_sink(other)) == 1
     after_other = (await states(pool))["contested"]
@@ -113,3 +113,15 @@ async def test_a_publisher_that_overran_its_lease_does_not_overwrite_the_next_cl
     assert await overrun == 1
     assert (await states(pool))["contested"] == after_other  # the stale claim's retry was not applied
     assert after_other["attempts"] == 1
+
+
+async def test_concurrent_claims_take_each_row_once(pool: asyncpg.Pool, database_url: str) -> None:
+    sink = webhook_sink(Receiver())  # batches of 50
+    await enqueue(pool, "webhook", *(f"row-{i}" for i in range(260)))
+    publishers = [Publisher(pool, database_url, [sink]) for _ in range(6)]
+    claims = await asyncio.gather(*(publisher.claim(sink) for publisher in publishers))
+    taken = [row.dedupe_key for claim in claims for row in claim]
+    assert len(taken) == len(set(taken)) == 260
+    assert sorted(len(claim) for claim in claims) == [10, 50, 50, 50, 50, 50]
+    assert all(len({row.claim for row in claim}) == 1 for claim in claims)  # one lease per batch
+    assert await publishers[0].claim(sink) == []  # all leased
