@@ -27,6 +27,7 @@ from ledger.config import Settings, load_settings
 from ledger.db import create_pool, wait_for_database
 from ledger.keys import hash_key
 from ledger.leases import BudgetLeases
+from ledger.master_key import master_key_verdict
 from ledger.pricing import PriceBook
 from ledger.publisher_wakeups import PublisherWakeups
 from ledger.usage import GroupRecorder
@@ -151,11 +152,7 @@ def startup_warnings(settings: Settings, prices: PriceBook) -> list[dict[str, An
                     "detail": "served at cost 0 (set model_info prices, or reject_unpriced_models)",
                 }
             )
-    if settings.master_key is None:
-        warnings.append(
-            {
-                "event": "no_master_key",
-                "detail": "general_settings.master_key is not set: every caller is treated as the admin",
-            }
-        )
+    weak_key = master_key_verdict(settings).warning()
+    if weak_key is not None:  # only ever permitted here: `spendledger serve` refuses it otherwise
+        warnings.append({"event": "weak_master_key", "detail": weak_key})
     return warnings

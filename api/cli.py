@@ -100,6 +100,17 @@ def _migrate(url: str) -> None:
         raise SystemExit(1) from None
 
 
+def _refuse_weak_master_key(settings: Settings) -> None:
+    """What serves HTTP needs a master key of the operator's own (ledger/master_key.py): else one
+    line naming the fix, and exit code 2, before anything else is said or started."""
+    from ledger.master_key import master_key_verdict
+
+    verdict = master_key_verdict(settings)
+    if verdict.refused:
+        print(verdict.refusal(), file=sys.stderr)
+        raise SystemExit(2)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -109,6 +120,7 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = _load(args.config)
     assert settings is not None
+    _refuse_weak_master_key(settings)
     for warning in startup_warnings(settings, PriceBook(settings.deployments)):
         log.warning(**warning)
     url, embedded = _database(settings, args.data_dir)

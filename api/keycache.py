@@ -5,8 +5,10 @@ process drops its copy as soon as the change commits. If the LISTEN connection d
 is cleared and rebuilt on demand: a stale key is never trusted for longer than the reconnect.
 
 The same connection hears `sl_scope_changed` (any change to keys, users, teams, customers or
-budgets: migration 0011's triggers) and passes it, key changes and a lost connection to
-`on_scope_change` — the budget leases retire on it.
+budgets: migration 0011's triggers; the payload is the table) and passes it, key changes and a lost
+connection to `on_scope_change` — the budget leases retire on it. A change to `users` also drops
+every cached key that has a user: a key carries its user's role (api/roles.py), and a demoted user's
+keys must not keep the old role.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class KeyCache:
         self._database_url = database_url
         self._on_scope_change = on_scope_change
         self._entries: dict[str, tuple[float, KeyRecord]] = {}
+        # Bumped by every invalidation: a read that began before one is not cached (it may predate
+        # the change that the invalidation announced).
+        self._generation = 0
         self._listener: asyncpg.Connection | None = None
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -58,16 +63,24 @@ class KeyCache:
         now = time.monotonic()
         if entry is not None and now - entry[0] < MAX_AGE_S:
             return entry[1]
+        generation = self._generation
         record = await get_key(self._pool, key_hash)
-        if record is not None:
+        if record is not None and generation == self._generation:
             self._entries[key_hash] = (now, record)
         return record
 
     def invalidate(self, key_hash: str | None = None) -> None:
+        self._generation += 1
         if key_hash is None:
             self._entries.clear()
         else:
             self._entries.pop(key_hash, None)
+
+    def invalidate_users(self) -> None:
+        """Drop every key that has a user (its role is its user's)."""
+        self._generation += 1
+        for key_hash in [h for h, (_, record) in self._entries.items() if record.user_id is not None]:
+            del self._entries[key_hash]
 
     @property
     def listening(self) -> bool:
@@ -75,10 +88,12 @@ class KeyCache:
         return self._listener is not None and not self._listener.is_closed()
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self.invalidate(payload)
+        self.invalidate(payload or None)  # an empty payload (a rebuild's swap): every key
         self._on_scope_change()
 
-    def _on_scope_notify(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+    def _on_scope_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload == "users":
+            self.invalidate_users()
         self._on_scope_change()
 
     async def _listen(self) -> None:

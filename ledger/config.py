@@ -69,6 +69,7 @@ _GENERAL_SETTINGS: Final = {
     "proxy_batch_write_at",
     "database_connection_pool_limit",
     "store_model_in_db",
+    "dangerously_permit_weak_or_unset_master_key",
 }
 _LITELLM_PARAMS: Final = {
     "model",
@@ -135,10 +136,17 @@ class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 CHARGE_BY: Final = ("end_user_id", "user_id", "team_id")
 
+# LiteLLM's names (master_key_boot_check.py); ledger.master_key says what a weak or unset key does.
+MASTER_KEY_ENV: Final = "LITELLM_MASTER_KEY"
+PERMIT_WEAK_MASTER_KEY_SETTING: Final = "dangerously_permit_weak_or_unset_master_key"
+PERMIT_WEAK_MASTER_KEY_ENV: Final = "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"
+
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     deployments: tuple[Deployment, ...]
     master_key: str | None = None
+    master_key_source: str = "general_settings.master_key"  # where it was looked for (never the key)
+    weak_master_key_permitted_by: str | None = None  # the setting that permits a weak or unset key
     database_url: str | None = None
     callbacks: tuple[str, ...] = ()
     alerting: tuple[str, ...] = ()
@@ -214,7 +222,7 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         check_duration(budget_duration, "litellm_settings.budget_duration", source)
     return Settings(
         deployments=deployments,
-        master_key=optional_str(general.get("master_key"), "general_settings.master_key", source),
+        **_master_key(raw, general, environ, source),
         database_url=optional_str(general.get("database_url"), "general_settings.database_url", source),
         callbacks=tuple(dict.fromkeys(callbacks)),
         alerting=tuple(alerting),
@@ -327,6 +335,50 @@ def _resolve_env(value: Any, environ: Mapping[str, str], warnings: list[str], so
             return None
         return environ[name]
     return value
+
+
+def _master_key(
+    raw: dict[str, Any], general: dict[str, Any], environ: Mapping[str, str], source: str
+) -> dict[str, Any]:
+    """LiteLLM's rule: general_settings.master_key when the config has it (an `os.environ/` reference
+    to an unset variable reads as unset), else env LITELLM_MASTER_KEY; and who permits a weak one."""
+    if "master_key" in general:
+        key = optional_str(general["master_key"], "general_settings.master_key", source)
+        written = (raw.get("general_settings") or {}).get("master_key")
+        where = "general_settings.master_key"
+        if isinstance(written, str) and written.startswith("os.environ/"):
+            where += f" = {written}"
+    else:
+        key, where = (
+            environ.get(MASTER_KEY_ENV),
+            f"env {MASTER_KEY_ENV}; general_settings.master_key is absent",
+        )
+    return {
+        "master_key": key,
+        "master_key_source": where,
+        "weak_master_key_permitted_by": _weak_key_permission(general, environ, source),
+    }
+
+
+def _weak_key_permission(general: dict[str, Any], environ: Mapping[str, str], source: str) -> str | None:
+    setting = general.get(PERMIT_WEAK_MASTER_KEY_SETTING, False)
+    if not isinstance(setting, bool | str) or _litellm_bool(setting) is None:
+        raise ConfigError(
+            f"{source}: general_settings.{PERMIT_WEAK_MASTER_KEY_SETTING} must be true or false"
+        )
+    if _litellm_bool(setting):
+        return f"general_settings.{PERMIT_WEAK_MASTER_KEY_SETTING}"
+    # As LiteLLM's str_to_bool: only "true" (any case, spaces around) turns it on.
+    if _litellm_bool(environ.get(PERMIT_WEAK_MASTER_KEY_ENV, "")):
+        return f"env {PERMIT_WEAK_MASTER_KEY_ENV}"
+    return None
+
+
+def _litellm_bool(value: bool | str) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    return True if text == "true" else False if text in ("false", "") else None
 
 
 def _section(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:

@@ -86,6 +86,8 @@ class KeyGenerated(Event, frozen=True, kw_only=True):
     max_parallel_requests: int | None = None
     expires: datetime | None = None
     blocked: bool = False
+    # The customers the key may bill (empty: any). Added with issue 15; older events have none.
+    allowed_customers: tuple[str, ...] = ()
 
 
 class KeyUpdated(Event, frozen=True, kw_only=True):
@@ -104,6 +106,7 @@ class KeyUpdated(Event, frozen=True, kw_only=True):
     tpm_limit: int | UnsetType | None = UNSET
     max_parallel_requests: int | UnsetType | None = UNSET
     expires: datetime | UnsetType | None = UNSET
+    allowed_customers: tuple[str, ...] | UnsetType = UNSET
 
 
 class KeyBlocked(Event, frozen=True, kw_only=True):

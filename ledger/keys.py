@@ -29,6 +29,7 @@ from ledger.events import (
 )
 
 _json: Final = msgspec.json.Encoder(decimal_format="number")
+_ARRAY_FIELDS: Final = frozenset({"models", "allowed_customers"})  # text[] columns
 
 
 def hash_key(key: str) -> str:
@@ -67,6 +68,10 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     blocked: bool
     created_at: datetime
     updated_at: datetime
+    allowed_customers: tuple[str, ...] = ()  # the customers it may bill; empty: any
+    # Its internal user, as the `users` table has it now (the key's role derives from it).
+    user_exists: bool = False
+    user_role: str | None = None
 
     def expired(self, now: datetime) -> bool:
         return self.expires is not None and self.expires <= now
@@ -148,16 +153,20 @@ async def _append_next(conn: asyncpg.Connection, key_hash: str, event: Any, acto
     await store.append(conn, key_stream(key_hash), version, [event], store.command_metadata(actor, at))
 
 
-_COLUMNS: Final = (
-    "key_hash, key_name, key_alias, user_id, team_id, models, metadata::text as metadata, max_budget, "
-    "budget_duration, budget_id, rpm_limit, tpm_limit, max_parallel_requests, expires, blocked, "
-    "created_at, updated_at"
+# The key's row with its user's role: a key inherits the role of its internal user.
+_SELECT: Final = (
+    "select k.key_hash, k.key_name, k.key_alias, k.user_id, k.team_id, k.models, k.metadata::text as metadata, "
+    "k.max_budget, k.budget_duration, k.budget_id, k.rpm_limit, k.tpm_limit, k.max_parallel_requests, "
+    "k.expires, k.blocked, k.created_at, k.updated_at, k.allowed_customers, "
+    "u.user_id is not null as user_exists, u.user_role "
+    "from keys k left join users u on u.user_id = k.user_id"
 )
 
 
 def record_from_row(row: asyncpg.Record) -> KeyRecord:
     values = dict(row)
     values["models"] = tuple(values["models"] or ())
+    values["allowed_customers"] = tuple(values.get("allowed_customers") or ())
     values["metadata"] = msgspec.json.decode(values["metadata"] or "{}")
     return KeyRecord(**values)
 
@@ -165,13 +174,13 @@ def record_from_row(row: asyncpg.Record) -> KeyRecord:
 async def get_key(
     conn: asyncpg.Connection | asyncpg.Pool, key_hash: str, for_update: bool = False
 ) -> KeyRecord | None:
-    lock = " for update" if for_update else ""
-    row = await conn.fetchrow(f"select {_COLUMNS} from keys where key_hash = $1{lock}", key_hash)
+    lock = " for update of k" if for_update else ""
+    row = await conn.fetchrow(f"{_SELECT} where k.key_hash = $1{lock}", key_hash)
     return record_from_row(row) if row else None
 
 
 async def find_key_by_alias(conn: asyncpg.Connection | asyncpg.Pool, alias: str) -> KeyRecord | None:
-    row = await conn.fetchrow(f"select {_COLUMNS} from keys where key_alias = $1", alias)
+    row = await conn.fetchrow(f"{_SELECT} where k.key_alias = $1", alias)
     return record_from_row(row) if row else None
 
 
@@ -182,8 +191,8 @@ async def apply_key_event(conn: asyncpg.Connection, event: Any, at: datetime) ->
             await conn.execute(
                 "insert into keys (key_hash, key_name, key_alias, user_id, team_id, models, metadata, "
                 "max_budget, budget_duration, budget_id, rpm_limit, tpm_limit, max_parallel_requests, "
-                "expires, blocked, created_at, updated_at) "
-                "values ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10,$11,$12,$13,$14,$15,$16,$16)",
+                "expires, blocked, created_at, updated_at, allowed_customers) "
+                "values ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10,$11,$12,$13,$14,$15,$16,$16,$17)",
                 event.key_hash,
                 event.key_name,
                 event.key_alias,
@@ -200,6 +209,7 @@ async def apply_key_event(conn: asyncpg.Connection, event: Any, at: datetime) ->
                 event.expires,
                 event.blocked,
                 at,
+                list(event.allowed_customers),
             )
         except asyncpg.UniqueViolationError:
             raise AlreadyExists(
@@ -217,7 +227,7 @@ async def apply_key_event(conn: asyncpg.Connection, event: Any, at: datetime) ->
                 args.append(_json.encode(value).decode())
             else:
                 sets.append(f"{name} = ${index}")
-                args.append(list(value) if name == "models" else value)
+                args.append(list(value) if name in _ARRAY_FIELDS else value)
         sets.append(f"updated_at = ${len(args) + 2}")
         try:
             await conn.execute(

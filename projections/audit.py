@@ -78,7 +78,8 @@ class AuditFilters(msgspec.Struct, frozen=True, kw_only=True):
     `customer`, `user`, `team` and `key` match an event that names the entity in its data or that
     belongs to the entity's own stream. `scope_key` is the same test as `key`, kept apart so that a
     caller restricted to one key can add a `key` filter of its own without widening anything.
-    `start` is inclusive and `end` exclusive, on `recorded_at`.
+    `actor` is who appended the event (`metadata.actor`: "master_key", or "key:<sha256>" for a
+    generated key). `start` is inclusive and `end` exclusive, on `recorded_at`.
     """
 
     customer: str | None = None
@@ -87,6 +88,7 @@ class AuditFilters(msgspec.Struct, frozen=True, kw_only=True):
     key: str | None = None
     scope_key: str | None = None
     model: str | None = None
+    actor: str | None = None
     types: tuple[str, ...] = ()
     start: datetime | None = None
     end: datetime | None = None
@@ -193,6 +195,8 @@ def _build(
         common.append(f"(txid, position) > ({q.arg(str(cursor[0]))}::text::xid8, {q.arg(cursor[1])}::bigint)")
     if filters.model is not None:
         common.append(f"data->>'model_group' = {q.arg(filters.model)}")
+    if filters.actor is not None:  # read in order from the partial index events_actor (0015)
+        common.append(f"metadata->>'actor' = {q.arg(filters.actor)}")
     if filters.types:
         common.append(f"type = any({q.arg(list(filters.types))}::text[])")
     if filters.start is not None:

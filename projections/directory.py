@@ -179,7 +179,7 @@ async def list_users(
 _KEY_COLUMNS: Final = (
     "k.key_hash, k.key_name, k.key_alias, k.user_id, k.team_id, k.models, k.metadata::text as metadata, "
     "k.max_budget, k.budget_duration, k.budget_id, k.rpm_limit, k.tpm_limit, k.max_parallel_requests, "
-    "k.expires, k.blocked, k.created_at, k.updated_at"
+    "k.expires, k.blocked, k.created_at, k.updated_at, k.allowed_customers"
 )
 
 
@@ -197,6 +197,7 @@ async def keys_of(conn: Conn, owner: str, owner_id: str) -> list[tuple[KeyRecord
         values = dict(row)
         spend = values.pop("spend")
         values["models"] = tuple(values["models"] or ())
+        values["allowed_customers"] = tuple(values["allowed_customers"] or ())
         values["metadata"] = msgspec.json.decode(values["metadata"] or "{}")
         result.append((KeyRecord(**values), spend))
     return result

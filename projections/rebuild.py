@@ -180,12 +180,20 @@ async def _swap(conn: asyncpg.Connection, snapshot: str) -> int:
         on conflict (scope, scope_id, period_start) do update set held = excluded.held"""
     )
     await conn.execute(f"drop schema if exists {OLD_SCHEMA} cascade; create schema {OLD_SCHEMA}")
+    # Triggers go with the old tables (`like … including all` copies none): the NOTIFY of changes
+    # to scopes (0011: leases retire, cached keys drop their users' roles) and the directory's
+    # history (0012). Their definitions name `public.<table>`: re-created on the new tables.
+    triggers = await conn.fetch(
+        "select pg_get_triggerdef(oid) as definition from pg_trigger "
+        "where tgrelid = any(array(select to_regclass(t) from unnest($1::text[]) t)) and not tgisinternal",
+        [f"public.{table}" for table in TABLES],
+    )
     for table in TABLES:
         await conn.execute(f"alter table public.{table} set schema {OLD_SCHEMA}")
         await conn.execute(f"alter table {SCHEMA}.{table} set schema public")
     await conn.execute(f"drop schema {OLD_SCHEMA} cascade; drop schema {SCHEMA} cascade")
-    # The directory's history triggers (migration 0012) went with the old tables: put them on the new.
-    await conn.execute("select sl_remember_directory_changes()")
+    for trigger in triggers:
+        await conn.execute(trigger["definition"])
     # The asynchronous projection starts over and follows the whole log again.
     await conn.execute("truncate daily_spend")
     await conn.execute(

@@ -1,8 +1,9 @@
 """GET /audit/events: the immutable event log, filtered and cursor-paginated, as JSON or NDJSON.
 
-Who may read: the master key (everything), and a generated key whose `metadata.role` is `read_only`
-or `auditor` — only the events of its own key, whatever filters it sends (they are intersected with
-that scope, never widen it). Any other key is refused.
+Who may read: whoever may read everything (`proxy_admin`, `proxy_admin_viewer`: api/roles.py), and a
+generated key whose `metadata.role` is `read_only` or `auditor` — only the events of its own key,
+whatever filters it sends (they are intersected with that scope, never widen it). Any other key is
+refused (403).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from litestar import Request, Response, get
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from api.auth import Caller, authenticate
-from api.errors import auth_error, bad_request
+from api.auth import Caller, caller_of, forbidden, requires
+from api.errors import bad_request
 from api.jsonio import json_response
+from api.roles import Permission
 from api.services import Services, services_of
 from ledger.errors import NotFound
 from ledger.keys import hash_key
@@ -46,13 +48,23 @@ _SPACED_OFFSET: Final = re.compile(r" (\d{2}:?\d{2})$")
 
 
 def _scope_of(caller: Caller) -> str | None:
-    """None for the master key (no restriction), the key's own hash for an auditor key."""
-    if caller.is_master:
+    """None for a caller that reads everything (no restriction), the key's own hash for an auditor key."""
+    if caller.may(Permission.READ_ALL):
         return None
     role = caller.key.metadata.get("role") if caller.key is not None else None
     if role not in AUDIT_ROLES:
-        raise auth_error("Reading the audit log needs the master key or a key with role read_only")
+        raise forbidden(
+            "Reading the audit log needs a proxy_admin or proxy_admin_viewer, or a key with "
+            "metadata.role read_only (its own events)"
+        )
     return caller.key_hash
+
+
+def _actor(value: str | None) -> str | None:
+    """An actor as events name it; a generated key may be given as itself (`sk-…`)."""
+    if value is not None and value.startswith("sk-"):
+        return f"key:{hash_key(value)}"
+    return value
 
 
 def _datetime(value: str | None, param: str) -> datetime | None:
@@ -85,6 +97,7 @@ async def _key_hash(services: Services, value: str, restricted: bool) -> str:
 
 @get(
     "/audit/events",
+    guards=[requires(None)],
     tags=["audit"],
     summary="The immutable event log, filtered by customer, user, team, key, model, type and time",
 )
@@ -95,6 +108,7 @@ async def audit_events(
     team: str | None = None,
     key: str | None = None,
     model: str | None = None,
+    actor: str | None = None,
     types: Annotated[list[str] | None, Parameter(query="type")] = None,
     start: str | None = None,
     end: str | None = None,
@@ -102,8 +116,7 @@ async def audit_events(
     limit: int | None = Parameter(default=None, ge=1, le=MAX_LIMIT),
     format: Literal["json", "ndjson"] = "json",
 ) -> Response[Any]:
-    caller = await authenticate(request)
-    scope_key = _scope_of(caller)
+    scope_key = _scope_of(caller_of(request))
     services = services_of(request)
     for name, value in (
         ("customer", customer),
@@ -111,6 +124,7 @@ async def audit_events(
         ("team", team),
         ("key", key),
         ("model", model),
+        ("actor", actor),
     ):
         if value is not None and "\x00" in value:
             raise bad_request(f"{name} must not contain NUL characters", param=name)
@@ -137,6 +151,7 @@ async def audit_events(
         key=await _key_hash(services, key, restricted=scope_key is not None) if key is not None else None,
         scope_key=scope_key,
         model=model,
+        actor=_actor(actor),
         types=type_names,
         start=start_at,
         end=end_at,

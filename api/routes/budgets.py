@@ -10,9 +10,10 @@ import msgspec
 from litestar import Request, Response, get, post
 from msgspec import UNSET, UnsetType
 
-from api.auth import master_key_only
+from api.auth import caller_of, requires
 from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
+from api.roles import Permission
 from api.services import services_of
 from ledger import directory
 from ledger.errors import NotFound
@@ -56,7 +57,13 @@ def _missing(budget_id: str, param: str = "budget_id") -> NotFound:
     return NotFound(f"budget {budget_id!r} does not exist", param=param)
 
 
-@post("/budget/new", guards=[master_key_only], tags=_tags, status_code=200, summary="Create a budget tier")
+@post(
+    "/budget/new",
+    guards=[requires(Permission.MANAGE)],
+    tags=_tags,
+    status_code=200,
+    summary="Create a budget tier",
+)
 async def new_budget(request: Request[Any, Any, Any], data: NewBudgetRequest) -> Response[Any]:
     services = services_of(request)
     budget_id = directory.new_budget_id() if data.budget_id is None else data.budget_id
@@ -72,12 +79,18 @@ async def new_budget(request: Request[Any, Any, Any], data: NewBudgetRequest) ->
         budget_duration=data.budget_duration,
     )
     async with services.pool.acquire() as conn, conn.transaction():
-        await directory.define_budget(conn, event, "master_key", datetime.now(UTC))
+        await directory.define_budget(conn, event, caller_of(request).actor, datetime.now(UTC))
         view = await get_budget(conn, budget_id)
     return json_response(view)
 
 
-@post("/budget/info", guards=[master_key_only], tags=_tags, status_code=200, summary="Budgets by id")
+@post(
+    "/budget/info",
+    guards=[requires(Permission.READ_ALL)],
+    tags=_tags,
+    status_code=200,
+    summary="Budgets by id",
+)
 async def budget_info(request: Request[Any, Any, Any], data: BudgetIds) -> Response[Any]:
     if not data.budgets:
         raise bad_request("Name the budgets to read: {'budgets': [...]}", param="budgets")
@@ -91,7 +104,7 @@ async def budget_info(request: Request[Any, Any, Any], data: BudgetIds) -> Respo
 
 @post(
     "/budget/update",
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Change a budget tier (only the fields sent)",
@@ -102,7 +115,10 @@ async def update_budget(request: Request[Any, Any, Any], data: UpdateBudgetReque
     async with services.pool.acquire() as conn, conn.transaction():
         if changes:
             await directory.update_budget(
-                conn, BudgetUpdated(budget_id=data.budget_id, **changes), "master_key", datetime.now(UTC)
+                conn,
+                BudgetUpdated(budget_id=data.budget_id, **changes),
+                caller_of(request).actor,
+                datetime.now(UTC),
             )
         view = await get_budget(conn, data.budget_id)
     if view is None:
@@ -112,7 +128,7 @@ async def update_budget(request: Request[Any, Any, Any], data: UpdateBudgetReque
 
 @post(
     "/budget/delete",
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Delete a budget tier that no customer or key uses",
@@ -123,11 +139,11 @@ async def delete_budget(request: Request[Any, Any, Any], data: BudgetRef) -> Res
         view = await get_budget(conn, data.id)
         if view is None:
             raise _missing(data.id, param="id")
-        await directory.delete_budget(conn, data.id, "master_key")
+        await directory.delete_budget(conn, data.id, caller_of(request).actor)
     return json_response(view)
 
 
-@get("/budget/list", guards=[master_key_only], tags=_tags, summary="Every budget tier")
+@get("/budget/list", guards=[requires(Permission.READ_ALL)], tags=_tags, summary="Every budget tier")
 async def budget_list(request: Request[Any, Any, Any]) -> Response[Any]:
     return json_response(await list_budgets(services_of(request).pool))
 

@@ -10,10 +10,11 @@ import msgspec
 from litestar import Request, Response, get, post
 from msgspec import UNSET, UnsetType
 
-from api.auth import master_key_only
+from api.auth import caller_of, requires
 from api.errors import bad_request
 from api.jsonio import json_response
 from api.params import ID_PARAM
+from api.roles import Permission
 from api.services import Services, services_of
 from ledger import directory
 from ledger.errors import NotFound
@@ -69,7 +70,7 @@ async def _info(services: Services, user_id: str) -> dict[str, Any]:
 
 @post(
     ["/customer/new", "/end_user/new"],
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Create a customer with a budget tier (budget_id) or its own limits",
@@ -88,13 +89,13 @@ async def new_customer(request: Request[Any, Any, Any], data: NewCustomerRequest
     )
     inline = {name: getattr(data, name) for name in _BUDGET_FIELDS}
     async with services.pool.acquire() as conn, conn.transaction():
-        await directory.create_customer(conn, event, inline, "master_key", datetime.now(UTC))
+        await directory.create_customer(conn, event, inline, caller_of(request).actor, datetime.now(UTC))
     return json_response(await _info(services, data.user_id))
 
 
 @get(
     ["/customer/info", "/end_user/info"],
-    guards=[master_key_only],
+    guards=[requires(Permission.READ_ALL)],
     tags=_tags,
     summary="A customer's status, budget tier and spend in the current budget period",
 )
@@ -104,7 +105,7 @@ async def get_customer_info(request: Request[Any, Any, Any], end_user_id: str = 
 
 @post(
     ["/customer/update", "/end_user/update"],
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Change a customer's alias, tier or own limits",
@@ -121,16 +122,18 @@ async def update_customer(request: Request[Any, Any, Any], data: UpdateCustomerR
     async with services.pool.acquire() as conn, conn.transaction():
         if changes or any(v is not None for v in inline.values()):
             await directory.update_customer(
-                conn, CustomerUpdated(user_id=data.user_id, **changes), inline, "master_key", now
+                conn, CustomerUpdated(user_id=data.user_id, **changes), inline, caller_of(request).actor, now
             )
         if data.blocked is not UNSET:
-            await directory.set_customer_blocked(conn, data.user_id, data.blocked, "master_key", now)
+            await directory.set_customer_blocked(
+                conn, data.user_id, data.blocked, caller_of(request).actor, now
+            )
     return json_response(await _info(services, data.user_id))
 
 
 @post(
     ["/customer/delete", "/end_user/delete"],
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Delete customers (all or none); their events and spend history stay",
@@ -138,7 +141,7 @@ async def update_customer(request: Request[Any, Any, Any], data: UpdateCustomerR
 async def delete_customers(request: Request[Any, Any, Any], data: CustomerIds) -> Response[Any]:
     services = services_of(request)
     async with services.pool.acquire() as conn, conn.transaction():
-        await directory.delete_customers(conn, data.user_ids, "master_key")
+        await directory.delete_customers(conn, data.user_ids, caller_of(request).actor)
     return json_response({"deleted_customers": data.user_ids})
 
 
@@ -149,13 +152,13 @@ async def _set_blocked(request: Request[Any, Any, Any], user_ids: list[str], blo
     now = datetime.now(UTC)
     async with services.pool.acquire() as conn, conn.transaction():
         for user_id in sorted(set(user_ids)):
-            await directory.set_customer_blocked(conn, user_id, blocked, "master_key", now)
+            await directory.set_customer_blocked(conn, user_id, blocked, caller_of(request).actor, now)
     return json_response({"blocked_users" if blocked else "unblocked_users": user_ids})
 
 
 @post(
     ["/customer/block", "/end_user/block"],
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Block customers: their requests get 403 whatever key they use",
@@ -166,7 +169,7 @@ async def block_customers(request: Request[Any, Any, Any], data: CustomerIds) ->
 
 @post(
     ["/customer/unblock", "/end_user/unblock"],
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Unblock customers",
@@ -175,7 +178,12 @@ async def unblock_customers(request: Request[Any, Any, Any], data: CustomerIds) 
     return await _set_blocked(request, data.user_ids, blocked=False)
 
 
-@get(["/customer/list", "/end_user/list"], guards=[master_key_only], tags=_tags, summary="Every customer")
+@get(
+    ["/customer/list", "/end_user/list"],
+    guards=[requires(Permission.READ_ALL)],
+    tags=_tags,
+    summary="Every customer",
+)
 async def get_customer_list(request: Request[Any, Any, Any]) -> Response[Any]:
     services = services_of(request)
     return json_response(await list_customers(services.pool, services.settings.max_end_user_budget_id))

@@ -9,9 +9,10 @@ from typing import Any, Literal
 from litestar import Request, Response, get
 from litestar.params import Parameter
 
-from api.auth import master_key_only
+from api.auth import requires
 from api.errors import ApiError, bad_request
 from api.jsonio import json_response
+from api.roles import Permission
 from api.services import services_of
 from projections.export_files import PARQUET_MEDIA_TYPE, csv_bytes, parquet_bytes
 from projections.reconciliation import (
@@ -48,7 +49,7 @@ def export_filename(
 
 @get(
     "/export/reconciliation",
-    guards=[master_key_only],
+    guards=[requires(Permission.READ_ALL)],
     tags=["export"],
     summary="Requests, tokens, exact spend and Lago delivery per customer/user/team and day/month",
 )

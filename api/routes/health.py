@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api.jsonio import json_response
 from api.services import services_of
 from ledger.db import current_revision, head_revision
+from ledger.master_key import master_key_verdict
 
 
 @get("/health/liveliness", tags=["health"], summary="The process is up")
@@ -32,7 +33,11 @@ async def readiness(request: Request[Any, Any, Any]) -> Response[Any]:
         )
     publisher = {name: health.state for name, health in services.publisher.publisher.health.items()}
     status = "healthy" if all(state == "ok" for state in publisher.values()) else "degraded"
-    return json_response({"status": status, "db": "connected", "migration": revision, "publisher": publisher})
+    # An operator sees here whether the server runs without a master key of its own (permitted only).
+    auth = master_key_verdict(services.settings).auth_state()
+    return json_response(
+        {"status": status, "db": "connected", "migration": revision, "publisher": publisher, "auth": auth}
+    )
 
 
 @get("/metrics", tags=["health"], summary="Prometheus metrics", include_in_schema=True)

@@ -12,10 +12,11 @@ from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
 from msgspec import UNSET, UnsetType
 
-from api.auth import Caller, authenticate, master_key_only
-from api.errors import auth_error, bad_request
+from api.auth import Caller, caller_of, requires
+from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
 from api.params import OPTIONAL_ID_PARAM
+from api.roles import Permission
 from api.services import services_of
 from ledger import keys as key_commands
 from ledger.durations import DurationError, parse_duration
@@ -26,6 +27,8 @@ from ledger.keys import KeyRecord, display_name, hash_key, new_key
 from projections.spend import spend_by_id, spend_of
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
+# LiteLLM's MINIMUM_CUSTOM_KEY_LENGTH: a shorter key can be guessed, and its key_name would show it whole.
+MIN_CUSTOM_KEY_LENGTH = 16
 
 
 class GenerateKeyRequest(msgspec.Struct, kw_only=True):
@@ -43,6 +46,7 @@ class GenerateKeyRequest(msgspec.Struct, kw_only=True):
     tpm_limit: int | None = None
     max_parallel_requests: int | None = None
     blocked: bool = False
+    allowed_customers: list[Identifier] = []  # the customers the key may bill; empty: any
 
 
 class UpdateKeyRequest(msgspec.Struct, kw_only=True):
@@ -59,6 +63,7 @@ class UpdateKeyRequest(msgspec.Struct, kw_only=True):
     rpm_limit: int | None | UnsetType = UNSET
     tpm_limit: int | None | UnsetType = UNSET
     max_parallel_requests: int | None | UnsetType = UNSET
+    allowed_customers: list[Identifier] | UnsetType = UNSET
 
 
 class DeleteKeysRequest(msgspec.Struct, kw_only=True):
@@ -88,6 +93,7 @@ def key_view(record: KeyRecord, spend: Decimal) -> dict[str, Any]:
         "tpm_limit": record.tpm_limit,
         "max_parallel_requests": record.max_parallel_requests,
         "blocked": record.blocked,
+        "allowed_customers": list(record.allowed_customers),
         "created_at": record.created_at.isoformat(),
         "updated_at": record.updated_at.isoformat(),
     }
@@ -102,6 +108,26 @@ def _expires(duration: str | None, now: datetime) -> datetime | None:
         raise bad_request(str(exc), param="duration") from None
 
 
+def _custom_key(key: str | None) -> str:
+    """A client-chosen key, checked without ever repeating it; None: a new random key."""
+    if key is None:
+        return new_key()
+    if not key.startswith("sk-") or len(key) < MIN_CUSTOM_KEY_LENGTH:
+        raise bad_request(
+            f"A custom key must start with 'sk-' and be at least {MIN_CUSTOM_KEY_LENGTH} characters long",
+            param="key",
+        )
+    return key
+
+
+def _key_owner(caller: Caller, user_id: str | None, team_id: str | None) -> str | None:
+    """The user a new key belongs to. An internal user makes keys for itself only (its own user by
+    default), and never for a team: without team membership here, that would spend a team's budget."""
+    if team_id is not None:
+        caller.require(Permission.MANAGE, "give a key a team_id")
+    return caller.user_scope(user_id, over=Permission.MANAGE)
+
+
 def _key_hash(value: str) -> str:
     """Management calls may name a key by its plaintext or by its hash (as /key/list shows it)."""
     return value if _HASH.match(value) else hash_key(value)
@@ -109,21 +135,24 @@ def _key_hash(value: str) -> str:
 
 class KeyController(Controller):
     path = "/key"
-    guards = [master_key_only]
     tags = ["keys"]
 
-    @post("/generate", status_code=200, summary="Generate a virtual key (the plaintext is shown once)")
+    @post(
+        "/generate",
+        guards=[requires(Permission.MANAGE_OWN_KEYS)],
+        status_code=200,
+        summary="Generate a virtual key (the plaintext is shown once)",
+    )
     async def generate(self, request: Request[Any, Any, Any], data: GenerateKeyRequest) -> Response[Any]:
         services = services_of(request)
+        caller = caller_of(request)
         now = datetime.now(UTC)
-        plaintext = data.key or new_key()
-        if not plaintext.startswith("sk-"):
-            raise bad_request("A custom key must start with 'sk-'", param="key")
+        plaintext = _custom_key(data.key)
         spec = KeyGenerated(
             key_hash=hash_key(plaintext),
             key_name=display_name(plaintext),
             key_alias=data.key_alias,
-            user_id=data.user_id,
+            user_id=_key_owner(caller, data.user_id, data.team_id),
             team_id=data.team_id,
             models=tuple(data.models),
             metadata=data.metadata,
@@ -135,55 +164,84 @@ class KeyController(Controller):
             max_parallel_requests=data.max_parallel_requests,
             expires=_expires(data.duration, now),
             blocked=data.blocked,
+            allowed_customers=tuple(dict.fromkeys(data.allowed_customers)),
         )
         async with services.pool.acquire() as conn, conn.transaction():
-            record = await key_commands.generate_key(conn, spec, plaintext, actor="master_key", now=now)
+            record = await key_commands.generate_key(conn, spec, plaintext, actor=caller.actor, now=now)
         return json_response({"key": plaintext, **key_view(record, Decimal(0))})
 
-    @post("/update", status_code=200, summary="Change a key's settings (only the fields sent)")
+    @post(
+        "/update",
+        guards=[requires(Permission.MANAGE_OWN_KEYS)],
+        status_code=200,
+        summary="Change a key's settings (only the fields sent)",
+    )
     async def update(self, request: Request[Any, Any, Any], data: UpdateKeyRequest) -> Response[Any]:
         services = services_of(request)
+        caller = caller_of(request)
         now = datetime.now(UTC)
         changes = sent_fields(data, "key", "duration")
         if data.duration is not UNSET:
             changes["expires"] = _expires(data.duration, now)
+        if "allowed_customers" in changes:
+            changes["allowed_customers"] = tuple(dict.fromkeys(changes["allowed_customers"]))
+        if "user_id" in changes or "team_id" in changes:
+            caller.require(Permission.MANAGE, "move a key to another user or team")
         update = KeyUpdated(key_hash=_key_hash(data.key), **changes)
         async with services.pool.acquire() as conn, conn.transaction():
-            record = await key_commands.update_key(conn, update, actor="master_key", now=now)
+            caller.check_key(await key_commands.get_key(conn, update.key_hash), over=Permission.MANAGE)
+            record = await key_commands.update_key(conn, update, actor=caller.actor, now=now)
         return json_response(key_view(record, await spend_of(services.pool, "key", record.key_hash)))
 
-    @post("/delete", status_code=200, summary="Delete keys (all or none)")
+    @post(
+        "/delete",
+        guards=[requires(Permission.MANAGE_OWN_KEYS)],
+        status_code=200,
+        summary="Delete keys (all or none)",
+    )
     async def delete(self, request: Request[Any, Any, Any], data: DeleteKeysRequest) -> Response[Any]:
         services = services_of(request)
+        caller = caller_of(request)
         hashes = [_key_hash(k) for k in data.keys]
         async with services.pool.acquire() as conn, conn.transaction():
+            for key_hash in hashes:
+                caller.check_key(await key_commands.get_key(conn, key_hash), over=Permission.MANAGE)
             for alias in data.key_aliases:
                 record = await key_commands.find_key_by_alias(conn, alias)
+                caller.check_key(record, over=Permission.MANAGE)
                 if record is None:
                     raise NotFound(f"no key with alias {alias!r}", param="key_aliases")
                 hashes.append(record.key_hash)
             if not hashes:
                 raise bad_request("Name the keys to delete in 'keys' or 'key_aliases'", param="keys")
-            await key_commands.delete_keys(conn, hashes, actor="master_key", now=datetime.now(UTC))
+            await key_commands.delete_keys(conn, hashes, actor=caller.actor, now=datetime.now(UTC))
         return json_response({"deleted_keys": data.keys + data.key_aliases})
 
-    @post("/block", status_code=200, summary="Block a key: it is refused until unblocked")
+    @post(
+        "/block",
+        guards=[requires(Permission.MANAGE)],
+        status_code=200,
+        summary="Block a key: it is refused until unblocked",
+    )
     async def block(self, request: Request[Any, Any, Any], data: KeyRef) -> Response[Any]:
         return await self._set_blocked(request, data.key, blocked=True)
 
-    @post("/unblock", status_code=200, summary="Unblock a key")
+    @post("/unblock", guards=[requires(Permission.MANAGE)], status_code=200, summary="Unblock a key")
     async def unblock(self, request: Request[Any, Any, Any], data: KeyRef) -> Response[Any]:
         return await self._set_blocked(request, data.key, blocked=False)
 
     async def _set_blocked(self, request: Request[Any, Any, Any], key: str, blocked: bool) -> Response[Any]:
         services = services_of(request)
+        actor = caller_of(request).actor
         async with services.pool.acquire() as conn, conn.transaction():
-            record = await key_commands.set_blocked(
-                conn, _key_hash(key), blocked, "master_key", datetime.now(UTC)
-            )
+            record = await key_commands.set_blocked(conn, _key_hash(key), blocked, actor, datetime.now(UTC))
         return json_response(key_view(record, await spend_of(services.pool, "key", record.key_hash)))
 
-    @get("/list", summary="List keys (hashes, or full objects with return_full_object=true)")
+    @get(
+        "/list",
+        guards=[requires(Permission.READ_OWN)],
+        summary="List keys (hashes, or full objects with return_full_object=true); an internal user's own",
+    )
     async def list_keys(
         self,
         request: Request[Any, Any, Any],
@@ -195,6 +253,7 @@ class KeyController(Controller):
         return_full_object: bool = False,
     ) -> Response[Any]:
         services = services_of(request)
+        user_id = caller_of(request).user_scope(user_id, over=Permission.READ_ALL)
         where = (
             "($1::text is null or user_id = $1) and ($2::text is null or team_id = $2) "
             "and ($3::text is null or key_alias = $3)"
@@ -226,9 +285,14 @@ class KeyController(Controller):
         )
 
 
-@get("/key/info", tags=["keys"], summary="A key's settings and spend (the master key, or the key itself)")
+@get(
+    "/key/info",
+    guards=[requires(None)],
+    tags=["keys"],
+    summary="A key's settings and spend (any key for admins; an internal user's own; a key itself)",
+)
 async def key_info(request: Request[Any, Any, Any], key: str | None = None) -> Response[Any]:
-    caller: Caller = await authenticate(request)
+    caller = caller_of(request)
     services = services_of(request)
     if key is None:
         if caller.key is None:
@@ -236,9 +300,8 @@ async def key_info(request: Request[Any, Any, Any], key: str | None = None) -> R
         key_hash = caller.key_hash
     else:
         key_hash = _key_hash(key)
-    if not caller.is_master and key_hash != caller.key_hash:
-        raise auth_error("A key may only read its own info")
     record = await key_commands.get_key(services.pool, key_hash)
+    caller.check_key(record, over=Permission.READ_ALL)
     if record is None:
         raise NotFound("key not found", param="key")
     spend = await spend_of(services.pool, "key", key_hash)

@@ -7,9 +7,10 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get, post
 
-from api.auth import master_key_only
+from api.auth import requires
 from api.jsonio import json_response
 from api.metrics import observe_status
+from api.roles import Permission
 from api.services import Services, services_of
 from ledger.outbox import outbox_status, retry_dead_letters
 from ledger.webhook_rows import webhook_follower_lag
@@ -33,7 +34,7 @@ def publisher_health(services: Services) -> dict[str, Any]:
 
 @get(
     "/outbox/status",
-    guards=[master_key_only],
+    guards=[requires(Permission.READ_ALL)],
     tags=["outbox"],
     summary="Outbox rows by sink and state, the oldest pending age, and the dead letters",
 )
@@ -48,7 +49,7 @@ async def get_outbox_status(request: Request[Any, Any, Any]) -> Response[Any]:
 
 @post(
     "/outbox/retry",
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=["outbox"],
     status_code=200,
     summary="Send dead letters again (all, or those named)",

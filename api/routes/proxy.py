@@ -12,6 +12,7 @@ from api.enforcement import admit
 from api.errors import ApiError, bad_request
 from api.jsonio import json_response
 from api.proxy import Exchange, customer_of, decode_head, forward, record, upstream_body
+from api.roles import Permission
 from api.services import services_of
 from api.streaming import forward_stream
 
@@ -26,6 +27,7 @@ async def _proxy(route: str, request: Request[Any, Any, Any]) -> Response[Any]:
     # Authenticated here rather than as a Litestar dependency: on the hot path, resolving the
     # dependency and validating the handler's signature cost more than the lookup itself.
     caller = await authenticate(request)
+    caller.require(Permission.CALL_MODELS)  # a proxy_admin_viewer reads, never spends (403)
     services = services_of(request)
     body = await request.body()
     head = decode_head(body)
@@ -58,7 +60,9 @@ async def _proxy(route: str, request: Request[Any, Any, Any]) -> Response[Any]:
             code="model_unpriced",
             param="model",
         )
-    exchange = Exchange(route, caller, head, deployment, price, customer_of(head, request.headers))
+    exchange = Exchange(
+        route, caller, head, deployment, price, caller.customer_for(customer_of(head, request.headers))
+    )
     outgoing = upstream_body(body, head, deployment)
     await admit(services, exchange, len(outgoing))
     try:

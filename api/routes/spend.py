@@ -9,9 +9,10 @@ from typing import Any, Literal
 from litestar import Request, Response, get
 from litestar.params import Parameter
 
-from api.auth import master_key_only
+from api.auth import caller_of, requires
 from api.jsonio import json_response
 from api.params import OPTIONAL_ID_PARAM
+from api.roles import Permission
 from api.services import services_of
 from ledger.keys import hash_key
 from projections import daily
@@ -22,7 +23,7 @@ _HASH = re.compile(r"^[0-9a-f]{64}$")
 
 @get(
     "/spend/logs",
-    guards=[master_key_only],
+    guards=[requires(Permission.READ_OWN)],
     tags=["spend"],
     summary="Spend logs by key, user or request; per-day totals when only dates are given",
 )
@@ -36,6 +37,8 @@ async def get_spend_logs(
     limit: int = Parameter(default=1000, ge=1, le=100_000),
 ) -> Response[Any]:
     services = services_of(request)
+    # An internal user's logs are its own user's: its filter always holds (and never widens).
+    user_id = caller_of(request).user_scope(user_id, over=Permission.READ_ALL)
     start, end = day_range(start_date, end_date)
     if api_key is None and user_id is None and request_id is None and (start or end):
         return json_response(await daily_spend(services.pool, start, end))
@@ -54,7 +57,7 @@ async def get_spend_logs(
 
 @get(
     "/global/spend/report",
-    guards=[master_key_only],
+    guards=[requires(Permission.READ_ALL)],
     tags=["spend"],
     summary="Spend per day per team (or customer, or key), by model",
 )
@@ -71,7 +74,7 @@ async def get_global_spend_report(
 
 @get(
     "/spend/daily",
-    guards=[master_key_only],
+    guards=[requires(Permission.READ_ALL)],
     tags=["spend"],
     summary="Daily spend per customer, user, team, key or model (a projection that follows the log)",
 )

@@ -12,10 +12,11 @@ import msgspec
 from litestar import Request, Response, get, post
 from msgspec import UNSET, UnsetType
 
-from api.auth import master_key_only
+from api.auth import caller_of, requires
 from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
 from api.params import ID_PARAM
+from api.roles import Permission
 from api.routes.keys import key_view
 from api.services import services_of
 from ledger import directory
@@ -76,12 +77,12 @@ async def _update(request: Request[Any, Any, Any], team_id: str, changes: dict[s
     async with services.pool.acquire() as conn, conn.transaction():
         if changes:
             await directory.update_team(
-                conn, TeamUpdated(team_id=team_id, **changes), "master_key", datetime.now(UTC)
+                conn, TeamUpdated(team_id=team_id, **changes), caller_of(request).actor, datetime.now(UTC)
             )
         return await _team(conn, team_id)
 
 
-@post("/team/new", guards=[master_key_only], tags=_tags, status_code=200, summary="Create a team")
+@post("/team/new", guards=[requires(Permission.MANAGE)], tags=_tags, status_code=200, summary="Create a team")
 async def new_team(request: Request[Any, Any, Any], data: NewTeamRequest) -> Response[Any]:
     services = services_of(request)
     team_id = str(uuid.uuid4()) if data.team_id is None else data.team_id
@@ -101,14 +102,14 @@ async def new_team(request: Request[Any, Any, Any], data: NewTeamRequest) -> Res
         metadata=data.metadata,
     )
     async with services.pool.acquire() as conn, conn.transaction():
-        await directory.create_team(conn, event, "master_key", datetime.now(UTC))
+        await directory.create_team(conn, event, caller_of(request).actor, datetime.now(UTC))
         view = await _team(conn, team_id)
     return json_response(view)
 
 
 @post(
     "/team/update",
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Change a team (only the fields sent)",
@@ -121,7 +122,7 @@ async def update_team(request: Request[Any, Any, Any], data: UpdateTeamRequest) 
 
 @post(
     "/team/delete",
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Delete teams and their keys (all or none); their events and spend history stay",
@@ -132,11 +133,13 @@ async def delete_teams(request: Request[Any, Any, Any], data: TeamIds) -> Respon
         raise bad_request("team_ids must name at least one team", param="team_ids")
     now = datetime.now(UTC)
     async with services.pool.acquire() as conn, conn.transaction():
-        await directory.delete_teams(conn, data.team_ids, "master_key", now)
+        await directory.delete_teams(conn, data.team_ids, caller_of(request).actor, now)
     return json_response({"deleted_teams": data.team_ids})
 
 
-@get("/team/info", guards=[master_key_only], tags=_tags, summary="A team, its spend and its keys")
+@get(
+    "/team/info", guards=[requires(Permission.READ_ALL)], tags=_tags, summary="A team, its spend and its keys"
+)
 async def team_info(request: Request[Any, Any, Any], team_id: str = ID_PARAM) -> Response[Any]:
     pool = services_of(request).pool
     view = await _team(pool, team_id)
@@ -144,14 +147,14 @@ async def team_info(request: Request[Any, Any, Any], team_id: str = ID_PARAM) ->
     return json_response({"team_id": team_id, "team_info": view, "keys": keys})
 
 
-@get("/team/list", guards=[master_key_only], tags=_tags, summary="Every team")
+@get("/team/list", guards=[requires(Permission.READ_ALL)], tags=_tags, summary="Every team")
 async def team_list(request: Request[Any, Any, Any]) -> Response[Any]:
     return json_response(await list_teams(services_of(request).pool))
 
 
 @post(
     "/team/block",
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Block a team: every key of the team is refused",
@@ -160,7 +163,13 @@ async def block_team(request: Request[Any, Any, Any], data: TeamRef) -> Response
     return json_response(await _update(request, data.team_id, {"blocked": True}))
 
 
-@post("/team/unblock", guards=[master_key_only], tags=_tags, status_code=200, summary="Unblock a team")
+@post(
+    "/team/unblock",
+    guards=[requires(Permission.MANAGE)],
+    tags=_tags,
+    status_code=200,
+    summary="Unblock a team",
+)
 async def unblock_team(request: Request[Any, Any, Any], data: TeamRef) -> Response[Any]:
     return json_response(await _update(request, data.team_id, {"blocked": False}))
 

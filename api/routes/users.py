@@ -13,10 +13,11 @@ from litestar import Request, Response, get, post
 from litestar.params import Parameter
 from msgspec import UNSET, UnsetType
 
-from api.auth import master_key_only
+from api.auth import caller_of, requires
 from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
-from api.params import ID_PARAM
+from api.params import OPTIONAL_ID_PARAM
+from api.roles import Permission
 from api.routes.keys import key_view
 from api.services import services_of
 from ledger import directory
@@ -99,7 +100,7 @@ async def _user(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> dict[s
 
 @post(
     "/user/new",
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Create an internal user, and a key for it (the plaintext is shown once)",
@@ -133,7 +134,7 @@ async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Res
     )
     key: dict[str, Any] = {"key": None, "token": None, "key_name": None, "key_alias": None, "expires": None}
     async with services.pool.acquire() as conn, conn.transaction():
-        await directory.create_user(conn, event, "master_key", now)
+        await directory.create_user(conn, event, caller_of(request).actor, now)
         if data.auto_create_key:
             # The key carries only the user: the user's models, budget and limits govern it as a scope.
             plaintext = new_key()
@@ -144,7 +145,9 @@ async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Res
                 user_id=user_id,
                 expires=expires,
             )
-            record = await key_commands.generate_key(conn, spec, plaintext, actor="master_key", now=now)
+            record = await key_commands.generate_key(
+                conn, spec, plaintext, actor=caller_of(request).actor, now=now
+            )
             key = {
                 "key": plaintext,
                 "token": record.key_hash,
@@ -158,7 +161,7 @@ async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Res
 
 @post(
     "/user/update",
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Change an internal user (only the fields sent)",
@@ -171,7 +174,10 @@ async def update_user(request: Request[Any, Any, Any], data: UpdateUserRequest) 
     async with services.pool.acquire() as conn, conn.transaction():
         if changes:
             await directory.update_user(
-                conn, UserUpdated(user_id=data.user_id, **changes), "master_key", datetime.now(UTC)
+                conn,
+                UserUpdated(user_id=data.user_id, **changes),
+                caller_of(request).actor,
+                datetime.now(UTC),
             )
         view = await _user(conn, data.user_id)
     return json_response({"user_id": data.user_id, "data": view})
@@ -179,7 +185,7 @@ async def update_user(request: Request[Any, Any, Any], data: UpdateUserRequest) 
 
 @post(
     "/user/delete",
-    guards=[master_key_only],
+    guards=[requires(Permission.MANAGE)],
     tags=_tags,
     status_code=200,
     summary="Delete internal users and their keys (all or none); their events and spend history stay",
@@ -190,19 +196,35 @@ async def delete_users(request: Request[Any, Any, Any], data: UserIds) -> Respon
         raise bad_request("user_ids must name at least one user", param="user_ids")
     now = datetime.now(UTC)
     async with services.pool.acquire() as conn, conn.transaction():
-        await directory.delete_users(conn, data.user_ids, "master_key", now)
+        await directory.delete_users(conn, data.user_ids, caller_of(request).actor, now)
     return json_response({"deleted_users": data.user_ids})
 
 
-@get("/user/info", guards=[master_key_only], tags=_tags, summary="An internal user, its spend and its keys")
-async def user_info(request: Request[Any, Any, Any], user_id: str = ID_PARAM) -> Response[Any]:
+@get(
+    "/user/info",
+    guards=[requires(Permission.READ_OWN)],
+    tags=_tags,
+    summary="An internal user, its spend and its keys (an internal user's own: user_id may be left out)",
+)
+async def user_info(
+    request: Request[Any, Any, Any],
+    user_id: str | None = OPTIONAL_ID_PARAM,
+) -> Response[Any]:
     pool = services_of(request).pool
+    user_id = caller_of(request).user_scope(user_id, over=Permission.READ_ALL)
+    if user_id is None:
+        raise bad_request("Name the user: /user/info?user_id=…", param="user_id")
     view = await _user(pool, user_id)
     keys = [key_view(record, spend) for record, spend in await keys_of(pool, "user", user_id)]
     return json_response({"user_id": user_id, "user_info": view, "keys": keys})
 
 
-@get("/user/list", guards=[master_key_only], tags=_tags, summary="Internal users, a page at a time")
+@get(
+    "/user/list",
+    guards=[requires(Permission.READ_ALL)],
+    tags=_tags,
+    summary="Internal users, a page at a time",
+)
 async def user_list(
     request: Request[Any, Any, Any],
     role: str | None = None,

@@ -72,7 +72,7 @@ PROXIES = ("spendledger", "spendledger on granian", "litellm")
 # installed from), so a second checkout can be benchmarked against this one.
 SPENDLEDGER = [sys.executable, "-m", "api"]
 LITELLM_VERSION = "1.106.2"
-MASTER_KEY = "sk-1234"
+MASTER_KEY = "sk-bench-2f9a6c1e8d4b7035"  # not sk-1234: spendledger refuses a publicly known key
 CUSTOMER = "bench-customer"
 MODEL = "fake-openai-endpoint"
 SL_UPSTREAM_KEY = "spendledger-upstream"  # the fake upstream counts requests by these credentials

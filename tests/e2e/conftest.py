@@ -9,7 +9,8 @@ import pytest
 from tests.fakes.upstream import RunningUpstream, run_fake_upstream
 from tests.support import PostgresForTests, RunningServer, run_server
 
-MASTER_KEY = "sk-1234"
+# A key of our own: sk-1234 is publicly known, and `spendledger serve` refuses it (ledger/master_key.py).
+MASTER_KEY = "sk-test-5d0c8e2a9f4b7163e1a8"
 # Prices chosen so that costs have many decimal places: float arithmetic would show noise.
 INPUT_PRICE = "0.0000015"
 OUTPUT_PRICE = "0.000002"

@@ -352,9 +352,11 @@ def test_a_read_only_key_sees_only_its_own_events_and_cannot_widen(
 
 
 def test_other_keys_are_refused(server: RunningServer, world: World) -> None:
-    for key in (world.keys["plain"]["key"], world.keys["alpha"]["key"], "sk-not-a-key"):
-        assert_error(audit(server, [], key=key), 401, "auth_error")
-        assert_error(audit(server, [("format", "ndjson")], key=key), 401, "auth_error")
+    for key in (world.keys["plain"]["key"], world.keys["alpha"]["key"]):  # known keys, no reading role
+        assert_error(audit(server, [], key=key), 403, "permission_denied")
+        assert_error(audit(server, [("format", "ndjson")], key=key), 403, "permission_denied")
+    assert_error(audit(server, [], key="sk-not-a-key"), 401, "auth_error")
+    assert_error(audit(server, [("format", "ndjson")], key="sk-not-a-key"), 401, "auth_error")
     assert_error(httpx.get(f"{server.base_url}/audit/events"), 401, "auth_error")
     assert_error(audit(server, [], key=world.keys["gone"]["key"]), 401, "auth_error")  # deleted
 

@@ -160,7 +160,7 @@ def test_a_key_may_read_its_own_info_only(server: RunningServer) -> None:
     assert own.json()["info"]["token"] == sha256(mine)
     assert "key" in own.json()
     refused = httpx.get(f"{server.base_url}/key/info", headers=bearer(mine), params={"key": other})
-    assert_error(refused, 401, "auth_error")
+    assert_error(refused, 403, "permission_denied")
 
 
 def test_only_the_hash_of_a_key_is_stored(server: RunningServer) -> None:
@@ -447,8 +447,8 @@ def test_a_generated_key_cannot_manage_keys(server: RunningServer) -> None:
         ("/key/delete", {"keys": [other]}),
     ):
         response = httpx.post(f"{server.base_url}{path}", headers=bearer(key), json=body)
-        assert_error(response, 401, "auth_error")
-    assert_error(httpx.get(f"{server.base_url}/key/list", headers=bearer(key)), 401, "auth_error")
+        assert_error(response, 403, "permission_denied")  # its user_id names no internal user: no role
+    assert_error(httpx.get(f"{server.base_url}/key/list", headers=bearer(key)), 403, "permission_denied")
     assert event_count(server.database_url) == before
     assert chat(server, other).status_code == 200
 

@@ -362,11 +362,11 @@ def test_delete_is_all_or_none(server: RunningServer, existing: dict[str, str]) 
     ok(get(server, "/user/info", user_id=existing["user"]))
 
 
-def test_management_routes_need_the_master_key(server: RunningServer) -> None:
-    key = generate_key(server)
+def test_management_routes_need_an_admin(server: RunningServer) -> None:
+    key = generate_key(server)  # a key of no internal user: no management role (api/roles.py)
     for path in ["/budget/new", "/team/new", "/user/new"]:
         response = httpx.post(f"{server.base_url}{path}", headers={"Authorization": f"Bearer {key}"}, json={})
-        assert_error(response, 401, "auth_error")
+        assert_error(response, 403, "permission_denied")
     for path in ["/budget/list", "/team/list", "/user/list"]:
         assert_error(httpx.get(f"{server.base_url}{path}"), 401, "auth_error")
 

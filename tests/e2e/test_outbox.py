@@ -35,6 +35,7 @@ import pytest
 from ledger.config import LagoSettings
 from ledger.outbox import Claimed, Delivery, Publisher
 from ledger.sinks.lago import LagoSink
+from tests.e2e.conftest import MASTER_KEY
 from tests.e2e.enforcement_support import post, query, unit_cost, wait_until
 from tests.e2e.outbox_support import (
     EVENT_CODE,
@@ -595,7 +596,7 @@ def test_webhooks_spend_tracked_signed_exactly_once_and_each_budget_crossing_onc
     for event_id, payload in by_id.items():
         assert payload["spend"] == expected_spend[event_id.rsplit(":", 1)[1]]
         assert payload["event_group"] == "customer"
-        assert payload["token"] == hashlib.sha256(b"sk-1234").hexdigest()
+        assert payload["token"] == hashlib.sha256(MASTER_KEY.encode()).hexdigest()
     assert by_id["budget_crossed:customer:wh-budget:0:max"]["max_budget"] == Decimal("95.5") * c
     assert by_id["threshold_crossed:customer:wh-budget:0:95"]["max_budget"] == 100 * c
     assert "threshold=85%" in by_id["threshold_crossed:customer:wh-budget:0:85"]["event_message"]
@@ -669,7 +670,7 @@ def test_the_first_request_a_budget_refuses_announces_budget_crossed_once_per_pe
         statuses = [
             httpx.post(
                 f"{server.base_url}/chat/completions",
-                headers={"Authorization": "Bearer sk-1234"},
+                headers={"Authorization": f"Bearer {MASTER_KEY}"},
                 json={
                     "model": "fake-openai-endpoint",
                     "user": "exhausted",

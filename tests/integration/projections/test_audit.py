@@ -501,3 +501,51 @@ async def test_bad_cursors_limits_and_types_are_refused(pool: asyncpg.Pool) -> N
         await read_events(pool, AuditFilters(types=("UsageRecorded", "NoSuchEvent")), None, 10)
     with pytest.raises(InvalidCursor):
         await read_events(pool, AuditFilters(), "garbage!", 10)
+
+
+# --- who made a change ---------------------------------------------------------------------------
+
+
+async def test_the_actor_filter_selects_each_actors_changes_on_every_page_size(pool: asyncpg.Pool) -> None:
+    """`actor` matches `metadata.actor` exactly: the master key's changes, a generated key's
+    ("key:<sha256>"), never usage events (they name no actor); it intersects the other filters."""
+    by_key = f"key:{KA}"
+    appended: list[tuple[str, str | None, str]] = []  # (stream, actor, type), in append order
+    for i in range(9):
+        actor = ("master_key", by_key, "master_key")[i % 3]
+        stream, event = (
+            (f"budget:b{i}", BudgetDefined(budget_id=f"b{i}"))
+            if i % 2
+            else (f"key:{i:064x}", KeyGenerated(key_hash=f"{i:064x}", key_name="sk-...0000", team_id="t1"))
+        )
+        async with pool.acquire() as conn, conn.transaction():
+            await store.append(conn, stream, 0, [event], {"actor": actor})
+            await store.append(conn, f"request:u{i}", 0, [usage(f"u{i}", team="t1")], {})
+        appended += [(stream, actor, event_type(event)), (f"request:u{i}", None, "UsageRecorded")]
+
+    def expected(actor: str, type_: str | None = None) -> list[str]:
+        return [s for s, a, t in appended if a == actor and (type_ is None or t == type_)]
+
+    for limit in (1, 2, 1000):
+        for actor in ("master_key", by_key):
+            events = await read_all_pages(pool, AuditFilters(actor=actor), limit)
+            assert [e.stream for e in events] == expected(actor)
+            assert all(json.loads(bytes(e.metadata))["actor"] == actor for e in events)
+        keys_by_master = await read_all_pages(pool, AuditFilters(actor="master_key", team="t1"), limit)
+        assert [e.stream for e in keys_by_master] == expected("master_key", "KeyGenerated")
+    assert len(expected("master_key")) == 6 and len(expected(by_key)) == 3
+    assert await read_all_pages(pool, AuditFilters(actor="key:" + "f" * 64), 10) == []
+
+
+async def test_the_actor_filter_reads_its_index(pool: asyncpg.Pool) -> None:
+    """Migration 0015's partial index serves `metadata->>'actor' = $1` in (txid, position) order
+    (the planner may still prefer a scan of a tiny table: it is only kept from choosing one)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("set local enable_seqscan = off")
+        plan = await conn.fetchval(
+            "explain (format json) select position from events "
+            "where metadata->>'actor' = $1 and txid < pg_snapshot_xmin(pg_current_snapshot()) "
+            "order by txid, position limit 10",
+            "master_key",
+        )
+    assert "events_actor" in plan

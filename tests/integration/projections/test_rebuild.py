@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
+import msgspec
 
 from ledger import directory, keys
 from ledger.admission import Admission, Admitted, admit_request
@@ -19,12 +20,15 @@ from ledger.events import (
     KeyUpdated,
     TeamCreated,
     UsageRecorded,
+    decode_event,
 )
 from ledger.usage import RecordingContext, record_usage
 from projections.daily import catch_up
 from projections.rebuild import rebuild
 
 CONTEXT = RecordingContext(default_budget_id="tier")
+PINNED = keys.hash_key("sk-rebuild-pinned-key")
+OLD_KEY = keys.hash_key("sk-rebuild-older-event")
 
 
 async def request(
@@ -94,6 +98,11 @@ async def mixed_workload(pool: asyncpg.Pool) -> None:
         await directory.create_team(conn, TeamCreated(team_id="team-a", max_budget=Decimal(5)), "t", now)
         spec = KeyGenerated(key_hash=keys.hash_key("sk-rebuild"), key_name="sk-...uild", key_alias="rb")
         await keys.generate_key(conn, spec, "sk-rebuild", "t", now)
+        pinned = KeyGenerated(
+            key_hash=PINNED, key_name="sk-...-key", allowed_customers=("periodic", "on-tier")
+        )
+        await keys.generate_key(conn, pinned, "sk-rebuild-pinned-key", "t", now)
+        await _key_generated_before_allowed_customers(conn, now)
     key = spec.key_hash
     for i in range(6):  # the default tier refuses after its 0.05
         await request(pool, f"tiered-{i}", "on-tier", key, "0.0123456789")
@@ -108,7 +117,26 @@ async def mixed_workload(pool: asyncpg.Pool) -> None:
             conn, BudgetUpdated(budget_id="tier", max_budget=Decimal(1)), "t", later
         )
         await keys.update_key(conn, KeyUpdated(key_hash=key, metadata={"x": 1}), "t", later)
+        await keys.update_key(conn, KeyUpdated(key_hash=PINNED, allowed_customers=("periodic",)), "t", later)
     await request(pool, "tiered-after", "on-tier", key, "0.5")
+
+
+async def _key_generated_before_allowed_customers(conn: asyncpg.Connection, now: datetime) -> None:
+    """A KeyGenerated as written before issue 15: its JSON has no `allowed_customers`."""
+    data = msgspec.json.encode({"type": "KeyGenerated", "key_hash": OLD_KEY, "key_name": "sk-...vent"})
+    await conn.execute(
+        "insert into events (stream, version, type, data, metadata) values ($1, 1, 'KeyGenerated', $2, $3)",
+        keys.key_stream(OLD_KEY),
+        data.decode(),
+        msgspec.json.encode({"actor": "t", "at": now.isoformat()}).decode(),
+    )
+    await keys.apply_key_event(conn, decode_event(data), now)
+
+
+async def allowed_customers(pool: asyncpg.Pool) -> dict[str, list[str]]:
+    rows = await pool.fetch("select key_hash, allowed_customers from keys where key_hash = any($1::text[])",
+                            [PINNED, OLD_KEY])  # fmt: skip
+    return {row["key_hash"]: list(row["allowed_customers"]) for row in rows}
 
 
 async def test_rebuild_equals_live_after_a_mixed_workload(pool: asyncpg.Pool, database_url: str) -> None:
@@ -120,6 +148,7 @@ async def test_rebuild_equals_live_after_a_mixed_workload(pool: asyncpg.Pool, da
         )
         == 2
     )
+    assert await allowed_customers(pool) == {PINNED: ["periodic"], OLD_KEY: []}
     report = await rebuild(database_url, verify_only=True)
     assert report.equal, report.differences
     assert report.events == await pool.fetchval("select count(*) from events")
@@ -135,8 +164,9 @@ async def test_a_planted_difference_is_reported_and_the_swap_repairs_it(
         "update spend_totals set spend = spend + 1 where scope = 'team' and scope_id = 'team-a'"
     )
     await pool.execute("update customers set alias = 'tampered' where user_id = 'periodic'")
+    await pool.execute("update keys set allowed_customers = '{}' where key_hash = $1", PINNED)
     report = await rebuild(database_url, verify_only=True)
-    assert set(report.differences) == {"spend_totals", "customers"}
+    assert set(report.differences) == {"spend_totals", "customers", "keys"}
     assert report.differences["spend_totals"]["rows"] == 2  # one row only live, its true twin only rebuilt
     report = await rebuild(database_url)
     assert report.swapped
@@ -145,7 +175,10 @@ async def test_a_planted_difference_is_reported_and_the_swap_repairs_it(
         == truth
     )
     assert await pool.fetchval("select alias from customers where user_id = 'periodic'") is None
+    assert await allowed_customers(pool) == {PINNED: ["periodic"], OLD_KEY: []}
     assert (await rebuild(database_url, verify_only=True)).equal
+    # The scope triggers (0011) came along: changes to users still reach the key caches.
+    assert await pool.fetchval("select count(*) from pg_trigger where tgname like '%\\_changed'") == 5
     # The swapped-in directory keeps its history for the webhook follower (migration 0012).
     await pool.execute("delete from directory_history")
     for table, id_column in (("keys", "key_hash"), ("customers", "user_id"), ("budgets", "budget_id"),
