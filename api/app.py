@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -22,9 +21,10 @@ from api.routing import ModelRouter
 from api.runtime import freeze_startup_heap
 from api.services import Services
 from api.upstream import Upstream
-from ledger.admission import GroupAdmitter, expire_holds
+from ledger.admission import GroupAdmitter
 from ledger.config import Settings, load_settings
 from ledger.db import create_pool, wait_for_database
+from ledger.holds_sweeper import STALE_AFTER, HoldSweeper, process_name
 from ledger.keys import hash_key
 from ledger.leases import BudgetLeases
 from ledger.master_key import master_key_verdict
@@ -36,18 +36,11 @@ from projections.daily import DailySpendFollower
 log = structlog.get_logger(__name__)
 
 
-HOLD_SWEEP_INTERVAL_S = 2.0
-
-
-async def _sweep_expired_holds(services: Services) -> None:
-    """Give back the holds of requests whose process died (every process sweeps; SKIP LOCKED
-    keeps them out of each other's way)."""
-    while True:
-        await asyncio.sleep(HOLD_SWEEP_INTERVAL_S)
-        with contextlib.suppress(Exception):
-            released = await expire_holds(services.pool)
-            if released:
-                log.warning("expired_holds_released", count=released)
+def _process_stale_after() -> timedelta:
+    """SPENDLEDGER_PROCESS_STALE_S shortens how long a silent process is waited for (tests of
+    killed servers use it)."""
+    value = os.environ.get("SPENDLEDGER_PROCESS_STALE_S")
+    return timedelta(seconds=float(value)) if value else STALE_AFTER
 
 
 def create_app(
@@ -60,7 +53,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await wait_for_database(database_url)
-        pool = await create_pool(database_url)
+        # The pool's connections carry this process's name: the holds it takes are marked with it.
+        owner = process_name()
+        pool = await create_pool(database_url, application_name=owner)
+        sweeper = HoldSweeper(pool, owner, stale_after=_process_stale_after())
+        await sweeper.start()
         # Leases are asked for only while changes to scopes are heard (they retire on each).
         leases = BudgetLeases(pool, trusted=lambda: key_cache.listening) if settings.budget_leases else None
         key_cache = KeyCache(pool, database_url, on_scope_change=leases.invalidate if leases else lambda: None)
@@ -84,7 +81,6 @@ def create_app(
             publisher=publisher,
         )
         app.state.services = services
-        sweeper = asyncio.create_task(_sweep_expired_holds(services))
         publisher.start()
         recorder.start()
         if leases is not None:
@@ -96,7 +92,6 @@ def create_app(
         try:
             yield
         finally:
-            sweeper.cancel()
             # In-flight requests are finished by the server before lifespan ends; recordings that
             # outlived their request (client hang-ups) are awaited here so none is lost.
             await services.drain()
@@ -104,6 +99,7 @@ def create_app(
             await recorder.stop()
             if leases is not None:
                 await leases.stop()  # after the last settle: what they leave is given back
+            await sweeper.stop()
             await follower.stop()
             await publisher.stop()
             await key_cache.stop()

@@ -22,8 +22,8 @@ from ledger.admission import (
     Outcome,
     Refused,
     announce_budget_exhausted,
-    worst_case_cost,
 )
+from ledger.holds import RequestShape, WorstCase, worst_case_cost, worst_case_tokens
 
 log = structlog.get_logger(__name__)
 
@@ -39,16 +39,17 @@ def hold_grace() -> timedelta:
     return timedelta(seconds=float(value)) if value else HOLD_GRACE
 
 
-async def admit(services: Services, exchange: Exchange, request_bytes: int) -> None:
+async def admit(services: Services, exchange: Exchange, shape: RequestShape) -> None:
     """Hold the request's worst-case cost on every scope, or raise the refusal as an ApiError."""
     now = datetime.now(UTC)
     timeout = timedelta(seconds=exchange.deployment.timeout_s)
     if exchange.head.stream:
         timeout = max(timeout, _STREAM_HOLD_FLOOR)
     settings = services.settings
-    hold = worst_case_cost(
-        exchange.price, request_bytes, exchange.head.output_cap(exchange.route, exchange.deployment)
-    )
+    worst = worst_case_tokens(shape, services.prices.limits(exchange.deployment.deployment_id))
+    if worst.assumed and settings.reject_unbounded_requests:
+        raise unbounded_error(worst, exchange)
+    hold = worst_case_cost(exchange.price, worst)
     admission = Admission(
         call_id=exchange.call_id,
         route=exchange.route,
@@ -64,6 +65,7 @@ async def admit(services: Services, exchange: Exchange, request_bytes: int) -> N
         global_max_budget=settings.max_budget,
         global_budget_duration=settings.budget_duration,
         refused_at=now,
+        actor=exchange.caller.actor,
     )
     outcome: Outcome | None = None
     if services.leases is not None:
@@ -85,6 +87,23 @@ async def admit(services: Services, exchange: Exchange, request_bytes: int) -> N
     exchange.budget_periods = outcome.budget_periods
     exchange.rate_headers = rate_headers(outcome)
     exchange.lease, exchange.hold = outcome.lease, hold
+
+
+def unbounded_error(worst: WorstCase, exchange: Exchange) -> ApiError:
+    model = exchange.head.model
+    fixes = []
+    if "output" in worst.assumed:
+        fixes.append(f"send max_tokens (or max_completion_tokens), or set model_info.max_output_tokens for {model!r}")
+    if "media" in worst.assumed:
+        fixes.append(f"set model_info.max_input_tokens for {model!r}")
+    return ApiError(
+        400,
+        "This request's cost has no known bound and reject_unbounded_requests is set: " + "; ".join(fixes),
+        "invalid_request_error",
+        code="unbounded_request",
+        param="max_tokens" if "output" in worst.assumed else "messages",
+        headers={"x-litellm-call-id": exchange.call_id},
+    )
 
 
 def rate_headers(admitted: Admitted) -> dict[str, str]:

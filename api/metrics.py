@@ -21,6 +21,11 @@ ADMISSIONS: Final = Counter(
     "Admission decisions by how they were made: in memory from a budget lease, or by a round trip",
     ["path", "outcome"],
 )
+HOLDS_EXCEEDED: Final = Counter(
+    "spendledger_holds_exceeded_total",
+    "Requests that cost more than the worst case held for them (billed in full; a HoldExceeded event each)",
+    ["model"],
+)
 OUTBOX_ROWS: Final = Gauge(
     "spendledger_outbox_rows", "Outbox rows waiting by sink and state (pending, dead, unbillable)", ["sink", "state"]
 )
@@ -60,6 +65,10 @@ def observe_request(route: str, status: str, model: str, priced: bool) -> None:
     REQUESTS.labels(route, status).inc()
     if not priced:
         UNPRICED.labels(model).inc()
+
+
+def observe_hold_exceeded(model: str) -> None:
+    HOLDS_EXCEEDED.labels(model).inc()
 
 
 def observe_delivery(sink: str, rows: Sequence[Claimed], delivery: Delivery) -> None:

@@ -1,32 +1,36 @@
 """Forwarding one OpenAI-style request and accounting for it (streams: api/streaming.py).
 
-The path of a request: decode the few fields we need, pick a deployment, forward the body (only
-`model`, and for streams `stream_options`, are rewritten), read the usage, record `UsageRecorded`,
-and only then release the response: no request is ever served unbilled.
+The path of a request: decode and validate the fields we need (api/request_body.py), pick a
+deployment, hold the worst case, forward the body (only `model`, and for streams `stream_options`,
+are rewritten), read the usage, record `UsageRecorded`, and only then release the response: no
+request is ever served unbilled.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import asyncpg
 import httpx
 import msgspec
 import structlog
 from litestar import Response
+from msgspec import Meta
 
 from api.auth import Caller
-from api.errors import ApiError, bad_request
-from api.metrics import observe_request
+from api.errors import ApiError
+from api.jsonio import json_response
+from api.metrics import observe_hold_exceeded, observe_request
 from api.publishing import outbox_rows_for
+from api.request_body import RequestHead
 from api.services import Services
 from api.upstream import UpstreamFailure
+from ledger import store
 from ledger.config import Deployment
-from ledger.events import UsageRecorded
+from ledger.events import HoldExceeded, UsageRecorded
 from ledger.money import ZERO, format_money
 from ledger.pricing import Price, cost_of_usage
 from ledger.usage import Recording
@@ -38,96 +42,28 @@ UPSTREAM_PATHS: Final = {
     "completions": "/completions",
     "embeddings": "/embeddings",
 }
-CUSTOMER_HEADERS: Final = ("x-litellm-customer-id", "x-litellm-end-user-id")
-_INCLUDE_USAGE: Final = msgspec.Raw(b'{"include_usage":true}')
-_encoder: Final = msgspec.json.Encoder()
 
 
-class RequestHead(msgspec.Struct, kw_only=True):
-    """The only fields the proxy reads; the rest of the body is forwarded untouched."""
-
-    model: str
-    stream: bool = False
-    user: str | None = None
-    stream_options: dict[str, Any] | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-
-    def output_cap(self, route: str, deployment: Deployment) -> int | None:
-        """The most output tokens this request can cost, if anything bounds it."""
-        if route == "embeddings":
-            return 0
-        requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return requested if requested is not None else deployment.max_output_tokens
+Count = Annotated[int, Meta(ge=0)]  # an upstream reporting negative tokens is answering nonsense
 
 
 class Usage(msgspec.Struct, kw_only=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    total_tokens: Count = 0
 
 
 class _UsageOnly(msgspec.Struct):
     usage: Usage | None = None
 
 
-_head_decoder: Final = msgspec.json.Decoder(RequestHead)
-_fields_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _usage_decoder: Final = msgspec.json.Decoder(_UsageOnly)
 
 
-def decode_head(body: bytes) -> RequestHead:
-    if not body.strip():
-        raise bad_request("The request body is empty: send a JSON object with 'model'")
-    try:
-        head = _head_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        param = str(exc).rpartition("`$.")[2].rstrip("`") if "`$." in str(exc) else None
-        if "missing required field `model`" in str(exc):
-            raise bad_request("The request body must name a 'model'", param="model") from None
-        raise bad_request(f"Invalid request body: {exc}", param=param) from None
-    except msgspec.DecodeError as exc:
-        raise bad_request(f"The request body is not valid JSON: {exc}") from None
-    if not head.model:
-        raise bad_request("The request body must name a 'model'", param="model")
-    if head.user is not None and "\x00" in head.user:
-        # PostgreSQL text cannot hold NUL: refuse now, not after the upstream has been paid for it.
-        raise bad_request("'user' must not contain NUL characters", param="user")
-    return head
-
-
-def customer_of(head: RequestHead, headers: Mapping[str, str]) -> str | None:
-    if head.user:
-        return head.user
-    for name in CUSTOMER_HEADERS:
-        value = headers.get(name)
-        if value:
-            return value
-    return None
-
-
-def upstream_body(body: bytes, head: RequestHead, deployment: Deployment) -> bytes:
-    """The body to send upstream: the deployment's model name, and usage asked for on streams."""
-    if deployment.upstream_model == head.model and not (head.stream and not asks_usage(head)):
-        return body
-    fields = _fields_decoder.decode(body)
-    fields["model"] = msgspec.Raw(_encoder.encode(deployment.upstream_model))
-    if head.stream and not asks_usage(head):
-        options = dict(head.stream_options or {})
-        options["include_usage"] = True
-        fields["stream_options"] = (
-            msgspec.Raw(_encoder.encode(options)) if len(options) > 1 else _INCLUDE_USAGE
-        )
-    return _encoder.encode(fields)
-
-
-def asks_usage(head: RequestHead) -> bool:
-    return bool(head.stream_options and head.stream_options.get("include_usage"))
-
-
-def estimate_tokens(data: bytes) -> int:
-    """A rough count (4 bytes a token) for when the provider never reported usage."""
-    return max(1, len(data) // 4)
+def estimate_tokens(size: int) -> int:
+    """A rough count (4 bytes a token, OpenAI's rule of thumb) of `size` bytes of text, for when
+    the provider never reported usage."""
+    return max(1, size // 4)
 
 
 class Exchange:
@@ -195,6 +131,7 @@ class Exchange:
             started_at=self.started_at,
             ended_at=datetime.now(UTC),
             budget_periods=self.budget_periods,
+            hold=self.hold,
         )
 
     def headers(self, event: UsageRecorded | None = None, key_spend: Decimal | None = None) -> dict[str, str]:
@@ -225,6 +162,8 @@ async def record(services: Services, exchange: Exchange, event: UsageRecorded) -
         )
         drawn = event.cost
         observe_request(event.route, event.status, event.model_group, event.priced)
+        if event.cost > exchange.hold:
+            services.spawn(note_hold_exceeded(services, event, exchange.hold))
         return spend
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error("usage_not_recorded", call_id=exchange.call_id, error_type=type(exc).__name__)
@@ -237,6 +176,35 @@ async def record(services: Services, exchange: Exchange, event: UsageRecorded) -
     finally:
         if exchange.lease is not None and services.leases is not None:
             services.leases.finished(exchange.lease, exchange.hold, drawn)
+
+
+async def note_hold_exceeded(services: Services, event: UsageRecorded, hold: Decimal) -> None:
+    """Append `HoldExceeded` after a request cost more than its hold (it is billed in full: the
+    `UsageRecorded` is committed). Off the response's path; if it cannot be appended, the warning
+    and the metric still say so, and the usage event itself carries its hold and its cost."""
+    excess = event.cost - hold
+    observe_hold_exceeded(event.model_group)
+    log.warning("hold_exceeded", call_id=event.call_id, model=event.model_group, hold=str(hold), cost=str(event.cost))
+    flag = HoldExceeded(
+        call_id=event.call_id,
+        route=event.route,
+        model_group=event.model_group,
+        deployment_id=event.deployment_id,
+        key_hash=event.key_hash,
+        user_id=event.user_id,
+        team_id=event.team_id,
+        customer_id=event.customer_id,
+        hold=hold,
+        cost=event.cost,
+        excess=excess,
+        input_tokens=event.input_tokens,
+        output_tokens=event.output_tokens,
+    )
+    try:
+        async with services.pool.acquire() as conn, conn.transaction():
+            await store.append(conn, f"request:{event.call_id}", 1, [flag], {"actor": event.key_hash})
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.error("hold_exceeded_not_recorded", call_id=event.call_id, error_type=type(exc).__name__)
 
 
 async def record_failure(services: Services, exchange: Exchange, failure: UpstreamFailure) -> ApiError:
@@ -257,17 +225,54 @@ async def upstream_error_response(
         raise await record_failure(services, exchange, failure)
     event = exchange.usage_event(status="failure", http_status=status, error_type="upstream_client_error")
     await record(services, exchange, event)
+    error = provider_error(body, exchange.deployment)
+    return json_response({"error": error}, status, exchange.headers(event))
+
+
+class _ProviderError(msgspec.Struct):
+    message: str = ""
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | int | None = None
+
+
+class _ProviderErrorBody(msgspec.Struct):
+    error: _ProviderError
+
+
+_provider_error_decoder: Final = msgspec.json.Decoder(_ProviderErrorBody)
+_MAX_ERROR_TEXT: Final = 500
+
+
+class ProviderError(msgspec.Struct, frozen=True):
+    """The OpenAI error envelope's four fields, in its order."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+def provider_error(body: bytes, deployment: Deployment) -> ProviderError:
+    """A provider's 4xx, rebuilt from its envelope's four fields only (nothing else it sent is
+    passed on), each cut to a bounded length, and with the deployment's own API key blanked out:
+    a provider that echoes request headers must not show the caller our credentials."""
     try:
-        msgspec.json.decode(body, type=dict[str, dict[str, Any]])["error"]
-    except (msgspec.DecodeError, KeyError):
-        raise ApiError(
-            status,
-            body.decode(errors="replace")[:500],
-            "invalid_request_error",
-            headers=exchange.headers(event),
-        ) from None
-    return Response(
-        content=body, status_code=status, media_type="application/json", headers=exchange.headers(event)
+        error = _provider_error_decoder.decode(body).error
+        message, type_, param = error.message, error.type, error.param
+        code = None if error.code is None else str(error.code)
+    except msgspec.DecodeError:
+        message, type_, param, code = body.decode(errors="replace"), "invalid_request_error", None, None
+    secret = deployment.api_key
+    cleaned = [
+        None if text is None else (text.replace(secret, "[redacted]") if secret else text)[:_MAX_ERROR_TEXT]
+        for text in (message, type_, code, param)
+    ]
+    return ProviderError(
+        message=cleaned[0] or "the provider refused the request",
+        type=cleaned[1] or "invalid_request_error",
+        code=cleaned[2],
+        param=cleaned[3],
     )
 
 
@@ -294,7 +299,7 @@ async def forward(services: Services, exchange: Exchange, body: bytes) -> Respon
         ) from None
     estimated = usage is None
     if usage is None:
-        usage = Usage(prompt_tokens=estimate_tokens(body), completion_tokens=estimate_tokens(content))
+        usage = Usage(prompt_tokens=estimate_tokens(len(body)), completion_tokens=estimate_tokens(len(content)))
     event = exchange.usage_event(status="success", http_status=200, usage=usage, estimated=estimated)
     key_spend = await record(services, exchange, event)
     return Response(

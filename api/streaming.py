@@ -1,6 +1,8 @@
 """Streaming (SSE) responses: chunks pass through as they come, the usage chunk is kept (hidden
 from clients that did not ask for it), and `[DONE]` waits until the usage is committed. A client
-that hangs up is billed for what was generated, by a task its cancellation cannot stop."""
+that hangs up is billed for what was generated, by a task its cancellation cannot stop. Where the
+provider never reports usage (it ignored `include_usage`, or the client hung up first), the output
+is estimated from the text the chunks carried, as a non-stream answer's is from its body."""
 
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ from api.proxy import (
     UPSTREAM_PATHS,
     Exchange,
     Usage,
-    asks_usage,
+    estimate_tokens,
     record,
     record_failure,
     upstream_error_response,
 )
+from api.request_body import asks_usage
 from api.services import Services
 from api.upstream import UpstreamFailure
 from ledger.events import UsageRecorded
@@ -29,8 +32,30 @@ from ledger.events import UsageRecorded
 _encoder: Final = msgspec.json.Encoder()
 
 
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    refusal: str | None = None
+    tool_calls: msgspec.Raw | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None  # chat completions
+    text: str | None = None  # completions
+
+    def generated_bytes(self) -> int:
+        """The bytes of what this chunk generated (UTF-8), for an estimate of its tokens."""
+        size = len(self.text.encode()) if self.text else 0
+        delta = self.delta
+        if delta is not None:
+            for text in (delta.content, delta.reasoning_content, delta.refusal):
+                size += len(text.encode()) if text else 0
+            size += len(delta.tool_calls) if delta.tool_calls is not None else 0
+        return size
+
+
 class _ChunkHead(msgspec.Struct):
-    choices: list[msgspec.Raw] = []
+    choices: list[_Choice] = []
     usage: Usage | None = None
 
 
@@ -69,7 +94,7 @@ class StreamRelay:
         self._client_wants_usage = asks_usage(exchange.head)
         self._usage: Usage | None = None
         self._usage_chunk: bytes | None = None
-        self._content_chunks = 0
+        self._generated_bytes = 0
 
     async def events(self) -> AsyncIterator[bytes]:
         try:
@@ -103,17 +128,16 @@ class StreamRelay:
         payload = event[5:].strip()
         if payload == b"[DONE]":
             return None
-        if b'"usage"' in payload:
-            try:
-                chunk = _chunk_decoder.decode(payload)
-            except msgspec.DecodeError:
-                return event
-            if chunk.usage is not None:
-                self._usage = chunk.usage
-                if not chunk.choices:
-                    self._usage_chunk = event
-                    return None
-        self._content_chunks += 1
+        try:
+            chunk = _chunk_decoder.decode(payload)
+        except msgspec.DecodeError:
+            return event
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+            if not chunk.choices:
+                self._usage_chunk = event
+                return None
+        self._generated_bytes += sum(choice.generated_bytes() for choice in chunk.choices)
         return event
 
     def _event(self, status: str, http_status: int, error_type: str | None = None) -> UsageRecorded:
@@ -121,7 +145,8 @@ class StreamRelay:
         if usage is None:
             estimated = True
             usage = Usage(
-                prompt_tokens=max(1, self._request_bytes // 4), completion_tokens=self._content_chunks
+                prompt_tokens=max(1, self._request_bytes // 4),
+                completion_tokens=estimate_tokens(self._generated_bytes) if self._generated_bytes else 0,
             )
         return self._exchange.usage_event(
             status=status, http_status=http_status, usage=usage, estimated=estimated, error_type=error_type

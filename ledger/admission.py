@@ -3,8 +3,8 @@ it and take its rate-limit slots — or refuse it, all in one round trip (`sl_ad
 
 Strictness comes from the hold: `spent + held + hold <= max_budget` is checked and the hold added in
 one UPDATE per scope, under the row lock, so N concurrent requests against room for k admit at most
-k. The hold is an upper bound of the request's cost (prompt bytes bound its tokens; `max_tokens`, or
-the model's output cap, bounds the output), so the settled spend never passes the budget.
+k. The hold is an upper bound of the request's cost (ledger/holds.py says how each token kind is
+bounded), so the settled spend never passes the budget.
 """
 
 from __future__ import annotations
@@ -18,11 +18,8 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ledger.money import ZERO, add, cost_of
-from ledger.pricing import Price
+from ledger.money import add
 
-# Output tokens assumed for the hold when neither the request nor the model bounds them.
-DEFAULT_OUTPUT_CAP: Final = 4096
 # How long after its upstream timeout a hold outlives a request whose process died.
 HOLD_GRACE: Final = timedelta(seconds=30)
 
@@ -47,6 +44,13 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True):
     global_max_budget: Decimal | None
     global_budget_duration: str | None
     refused_at: datetime
+    actor: str | None = None  # who a RequestRefused names ("master_key", "key:<sha256>"); else the key hash
+
+    def __post_init__(self) -> None:
+        # A negative hold would lower the held total of every budget it touches (and grow a
+        # lease's room), letting other requests overspend: no admission may carry one.
+        if not self.hold >= 0:
+            raise ValueError(f"a hold must be a non-negative amount, got {self.hold}")
 
 
 class Admitted(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,18 +93,6 @@ class Refused(msgspec.Struct, frozen=True, kw_only=True):
 Outcome = Admitted | Refused
 
 
-def worst_case_cost(price: Price | None, request_bytes: int, max_output_tokens: int | None) -> Decimal:
-    """An upper bound of a request's cost: every token is at least one byte of the request body,
-    and the output is bounded by `max_tokens`, the model's cap, or DEFAULT_OUTPUT_CAP."""
-    if price is None:
-        return ZERO
-    output_tokens = max_output_tokens if max_output_tokens is not None else DEFAULT_OUTPUT_CAP
-    return add(
-        cost_of(request_bytes, price.input_cost_per_token),
-        cost_of(output_tokens, price.output_cost_per_token),
-    )
-
-
 def params_of(admission: Admission) -> dict[str, Any]:
     """An admission as `sl_admit` (and `sl_lease`) read it."""
     return {
@@ -115,7 +107,7 @@ def params_of(admission: Admission) -> dict[str, Any]:
         "default_budget_id": admission.default_budget_id,
         "global_max_budget": admission.global_max_budget,
         "global_budget_duration": admission.global_budget_duration,
-        "meta": {"actor": admission.key_hash},
+        "meta": {"actor": admission.actor or admission.key_hash},
         "refused": {
             "call_id": admission.call_id,
             "route": admission.route,

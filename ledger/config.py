@@ -23,6 +23,7 @@ from ledger.config_values import (
     flag,
     optional_int,
     optional_money,
+    optional_positive_int,
     optional_str,
     positive_float,
     positive_money,
@@ -64,6 +65,7 @@ _GENERAL_SETTINGS: Final = {
     "alerting",
     "max_request_size_mb",
     "reject_unpriced_models",
+    "reject_unbounded_requests",
     "budget_leases",
     "alerting_threshold",
     "proxy_batch_write_at",
@@ -99,6 +101,15 @@ _MODEL_INFO: Final = {
 }
 
 
+def _repr_hiding(struct: msgspec.Struct, *secrets: str) -> str:
+    """A Struct's repr with its secrets (keys, a URL that may hold a password) shown as `***`."""
+    shown = (
+        f"{name}={'***' if name in secrets and getattr(struct, name) is not None else repr(getattr(struct, name))}"
+        for name in struct.__struct_fields__
+    )
+    return f"{type(struct).__name__}({', '.join(shown)})"
+
+
 class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     """One `model_list` entry: a concrete upstream behind a model group name."""
 
@@ -114,6 +125,10 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     input_cost_per_token: Decimal | None = None
     output_cost_per_token: Decimal | None = None
     max_output_tokens: int | None = None
+    max_input_tokens: int | None = None
+
+    def __repr__(self) -> str:  # the provider's key never reaches a log line
+        return _repr_hiding(self, "api_key")
 
 
 class LagoSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -155,11 +170,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     budget_duration: str | None = None
     max_request_size_mb: Decimal = Decimal(32)
     reject_unpriced_models: bool = False
+    # Refuse a request whose hold had to assume a default bound (ledger/holds.py) rather than
+    # admit it on an assumption: no max_tokens and no known output limit, or a media part and no
+    # known input limit.
+    reject_unbounded_requests: bool = False
     budget_leases: bool = True  # admit from budget leased to the process (ledger/leases.py)
     request_timeout_s: float = 600.0
     lago: LagoSettings | None = None
     webhook: WebhookSettings | None = None
     warnings: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:  # nor the master key, nor a database password
+        return _repr_hiding(self, "master_key", "database_url")
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -237,6 +259,11 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         reject_unpriced_models=flag(
             general.get("reject_unpriced_models", False), "general_settings.reject_unpriced_models", source
         ),
+        reject_unbounded_requests=flag(
+            general.get("reject_unbounded_requests", False),
+            "general_settings.reject_unbounded_requests",
+            source,
+        ),
         budget_leases=flag(general.get("budget_leases", True), "general_settings.budget_leases", source),
         request_timeout_s=positive_float(
             litellm.get("request_timeout", 600), "litellm_settings.request_timeout", source
@@ -312,9 +339,10 @@ def _parse_deployment(entry: dict[str, Any], where: str, warnings: list[str]) ->
             f"{ctx}.output_cost_per_token",
             "",
         ),
-        max_output_tokens=optional_int(
+        max_output_tokens=optional_positive_int(
             info.get("max_output_tokens", info.get("max_tokens")), f"{ctx}.max_output_tokens"
         ),
+        max_input_tokens=optional_positive_int(info.get("max_input_tokens"), f"{ctx}.max_input_tokens"),
     )
 
 

@@ -65,6 +65,14 @@ def optional_int(value: Any, name: str) -> int | None:
     return value
 
 
+def optional_positive_int(value: Any, name: str) -> int | None:
+    """A limit in tokens: a model that takes or writes 0 tokens would hold nothing."""
+    number = optional_int(value, name)
+    if number == 0:
+        raise ConfigError(f"{name} must be a positive integer, got 0")
+    return number
+
+
 def optional_money(value: Any, name: str, source: str) -> Decimal | None:
     if value is None:
         return None

@@ -167,9 +167,18 @@ async def _keep_session(_connection: asyncpg.Connection) -> None:
     on release: skipping asyncpg's reset saves a round trip per checkout."""
 
 
-async def create_pool(database_url: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    database_url: str, min_size: int = 2, max_size: int = 10, application_name: str | None = None
+) -> asyncpg.Pool:
+    """The connection pool; `application_name` names its connections (a serving process's name
+    marks the holds it takes: ledger/holds_sweeper.py)."""
     pool = await asyncpg.create_pool(
-        database_url, min_size=min_size, max_size=max_size, command_timeout=60, reset=_keep_session
+        database_url,
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=60,
+        reset=_keep_session,
+        server_settings={"application_name": application_name} if application_name else None,
     )
     assert pool is not None
     return pool

@@ -50,6 +50,30 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     # The budget periods the request was admitted under, as (scope, scope_id, period start):
     # its cost is added to exactly these, live and on replay.
     budget_periods: tuple[tuple[str, str, str], ...] = ()
+    # The worst case held for it at admission (ledger/holds.py); None in events older than it.
+    # A settle gives back at most this much of a lease, whatever the request cost.
+    hold: Decimal | None = None
+
+
+class HoldExceeded(Event, frozen=True, kw_only=True):
+    """A request cost more than the hold admitted for it (appended after its UsageRecorded, on its
+    stream). It was billed in full, and the excess may have taken a budget past its limit. The
+    hold bounds every request shape the gateway forwards, so this is never expected: the event
+    makes a miss visible (the audit log, a metric and a warning) instead of silent."""
+
+    call_id: str
+    route: str
+    model_group: str
+    deployment_id: str
+    key_hash: str
+    user_id: str | None = None
+    team_id: str | None = None
+    customer_id: str | None = None
+    hold: Decimal
+    cost: Decimal
+    excess: Decimal
+    input_tokens: int
+    output_tokens: int
 
 
 class RequestRefused(Event, frozen=True, kw_only=True):
@@ -243,6 +267,7 @@ class UserDeleted(Event, frozen=True, kw_only=True):
 
 AnyEvent = (
     UsageRecorded
+    | HoldExceeded
     | RequestRefused
     | KeyGenerated
     | KeyUpdated

@@ -142,14 +142,17 @@ class BudgetLeases:
         return None
 
     def finished(self, lease_id: str, hold: Decimal, cost: Decimal | None) -> None:
-        """A request admitted under `lease_id` is over: its settle drew `cost` (None: unknown
-        whether it committed — counted as its whole hold, which errs on the strict side)."""
+        """A request admitted under `lease_id` is over: its settle drew `cost`, at most its hold
+        (None: unknown whether it committed — counted as its whole hold, which errs on the strict
+        side). A request that cost more than its hold is billed in full, but draws from the lease
+        only what it held (as `sl_record_usage` and `sl_draw_leases` do): the lease's room for
+        its other requests stays theirs."""
         lease = self._by_id.get(lease_id)
         if lease is None:
             return
         lease.taken -= hold
         lease.in_flight -= 1
-        lease.drawn += hold if cost is None else cost
+        lease.drawn += hold if cost is None else min(cost, hold)
         if lease.retired and lease.in_flight == 0:
             self._spawn(self._release(lease))
 

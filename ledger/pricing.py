@@ -2,6 +2,7 @@
 
 Prices are resolved once per deployment at start-up (a `PriceBook`), so the hot path multiplies two
 Decimals and adds them. Events carry the prices they were charged at: a replay never re-prices.
+The same catalogue entry gives the model's limits (its context window), which bound the hold.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Final
 
 import msgspec
 from genai_prices import Usage, calc_price
+from genai_prices.types import PriceCalculation
 
 from ledger.config import OPENAI_COMPATIBLE, Deployment
 from ledger.money import MONEY_CONTEXT, ZERO, add, cost_of
@@ -34,12 +36,25 @@ class Cost(msgspec.Struct, frozen=True, kw_only=True):
 UNPRICED_COST: Final = Cost(input_cost=ZERO, output_cost=ZERO, total=ZERO, priced=False)
 
 
-def catalogue_price(provider: str, model: str) -> Price | None:
-    """Per-token price from the genai-prices catalogue, or None if it does not know the model."""
+class ModelLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """What a model accepts: its context window and its longest answer, where known."""
+
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+
+
+def _catalogue_entry(provider: str, model: str) -> PriceCalculation | None:
     provider_id = "openai" if provider in OPENAI_COMPATIBLE else provider
     try:
-        found = calc_price(Usage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider_id)
+        return calc_price(Usage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider_id)
     except LookupError:
+        return None
+
+
+def catalogue_price(provider: str, model: str) -> Price | None:
+    """Per-token price from the genai-prices catalogue, or None if it does not know the model."""
+    found = _catalogue_entry(provider, model)
+    if found is None:
         return None
     input_mtok = found.model_price.input_mtok
     output_mtok = found.model_price.output_mtok
@@ -85,6 +100,21 @@ def price_for(deployment: Deployment) -> Price | None:
     )
 
 
+def limits_for(deployment: Deployment) -> ModelLimits:
+    """`model_info` limits win; else the catalogue's context window, which bounds the input and
+    (as input and output share it) the output too; else unknown."""
+    window = None
+    if deployment.provider != "mock" and (
+        deployment.max_input_tokens is None or deployment.max_output_tokens is None
+    ):
+        found = _catalogue_entry(deployment.provider, deployment.upstream_model)
+        window = found.model.context_window if found is not None else None
+    return ModelLimits(
+        max_input_tokens=deployment.max_input_tokens or window,
+        max_output_tokens=deployment.max_output_tokens or window,
+    )
+
+
 def cost_of_usage(price: Price | None, input_tokens: int, output_tokens: int) -> Cost:
     if price is None:
         return UNPRICED_COST
@@ -100,9 +130,13 @@ class PriceBook:
 
     def __init__(self, deployments: tuple[Deployment, ...]) -> None:
         self._prices = {d.deployment_id: price_for(d) for d in deployments}
+        self._limits = {d.deployment_id: limits_for(d) for d in deployments}
 
     def price(self, deployment_id: str) -> Price | None:
         return self._prices.get(deployment_id)
+
+    def limits(self, deployment_id: str) -> ModelLimits:
+        return self._limits.get(deployment_id, ModelLimits())
 
     def unpriced(self) -> list[str]:
         return [deployment_id for deployment_id, price in self._prices.items() if price is None]

@@ -11,7 +11,8 @@ from api.auth import Caller, authenticate
 from api.enforcement import admit
 from api.errors import ApiError, bad_request
 from api.jsonio import json_response
-from api.proxy import Exchange, customer_of, decode_head, forward, record, upstream_body
+from api.proxy import Exchange, forward, record
+from api.request_body import customer_of, decode_body, shape_of, upstream_body
 from api.roles import Permission
 from api.services import services_of
 from api.streaming import forward_stream
@@ -29,8 +30,9 @@ async def _proxy(route: str, request: Request[Any, Any, Any]) -> Response[Any]:
     caller = await authenticate(request)
     caller.require(Permission.CALL_MODELS)  # a proxy_admin_viewer reads, never spends (403)
     services = services_of(request)
-    body = await request.body()
-    head = decode_head(body)
+    raw = await request.body()
+    body = decode_body(raw)
+    head = body.head
     if head.stream and route == "embeddings":
         raise bad_request("Embeddings cannot be streamed", param="stream")
     if not caller.allows_model(head.model):
@@ -63,8 +65,8 @@ async def _proxy(route: str, request: Request[Any, Any, Any]) -> Response[Any]:
     exchange = Exchange(
         route, caller, head, deployment, price, caller.customer_for(customer_of(head, request.headers))
     )
-    outgoing = upstream_body(body, head, deployment)
-    await admit(services, exchange, len(outgoing))
+    outgoing = upstream_body(body, raw, deployment)
+    await admit(services, exchange, shape_of(route, head, len(outgoing)))
     try:
         if head.stream:
             return await forward_stream(services, exchange, outgoing)

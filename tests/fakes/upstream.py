@@ -1,7 +1,10 @@
 """A fake OpenAI-compatible provider for end-to-end tests of the proxy.
 
 It mimics the real API's response shapes, SSE framing and error envelopes, but its
-token accounting is a simple word count so tests can compute expected usage exactly.
+token accounting is a simple word count so tests can compute expected usage exactly. It bills
+request shapes as OpenAI does: every one of `n` choices (and `best_of` on /completions) and every
+prompt of a prompt list is generated and billed, and image, audio and file parts cost a fixed
+number of input tokens each (`MEDIA_PART_TOKENS`: a high-detail 512×512 image on gpt-4o).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 BASE_REPLY = "This is a fake reply from the test upstream"
 REPLY_WORDS = 12
 EMBEDDING_DIM = 8
+# Input tokens of one image, audio or file part: OpenAI's 85 + 170 per 512-px tile, for one tile.
+MEDIA_PART_TOKENS = 255
 MODELS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "gpt-3.5-turbo-instruct")
 
 _ERROR_TYPES = {
@@ -59,17 +64,39 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+def _media_parts(content: Any) -> int:
+    if not isinstance(content, list):
+        return 0
+    return sum(1 for p in content if isinstance(p, dict) and p.get("type") not in ("text", "refusal"))
+
+
 def prompt_tokens_for_messages(messages: list[dict[str, Any]]) -> int:
-    """Words per message + 3 overhead each, + 3 priming (loosely like tiktoken's chat formula)."""
-    return sum(count_tokens(_content_text(m.get("content"))) + 3 for m in messages) + 3
+    """Words per message + 3 overhead each, + 3 priming (loosely like tiktoken's chat formula),
+    + MEDIA_PART_TOKENS per image, audio or file part."""
+    return (
+        sum(
+            count_tokens(_content_text(m.get("content"))) + MEDIA_PART_TOKENS * _media_parts(m.get("content")) + 3
+            for m in messages
+        )
+        + 3
+    )
 
 
-def reply_for(messages: Any = None, max_tokens: int | None = None) -> str:
-    """The fixed 12-word reply, truncated to `max_tokens` words when that is smaller."""
-    words = (BASE_REPLY.split() + ["word"] * REPLY_WORDS)[:REPLY_WORDS]
-    if max_tokens is not None and max_tokens < REPLY_WORDS:
-        words = words[: max(max_tokens, 0)]
-    return " ".join(words)
+def reply_for(messages: Any = None, max_tokens: int | None = None, words: int = REPLY_WORDS) -> str:
+    """The reply of `words` words (12 unless a test asks for more), truncated to `max_tokens` words
+    when that is smaller."""
+    text = (BASE_REPLY.split() + ["word"] * words)[:words]
+    if max_tokens is not None and max_tokens < words:
+        text = text[: max(max_tokens, 0)]
+    return " ".join(text)
+
+
+def completions_per_prompt(body: dict[str, Any]) -> int:
+    """How many completions a request generates (and is billed for) per prompt: `n`, and on
+    /completions `best_of` (generated server-side, the best `n` returned)."""
+    n = body.get("n") if isinstance(body.get("n"), int) else 1
+    best_of = body.get("best_of") if isinstance(body.get("best_of"), int) else 1
+    return max(n, best_of)
 
 
 def embedding_for(text: str) -> list[float]:
@@ -77,10 +104,6 @@ def embedding_for(text: str) -> list[float]:
     digest = hashlib.sha256(text.encode()).digest()
     ints = (int.from_bytes(digest[i * 4 : i * 4 + 4], "big") for i in range(EMBEDDING_DIM))
     return [round(n / 2**31 - 1.0, 6) for n in ints]
-
-
-def _finish_reason(text: str) -> str:
-    return "length" if count_tokens(text) < REPLY_WORDS else "stop"
 
 
 def _max_tokens(body: dict[str, Any]) -> int | None:
@@ -133,11 +156,23 @@ class FakeUpstream:
     delay_s: float = 0.0
     chunk_delay_s: float = 0.0
     required_api_key: str | None = None
+    reply_words: int = REPLY_WORDS  # how long a reply is when max_tokens does not cut it
+    # The model's limits, enforced as OpenAI does: a longer input or a larger max_tokens is a 400,
+    # and a reply never runs past either.
+    context_window: int | None = None
+    max_output_tokens: int | None = None
+    ignores_include_usage: bool = False  # some OpenAI-compatible servers never send a usage chunk
+    words_per_chunk: int = 1  # how many words each stream chunk carries
+    overbill_tokens: int = 0  # completion tokens reported on top of those generated (a provider's bug)
+    echo_headers_in_errors: bool = False  # 400s quote the request's headers (as some proxies do)
     requests: list[RecordedRequest] = field(default_factory=list)
 
     def reset(self) -> None:
         """Clear all controls and recorded requests (the list object is kept)."""
         self.fail_status, self.delay_s, self.chunk_delay_s, self.required_api_key = None, 0.0, 0.0, None
+        self.reply_words, self.ignores_include_usage, self.echo_headers_in_errors = REPLY_WORDS, False, False
+        self.context_window, self.max_output_tokens = None, None
+        self.words_per_chunk, self.overbill_tokens = 1, 0
         self.requests.clear()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -173,7 +208,10 @@ class FakeUpstream:
         self, method: str, path: str, headers: dict[str, str], raw: bytes, body: Any, send: Send
     ) -> None:
         if self.fail_status is not None:
-            raise _HttpError(self.fail_status, f"Fake upstream failure (status {self.fail_status})")
+            message = f"Fake upstream failure (status {self.fail_status})"
+            if self.echo_headers_in_errors:
+                message += f"; request headers: {headers}"
+            raise _HttpError(self.fail_status, message)
         key = self.required_api_key
         if key is not None and headers.get("authorization") != f"Bearer {key}":
             raise _HttpError(401, "Incorrect API key provided.")
@@ -206,8 +244,10 @@ class FakeUpstream:
         messages = body.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise _HttpError(400, "'messages' is a required property", param="messages")
-        text = reply_for(messages, _max_tokens(body))
-        usage = _usage(prompt_tokens_for_messages(messages), count_tokens(text))
+        prompt_tokens = prompt_tokens_for_messages(messages)
+        text = reply_for(messages, self._reply_cap(body, prompt_tokens), self.reply_words)
+        choices_n = body.get("n") if isinstance(body.get("n"), int) else 1
+        usage = _usage(prompt_tokens, count_tokens(text) * choices_n + self.overbill_tokens)
         base = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()),
@@ -216,16 +256,42 @@ class FakeUpstream:
         }
         if not body.get("stream"):
             message = {"role": "assistant", "content": text, "refusal": None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(text)}
-            payload = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            choices = [
+                {"index": i, "message": message, "logprobs": None, "finish_reason": self._finish_reason(text)}
+                for i in range(choices_n)
+            ]
+            payload = {**base, "object": "chat.completion", "choices": choices, "usage": usage}
             await _send_json(send, 200, payload)
             return
-        pieces = [w if i == 0 else f" {w}" for i, w in enumerate(text.split())] or [""]
+        pieces = self._pieces(text) or [""]
         deltas = [{"content": p} for p in pieces]
         deltas[0] = {"role": "assistant", **deltas[0]}
         choices = [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
-        choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(text)})
+        choices.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": self._finish_reason(text)})
         await self._stream(send, {**base, "object": "chat.completion.chunk"}, choices, usage, body)
+
+    def _pieces(self, text: str) -> list[str]:
+        """The stream's chunks of `text`: `words_per_chunk` words each, spaces kept."""
+        words = [w if i == 0 else f" {w}" for i, w in enumerate(text.split())]
+        size = max(1, self.words_per_chunk)
+        return ["".join(words[i : i + size]) for i in range(0, len(words), size)]
+
+    def _reply_cap(self, body: dict[str, Any], prompt_tokens: int) -> int | None:
+        """The most tokens a reply may have, or the 400 a provider answers for a request past the
+        model's limits."""
+        window, most = self.context_window, self.max_output_tokens
+        if window is not None and prompt_tokens > window:
+            raise _HttpError(
+                400, f"This model's maximum context length is {window} tokens", code="context_length_exceeded"
+            )
+        requested = _max_tokens(body)
+        if requested is not None and most is not None and requested > most:
+            raise _HttpError(400, f"max_tokens is too large: {requested}", param="max_tokens")
+        caps = [c for c in (requested, most, None if window is None else window - prompt_tokens) if c is not None]
+        return min(caps) if caps else None
+
+    def _finish_reason(self, text: str) -> str:
+        return "length" if count_tokens(text) < self.reply_words else "stop"
 
     async def _completions(self, body: dict[str, Any], send: Send) -> None:
         prompt = body.get("prompt", "")
@@ -233,16 +299,18 @@ class FakeUpstream:
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise _HttpError(400, "'prompt' must be a string or a list of strings", param="prompt")
         prompts = prompts or [""]
-        text = reply_for(None, _max_tokens(body))
+        longest = max(count_tokens(p) for p in prompts)
+        text = reply_for(None, self._reply_cap(body, longest), self.reply_words)
         prompt_tokens = sum(count_tokens(p) for p in prompts)
-        usage = _usage(prompt_tokens, count_tokens(text) * len(prompts), details=False)
+        billed = count_tokens(text) * len(prompts) * completions_per_prompt(body)
+        usage = _usage(prompt_tokens, billed + self.overbill_tokens, details=False)
         base = {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": body["model"],
         }
-        finish = _finish_reason(text)
+        finish = self._finish_reason(text)
         if not body.get("stream"):
             choices = [
                 {"text": text, "index": i, "logprobs": None, "finish_reason": finish}
@@ -250,7 +318,7 @@ class FakeUpstream:
             ]
             await _send_json(send, 200, {**base, "choices": choices, "usage": usage})
             return
-        pieces = [w if i == 0 else f" {w}" for i, w in enumerate(text.split())]
+        pieces = self._pieces(text)
         chunks = [
             {"text": p, "index": i, "logprobs": None, "finish_reason": None}
             for i in range(len(prompts))
@@ -272,6 +340,7 @@ class FakeUpstream:
         """One SSE event per choice delta, then the optional usage chunk, then `[DONE]`."""
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        include_usage = include_usage and not self.ignores_include_usage
         extra = {"usage": None} if include_usage else {}
         events = [{**base, "choices": [c], **extra} for c in choices]
         if include_usage:

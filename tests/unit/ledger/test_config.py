@@ -441,3 +441,16 @@ def test_webhook_alerting_needs_a_url_and_a_valid_secret() -> None:
         parse_settings(raw, {"WEBHOOK_URL": "http://hook", "WEBHOOK_SECRET": "not base64 !"})
     settings = parse_settings(raw, {"WEBHOOK_URL": "http://hook"})
     assert settings.webhook is not None and settings.webhook.secret is None
+
+
+def test_secrets_never_show_in_a_repr() -> None:
+    """Settings and deployments may end up in a log line or a traceback: their keys must not."""
+    from ledger.config import Deployment, Settings
+
+    deployment = Deployment(
+        model_name="m", deployment_id="d", provider="openai", upstream_model="x", api_base="b", api_key="sk-upstream"
+    )
+    settings = Settings(deployments=(deployment,), master_key="sk-master-key", database_url="postgresql://u:pw@h/db")
+    shown = repr(settings)
+    assert "sk-upstream" not in shown and "sk-master-key" not in shown and "pw@" not in shown
+    assert "api_key=***" in shown and "master_key=***" in shown
