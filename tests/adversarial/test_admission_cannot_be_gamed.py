@@ -28,19 +28,20 @@ MESSAGES = [{"role": "user", "content": "what time is it"}]
 
 
 def config(upstream_base_url: str) -> str:
-    def model(name: str, info: str = "") -> str:
+    def model(name: str, upstream_model: str = "fake") -> str:
         return f"""
   - model_name: {name}
     litellm_params:
-      model: openai/fake
+      model: openai/{upstream_model}
       api_key: upstream-secret-key
       api_base: {upstream_base_url}
     model_info:
       input_cost_per_token: {INPUT_PRICE}
-      output_cost_per_token: {OUTPUT_PRICE}{info}"""
+      output_cost_per_token: {OUTPUT_PRICE}"""
 
+    # "long-writer" is gpt-4 to the catalogue: an 8,192-token window, its only known output limit.
     return f"""
-model_list:{model("priced")}{model("plain")}{model("long-writer", chr(10) + "      max_output_tokens: 8192")}
+model_list:{model("priced")}{model("plain")}{model("long-writer", "gpt-4")}
   - model_name: mock-model
     litellm_params:
       model: mock/demo
@@ -154,9 +155,13 @@ SHAPES = [
         {},
         id="images",
     ),
-    # no max_tokens: the model writes 6,000 tokens; its limit is 8,192 (model_info)
+    # no max_tokens: the model writes 6,000 tokens, within its 8,192-token window (the catalogue's)
     pytest.param(
-        "long-writer", "/chat/completions", {"messages": MESSAGES}, {"reply_words": 6000}, id="no-max-tokens"
+        "long-writer",
+        "/chat/completions",
+        {"messages": MESSAGES},
+        {"reply_words": 6000, "context_window": 8192},
+        id="no-max-tokens",
     ),
     # a list of 50 prompts, each answered (best_of: generated and billed 3 times)
     pytest.param(
