@@ -19,6 +19,7 @@ from api.publishing import PublisherRunner, recording_context
 from api.routes import audit, budgets, customers, export, health, keys, outbox, proxy, spend, teams, users
 from api.routing import ModelRouter
 from api.runtime import freeze_startup_heap
+from api.schemas import COMPONENTS, MoneyAsNumber
 from api.services import Services
 from api.upstream import Upstream
 from ledger.admission import GroupAdmitter
@@ -124,7 +125,8 @@ def create_app(
         exception_handlers=dict(exception_handlers),
         request_class=BoundedJsonRequest,  # JSON bodies nested too deeply are a 400
         request_max_body_size=settings.max_request_size_bytes,
-        openapi_config=OpenAPIConfig(title="spendledger", version="0.1.0"),
+        openapi_config=OpenAPIConfig(title="spendledger", version="0.1.0", components=COMPONENTS),
+        plugins=[MoneyAsNumber()],  # Decimal in the OpenAPI document: the JSON number it is sent as
         debug=False,
     )
 

@@ -175,3 +175,22 @@ def _wait_ready(server: RunningServer, timeout_s: float) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"spendledger did not become ready in {timeout_s}s:\n{server.log()}")
+
+
+def openapi_document(config_text: str) -> dict[str, Any]:
+    """The OpenAPI document that `spendledger serve` answers at /schema/openapi.json for this config,
+    built in process (the app is created, its lifespan not run: no database is needed)."""
+    from ledger.config import load_settings
+
+    with tempfile.TemporaryDirectory(prefix="sl-openapi-") as directory:
+        config_path = Path(directory) / "config.yaml"
+        config_path.write_text(config_text)
+        settings = load_settings(config_path)
+    with warnings.catch_warnings():
+        # Litestar's deprecation notices about parameter declaration styles (at import, per route).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from api.app import create_app
+
+        app = create_app(settings, "postgresql://unused.invalid/none")
+        document: dict[str, Any] = app.openapi_schema.to_schema()
+    return document

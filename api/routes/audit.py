@@ -22,6 +22,7 @@ from api.auth import Caller, caller_of, forbidden, requires
 from api.errors import bad_request
 from api.jsonio import json_response
 from api.roles import Permission
+from api.schemas import READ, documented, text
 from api.services import Services, services_of
 from ledger.errors import NotFound
 from ledger.keys import hash_key
@@ -45,6 +46,25 @@ NDJSON_PAGE: Final = MAX_LIMIT
 _line_encoder: Final = msgspec.json.Encoder()
 # A "+hh:mm" offset sent unencoded in a query string arrives as " hh:mm".
 _SPACED_OFFSET: Final = re.compile(r" (\d{2}:?\d{2})$")
+
+
+class AuditEventView(msgspec.Struct, kw_only=True):
+    """An event as the log holds it (`projections.audit.AuditEvent`; `data` and `metadata` are the
+    stored JSON, passed through)."""
+
+    position: int
+    txid: str
+    stream: str
+    version: int
+    type: str
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+
+
+class AuditPage(msgspec.Struct, kw_only=True):
+    events: list[AuditEventView]
+    next_cursor: str | None  # null: nothing more is visible yet
 
 
 def _scope_of(caller: Caller) -> str | None:
@@ -100,6 +120,7 @@ async def _key_hash(services: Services, value: str, restricted: bool) -> str:
     guards=[requires(None)],
     tags=["audit"],
     summary="The immutable event log, filtered by customer, user, team, key, model, type and time",
+    **documented(*READ, 404, also={"application/x-ndjson": text("format=ndjson: one event per line")}),
 )
 async def audit_events(
     request: Request[Any, Any, Any],
@@ -115,7 +136,7 @@ async def audit_events(
     cursor: str | None = None,
     limit: int | None = Parameter(default=None, ge=1, le=MAX_LIMIT),
     format: Literal["json", "ndjson"] = "json",
-) -> Response[Any]:
+) -> Response[AuditPage]:
     scope_key = _scope_of(caller_of(request))
     services = services_of(request)
     for name, value in (

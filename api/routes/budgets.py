@@ -14,6 +14,7 @@ from api.auth import caller_of, requires
 from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
 from api.roles import Permission
+from api.schemas import BODY, GUARDED, WRITE, documented
 from api.services import services_of
 from ledger import directory
 from ledger.errors import NotFound
@@ -50,6 +51,20 @@ class BudgetRef(msgspec.Struct, kw_only=True):
     id: Identifier
 
 
+class BudgetView(msgspec.Struct, kw_only=True):
+    """A budget tier as the routes answer it (projections/directory.py `budget_view`)."""
+
+    budget_id: str
+    max_budget: Decimal | None
+    soft_budget: Decimal | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    max_parallel_requests: int | None
+    budget_duration: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
 _tags = ["budgets"]
 
 
@@ -63,8 +78,9 @@ def _missing(budget_id: str, param: str = "budget_id") -> NotFound:
     tags=_tags,
     status_code=200,
     summary="Create a budget tier",
+    **documented(*WRITE),
 )
-async def new_budget(request: Request[Any, Any, Any], data: NewBudgetRequest) -> Response[Any]:
+async def new_budget(request: Request[Any, Any, Any], data: NewBudgetRequest) -> Response[BudgetView]:
     services = services_of(request)
     budget_id = directory.new_budget_id() if data.budget_id is None else data.budget_id
     if not budget_id.strip():
@@ -90,8 +106,9 @@ async def new_budget(request: Request[Any, Any, Any], data: NewBudgetRequest) ->
     tags=_tags,
     status_code=200,
     summary="Budgets by id",
+    **documented(*BODY, 404),
 )
-async def budget_info(request: Request[Any, Any, Any], data: BudgetIds) -> Response[Any]:
+async def budget_info(request: Request[Any, Any, Any], data: BudgetIds) -> Response[list[BudgetView]]:
     if not data.budgets:
         raise bad_request("Name the budgets to read: {'budgets': [...]}", param="budgets")
     found = await get_budgets(services_of(request).pool, data.budgets)
@@ -108,8 +125,9 @@ async def budget_info(request: Request[Any, Any, Any], data: BudgetIds) -> Respo
     tags=_tags,
     status_code=200,
     summary="Change a budget tier (only the fields sent)",
+    **documented(*WRITE, 404),
 )
-async def update_budget(request: Request[Any, Any, Any], data: UpdateBudgetRequest) -> Response[Any]:
+async def update_budget(request: Request[Any, Any, Any], data: UpdateBudgetRequest) -> Response[BudgetView]:
     services = services_of(request)
     changes = sent_fields(data, "budget_id")
     async with services.pool.acquire() as conn, conn.transaction():
@@ -132,8 +150,9 @@ async def update_budget(request: Request[Any, Any, Any], data: UpdateBudgetReque
     tags=_tags,
     status_code=200,
     summary="Delete a budget tier that no customer or key uses",
+    **documented(*WRITE, 404),
 )
-async def delete_budget(request: Request[Any, Any, Any], data: BudgetRef) -> Response[Any]:
+async def delete_budget(request: Request[Any, Any, Any], data: BudgetRef) -> Response[BudgetView]:
     services = services_of(request)
     async with services.pool.acquire() as conn, conn.transaction():
         view = await get_budget(conn, data.id)
@@ -143,8 +162,14 @@ async def delete_budget(request: Request[Any, Any, Any], data: BudgetRef) -> Res
     return json_response(view)
 
 
-@get("/budget/list", guards=[requires(Permission.READ_ALL)], tags=_tags, summary="Every budget tier")
-async def budget_list(request: Request[Any, Any, Any]) -> Response[Any]:
+@get(
+    "/budget/list",
+    guards=[requires(Permission.READ_ALL)],
+    tags=_tags,
+    summary="Every budget tier",
+    **documented(*GUARDED),
+)
+async def budget_list(request: Request[Any, Any, Any]) -> Response[list[BudgetView]]:
     return json_response(await list_budgets(services_of(request).pool))
 
 

@@ -15,6 +15,7 @@ from api.errors import bad_request
 from api.jsonio import json_response
 from api.params import ID_PARAM
 from api.roles import Permission
+from api.schemas import GUARDED, READ, WRITE, documented
 from api.services import Services, services_of
 from ledger import directory
 from ledger.errors import NotFound
@@ -57,6 +58,43 @@ class CustomerIds(msgspec.Struct, kw_only=True):
     user_ids: list[Identifier]
 
 
+class CustomerBudget(msgspec.Struct, kw_only=True):
+    """The budget tier that governs a customer (its own, or the default tier)."""
+
+    budget_id: str
+    max_budget: Decimal | None
+    soft_budget: Decimal | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    max_parallel_requests: int | None
+    budget_duration: str | None
+    budget_reset_at: datetime | None  # the end of the current budget period
+
+
+class CustomerInfo(msgspec.Struct, kw_only=True):
+    """A customer as the routes answer it (projections/customers.py)."""
+
+    user_id: str
+    blocked: bool
+    alias: str | None
+    spend: Decimal  # of the current budget period (lifetime, without a limit or duration)
+    allowed_model_region: str | None
+    default_model: str | None
+    litellm_budget_table: CustomerBudget | None
+
+
+class DeletedCustomers(msgspec.Struct, kw_only=True):
+    deleted_customers: list[str]
+
+
+class BlockedCustomers(msgspec.Struct, kw_only=True):
+    blocked_users: list[str]
+
+
+class UnblockedCustomers(msgspec.Struct, kw_only=True):
+    unblocked_users: list[str]
+
+
 _BUDGET_FIELDS = directory.BUDGET_FIELDS
 _tags = ["customers"]
 
@@ -74,8 +112,9 @@ async def _info(services: Services, user_id: str) -> dict[str, Any]:
     tags=_tags,
     status_code=200,
     summary="Create a customer with a budget tier (budget_id) or its own limits",
+    **documented(*WRITE, 404),
 )
-async def new_customer(request: Request[Any, Any, Any], data: NewCustomerRequest) -> Response[Any]:
+async def new_customer(request: Request[Any, Any, Any], data: NewCustomerRequest) -> Response[CustomerInfo]:
     services = services_of(request)
     if not data.user_id.strip():
         raise bad_request("user_id must not be empty", param="user_id")
@@ -98,8 +137,11 @@ async def new_customer(request: Request[Any, Any, Any], data: NewCustomerRequest
     guards=[requires(Permission.READ_ALL)],
     tags=_tags,
     summary="A customer's status, budget tier and spend in the current budget period",
+    **documented(*READ, 404),
 )
-async def get_customer_info(request: Request[Any, Any, Any], end_user_id: str = ID_PARAM) -> Response[Any]:
+async def get_customer_info(
+    request: Request[Any, Any, Any], end_user_id: str = ID_PARAM
+) -> Response[CustomerInfo]:
     return json_response(await _info(services_of(request), end_user_id))
 
 
@@ -109,8 +151,11 @@ async def get_customer_info(request: Request[Any, Any, Any], end_user_id: str = 
     tags=_tags,
     status_code=200,
     summary="Change a customer's alias, tier or own limits",
+    **documented(*WRITE, 404),
 )
-async def update_customer(request: Request[Any, Any, Any], data: UpdateCustomerRequest) -> Response[Any]:
+async def update_customer(
+    request: Request[Any, Any, Any], data: UpdateCustomerRequest
+) -> Response[CustomerInfo]:
     services = services_of(request)
     changes = {
         name: getattr(data, name)
@@ -137,8 +182,9 @@ async def update_customer(request: Request[Any, Any, Any], data: UpdateCustomerR
     tags=_tags,
     status_code=200,
     summary="Delete customers (all or none); their events and spend history stay",
+    **documented(*WRITE, 404),
 )
-async def delete_customers(request: Request[Any, Any, Any], data: CustomerIds) -> Response[Any]:
+async def delete_customers(request: Request[Any, Any, Any], data: CustomerIds) -> Response[DeletedCustomers]:
     services = services_of(request)
     async with services.pool.acquire() as conn, conn.transaction():
         await directory.delete_customers(conn, data.user_ids, caller_of(request).actor)
@@ -162,8 +208,9 @@ async def _set_blocked(request: Request[Any, Any, Any], user_ids: list[str], blo
     tags=_tags,
     status_code=200,
     summary="Block customers: their requests get 403 whatever key they use",
+    **documented(*WRITE),
 )
-async def block_customers(request: Request[Any, Any, Any], data: CustomerIds) -> Response[Any]:
+async def block_customers(request: Request[Any, Any, Any], data: CustomerIds) -> Response[BlockedCustomers]:
     return await _set_blocked(request, data.user_ids, blocked=True)
 
 
@@ -173,8 +220,11 @@ async def block_customers(request: Request[Any, Any, Any], data: CustomerIds) ->
     tags=_tags,
     status_code=200,
     summary="Unblock customers",
+    **documented(*WRITE, 404),
 )
-async def unblock_customers(request: Request[Any, Any, Any], data: CustomerIds) -> Response[Any]:
+async def unblock_customers(
+    request: Request[Any, Any, Any], data: CustomerIds
+) -> Response[UnblockedCustomers]:
     return await _set_blocked(request, data.user_ids, blocked=False)
 
 
@@ -183,8 +233,9 @@ async def unblock_customers(request: Request[Any, Any, Any], data: CustomerIds) 
     guards=[requires(Permission.READ_ALL)],
     tags=_tags,
     summary="Every customer",
+    **documented(*GUARDED),
 )
-async def get_customer_list(request: Request[Any, Any, Any]) -> Response[Any]:
+async def get_customer_list(request: Request[Any, Any, Any]) -> Response[list[CustomerInfo]]:
     services = services_of(request)
     return json_response(await list_customers(services.pool, services.settings.max_end_user_budget_id))
 

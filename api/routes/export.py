@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import date
+from datetime import date, datetime
+from decimal import Decimal
 from typing import Any, Literal
 
+import msgspec
 from litestar import Request, Response, get
 from litestar.params import Parameter
 
@@ -13,6 +15,7 @@ from api.auth import requires
 from api.errors import ApiError, bad_request
 from api.jsonio import json_response
 from api.roles import Permission
+from api.schemas import READ, documented, text
 from api.services import services_of
 from projections.export_files import PARQUET_MEDIA_TYPE, csv_bytes, parquet_bytes
 from projections.reconciliation import (
@@ -25,6 +28,44 @@ from projections.spend_logs import day_range
 
 _FROM = Parameter(query="from", default=None, description="first UTC day, YYYY-MM-DD (inclusive)")
 _TO = Parameter(query="to", default=None, description="last UTC day, YYYY-MM-DD (inclusive)")
+
+
+class ReconciliationTotals(msgspec.Struct, kw_only=True):
+    """Requests, tokens and exact spend, and how many of the requests Lago has, awaits or refused."""
+
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    spend: Decimal
+    delivered: int
+    pending: int
+    dead_lettered: int
+    unbillable: int
+    not_sent: int
+
+
+class ReconciliationRow(ReconciliationTotals, kw_only=True):
+    """One group in one period: its id under `customer_id`, `user_id` or `team_id` (`by`)."""
+
+    customer_id: str | None | msgspec.UnsetType = msgspec.UNSET
+    user_id: str | None | msgspec.UnsetType = msgspec.UNSET
+    team_id: str | None | msgspec.UnsetType = msgspec.UNSET
+    period: str  # YYYY-MM-DD, or YYYY-MM by month
+
+
+class Reconciliation(msgspec.Struct, kw_only=True):
+    by: Literal["customer", "user", "team"]
+    period: Literal["day", "month"]
+    start: datetime | None  # the half-open range [start, end) of the requests' end; null: unbounded
+    end: datetime | None
+    rows: list[ReconciliationRow]
+    summary: ReconciliationTotals  # the ledger's own sums over the same requests
+
+
+_FILES = {
+    "text/csv": text("format=csv: the rows, then a TOTAL row"),
+    PARQUET_MEDIA_TYPE: text("format=parquet: the rows, money as decimal128(38, 18)", binary=True),
+}
 
 
 def _day(value: str | None, param: str) -> date | None:
@@ -52,6 +93,7 @@ def export_filename(
     guards=[requires(Permission.READ_ALL)],
     tags=["export"],
     summary="Requests, tokens, exact spend and Lago delivery per customer/user/team and day/month",
+    **documented(*READ, 422, also=_FILES),
 )
 async def get_reconciliation(
     request: Request[Any, Any, Any],
@@ -60,7 +102,7 @@ async def get_reconciliation(
     from_text: str | None = _FROM,
     to_text: str | None = _TO,
     format_: Literal["json", "csv", "parquet"] = Parameter(query="format", default="json"),
-) -> Response[Any]:
+) -> Response[Reconciliation]:
     first, last = _day(from_text, "from"), _day(to_text, "to")
     if first and last and first > last:
         raise bad_request("'from' is after 'to'", "from")

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
+import msgspec
 from litestar import Request, Response, get
+from litestar.openapi.datastructures import ResponseSpec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.jsonio import json_response
@@ -14,13 +16,35 @@ from ledger.db import current_revision, head_revision
 from ledger.master_key import master_key_verdict
 
 
+class Ready(msgspec.Struct, kw_only=True):
+    status: str  # "healthy", or "degraded" while a publisher sink is not ok
+    db: str  # "connected"
+    migration: str
+    publisher: dict[str, str]  # each sink's state
+    auth: str  # "master_key", or whether the server runs open or with a weak key (by permission)
+
+
+class Unready(msgspec.Struct, kw_only=True):
+    """503: the database is unreachable, or not migrated to this version's head."""
+
+    status: str  # "unhealthy"
+    db: str
+    migration: str | None | msgspec.UnsetType = msgspec.UNSET
+    expected_migration: str | msgspec.UnsetType = msgspec.UNSET
+
+
 @get("/health/liveliness", tags=["health"], summary="The process is up")
-async def liveliness() -> Response[Any]:
+async def liveliness() -> Response[str]:
     return json_response("I'm alive!")
 
 
-@get("/health/readiness", tags=["health"], summary="The database is reachable and migrated")
-async def readiness(request: Request[Any, Any, Any]) -> Response[Any]:
+@get(
+    "/health/readiness",
+    tags=["health"],
+    summary="The database is reachable and migrated",
+    responses={503: ResponseSpec(data_container=Unready, description="Not ready", generate_examples=False)},
+)
+async def readiness(request: Request[Any, Any, Any]) -> Response[Ready]:
     services = services_of(request)
     try:
         revision = await current_revision(services.pool)
@@ -40,8 +64,14 @@ async def readiness(request: Request[Any, Any, Any]) -> Response[Any]:
     )
 
 
-@get("/metrics", tags=["health"], summary="Prometheus metrics", include_in_schema=True)
-async def metrics() -> Response[bytes]:
+@get(
+    "/metrics",
+    tags=["health"],
+    summary="Prometheus metrics",
+    include_in_schema=True,
+    media_type=CONTENT_TYPE_LATEST,  # for the document; the response sets its own
+)
+async def metrics() -> Response[str]:
     return Response(content=generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

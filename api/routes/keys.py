@@ -17,6 +17,7 @@ from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
 from api.params import OPTIONAL_ID_PARAM
 from api.roles import Permission
+from api.schemas import READ, WRITE, documented
 from api.services import services_of
 from ledger import keys as key_commands
 from ledger.durations import DurationError, parse_duration
@@ -73,6 +74,50 @@ class DeleteKeysRequest(msgspec.Struct, kw_only=True):
 
 class KeyRef(msgspec.Struct, kw_only=True):
     key: str
+
+
+class KeyView(msgspec.Struct, kw_only=True):
+    """A key as the routes answer it (`key_view`): never its plaintext, except once in `GeneratedKey`."""
+
+    token: str  # the key's SHA-256 (hex), what /key/list shows
+    key_name: str
+    key_alias: str | None
+    spend: Decimal
+    expires: datetime | None
+    models: list[str]
+    user_id: str | None
+    team_id: str | None
+    metadata: dict[str, Any]
+    max_budget: Decimal | None
+    budget_duration: str | None
+    budget_id: str | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    max_parallel_requests: int | None
+    blocked: bool
+    allowed_customers: list[str]
+    created_at: datetime
+    updated_at: datetime
+
+
+class GeneratedKey(KeyView, kw_only=True):
+    key: str  # the plaintext `sk-…`, shown this once
+
+
+class DeletedKeys(msgspec.Struct, kw_only=True):
+    deleted_keys: list[str]
+
+
+class KeyList(msgspec.Struct, kw_only=True):
+    keys: list[str | KeyView]  # hashes; full objects with return_full_object=true
+    total_count: int
+    current_page: int
+    total_pages: int
+
+
+class KeyInfo(msgspec.Struct, kw_only=True):
+    key: str
+    info: KeyView
 
 
 def key_view(record: KeyRecord, spend: Decimal) -> dict[str, Any]:
@@ -142,8 +187,11 @@ class KeyController(Controller):
         guards=[requires(Permission.MANAGE_OWN_KEYS)],
         status_code=200,
         summary="Generate a virtual key (the plaintext is shown once)",
+        **documented(*WRITE, 404),
     )
-    async def generate(self, request: Request[Any, Any, Any], data: GenerateKeyRequest) -> Response[Any]:
+    async def generate(
+        self, request: Request[Any, Any, Any], data: GenerateKeyRequest
+    ) -> Response[GeneratedKey]:
         services = services_of(request)
         caller = caller_of(request)
         now = datetime.now(UTC)
@@ -175,8 +223,9 @@ class KeyController(Controller):
         guards=[requires(Permission.MANAGE_OWN_KEYS)],
         status_code=200,
         summary="Change a key's settings (only the fields sent)",
+        **documented(*WRITE, 404),
     )
-    async def update(self, request: Request[Any, Any, Any], data: UpdateKeyRequest) -> Response[Any]:
+    async def update(self, request: Request[Any, Any, Any], data: UpdateKeyRequest) -> Response[KeyView]:
         services = services_of(request)
         caller = caller_of(request)
         now = datetime.now(UTC)
@@ -198,8 +247,9 @@ class KeyController(Controller):
         guards=[requires(Permission.MANAGE_OWN_KEYS)],
         status_code=200,
         summary="Delete keys (all or none)",
+        **documented(*WRITE, 404),
     )
-    async def delete(self, request: Request[Any, Any, Any], data: DeleteKeysRequest) -> Response[Any]:
+    async def delete(self, request: Request[Any, Any, Any], data: DeleteKeysRequest) -> Response[DeletedKeys]:
         services = services_of(request)
         caller = caller_of(request)
         hashes = [_key_hash(k) for k in data.keys]
@@ -222,12 +272,19 @@ class KeyController(Controller):
         guards=[requires(Permission.MANAGE)],
         status_code=200,
         summary="Block a key: it is refused until unblocked",
+        **documented(*WRITE, 404),
     )
-    async def block(self, request: Request[Any, Any, Any], data: KeyRef) -> Response[Any]:
+    async def block(self, request: Request[Any, Any, Any], data: KeyRef) -> Response[KeyView]:
         return await self._set_blocked(request, data.key, blocked=True)
 
-    @post("/unblock", guards=[requires(Permission.MANAGE)], status_code=200, summary="Unblock a key")
-    async def unblock(self, request: Request[Any, Any, Any], data: KeyRef) -> Response[Any]:
+    @post(
+        "/unblock",
+        guards=[requires(Permission.MANAGE)],
+        status_code=200,
+        summary="Unblock a key",
+        **documented(*WRITE, 404),
+    )
+    async def unblock(self, request: Request[Any, Any, Any], data: KeyRef) -> Response[KeyView]:
         return await self._set_blocked(request, data.key, blocked=False)
 
     async def _set_blocked(self, request: Request[Any, Any, Any], key: str, blocked: bool) -> Response[Any]:
@@ -241,6 +298,7 @@ class KeyController(Controller):
         "/list",
         guards=[requires(Permission.READ_OWN)],
         summary="List keys (hashes, or full objects with return_full_object=true); an internal user's own",
+        **documented(*READ),
     )
     async def list_keys(
         self,
@@ -251,7 +309,7 @@ class KeyController(Controller):
         page: int = Parameter(default=1, ge=1),
         size: int = Parameter(default=10, ge=1, le=100),
         return_full_object: bool = False,
-    ) -> Response[Any]:
+    ) -> Response[KeyList]:
         services = services_of(request)
         user_id = caller_of(request).user_scope(user_id, over=Permission.READ_ALL)
         where = (
@@ -290,8 +348,9 @@ class KeyController(Controller):
     guards=[requires(None)],
     tags=["keys"],
     summary="A key's settings and spend (any key for admins; an internal user's own; a key itself)",
+    **documented(*READ, 404),
 )
-async def key_info(request: Request[Any, Any, Any], key: str | None = None) -> Response[Any]:
+async def key_info(request: Request[Any, Any, Any], key: str | None = None) -> Response[KeyInfo]:
     caller = caller_of(request)
     services = services_of(request)
     if key is None:

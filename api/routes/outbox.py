@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -11,6 +12,7 @@ from api.auth import requires
 from api.jsonio import json_response
 from api.metrics import observe_status
 from api.roles import Permission
+from api.schemas import BODY, GUARDED, documented
 from api.services import Services, services_of
 from ledger.outbox import outbox_status, retry_dead_letters
 from ledger.webhook_rows import webhook_follower_lag
@@ -19,6 +21,48 @@ from ledger.webhook_rows import webhook_follower_lag
 class RetryRequest(msgspec.Struct, kw_only=True):
     ids: list[int] | None = None  # none named: every dead letter (of `sink`, if given)
     sink: str | None = None
+
+
+class SinkCounts(msgspec.Struct, kw_only=True):
+    """A sink's rows by state (`delivered` only where counted), and its oldest pending row's age."""
+
+    pending: int | msgspec.UnsetType = msgspec.UNSET
+    delivered: int | msgspec.UnsetType = msgspec.UNSET
+    dead: int | msgspec.UnsetType = msgspec.UNSET
+    unbillable: int | msgspec.UnsetType = msgspec.UNSET
+    oldest_pending_age_s: float | msgspec.UnsetType = msgspec.UNSET
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    id: int
+    sink: str
+    dedupe_key: str
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    call_id: str | None
+
+
+class FollowerLag(msgspec.Struct, kw_only=True):
+    events_behind: int
+    followed_at: datetime | None
+
+
+class SinkHealth(msgspec.Struct, kw_only=True):
+    state: str
+    last_error: str | None
+    last_delivery_at: datetime | None
+
+
+class OutboxStatus(msgspec.Struct, kw_only=True):
+    sinks: dict[str, SinkCounts]
+    dead_letters: list[DeadLetter]  # the first 100
+    webhook_follower: FollowerLag | msgspec.UnsetType = msgspec.UNSET  # when webhooks are on
+    publisher: dict[str, SinkHealth]
+
+
+class Requeued(msgspec.Struct, kw_only=True):
+    requeued: int
 
 
 def publisher_health(services: Services) -> dict[str, Any]:
@@ -37,8 +81,9 @@ def publisher_health(services: Services) -> dict[str, Any]:
     guards=[requires(Permission.READ_ALL)],
     tags=["outbox"],
     summary="Outbox rows by sink and state, the oldest pending age, and the dead letters",
+    **documented(*GUARDED),
 )
-async def get_outbox_status(request: Request[Any, Any, Any]) -> Response[Any]:
+async def get_outbox_status(request: Request[Any, Any, Any]) -> Response[OutboxStatus]:
     services = services_of(request)
     status = await outbox_status(services.pool)
     observe_status(status)
@@ -53,8 +98,9 @@ async def get_outbox_status(request: Request[Any, Any, Any]) -> Response[Any]:
     tags=["outbox"],
     status_code=200,
     summary="Send dead letters again (all, or those named)",
+    **documented(*BODY),
 )
-async def post_outbox_retry(request: Request[Any, Any, Any], data: RetryRequest) -> Response[Any]:
+async def post_outbox_retry(request: Request[Any, Any, Any], data: RetryRequest) -> Response[Requeued]:
     services = services_of(request)
     count = await retry_dead_letters(services.pool, data.ids, data.sink)
     return json_response({"requeued": count})

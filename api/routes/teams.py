@@ -17,7 +17,8 @@ from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
 from api.params import ID_PARAM
 from api.roles import Permission
-from api.routes.keys import key_view
+from api.routes.keys import KeyView, key_view
+from api.schemas import GUARDED, READ, WRITE, documented
 from api.services import services_of
 from ledger import directory
 from ledger.errors import NotFound
@@ -62,6 +63,41 @@ class TeamRef(msgspec.Struct, kw_only=True):
     team_id: Identifier
 
 
+class TeamView(msgspec.Struct, kw_only=True):
+    """A team as the routes answer it (projections/directory.py `team_view`)."""
+
+    team_id: str
+    team_alias: str | None
+    blocked: bool
+    max_budget: Decimal | None
+    soft_budget: Decimal | None
+    spend: Decimal  # of the current budget period (lifetime, without a limit or duration)
+    budget_duration: str | None
+    budget_reset_at: datetime | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    max_parallel_requests: int | None
+    models: list[str]
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class UpdatedTeam(msgspec.Struct, kw_only=True):
+    team_id: str
+    data: TeamView
+
+
+class DeletedTeams(msgspec.Struct, kw_only=True):
+    deleted_teams: list[str]
+
+
+class TeamInfo(msgspec.Struct, kw_only=True):
+    team_id: str
+    team_info: TeamView
+    keys: list[KeyView]
+
+
 _tags = ["teams"]
 
 
@@ -82,8 +118,15 @@ async def _update(request: Request[Any, Any, Any], team_id: str, changes: dict[s
         return await _team(conn, team_id)
 
 
-@post("/team/new", guards=[requires(Permission.MANAGE)], tags=_tags, status_code=200, summary="Create a team")
-async def new_team(request: Request[Any, Any, Any], data: NewTeamRequest) -> Response[Any]:
+@post(
+    "/team/new",
+    guards=[requires(Permission.MANAGE)],
+    tags=_tags,
+    status_code=200,
+    summary="Create a team",
+    **documented(*WRITE),
+)
+async def new_team(request: Request[Any, Any, Any], data: NewTeamRequest) -> Response[TeamView]:
     services = services_of(request)
     team_id = str(uuid.uuid4()) if data.team_id is None else data.team_id
     if not team_id.strip():
@@ -113,8 +156,9 @@ async def new_team(request: Request[Any, Any, Any], data: NewTeamRequest) -> Res
     tags=_tags,
     status_code=200,
     summary="Change a team (only the fields sent)",
+    **documented(*WRITE, 404),
 )
-async def update_team(request: Request[Any, Any, Any], data: UpdateTeamRequest) -> Response[Any]:
+async def update_team(request: Request[Any, Any, Any], data: UpdateTeamRequest) -> Response[UpdatedTeam]:
     changes = sent_fields(data, "team_id")
     view = await _update(request, data.team_id, changes)
     return json_response({"team_id": data.team_id, "data": view})
@@ -126,8 +170,9 @@ async def update_team(request: Request[Any, Any, Any], data: UpdateTeamRequest) 
     tags=_tags,
     status_code=200,
     summary="Delete teams and their keys (all or none); their events and spend history stay",
+    **documented(*WRITE, 404),
 )
-async def delete_teams(request: Request[Any, Any, Any], data: TeamIds) -> Response[Any]:
+async def delete_teams(request: Request[Any, Any, Any], data: TeamIds) -> Response[DeletedTeams]:
     services = services_of(request)
     if not data.team_ids:
         raise bad_request("team_ids must name at least one team", param="team_ids")
@@ -138,17 +183,27 @@ async def delete_teams(request: Request[Any, Any, Any], data: TeamIds) -> Respon
 
 
 @get(
-    "/team/info", guards=[requires(Permission.READ_ALL)], tags=_tags, summary="A team, its spend and its keys"
+    "/team/info",
+    guards=[requires(Permission.READ_ALL)],
+    tags=_tags,
+    summary="A team, its spend and its keys",
+    **documented(*READ, 404),
 )
-async def team_info(request: Request[Any, Any, Any], team_id: str = ID_PARAM) -> Response[Any]:
+async def team_info(request: Request[Any, Any, Any], team_id: str = ID_PARAM) -> Response[TeamInfo]:
     pool = services_of(request).pool
     view = await _team(pool, team_id)
     keys = [key_view(record, spend) for record, spend in await keys_of(pool, "team", team_id)]
     return json_response({"team_id": team_id, "team_info": view, "keys": keys})
 
 
-@get("/team/list", guards=[requires(Permission.READ_ALL)], tags=_tags, summary="Every team")
-async def team_list(request: Request[Any, Any, Any]) -> Response[Any]:
+@get(
+    "/team/list",
+    guards=[requires(Permission.READ_ALL)],
+    tags=_tags,
+    summary="Every team",
+    **documented(*GUARDED),
+)
+async def team_list(request: Request[Any, Any, Any]) -> Response[list[TeamView]]:
     return json_response(await list_teams(services_of(request).pool))
 
 
@@ -158,8 +213,9 @@ async def team_list(request: Request[Any, Any, Any]) -> Response[Any]:
     tags=_tags,
     status_code=200,
     summary="Block a team: every key of the team is refused",
+    **documented(*WRITE, 404),
 )
-async def block_team(request: Request[Any, Any, Any], data: TeamRef) -> Response[Any]:
+async def block_team(request: Request[Any, Any, Any], data: TeamRef) -> Response[TeamView]:
     return json_response(await _update(request, data.team_id, {"blocked": True}))
 
 
@@ -169,8 +225,9 @@ async def block_team(request: Request[Any, Any, Any], data: TeamRef) -> Response
     tags=_tags,
     status_code=200,
     summary="Unblock a team",
+    **documented(*WRITE, 404),
 )
-async def unblock_team(request: Request[Any, Any, Any], data: TeamRef) -> Response[Any]:
+async def unblock_team(request: Request[Any, Any, Any], data: TeamRef) -> Response[TeamView]:
     return json_response(await _update(request, data.team_id, {"blocked": False}))
 
 

@@ -18,7 +18,8 @@ from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
 from api.params import OPTIONAL_ID_PARAM
 from api.roles import Permission
-from api.routes.keys import key_view
+from api.routes.keys import KeyView, key_view
+from api.schemas import READ, WRITE, documented
 from api.services import services_of
 from ledger import directory
 from ledger import keys as key_commands
@@ -81,6 +82,60 @@ class UserIds(msgspec.Struct, kw_only=True):
     user_ids: list[Identifier]
 
 
+class UserView(msgspec.Struct, kw_only=True):
+    """An internal user as the routes answer it (projections/directory.py `user_view`)."""
+
+    user_id: str
+    user_email: str | None
+    user_alias: str | None
+    user_role: str | None
+    max_budget: Decimal | None
+    soft_budget: Decimal | None
+    spend: Decimal  # of the current budget period (lifetime, without a limit or duration)
+    budget_duration: str | None
+    budget_reset_at: datetime | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    max_parallel_requests: int | None
+    models: list[str]
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class NewUser(UserView, kw_only=True):
+    """The user, and the key made with it (all null with `auto_create_key: false`)."""
+
+    key: str | None  # the plaintext `sk-…`, shown this once
+    token: str | None
+    key_name: str | None
+    key_alias: str | None
+    expires: datetime | None
+
+
+class UpdatedUser(msgspec.Struct, kw_only=True):
+    user_id: str
+    data: UserView
+
+
+class DeletedUsers(msgspec.Struct, kw_only=True):
+    deleted_users: list[str]
+
+
+class UserInfo(msgspec.Struct, kw_only=True):
+    user_id: str
+    user_info: UserView
+    keys: list[KeyView]
+
+
+class UserList(msgspec.Struct, kw_only=True):
+    users: list[UserView]
+    total: int
+    page: int
+    page_size: int
+    total_pages: int
+
+
 _tags = ["users"]
 
 
@@ -104,8 +159,9 @@ async def _user(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> dict[s
     tags=_tags,
     status_code=200,
     summary="Create an internal user, and a key for it (the plaintext is shown once)",
+    **documented(*WRITE),
 )
-async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Response[Any]:
+async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Response[NewUser]:
     services = services_of(request)
     now = datetime.now(UTC)
     user_id = str(uuid.uuid4()) if data.user_id is None else data.user_id
@@ -165,8 +221,9 @@ async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Res
     tags=_tags,
     status_code=200,
     summary="Change an internal user (only the fields sent)",
+    **documented(*WRITE, 404),
 )
-async def update_user(request: Request[Any, Any, Any], data: UpdateUserRequest) -> Response[Any]:
+async def update_user(request: Request[Any, Any, Any], data: UpdateUserRequest) -> Response[UpdatedUser]:
     services = services_of(request)
     changes = sent_fields(data, "user_id")
     if "user_role" in changes:
@@ -189,8 +246,9 @@ async def update_user(request: Request[Any, Any, Any], data: UpdateUserRequest) 
     tags=_tags,
     status_code=200,
     summary="Delete internal users and their keys (all or none); their events and spend history stay",
+    **documented(*WRITE, 404),
 )
-async def delete_users(request: Request[Any, Any, Any], data: UserIds) -> Response[Any]:
+async def delete_users(request: Request[Any, Any, Any], data: UserIds) -> Response[DeletedUsers]:
     services = services_of(request)
     if not data.user_ids:
         raise bad_request("user_ids must name at least one user", param="user_ids")
@@ -205,11 +263,12 @@ async def delete_users(request: Request[Any, Any, Any], data: UserIds) -> Respon
     guards=[requires(Permission.READ_OWN)],
     tags=_tags,
     summary="An internal user, its spend and its keys (an internal user's own: user_id may be left out)",
+    **documented(*READ, 404),
 )
 async def user_info(
     request: Request[Any, Any, Any],
     user_id: str | None = OPTIONAL_ID_PARAM,
-) -> Response[Any]:
+) -> Response[UserInfo]:
     pool = services_of(request).pool
     user_id = caller_of(request).user_scope(user_id, over=Permission.READ_ALL)
     if user_id is None:
@@ -224,6 +283,7 @@ async def user_info(
     guards=[requires(Permission.READ_ALL)],
     tags=_tags,
     summary="Internal users, a page at a time",
+    **documented(*READ),
 )
 async def user_list(
     request: Request[Any, Any, Any],
@@ -231,7 +291,7 @@ async def user_list(
     user_ids: str | None = None,
     page: int = Parameter(default=1, ge=1),
     page_size: int = Parameter(default=25, ge=1, le=100),
-) -> Response[Any]:
+) -> Response[UserList]:
     ids = [uid.strip() for uid in user_ids.split(",") if uid.strip()] if user_ids else None
     if ids is not None and not all(is_identifier(uid) for uid in ids):
         raise bad_request(f"user_ids: each id must be {ID_RULE}", param="user_ids")
