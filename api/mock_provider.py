@@ -41,7 +41,17 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
         )
     prompt = body.get("prompt", body.get("input", ""))
     items = prompt if isinstance(prompt, list) else [prompt]
-    return sum(count_tokens(item) if isinstance(item, str) else len(item) for item in items)
+    return sum(_item_tokens(item) for item in items)
+
+
+def _item_tokens(item: Any) -> int:
+    """One prompt or embedding input: a text (its words), a list of token ids (one each), or a
+    single token id. Embedding inputs reach the provider unchecked: anything else counts as one."""
+    if isinstance(item, str):
+        return count_tokens(item)
+    if isinstance(item, list):
+        return len(item)
+    return 1
 
 
 def _reply(body: dict[str, Any]) -> tuple[list[str], str]:

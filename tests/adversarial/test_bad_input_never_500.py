@@ -253,3 +253,27 @@ def _totals(spend: Decimal) -> dict[str, Any]:
         "unbillable": 0,
         "not_sent": 0,
     }
+
+
+# --- the OpenAPI fuzz run's findings (test_openapi_fuzz.py) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "prompt_tokens"),
+    [
+        ("/v1/completions", {"model": "mock-model", "prompt": [-5607041808752079872, -5607041808752079872]}, 2),
+        ("/completions", {"model": "mock-model", "prompt": ["two words", 17, [1, 2, 3]]}, 6),
+        ("/embeddings", {"model": "mock-model", "input": [5, None, True, {"a": 1}]}, 4),
+        ("/embeddings", {"model": "mock-model", "input": 7}, 1),
+    ],
+    ids=["token-ids", "mixed-prompt-list", "odd-embedding-inputs", "embedding-input-int"],
+)
+def test_the_mock_provider_counts_prompts_of_token_ids(
+    server: RunningServer, path: str, body: dict[str, Any], prompt_tokens: int
+) -> None:
+    """Fuzz finding 1: a prompt (or embedding input) of token ids, which OpenAI accepts, made the
+    built-in mock provider raise TypeError counting its tokens (`len()` of an int): a 500."""
+    response = httpx.post(f"{server.base_url}{path}", headers=AUTH, json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == prompt_tokens
+    assert "unhandled_error" not in server.log(), server.log()[-4000:]
