@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Final
 
 import asyncpg
@@ -227,20 +225,3 @@ def execute_script(bind: Any, script: str) -> None:
     """Run a migration's SQL script statement by statement on alembic's connection (`op.get_bind()`)."""
     for statement in split_sql(script):
         bind.exec_driver_sql(statement)
-
-
-def load_revision(migration: Path) -> ModuleType:
-    """A migration's module, for a later revision that builds on what it defined."""
-    spec = importlib.util.spec_from_file_location(f"revision_{migration.stem}", migration)
-    assert spec is not None and spec.loader is not None
-    revision = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(revision)
-    return revision
-
-
-def definitions_in_revision(migration: Path, *names: str) -> list[str]:
-    """The statements of a migration's UPGRADE that define these functions: a later revision's
-    downgrade runs them to bring the functions back as that revision had them."""
-    upgrade: str = load_revision(migration).UPGRADE
-    heads = [f"{verb} function {n}(" for n in names for verb in ("create", "create or replace")]
-    return [s for s in split_sql(upgrade) if any(head in s for head in heads)]

@@ -12,16 +12,15 @@ Revision ID: 0007
 Revises: 0006
 """
 
-from pathlib import Path
-
 from alembic import op
-from ledger.db import definitions_in_revision, execute_script
+from ledger.db import execute_script
 
 revision = "0007"
 down_revision = "0006"
 branch_labels = None
 depends_on = None
 
+# Every statement this revision runs, in full: it stands alone, reading no other revision.
 UPGRADE = r"""
 -- Count each request's cost into `vals` in order (a running sum per key: one query for the batch)
 -- and write the batch's webhook rows (one statement); the key spends.
@@ -133,16 +132,120 @@ end $$;
 drop function sl_enqueue_webhooks_after(jsonb, jsonb, jsonb);
 """
 
+DOWNGRADE = r"""
+-- Webhook rows of one settled request, as sl_enqueue_webhooks writes them, from `vals`: the spend
+-- of its budget periods ('p|scope|id|period') and its scopes' lifetime spend ('l|scope|id') once
+-- this request is counted.
+create function sl_enqueue_webhooks_after(d jsonb, ctx jsonb, vals jsonb) returns void language plpgsql as $$
+declare
+    s record;
+    cost numeric := (d->>'cost')::numeric;
+    after numeric;
+    before numeric;
+    period timestamptz;
+    line record;
+    total numeric;
+    customer_budget numeric;
+    period_key text;
+begin
+    for s in select * from sl_request_scopes(ctx || jsonb_build_object(
+            'key_hash', d->>'key_hash', 'user_id', d->>'user_id', 'team_id', d->>'team_id',
+            'customer_id', d->>'customer_id')) loop
+        select (r->>2)::timestamptz into period
+        from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+        where r->>0 = s.scope and r->>1 = s.scope_id;
+        period_key := 'p|' || s.scope || '|' || s.scope_id || '|' || period::text;
+        if s.scope = 'customer' then
+            customer_budget := s.max_budget;
+            if period is not null then
+                total := (vals->>period_key)::numeric;
+            else
+                total := (vals->>('l|customer|' || s.scope_id))::numeric;
+            end if;
+        end if;
+        if cost <= 0 or (period is null and (s.soft_budget is null or s.max_budget is not null
+                                             or s.budget_duration is not null)) then
+            continue;
+        end if;
+        if period is null then
+            -- A soft budget alone has no budget period (admission tracks none): its line is on
+            -- the lifetime spend, as /customer/info shows it.
+            period := 'epoch';
+            after := (vals->>('l|' || s.scope || '|' || s.scope_id))::numeric;
+        else
+            after := (vals->>period_key)::numeric;
+        end if;
+        before := after - cost;
+        for line in
+            select * from (values
+                ('budget_crossed', s.max_budget, 'max'),
+                ('threshold_crossed', s.max_budget * 0.85, '85'),
+                ('threshold_crossed', s.max_budget * 0.95, '95'),
+                ('soft_budget_crossed', s.soft_budget, 'soft')) as l(event, amount, tag)
+            where l.amount is not null and before < l.amount and after >= l.amount
+        loop
+            perform sl_enqueue_webhook(line.event,
+                line.event || ':' || s.scope || ':' || s.scope_id || ':' || extract(epoch from period)::bigint || ':' || line.tag,
+                jsonb_build_object(
+                    'spend', trim_scale(after), 'max_budget', s.max_budget, 'soft_budget', s.soft_budget,
+                    'event_group', s.scope,
+                    'event_message', initcap(s.scope) || ' ' || replace(line.event, '_', ' ') || '. '
+                        || initcap(s.scope) || '=' || s.scope_id || ', spend=' || trim_scale(after)
+                        || ', max_budget=' || coalesce(s.max_budget::text, 'null')
+                        || case when line.tag in ('85', '95') then ', threshold=' || line.tag || '%' else '' end,
+                    'budget_reset_at', sl_period_end(s.anchor, s.budget_duration, period)),
+                d);
+        end loop;
+    end loop;
+    if d->>'customer_id' is not null then
+        -- A plain insert: a call is settled once (its UsageRecorded is unique), so its
+        -- spend_tracked cannot exist yet. The payload is sl_enqueue_webhook's, built in one go.
+        insert into outbox (sink, dedupe_key, payload, call_id)
+        values ('webhook', 'spend_tracked:' || (d->>'call_id'), jsonb_build_object(
+                'spend', cost, 'max_budget', customer_budget, 'event_group', 'customer',
+                'total_spend', trim_scale(coalesce(total, cost)),
+                'event_message', 'Customer spend tracked. Customer=' || (d->>'customer_id')
+                                 || ', spend=' || trim_scale(cost),
+                'token', d->>'key_hash', 'customer_id', d->>'customer_id', 'user_id', d->>'user_id',
+                'team_id', d->>'team_id', 'user_email', null, 'key_alias', d->>'key_alias',
+                'projected_exceeded_date', null, 'projected_spend', null, 'event', 'spend_tracked',
+                'event_id', 'spend_tracked:' || (d->>'call_id'), 'created_at', d->>'ended_at'),
+            d->>'call_id');
+    end if;
+end $$;
+
+-- Count each request's cost into `vals` in order (a running sum per key: one query for the batch)
+-- and write its webhook rows; the key spends.
+create or replace function sl_settle_values(ds jsonb, ctx jsonb, vals jsonb) returns numeric[]
+language plpgsql as $$
+declare
+    after jsonb[];
+    spends numeric[];
+begin
+    select array_agg(v order by i), array_agg(trim_scale((v->>('l|key|' || key_hash))::numeric) order by i)
+    into after, spends
+    from (
+        select x.i, x.key_hash, jsonb_object_agg(x.k, coalesce((vals->>x.k)::numeric, 0) + x.running) as v
+        from (
+            select e.i, e.d->>'key_hash' as key_hash, k,
+                   sum((e.d->>'cost')::numeric) over (partition by k order by e.i) as running
+            from jsonb_array_elements(ds) with ordinality as e(d, i), sl_usage_value_keys(e.d) as k
+        ) as x
+        group by x.i, x.key_hash
+    ) as y;
+    if coalesce((ctx->>'webhooks')::boolean, false) then
+        for i in 1 .. jsonb_array_length(ds) loop
+            perform sl_enqueue_webhooks_after(ds->(i - 1), ctx, after[i]);
+        end loop;
+    end if;
+    return spends;
+end $$;
+"""
+
 
 def upgrade() -> None:
     execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    revision_0006 = Path(__file__).with_name("0006_settle_shared_rows_last.py")
-    for statement in definitions_in_revision(revision_0006, "sl_enqueue_webhooks_after", "sl_settle_values"):
-        # sl_settle_values exists (ours): 0006's definition replaces it
-        replaced = statement.replace(
-            "create function sl_settle_values", "create or replace function sl_settle_values"
-        )
-        op.get_bind().exec_driver_sql(replaced)
+    execute_script(op.get_bind(), DOWNGRADE)

@@ -17,18 +17,15 @@ Revision ID: 0011
 Revises: 0010
 """
 
-from pathlib import Path
-
 from alembic import op
-from ledger.db import definitions_in_revision, execute_script, load_revision
+from ledger.db import execute_script
 
 revision = "0011"
 down_revision = "0010"
 branch_labels = None
 depends_on = None
 
-SCOPE_TABLES = ("keys", "users", "teams", "customers", "budgets")
-
+# Every statement this revision runs, in full: it stands alone, reading no other revision.
 UPGRADE = r"""
 -- Lease `amount` (at most `share` of the least room) on every budget of a request's scopes, for
 -- the process to admit their requests on its own. {"leased": false} where it could not decide as
@@ -128,66 +125,534 @@ begin
     perform pg_notify('sl_scope_changed', tg_table_name);
     return null;
 end $$;
+
+create trigger keys_changed after insert or update or delete on keys for each row execute function sl_scope_changed();
+
+create trigger users_changed after insert or update or delete on users for each row execute function sl_scope_changed();
+
+create trigger teams_changed after insert or update or delete on teams for each row execute function sl_scope_changed();
+
+create trigger customers_changed after insert or update or delete on customers for each row execute function sl_scope_changed();
+
+create trigger budgets_changed after insert or update or delete on budgets for each row execute function sl_scope_changed();
+
+create or replace function sl_record_usages(ds jsonb, metas jsonb, ctx jsonb, outboxes jsonb)
+returns table (idx integer, key_spend numeric)
+language plpgsql as $$
+declare
+    c record;
+    w record;
+    released jsonb;
+    seen jsonb;
+    actual jsonb := '{}';
+    spends numeric[];
+    new_value numeric;
+    call_ids text[] := array(select d->>'call_id' from jsonb_array_elements(ds) as d);
+    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);
+begin
+    for c in
+        select d->>'customer_id' as customer, min(i) as first
+        from jsonb_array_elements(ds) with ordinality as e(d, i)
+        where d->>'customer_id' is not null
+        group by 1 order by 1
+    loop
+        perform sl_customer_first_seen(c.customer, ctx->>'default_budget_id', metas->(c.first::integer - 1));
+    end loop;
+    -- The batch's holds: no other writer wants them (the sweeper skips locked holds).
+    with gone as (
+        delete from holds where call_id = any(call_ids)
+        returning call_id, amount, budget_rows, parallel_rows, tpm_rows
+    )
+    select coalesce(jsonb_object_agg(call_id, to_jsonb(gone)), '{}') into released from gone;
+    -- Requests admitted under a lease (ledger/leases.py) draw their cost from it.
+    released := released || sl_draw_leases(ds, metas);
+    insert into events (stream, version, type, data, metadata)
+    select 'request:' || (e.d->>'call_id'), 1, 'UsageRecorded', e.d, metas->(e.i::integer - 1)
+    from jsonb_array_elements(ds) with ordinality as e(d, i)
+    order by e.i;
+    insert into outbox (sink, dedupe_key, payload, state, call_id)
+    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', e.d->>'call_id'
+    from jsonb_array_elements(ds) with ordinality as e(d, i),
+         jsonb_array_elements(coalesce(outboxes->(e.i::integer - 1), '[]')) as o
+    order by e.i;
+    -- The values before the batch, read without locks; the webhook rows from them.
+    select coalesce(jsonb_object_agg(k, v), '{}') into seen from (
+        select distinct on (k) k, coalesce(
+            case when k like 'p|%' then (
+                select b.spent from budget_usage b
+                where b.scope = split_part(k, '|', 2) and b.scope_id = split_part(k, '|', 3)
+                  and b.period_start = split_part(k, '|', 4)::timestamptz)
+            else (
+                select t.spend from spend_totals t
+                where t.scope = split_part(k, '|', 2) and t.scope_id = split_part(k, '|', 3))
+            end, 0) as v
+        from jsonb_array_elements(ds) as d, sl_usage_value_keys(d) as k
+    ) as x;
+    spends := sl_settle_values(ds, ctx, seen);
+    -- Now the shared rows, each once, in the global order: lifetime totals (settles only), then
+    -- scope by scope its budget periods, its rate window and its in-flight count.
+    with agg as (
+        select s.scope, s.scope_id, sum((d->>'cost')::numeric) as spend, count(*) as requests,
+               sum((d->>'input_tokens')::bigint) as input_tokens,
+               sum((d->>'output_tokens')::bigint) as output_tokens,
+               max((d->>'ended_at')::timestamptz) as last_at
+        from jsonb_array_elements(ds) as d, sl_usage_scopes(d) as s
+        group by 1, 2
+    ), up as (
+        insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
+        select * from agg order by scope, scope_id
+        on conflict (scope, scope_id) do update set
+            spend = t.spend + excluded.spend,
+            requests = t.requests + excluded.requests,
+            input_tokens = t.input_tokens + excluded.input_tokens,
+            output_tokens = t.output_tokens + excluded.output_tokens,
+            last_at = greatest(t.last_at, excluded.last_at)
+        returning t.scope, t.scope_id, t.spend
+    )
+    select coalesce(jsonb_object_agg('l|' || up.scope || '|' || up.scope_id, up.spend - agg.spend), '{}')
+    into actual
+    from up join agg using (scope, scope_id);
+    for w in
+        with req as (
+            select d, released->(d->>'call_id') as h from jsonb_array_elements(ds) as d
+        ), budget as (
+            select r->>0 as scope, r->>1 as scope_id, (r->>2)::timestamptz as period,
+                   (d->>'cost')::numeric as spent, 0::numeric as held
+            from req, jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+            union all
+            select r->>0, r->>1, (r->>2)::timestamptz, 0, (h->>'amount')::numeric
+            from req, jsonb_array_elements(coalesce(h->'budget_rows', '[]')) as r
+        ), shared as (
+            select scope, scope_id, 0 as kind, period, sum(spent) as spent, sum(held) as held,
+                   0::bigint as tokens, 0::bigint as slots
+            from budget group by scope, scope_id, period
+            union all
+            select r->>0, r->>1, 1, null, 0, 0, sum((d->>'total_tokens')::bigint), 0
+            from req, jsonb_array_elements(coalesce(h->'tpm_rows', '[]')) as r group by 1, 2
+            union all
+            select r->>0, r->>1, 2, null, 0, 0, 0, count(*)
+            from req, jsonb_array_elements(coalesce(h->'parallel_rows', '[]')) as r group by 1, 2
+        )
+        select * from shared order by sl_scope_rank(scope), scope_id, kind, period
+    loop
+        if w.kind = 0 then
+            insert into budget_usage as b (scope, scope_id, period_start, spent)
+            values (w.scope, w.scope_id, w.period, w.spent)
+            on conflict (scope, scope_id, period_start) do update
+            set spent = b.spent + excluded.spent, held = greatest(b.held - w.held, 0)
+            returning b.spent into new_value;
+            actual := actual || jsonb_build_object(
+                'p|' || w.scope || '|' || w.scope_id || '|' || w.period::text, new_value - w.spent);
+        elsif w.kind = 1 then
+            insert into rate_usage as u (scope, scope_id, window_start, tokens)
+            values (w.scope, w.scope_id, date_trunc('minute', now()), w.tokens)
+            on conflict (scope, scope_id, window_start) do update set tokens = u.tokens + excluded.tokens;
+        else
+            update in_flight set count = greatest(count - w.slots, 0)
+            where scope = w.scope and scope_id = w.scope_id;
+        end if;
+    end loop;
+    -- Another process settled one of these scopes between our read and our lock: write the
+    -- webhook rows again from the values the locked rows held.
+    if exists (select 1 from jsonb_each(seen) as s(k, v)
+               where s.k not like 'l|model|%'  -- no webhook or header reads a model's total
+                 and (actual->>s.k)::numeric is distinct from (s.v #>> '{}')::numeric) then
+        if webhooks then
+            delete from outbox where sink = 'webhook' and call_id = any(call_ids);
+        end if;
+        spends := sl_settle_values(ds, ctx, seen || actual);
+    end if;
+    if coalesce((ctx->>'notify')::boolean, true)
+       and (webhooks or jsonb_path_exists(outboxes, '$[*][*]')) then
+        perform pg_notify('sl_outbox', '');
+    end if;
+    for i in 1 .. cardinality(spends) loop
+        idx := i - 1;
+        key_spend := spends[i];
+        return next;
+    end loop;
+end $$;
+
+-- Record one request: what sl_record_usages does for a batch of one, in the same order (webhook
+-- rows from values read without locks, then the shared rows in the global order, the webhook rows
+-- written again if another process settled in between), with plans made for one request.
+-- Returns the key's new lifetime spend.
+create or replace function sl_record_usage(d jsonb, meta jsonb, ctx jsonb, outbox_rows jsonb) returns numeric
+language plpgsql as $$
+declare
+    call text := d->>'call_id';
+    cost numeric := (d->>'cost')::numeric;
+    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);
+    h holds;
+    w record;
+    seen jsonb;
+    after jsonb;
+    new_value numeric;
+begin
+    perform sl_customer_first_seen(d->>'customer_id', ctx->>'default_budget_id', meta);
+    delete from holds where call_id = call returning * into h;
+    if not found and meta ? 'lease' then  -- admitted under a lease: draw the cost from it
+        update holds set amount = greatest(amount - cost, 0) where call_id = meta->>'lease'
+        returning call, cost, budget_rows, '[]'::jsonb, '[]'::jsonb, expires_at, created_at into h;
+    end if;
+    insert into events (stream, version, type, data, metadata)
+    values ('request:' || call, 1, 'UsageRecorded', d, meta);
+    insert into outbox (sink, dedupe_key, payload, state, call_id)
+    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', call
+    from jsonb_array_elements(outbox_rows) as o;
+    -- The values once this request is counted, read without locks; the webhook rows from them.
+    select coalesce(jsonb_object_agg(k, coalesce(
+            case when k like 'p|%' then (
+                select b.spent from budget_usage b
+                where b.scope = split_part(k, '|', 2) and b.scope_id = split_part(k, '|', 3)
+                  and b.period_start = split_part(k, '|', 4)::timestamptz)
+            else (
+                select t.spend from spend_totals t
+                where t.scope = split_part(k, '|', 2) and t.scope_id = split_part(k, '|', 3))
+            end, 0) + cost), '{}')
+    into seen from sl_usage_value_keys(d) as k;
+    if webhooks then
+        perform sl_usage_webhooks(d, ctx, seen);
+    end if;
+    -- The shared rows, in the global order (as sl_record_usages): lifetime totals, then scope by
+    -- scope its budget periods, its rate window and its in-flight count.
+    with up as (
+        insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
+        select s.scope, s.scope_id, cost, 1, (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint,
+               (d->>'ended_at')::timestamptz
+        from sl_usage_scopes(d) as s
+        order by s.scope, s.scope_id
+        on conflict (scope, scope_id) do update set
+            spend = t.spend + excluded.spend,
+            requests = t.requests + excluded.requests,
+            input_tokens = t.input_tokens + excluded.input_tokens,
+            output_tokens = t.output_tokens + excluded.output_tokens,
+            last_at = greatest(t.last_at, excluded.last_at)
+        returning t.scope, t.scope_id, t.spend
+    )
+    select coalesce(jsonb_object_agg('l|' || up.scope || '|' || up.scope_id, up.spend), '{}') into after from up;
+    for w in
+        with budget as (
+            select r->>0 as scope, r->>1 as scope_id, (r->>2)::timestamptz as period,
+                   cost as spent, 0::numeric as held
+            from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+            union all
+            select r->>0, r->>1, (r->>2)::timestamptz, 0, h.amount
+            from jsonb_array_elements(coalesce(h.budget_rows, '[]')) as r
+        ), shared as (
+            select scope, scope_id, 0 as kind, period, sum(spent) as spent, sum(held) as held,
+                   0::bigint as tokens
+            from budget group by scope, scope_id, period
+            union all
+            select r->>0, r->>1, 1, null, 0, 0, (d->>'total_tokens')::bigint
+            from jsonb_array_elements(coalesce(h.tpm_rows, '[]')) as r
+            union all
+            select r->>0, r->>1, 2, null, 0, 0, 0
+            from jsonb_array_elements(coalesce(h.parallel_rows, '[]')) as r
+        )
+        select * from shared order by sl_scope_rank(scope), scope_id, kind, period
+    loop
+        if w.kind = 0 then
+            insert into budget_usage as b (scope, scope_id, period_start, spent)
+            values (w.scope, w.scope_id, w.period, w.spent)
+            on conflict (scope, scope_id, period_start) do update
+            set spent = b.spent + excluded.spent, held = greatest(b.held - w.held, 0)
+            returning b.spent into new_value;
+            after := after || jsonb_build_object('p|' || w.scope || '|' || w.scope_id || '|' || w.period::text, new_value);
+        elsif w.kind = 1 then
+            insert into rate_usage as u (scope, scope_id, window_start, tokens)
+            values (w.scope, w.scope_id, date_trunc('minute', now()), w.tokens)
+            on conflict (scope, scope_id, window_start) do update set tokens = u.tokens + excluded.tokens;
+        else
+            update in_flight set count = greatest(count - 1, 0) where scope = w.scope and scope_id = w.scope_id;
+        end if;
+    end loop;
+    -- Another process settled one of these scopes between our read and our lock: write the
+    -- webhook rows again from the values the locked rows hold.
+    if webhooks and exists (select 1 from jsonb_each(seen) as s(k, v)
+                            where s.k not like 'l|model|%'  -- no webhook or header reads a model's total
+                              and (after->>s.k)::numeric is distinct from (s.v #>> '{}')::numeric) then
+        delete from outbox where sink = 'webhook' and call_id = call;
+        perform sl_usage_webhooks(d, ctx, after);
+    end if;
+    if coalesce((ctx->>'notify')::boolean, true) and (webhooks or jsonb_array_length(outbox_rows) > 0) then
+        perform pg_notify('sl_outbox', '');
+    end if;
+    return trim_scale((after->>('l|key|' || (d->>'key_hash')))::numeric);
+end $$;
+
+alter function sl_record_usages(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan;
+
+alter function sl_record_usage(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan;
 """
 
-TRIGGERS = [
-    f"create trigger {table}_changed after insert or update or delete on {table} "
-    f"for each row execute function sl_scope_changed()"
-    for table in SCOPE_TABLES
-]
+DOWNGRADE = r"""
+create or replace function sl_record_usages(ds jsonb, metas jsonb, ctx jsonb, outboxes jsonb)
+returns table (idx integer, key_spend numeric)
+language plpgsql as $$
+declare
+    c record;
+    w record;
+    released jsonb;
+    seen jsonb;
+    actual jsonb := '{}';
+    spends numeric[];
+    new_value numeric;
+    call_ids text[] := array(select d->>'call_id' from jsonb_array_elements(ds) as d);
+    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);
+begin
+    for c in
+        select d->>'customer_id' as customer, min(i) as first
+        from jsonb_array_elements(ds) with ordinality as e(d, i)
+        where d->>'customer_id' is not null
+        group by 1 order by 1
+    loop
+        perform sl_customer_first_seen(c.customer, ctx->>'default_budget_id', metas->(c.first::integer - 1));
+    end loop;
+    -- The batch's holds: no other writer wants them (the sweeper skips locked holds).
+    with gone as (
+        delete from holds where call_id = any(call_ids)
+        returning call_id, amount, budget_rows, parallel_rows, tpm_rows
+    )
+    select coalesce(jsonb_object_agg(call_id, to_jsonb(gone)), '{}') into released from gone;
+    insert into events (stream, version, type, data, metadata)
+    select 'request:' || (e.d->>'call_id'), 1, 'UsageRecorded', e.d, metas->(e.i::integer - 1)
+    from jsonb_array_elements(ds) with ordinality as e(d, i)
+    order by e.i;
+    insert into outbox (sink, dedupe_key, payload, state, call_id)
+    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', e.d->>'call_id'
+    from jsonb_array_elements(ds) with ordinality as e(d, i),
+         jsonb_array_elements(coalesce(outboxes->(e.i::integer - 1), '[]')) as o
+    order by e.i;
+    -- The values before the batch, read without locks; the webhook rows from them.
+    select coalesce(jsonb_object_agg(k, v), '{}') into seen from (
+        select distinct on (k) k, coalesce(
+            case when k like 'p|%' then (
+                select b.spent from budget_usage b
+                where b.scope = split_part(k, '|', 2) and b.scope_id = split_part(k, '|', 3)
+                  and b.period_start = split_part(k, '|', 4)::timestamptz)
+            else (
+                select t.spend from spend_totals t
+                where t.scope = split_part(k, '|', 2) and t.scope_id = split_part(k, '|', 3))
+            end, 0) as v
+        from jsonb_array_elements(ds) as d, sl_usage_value_keys(d) as k
+    ) as x;
+    spends := sl_settle_values(ds, ctx, seen);
+    -- Now the shared rows, each once, in the global order: lifetime totals (settles only), then
+    -- scope by scope its budget periods, its rate window and its in-flight count.
+    with agg as (
+        select s.scope, s.scope_id, sum((d->>'cost')::numeric) as spend, count(*) as requests,
+               sum((d->>'input_tokens')::bigint) as input_tokens,
+               sum((d->>'output_tokens')::bigint) as output_tokens,
+               max((d->>'ended_at')::timestamptz) as last_at
+        from jsonb_array_elements(ds) as d, sl_usage_scopes(d) as s
+        group by 1, 2
+    ), up as (
+        insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
+        select * from agg order by scope, scope_id
+        on conflict (scope, scope_id) do update set
+            spend = t.spend + excluded.spend,
+            requests = t.requests + excluded.requests,
+            input_tokens = t.input_tokens + excluded.input_tokens,
+            output_tokens = t.output_tokens + excluded.output_tokens,
+            last_at = greatest(t.last_at, excluded.last_at)
+        returning t.scope, t.scope_id, t.spend
+    )
+    select coalesce(jsonb_object_agg('l|' || up.scope || '|' || up.scope_id, up.spend - agg.spend), '{}')
+    into actual
+    from up join agg using (scope, scope_id);
+    for w in
+        with req as (
+            select d, released->(d->>'call_id') as h from jsonb_array_elements(ds) as d
+        ), budget as (
+            select r->>0 as scope, r->>1 as scope_id, (r->>2)::timestamptz as period,
+                   (d->>'cost')::numeric as spent, 0::numeric as held
+            from req, jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+            union all
+            select r->>0, r->>1, (r->>2)::timestamptz, 0, (h->>'amount')::numeric
+            from req, jsonb_array_elements(coalesce(h->'budget_rows', '[]')) as r
+        ), shared as (
+            select scope, scope_id, 0 as kind, period, sum(spent) as spent, sum(held) as held,
+                   0::bigint as tokens, 0::bigint as slots
+            from budget group by scope, scope_id, period
+            union all
+            select r->>0, r->>1, 1, null, 0, 0, sum((d->>'total_tokens')::bigint), 0
+            from req, jsonb_array_elements(coalesce(h->'tpm_rows', '[]')) as r group by 1, 2
+            union all
+            select r->>0, r->>1, 2, null, 0, 0, 0, count(*)
+            from req, jsonb_array_elements(coalesce(h->'parallel_rows', '[]')) as r group by 1, 2
+        )
+        select * from shared order by sl_scope_rank(scope), scope_id, kind, period
+    loop
+        if w.kind = 0 then
+            insert into budget_usage as b (scope, scope_id, period_start, spent)
+            values (w.scope, w.scope_id, w.period, w.spent)
+            on conflict (scope, scope_id, period_start) do update
+            set spent = b.spent + excluded.spent, held = greatest(b.held - w.held, 0)
+            returning b.spent into new_value;
+            actual := actual || jsonb_build_object(
+                'p|' || w.scope || '|' || w.scope_id || '|' || w.period::text, new_value - w.spent);
+        elsif w.kind = 1 then
+            insert into rate_usage as u (scope, scope_id, window_start, tokens)
+            values (w.scope, w.scope_id, date_trunc('minute', now()), w.tokens)
+            on conflict (scope, scope_id, window_start) do update set tokens = u.tokens + excluded.tokens;
+        else
+            update in_flight set count = greatest(count - w.slots, 0)
+            where scope = w.scope and scope_id = w.scope_id;
+        end if;
+    end loop;
+    -- Another process settled one of these scopes between our read and our lock: write the
+    -- webhook rows again from the values the locked rows held.
+    if exists (select 1 from jsonb_each(seen) as s(k, v)
+               where s.k not like 'l|model|%'  -- no webhook or header reads a model's total
+                 and (actual->>s.k)::numeric is distinct from (s.v #>> '{}')::numeric) then
+        if webhooks then
+            delete from outbox where sink = 'webhook' and call_id = any(call_ids);
+        end if;
+        spends := sl_settle_values(ds, ctx, seen || actual);
+    end if;
+    if coalesce((ctx->>'notify')::boolean, true)
+       and (webhooks or jsonb_path_exists(outboxes, '$[*][*]')) then
+        perform pg_notify('sl_outbox', '');
+    end if;
+    for i in 1 .. cardinality(spends) loop
+        idx := i - 1;
+        key_spend := spends[i];
+        return next;
+    end loop;
+end $$;
 
-# The settles draw leased requests' costs: one statement more after each takes its holds.
-BATCH_HOLDS = "    select coalesce(jsonb_object_agg(call_id, to_jsonb(gone)), '{}') into released from gone;\n"
-BATCH_DRAWS = BATCH_HOLDS + (
-    "    -- Requests admitted under a lease (ledger/leases.py) draw their cost from it.\n"
-    "    released := released || sl_draw_leases(ds, metas);\n"
-)
-ONE_HOLD = "    delete from holds where call_id = call returning * into h;\n"
-ONE_DRAWS = ONE_HOLD + (
-    "    if not found and meta ? 'lease' then  -- admitted under a lease: draw the cost from it\n"
-    "        update holds set amount = greatest(amount - cost, 0) where call_id = meta->>'lease'\n"
-    "        returning call, cost, budget_rows, '[]'::jsonb, '[]'::jsonb, expires_at, created_at into h;\n"
-    "    end if;\n"
-)
-GENERIC_PLANS = [
-    "alter function sl_record_usages(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan",
-    "alter function sl_record_usage(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan",
-]
+-- Record one request: what sl_record_usages does for a batch of one, in the same order (webhook
+-- rows from values read without locks, then the shared rows in the global order, the webhook rows
+-- written again if another process settled in between), with plans made for one request.
+-- Returns the key's new lifetime spend.
+create or replace function sl_record_usage(d jsonb, meta jsonb, ctx jsonb, outbox_rows jsonb) returns numeric
+language plpgsql as $$
+declare
+    call text := d->>'call_id';
+    cost numeric := (d->>'cost')::numeric;
+    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);
+    h holds;
+    w record;
+    seen jsonb;
+    after jsonb;
+    new_value numeric;
+begin
+    perform sl_customer_first_seen(d->>'customer_id', ctx->>'default_budget_id', meta);
+    delete from holds where call_id = call returning * into h;
+    insert into events (stream, version, type, data, metadata)
+    values ('request:' || call, 1, 'UsageRecorded', d, meta);
+    insert into outbox (sink, dedupe_key, payload, state, call_id)
+    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', call
+    from jsonb_array_elements(outbox_rows) as o;
+    -- The values once this request is counted, read without locks; the webhook rows from them.
+    select coalesce(jsonb_object_agg(k, coalesce(
+            case when k like 'p|%' then (
+                select b.spent from budget_usage b
+                where b.scope = split_part(k, '|', 2) and b.scope_id = split_part(k, '|', 3)
+                  and b.period_start = split_part(k, '|', 4)::timestamptz)
+            else (
+                select t.spend from spend_totals t
+                where t.scope = split_part(k, '|', 2) and t.scope_id = split_part(k, '|', 3))
+            end, 0) + cost), '{}')
+    into seen from sl_usage_value_keys(d) as k;
+    if webhooks then
+        perform sl_usage_webhooks(d, ctx, seen);
+    end if;
+    -- The shared rows, in the global order (as sl_record_usages): lifetime totals, then scope by
+    -- scope its budget periods, its rate window and its in-flight count.
+    with up as (
+        insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
+        select s.scope, s.scope_id, cost, 1, (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint,
+               (d->>'ended_at')::timestamptz
+        from sl_usage_scopes(d) as s
+        order by s.scope, s.scope_id
+        on conflict (scope, scope_id) do update set
+            spend = t.spend + excluded.spend,
+            requests = t.requests + excluded.requests,
+            input_tokens = t.input_tokens + excluded.input_tokens,
+            output_tokens = t.output_tokens + excluded.output_tokens,
+            last_at = greatest(t.last_at, excluded.last_at)
+        returning t.scope, t.scope_id, t.spend
+    )
+    select coalesce(jsonb_object_agg('l|' || up.scope || '|' || up.scope_id, up.spend), '{}') into after from up;
+    for w in
+        with budget as (
+            select r->>0 as scope, r->>1 as scope_id, (r->>2)::timestamptz as period,
+                   cost as spent, 0::numeric as held
+            from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+            union all
+            select r->>0, r->>1, (r->>2)::timestamptz, 0, h.amount
+            from jsonb_array_elements(coalesce(h.budget_rows, '[]')) as r
+        ), shared as (
+            select scope, scope_id, 0 as kind, period, sum(spent) as spent, sum(held) as held,
+                   0::bigint as tokens
+            from budget group by scope, scope_id, period
+            union all
+            select r->>0, r->>1, 1, null, 0, 0, (d->>'total_tokens')::bigint
+            from jsonb_array_elements(coalesce(h.tpm_rows, '[]')) as r
+            union all
+            select r->>0, r->>1, 2, null, 0, 0, 0
+            from jsonb_array_elements(coalesce(h.parallel_rows, '[]')) as r
+        )
+        select * from shared order by sl_scope_rank(scope), scope_id, kind, period
+    loop
+        if w.kind = 0 then
+            insert into budget_usage as b (scope, scope_id, period_start, spent)
+            values (w.scope, w.scope_id, w.period, w.spent)
+            on conflict (scope, scope_id, period_start) do update
+            set spent = b.spent + excluded.spent, held = greatest(b.held - w.held, 0)
+            returning b.spent into new_value;
+            after := after || jsonb_build_object('p|' || w.scope || '|' || w.scope_id || '|' || w.period::text, new_value);
+        elsif w.kind = 1 then
+            insert into rate_usage as u (scope, scope_id, window_start, tokens)
+            values (w.scope, w.scope_id, date_trunc('minute', now()), w.tokens)
+            on conflict (scope, scope_id, window_start) do update set tokens = u.tokens + excluded.tokens;
+        else
+            update in_flight set count = greatest(count - 1, 0) where scope = w.scope and scope_id = w.scope_id;
+        end if;
+    end loop;
+    -- Another process settled one of these scopes between our read and our lock: write the
+    -- webhook rows again from the values the locked rows hold.
+    if webhooks and exists (select 1 from jsonb_each(seen) as s(k, v)
+                            where s.k not like 'l|model|%'  -- no webhook or header reads a model's total
+                              and (after->>s.k)::numeric is distinct from (s.v #>> '{}')::numeric) then
+        delete from outbox where sink = 'webhook' and call_id = call;
+        perform sl_usage_webhooks(d, ctx, after);
+    end if;
+    if coalesce((ctx->>'notify')::boolean, true) and (webhooks or jsonb_array_length(outbox_rows) > 0) then
+        perform pg_notify('sl_outbox', '');
+    end if;
+    return trim_scale((after->>('l|key|' || (d->>'key_hash')))::numeric);
+end $$;
 
+alter function sl_record_usages(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan;
 
-def _settles() -> tuple[str, str]:
-    """sl_record_usages as 0009 defined it, sl_record_usage as 0010 did."""
-    batch = load_revision(Path(__file__).with_name("0009_settle_notifies_when_asked.py")).definition()
-    (one,) = definitions_in_revision(Path(__file__).with_name("0010_settle_one_request.py"), "sl_record_usage")
-    assert batch.count(BATCH_HOLDS) == 1 and one.count(ONE_HOLD) == 1, "each settle takes its holds once"
-    return batch, one.replace("create function", "create or replace function", 1)
+alter function sl_record_usage(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan;
 
+drop trigger keys_changed on keys;
 
-def definitions() -> tuple[str, str]:
-    """This revision's sl_record_usages and sl_record_usage (a later revision derives its own)."""
-    batch, one = _settles()
-    return batch.replace(BATCH_HOLDS, BATCH_DRAWS), one.replace(ONE_HOLD, ONE_DRAWS)
+drop trigger users_changed on users;
+
+drop trigger teams_changed on teams;
+
+drop trigger customers_changed on customers;
+
+drop trigger budgets_changed on budgets;
+
+drop function sl_scope_changed();
+
+drop function sl_return_lease(text, numeric);
+
+drop function sl_draw_leases(jsonb, jsonb);
+
+drop function sl_lease(jsonb);
+"""
 
 
 def upgrade() -> None:
-    bind = op.get_bind()
-    execute_script(bind, UPGRADE)
-    for trigger in TRIGGERS:
-        bind.exec_driver_sql(trigger)
-    for statement in definitions():
-        bind.exec_driver_sql(statement)
-    for statement in GENERIC_PLANS:  # create or replace resets a function's settings
-        bind.exec_driver_sql(statement)
+    execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    bind = op.get_bind()
-    for statement in _settles():
-        bind.exec_driver_sql(statement)
-    for statement in GENERIC_PLANS:
-        bind.exec_driver_sql(statement)
-    for table in SCOPE_TABLES:
-        bind.exec_driver_sql(f"drop trigger {table}_changed on {table}")
-    for function in ("sl_scope_changed()", "sl_return_lease(text, numeric)", "sl_draw_leases(jsonb, jsonb)",
-                     "sl_lease(jsonb)"):  # fmt: skip
-        bind.exec_driver_sql(f"drop function {function}")
+    execute_script(op.get_bind(), DOWNGRADE)

@@ -27,16 +27,15 @@ Revision ID: 0012
 Revises: 0011
 """
 
-from pathlib import Path
-
 from alembic import op
-from ledger.db import definitions_in_revision, execute_script, load_revision
+from ledger.db import execute_script
 
 revision = "0012"
 down_revision = "0011"
 branch_labels = None
 depends_on = None
 
+# Every statement this revision runs, in full: it stands alone, reading no other revision.
 UPGRADE = r"""
 -- The spend the webhook follower has counted: per scope, its lifetime total (period_start
 -- '-infinity') and its budget periods, in the order the follower reads the log.
@@ -58,7 +57,9 @@ create table directory_history (
     entity_id text   not null,
     was       jsonb  not null
 );
+
 create index directory_history_entity on directory_history (entity, entity_id, txid, seq);
+
 create index directory_history_txid on directory_history (txid);
 
 create function sl_directory_history() returns trigger language plpgsql as $$
@@ -84,6 +85,7 @@ begin
                        'for each row execute function sl_directory_history(%L)', t.name, t.id);
     end loop;
 end $$;
+
 select sl_remember_directory_changes();
 
 -- A directory row as jsonb as it was after transaction `as_of` (the first change after it kept
@@ -262,10 +264,12 @@ end $$;
 -- The follower starts where the log ends now, from the spend the projections count: settles wait
 -- for the lock, so both count exactly the events before the checkpoint.
 lock table events in share mode;
+
 insert into webhook_spend (scope, scope_id, period_start, spent)
 select scope, scope_id, '-infinity', spend from spend_totals where scope <> 'model'
 union all
 select scope, scope_id, period_start, spent from budget_usage where spent <> 0;
+
 insert into projection_checkpoints (name, last_txid, last_position)
 values ('webhooks',
         coalesce((select txid from events order by txid desc, position desc limit 1), '0'),
@@ -353,97 +357,719 @@ end $$;
 
 -- Superseded: the follower writes a lone request's webhook rows as a batch's.
 drop function sl_usage_webhooks(jsonb, jsonb, jsonb);
+
+-- Count each request's cost into `vals` in order (a running sum per key: one query for the batch)
+-- and write the batch's webhook rows (one statement); the key spends.
+create or replace function sl_settle_values(ds jsonb, ctx jsonb, vals jsonb) returns numeric[]
+language plpgsql as $$
+declare
+    after_each jsonb[];  -- per request: the values of its keys once it is counted
+    spends numeric[];
+begin
+    select array_agg(v order by i), array_agg(trim_scale((v->>('l|key|' || key_hash))::numeric) order by i)
+    into after_each, spends
+    from (
+        select x.i, x.key_hash, jsonb_object_agg(x.k, coalesce((vals->>x.k)::numeric, 0) + x.running) as v
+        from (
+            select e.i, e.d->>'key_hash' as key_hash, k,
+                   sum((e.d->>'cost')::numeric) over (partition by k order by e.i) as running
+            from jsonb_array_elements(ds) with ordinality as e(d, i), sl_usage_value_keys(e.d) as k
+        ) as x
+        group by x.i, x.key_hash
+    ) as y;
+    if not coalesce((ctx->>'webhooks')::boolean, false) then
+        return spends;
+    end if;
+    with req as (
+        select e.i, e.d, after_each[e.i] as request_values, (e.d->>'cost')::numeric as cost,
+               e.d->>'key_hash' as key_hash, e.d->>'user_id' as user_id, e.d->>'team_id' as team_id,
+               e.d->>'customer_id' as customer_id
+        from jsonb_array_elements(ds) with ordinality as e(d, i)
+    ), ids as (
+        select distinct key_hash, user_id, team_id, customer_id from req
+    ), scopes as (  -- each distinct set of scope ids resolved once, not once per request
+        select ids.*, s.*
+        from ids, sl_request_scopes_as_of(ctx || jsonb_build_object(
+            'key_hash', ids.key_hash, 'user_id', ids.user_id, 'team_id', ids.team_id,
+            'customer_id', ids.customer_id)) as s
+    ), per_scope as (
+        select req.i, req.d, req.cost, s.ord, s.scope, s.scope_id, s.max_budget, s.soft_budget,
+               s.budget_duration, s.anchor, p.period,
+               (req.request_values->>(
+                   case when p.period is null then 'l|' || s.scope || '|' || s.scope_id
+                        else 'p|' || s.scope || '|' || s.scope_id || '|' || p.period::text end
+               ))::numeric as after  -- the scope's spend once this request is counted
+        from req
+        join scopes as s on (s.key_hash, s.user_id, s.team_id, s.customer_id)
+                            is not distinct from (req.key_hash, req.user_id, req.team_id, req.customer_id)
+        left join lateral (
+            select (r->>2)::timestamptz as period
+            from jsonb_array_elements(coalesce(req.d->'budget_periods', '[]')) as r
+            where r->>0 = s.scope and r->>1 = s.scope_id
+        ) as p on true
+    ), crossed as (
+        -- A soft budget alone has no budget period (admission tracks none): its line is on the
+        -- lifetime spend, as /customer/info shows it, and its period is 'epoch'.
+        select c.i, c.d, c.ord, l.n, l.event, l.tag, c.scope, c.scope_id, c.max_budget, c.soft_budget, c.after,
+               coalesce(c.period, 'epoch') as period, c.anchor, c.budget_duration
+        from per_scope as c,
+             lateral (values (1, 'budget_crossed', c.max_budget, 'max'),
+                     (2, 'threshold_crossed', c.max_budget * 0.85, '85'),
+                     (3, 'threshold_crossed', c.max_budget * 0.95, '95'),
+                     (4, 'soft_budget_crossed', c.soft_budget, 'soft')) as l(n, event, amount, tag)
+        where c.cost > 0
+          and (c.period is not null or (c.soft_budget is not null and c.max_budget is null
+                                        and c.budget_duration is null))
+          and l.amount is not null and c.after - c.cost < l.amount and c.after >= l.amount
+    ), crossing_rows as (
+        select i, ord, n, d, event,
+               event || ':' || scope || ':' || scope_id || ':' || extract(epoch from period)::bigint || ':' || tag
+                   as dedupe,
+               jsonb_build_object(
+                   'spend', trim_scale(after), 'max_budget', max_budget, 'soft_budget', soft_budget,
+                   'event_group', scope,
+                   'event_message', initcap(scope) || ' ' || replace(event, '_', ' ') || '. '
+                       || initcap(scope) || '=' || scope_id || ', spend=' || trim_scale(after)
+                       || ', max_budget=' || coalesce(max_budget::text, 'null')
+                       || case when tag in ('85', '95') then ', threshold=' || tag || '%' else '' end,
+                   'budget_reset_at', sl_period_end(anchor, budget_duration, period)) as body
+        from crossed
+    ), tracked_rows as (
+        -- spend_tracked for every request with a customer; total_spend is the customer's spend
+        -- of the period (or lifetime) once this request is counted.
+        select req.i, 99 as ord, 0 as n, req.d, 'spend_tracked' as event,
+               'spend_tracked:' || (req.d->>'call_id') as dedupe,
+               jsonb_build_object(
+                   'spend', req.cost, 'max_budget', c.max_budget, 'event_group', 'customer',
+                   'total_spend', trim_scale(coalesce(c.after, req.cost)),
+                   'event_message', 'Customer spend tracked. Customer=' || req.customer_id
+                                    || ', spend=' || trim_scale(req.cost)) as body
+        from req
+        left join per_scope as c on c.i = req.i and c.scope = 'customer'
+        where req.customer_id is not null
+    )
+    insert into outbox (sink, dedupe_key, payload, call_id)
+    select 'webhook', w.dedupe,
+           w.body || jsonb_build_object(
+               'token', w.d->>'key_hash', 'customer_id', w.d->>'customer_id', 'user_id', w.d->>'user_id',
+               'team_id', w.d->>'team_id', 'user_email', null, 'key_alias', w.d->>'key_alias',
+               'projected_exceeded_date', null, 'projected_spend', null, 'event', w.event,
+               'event_id', w.dedupe, 'created_at', w.d->>'ended_at'),
+           w.d->>'call_id'
+    from (select * from crossing_rows union all select * from tracked_rows) as w
+    order by w.i, w.ord, w.n
+    -- a line already announced in this period is not announced again (a call is settled once,
+    -- so its spend_tracked cannot exist yet)
+    on conflict (sink, dedupe_key) do nothing;
+    return spends;
+end $$;
+
+create or replace function sl_record_usages(ds jsonb, metas jsonb, ctx jsonb, outboxes jsonb)
+returns table (idx integer, key_spend numeric)
+language plpgsql as $$
+declare
+    c record;
+    w record;
+    released jsonb;
+    seen jsonb;
+    actual jsonb := '{}';
+    spends numeric[];
+    new_value numeric;
+    call_ids text[] := array(select d->>'call_id' from jsonb_array_elements(ds) as d);
+    webhooks boolean := false;  -- the webhook rows follow the log (sl_follow_webhooks)
+    marks jsonb := case when coalesce((ctx->>'webhooks')::boolean, false)
+                   then '{"webhooks": true}' else '{}' end;
+begin
+    for c in
+        select d->>'customer_id' as customer, min(i) as first
+        from jsonb_array_elements(ds) with ordinality as e(d, i)
+        where d->>'customer_id' is not null
+        group by 1 order by 1
+    loop
+        perform sl_customer_first_seen(c.customer, ctx->>'default_budget_id', metas->(c.first::integer - 1));
+    end loop;
+    -- The batch's holds: no other writer wants them (the sweeper skips locked holds).
+    with gone as (
+        delete from holds where call_id = any(call_ids)
+        returning call_id, amount, budget_rows, parallel_rows, tpm_rows
+    )
+    select coalesce(jsonb_object_agg(call_id, to_jsonb(gone)), '{}') into released from gone;
+    -- Requests admitted under a lease (ledger/leases.py) draw their cost from it.
+    released := released || sl_draw_leases(ds, metas);
+    insert into events (stream, version, type, data, metadata)
+    select 'request:' || (e.d->>'call_id'), 1, 'UsageRecorded', e.d, (metas->(e.i::integer - 1)) || marks
+    from jsonb_array_elements(ds) with ordinality as e(d, i)
+    order by e.i;
+    insert into outbox (sink, dedupe_key, payload, state, call_id)
+    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', e.d->>'call_id'
+    from jsonb_array_elements(ds) with ordinality as e(d, i),
+         jsonb_array_elements(coalesce(outboxes->(e.i::integer - 1), '[]')) as o
+    order by e.i;
+    -- The values before the batch, read without locks; the webhook rows from them.
+    select coalesce(jsonb_object_agg(k, v), '{}') into seen from (
+        select distinct on (k) k, coalesce(
+            case when k like 'p|%' then (
+                select b.spent from budget_usage b
+                where b.scope = split_part(k, '|', 2) and b.scope_id = split_part(k, '|', 3)
+                  and b.period_start = split_part(k, '|', 4)::timestamptz)
+            else (
+                select t.spend from spend_totals t
+                where t.scope = split_part(k, '|', 2) and t.scope_id = split_part(k, '|', 3))
+            end, 0) as v
+        from jsonb_array_elements(ds) as d, sl_usage_value_keys(d) as k
+    ) as x;
+    spends := sl_settle_values(ds, ctx - 'webhooks', seen);
+    -- Now the shared rows, each once, in the global order: lifetime totals (settles only), then
+    -- scope by scope its budget periods, its rate window and its in-flight count.
+    with agg as (
+        select s.scope, s.scope_id, sum((d->>'cost')::numeric) as spend, count(*) as requests,
+               sum((d->>'input_tokens')::bigint) as input_tokens,
+               sum((d->>'output_tokens')::bigint) as output_tokens,
+               max((d->>'ended_at')::timestamptz) as last_at
+        from jsonb_array_elements(ds) as d, sl_usage_scopes(d) as s
+        group by 1, 2
+    ), up as (
+        insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
+        select * from agg order by scope, scope_id
+        on conflict (scope, scope_id) do update set
+            spend = t.spend + excluded.spend,
+            requests = t.requests + excluded.requests,
+            input_tokens = t.input_tokens + excluded.input_tokens,
+            output_tokens = t.output_tokens + excluded.output_tokens,
+            last_at = greatest(t.last_at, excluded.last_at)
+        returning t.scope, t.scope_id, t.spend
+    )
+    select coalesce(jsonb_object_agg('l|' || up.scope || '|' || up.scope_id, up.spend - agg.spend), '{}')
+    into actual
+    from up join agg using (scope, scope_id);
+    for w in
+        with req as (
+            select d, released->(d->>'call_id') as h from jsonb_array_elements(ds) as d
+        ), budget as (
+            select r->>0 as scope, r->>1 as scope_id, (r->>2)::timestamptz as period,
+                   (d->>'cost')::numeric as spent, 0::numeric as held
+            from req, jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+            union all
+            select r->>0, r->>1, (r->>2)::timestamptz, 0, (h->>'amount')::numeric
+            from req, jsonb_array_elements(coalesce(h->'budget_rows', '[]')) as r
+        ), shared as (
+            select scope, scope_id, 0 as kind, period, sum(spent) as spent, sum(held) as held,
+                   0::bigint as tokens, 0::bigint as slots
+            from budget group by scope, scope_id, period
+            union all
+            select r->>0, r->>1, 1, null, 0, 0, sum((d->>'total_tokens')::bigint), 0
+            from req, jsonb_array_elements(coalesce(h->'tpm_rows', '[]')) as r group by 1, 2
+            union all
+            select r->>0, r->>1, 2, null, 0, 0, 0, count(*)
+            from req, jsonb_array_elements(coalesce(h->'parallel_rows', '[]')) as r group by 1, 2
+        )
+        select * from shared order by sl_scope_rank(scope), scope_id, kind, period
+    loop
+        if w.kind = 0 then
+            insert into budget_usage as b (scope, scope_id, period_start, spent)
+            values (w.scope, w.scope_id, w.period, w.spent)
+            on conflict (scope, scope_id, period_start) do update
+            set spent = b.spent + excluded.spent, held = greatest(b.held - w.held, 0)
+            returning b.spent into new_value;
+            actual := actual || jsonb_build_object(
+                'p|' || w.scope || '|' || w.scope_id || '|' || w.period::text, new_value - w.spent);
+        elsif w.kind = 1 then
+            insert into rate_usage as u (scope, scope_id, window_start, tokens)
+            values (w.scope, w.scope_id, date_trunc('minute', now()), w.tokens)
+            on conflict (scope, scope_id, window_start) do update set tokens = u.tokens + excluded.tokens;
+        else
+            update in_flight set count = greatest(count - w.slots, 0)
+            where scope = w.scope and scope_id = w.scope_id;
+        end if;
+    end loop;
+    -- Another process settled one of these scopes between our read and our lock: write the
+    -- webhook rows again from the values the locked rows held.
+    if exists (select 1 from jsonb_each(seen) as s(k, v)
+               where s.k not like 'l|model|%'  -- no webhook or header reads a model's total
+                 and (actual->>s.k)::numeric is distinct from (s.v #>> '{}')::numeric) then
+        if webhooks then
+            delete from outbox where sink = 'webhook' and call_id = any(call_ids);
+        end if;
+        spends := sl_settle_values(ds, ctx - 'webhooks', seen || actual);
+    end if;
+    if coalesce((ctx->>'notify')::boolean, true)
+       and (marks <> '{}' or jsonb_path_exists(outboxes, '$[*][*]')) then
+        perform pg_notify('sl_outbox', '');
+    end if;
+    for i in 1 .. cardinality(spends) loop
+        idx := i - 1;
+        key_spend := spends[i];
+        return next;
+    end loop;
+end $$;
+
+alter function sl_record_usages(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan;
+
+alter function sl_record_usage(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan;
 """
 
-DOWNGRADE = """
+DOWNGRADE = r"""
 drop function sl_follow_webhooks(integer, jsonb);
+
 drop function sl_webhook_run(jsonb, jsonb, boolean);
+
 drop function sl_webhook_scopes(jsonb);
+
 drop table webhook_spend;
+
 delete from projection_checkpoints where name = 'webhooks';
+
 drop trigger sl_directory_history on keys;
+
 drop trigger sl_directory_history on users;
+
 drop trigger sl_directory_history on teams;
+
 drop trigger sl_directory_history on customers;
+
 drop trigger sl_directory_history on budgets;
+
 drop function sl_remember_directory_changes();
+
 drop function sl_directory_history();
-"""
-# After the old sl_settle_values is back (it no longer calls them).
-DROP_AS_OF = """
+
+-- The webhook rows of one settled request, from `after`: the spend of its budget periods
+-- ('p|scope|id|period') and its scopes' lifetime spend ('l|scope|id') once it is counted.
+create function sl_usage_webhooks(d jsonb, ctx jsonb, after jsonb) returns void language plpgsql as $$
+declare
+    s record;
+    call text := d->>'call_id';
+    cost numeric := (d->>'cost')::numeric;
+    periods jsonb := (select jsonb_object_agg((r->>0) || '|' || (r->>1), r->>2)
+                      from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r);
+    period timestamptz;
+    value numeric;
+    customer_budget numeric;
+    customer_total numeric;
+    context jsonb := jsonb_build_object(
+        'token', d->>'key_hash', 'customer_id', d->>'customer_id', 'user_id', d->>'user_id',
+        'team_id', d->>'team_id', 'user_email', null, 'key_alias', d->>'key_alias',
+        'projected_exceeded_date', null, 'projected_spend', null, 'created_at', d->>'ended_at');
+begin
+    for s in select * from sl_request_scopes(ctx || jsonb_build_object(
+            'key_hash', d->>'key_hash', 'user_id', d->>'user_id', 'team_id', d->>'team_id',
+            'customer_id', d->>'customer_id')) loop
+        period := (periods->>(s.scope || '|' || s.scope_id))::timestamptz;
+        value := (after->>(case when period is null then 'l|' || s.scope || '|' || s.scope_id
+                                else 'p|' || s.scope || '|' || s.scope_id || '|' || period::text end))::numeric;
+        if s.scope = 'customer' then
+            customer_budget := s.max_budget;
+            customer_total := value;
+        end if;
+        -- A soft budget alone has no budget period (admission tracks none): its line is on the
+        -- lifetime spend, as /customer/info shows it, and its period is 'epoch'.
+        if cost > 0 and (period is not null or (s.soft_budget is not null and s.max_budget is null
+                                                and s.budget_duration is null))
+           and (value - cost < s.max_budget and value >= s.max_budget * 0.85
+                or value - cost < s.soft_budget and value >= s.soft_budget) then
+            period := coalesce(period, 'epoch');
+            insert into outbox (sink, dedupe_key, payload, call_id)
+            select 'webhook', x.dedupe, x.body || context || jsonb_build_object('event', x.event, 'event_id', x.dedupe), call
+            from (
+                select l.n, l.event,
+                       l.event || ':' || s.scope || ':' || s.scope_id || ':' || extract(epoch from period)::bigint || ':' || l.tag as dedupe,
+                       jsonb_build_object(
+                           'spend', trim_scale(value), 'max_budget', s.max_budget, 'soft_budget', s.soft_budget,
+                           'event_group', s.scope,
+                           'event_message', initcap(s.scope) || ' ' || replace(l.event, '_', ' ') || '. '
+                               || initcap(s.scope) || '=' || s.scope_id || ', spend=' || trim_scale(value)
+                               || ', max_budget=' || coalesce(s.max_budget::text, 'null')
+                               || case when l.tag in ('85', '95') then ', threshold=' || l.tag || '%' else '' end,
+                           'budget_reset_at', sl_period_end(s.anchor, s.budget_duration, period)) as body
+                from (values (1, 'budget_crossed', s.max_budget, 'max'),
+                             (2, 'threshold_crossed', s.max_budget * 0.85, '85'),
+                             (3, 'threshold_crossed', s.max_budget * 0.95, '95'),
+                             (4, 'soft_budget_crossed', s.soft_budget, 'soft')) as l(n, event, amount, tag)
+                where l.amount is not null and value - cost < l.amount and value >= l.amount
+            ) as x
+            order by x.n
+            on conflict (sink, dedupe_key) do nothing;
+        end if;
+    end loop;
+    if d->>'customer_id' is not null then
+        insert into outbox (sink, dedupe_key, payload, call_id)
+        values ('webhook', 'spend_tracked:' || call, jsonb_build_object(
+                'spend', cost, 'max_budget', customer_budget, 'event_group', 'customer',
+                'total_spend', trim_scale(coalesce(customer_total, cost)),
+                'event_message', 'Customer spend tracked. Customer=' || (d->>'customer_id')
+                                 || ', spend=' || trim_scale(cost))
+                || context || jsonb_build_object('event', 'spend_tracked', 'event_id', 'spend_tracked:' || call),
+            call)
+        on conflict (sink, dedupe_key) do nothing;
+    end if;
+end $$;
+
+create or replace function sl_record_usages(ds jsonb, metas jsonb, ctx jsonb, outboxes jsonb)
+returns table (idx integer, key_spend numeric)
+language plpgsql as $$
+declare
+    c record;
+    w record;
+    released jsonb;
+    seen jsonb;
+    actual jsonb := '{}';
+    spends numeric[];
+    new_value numeric;
+    call_ids text[] := array(select d->>'call_id' from jsonb_array_elements(ds) as d);
+    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);
+begin
+    for c in
+        select d->>'customer_id' as customer, min(i) as first
+        from jsonb_array_elements(ds) with ordinality as e(d, i)
+        where d->>'customer_id' is not null
+        group by 1 order by 1
+    loop
+        perform sl_customer_first_seen(c.customer, ctx->>'default_budget_id', metas->(c.first::integer - 1));
+    end loop;
+    -- The batch's holds: no other writer wants them (the sweeper skips locked holds).
+    with gone as (
+        delete from holds where call_id = any(call_ids)
+        returning call_id, amount, budget_rows, parallel_rows, tpm_rows
+    )
+    select coalesce(jsonb_object_agg(call_id, to_jsonb(gone)), '{}') into released from gone;
+    -- Requests admitted under a lease (ledger/leases.py) draw their cost from it.
+    released := released || sl_draw_leases(ds, metas);
+    insert into events (stream, version, type, data, metadata)
+    select 'request:' || (e.d->>'call_id'), 1, 'UsageRecorded', e.d, metas->(e.i::integer - 1)
+    from jsonb_array_elements(ds) with ordinality as e(d, i)
+    order by e.i;
+    insert into outbox (sink, dedupe_key, payload, state, call_id)
+    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', e.d->>'call_id'
+    from jsonb_array_elements(ds) with ordinality as e(d, i),
+         jsonb_array_elements(coalesce(outboxes->(e.i::integer - 1), '[]')) as o
+    order by e.i;
+    -- The values before the batch, read without locks; the webhook rows from them.
+    select coalesce(jsonb_object_agg(k, v), '{}') into seen from (
+        select distinct on (k) k, coalesce(
+            case when k like 'p|%' then (
+                select b.spent from budget_usage b
+                where b.scope = split_part(k, '|', 2) and b.scope_id = split_part(k, '|', 3)
+                  and b.period_start = split_part(k, '|', 4)::timestamptz)
+            else (
+                select t.spend from spend_totals t
+                where t.scope = split_part(k, '|', 2) and t.scope_id = split_part(k, '|', 3))
+            end, 0) as v
+        from jsonb_array_elements(ds) as d, sl_usage_value_keys(d) as k
+    ) as x;
+    spends := sl_settle_values(ds, ctx, seen);
+    -- Now the shared rows, each once, in the global order: lifetime totals (settles only), then
+    -- scope by scope its budget periods, its rate window and its in-flight count.
+    with agg as (
+        select s.scope, s.scope_id, sum((d->>'cost')::numeric) as spend, count(*) as requests,
+               sum((d->>'input_tokens')::bigint) as input_tokens,
+               sum((d->>'output_tokens')::bigint) as output_tokens,
+               max((d->>'ended_at')::timestamptz) as last_at
+        from jsonb_array_elements(ds) as d, sl_usage_scopes(d) as s
+        group by 1, 2
+    ), up as (
+        insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
+        select * from agg order by scope, scope_id
+        on conflict (scope, scope_id) do update set
+            spend = t.spend + excluded.spend,
+            requests = t.requests + excluded.requests,
+            input_tokens = t.input_tokens + excluded.input_tokens,
+            output_tokens = t.output_tokens + excluded.output_tokens,
+            last_at = greatest(t.last_at, excluded.last_at)
+        returning t.scope, t.scope_id, t.spend
+    )
+    select coalesce(jsonb_object_agg('l|' || up.scope || '|' || up.scope_id, up.spend - agg.spend), '{}')
+    into actual
+    from up join agg using (scope, scope_id);
+    for w in
+        with req as (
+            select d, released->(d->>'call_id') as h from jsonb_array_elements(ds) as d
+        ), budget as (
+            select r->>0 as scope, r->>1 as scope_id, (r->>2)::timestamptz as period,
+                   (d->>'cost')::numeric as spent, 0::numeric as held
+            from req, jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+            union all
+            select r->>0, r->>1, (r->>2)::timestamptz, 0, (h->>'amount')::numeric
+            from req, jsonb_array_elements(coalesce(h->'budget_rows', '[]')) as r
+        ), shared as (
+            select scope, scope_id, 0 as kind, period, sum(spent) as spent, sum(held) as held,
+                   0::bigint as tokens, 0::bigint as slots
+            from budget group by scope, scope_id, period
+            union all
+            select r->>0, r->>1, 1, null, 0, 0, sum((d->>'total_tokens')::bigint), 0
+            from req, jsonb_array_elements(coalesce(h->'tpm_rows', '[]')) as r group by 1, 2
+            union all
+            select r->>0, r->>1, 2, null, 0, 0, 0, count(*)
+            from req, jsonb_array_elements(coalesce(h->'parallel_rows', '[]')) as r group by 1, 2
+        )
+        select * from shared order by sl_scope_rank(scope), scope_id, kind, period
+    loop
+        if w.kind = 0 then
+            insert into budget_usage as b (scope, scope_id, period_start, spent)
+            values (w.scope, w.scope_id, w.period, w.spent)
+            on conflict (scope, scope_id, period_start) do update
+            set spent = b.spent + excluded.spent, held = greatest(b.held - w.held, 0)
+            returning b.spent into new_value;
+            actual := actual || jsonb_build_object(
+                'p|' || w.scope || '|' || w.scope_id || '|' || w.period::text, new_value - w.spent);
+        elsif w.kind = 1 then
+            insert into rate_usage as u (scope, scope_id, window_start, tokens)
+            values (w.scope, w.scope_id, date_trunc('minute', now()), w.tokens)
+            on conflict (scope, scope_id, window_start) do update set tokens = u.tokens + excluded.tokens;
+        else
+            update in_flight set count = greatest(count - w.slots, 0)
+            where scope = w.scope and scope_id = w.scope_id;
+        end if;
+    end loop;
+    -- Another process settled one of these scopes between our read and our lock: write the
+    -- webhook rows again from the values the locked rows held.
+    if exists (select 1 from jsonb_each(seen) as s(k, v)
+               where s.k not like 'l|model|%'  -- no webhook or header reads a model's total
+                 and (actual->>s.k)::numeric is distinct from (s.v #>> '{}')::numeric) then
+        if webhooks then
+            delete from outbox where sink = 'webhook' and call_id = any(call_ids);
+        end if;
+        spends := sl_settle_values(ds, ctx, seen || actual);
+    end if;
+    if coalesce((ctx->>'notify')::boolean, true)
+       and (webhooks or jsonb_path_exists(outboxes, '$[*][*]')) then
+        perform pg_notify('sl_outbox', '');
+    end if;
+    for i in 1 .. cardinality(spends) loop
+        idx := i - 1;
+        key_spend := spends[i];
+        return next;
+    end loop;
+end $$;
+
+-- Record one request: what sl_record_usages does for a batch of one, in the same order (webhook
+-- rows from values read without locks, then the shared rows in the global order, the webhook rows
+-- written again if another process settled in between), with plans made for one request.
+-- Returns the key's new lifetime spend.
+create or replace function sl_record_usage(d jsonb, meta jsonb, ctx jsonb, outbox_rows jsonb) returns numeric
+language plpgsql as $$
+declare
+    call text := d->>'call_id';
+    cost numeric := (d->>'cost')::numeric;
+    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);
+    h holds;
+    w record;
+    seen jsonb;
+    after jsonb;
+    new_value numeric;
+begin
+    perform sl_customer_first_seen(d->>'customer_id', ctx->>'default_budget_id', meta);
+    delete from holds where call_id = call returning * into h;
+    if not found and meta ? 'lease' then  -- admitted under a lease: draw the cost from it
+        update holds set amount = greatest(amount - cost, 0) where call_id = meta->>'lease'
+        returning call, cost, budget_rows, '[]'::jsonb, '[]'::jsonb, expires_at, created_at into h;
+    end if;
+    insert into events (stream, version, type, data, metadata)
+    values ('request:' || call, 1, 'UsageRecorded', d, meta);
+    insert into outbox (sink, dedupe_key, payload, state, call_id)
+    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', call
+    from jsonb_array_elements(outbox_rows) as o;
+    -- The values once this request is counted, read without locks; the webhook rows from them.
+    select coalesce(jsonb_object_agg(k, coalesce(
+            case when k like 'p|%' then (
+                select b.spent from budget_usage b
+                where b.scope = split_part(k, '|', 2) and b.scope_id = split_part(k, '|', 3)
+                  and b.period_start = split_part(k, '|', 4)::timestamptz)
+            else (
+                select t.spend from spend_totals t
+                where t.scope = split_part(k, '|', 2) and t.scope_id = split_part(k, '|', 3))
+            end, 0) + cost), '{}')
+    into seen from sl_usage_value_keys(d) as k;
+    if webhooks then
+        perform sl_usage_webhooks(d, ctx, seen);
+    end if;
+    -- The shared rows, in the global order (as sl_record_usages): lifetime totals, then scope by
+    -- scope its budget periods, its rate window and its in-flight count.
+    with up as (
+        insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
+        select s.scope, s.scope_id, cost, 1, (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint,
+               (d->>'ended_at')::timestamptz
+        from sl_usage_scopes(d) as s
+        order by s.scope, s.scope_id
+        on conflict (scope, scope_id) do update set
+            spend = t.spend + excluded.spend,
+            requests = t.requests + excluded.requests,
+            input_tokens = t.input_tokens + excluded.input_tokens,
+            output_tokens = t.output_tokens + excluded.output_tokens,
+            last_at = greatest(t.last_at, excluded.last_at)
+        returning t.scope, t.scope_id, t.spend
+    )
+    select coalesce(jsonb_object_agg('l|' || up.scope || '|' || up.scope_id, up.spend), '{}') into after from up;
+    for w in
+        with budget as (
+            select r->>0 as scope, r->>1 as scope_id, (r->>2)::timestamptz as period,
+                   cost as spent, 0::numeric as held
+            from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+            union all
+            select r->>0, r->>1, (r->>2)::timestamptz, 0, h.amount
+            from jsonb_array_elements(coalesce(h.budget_rows, '[]')) as r
+        ), shared as (
+            select scope, scope_id, 0 as kind, period, sum(spent) as spent, sum(held) as held,
+                   0::bigint as tokens
+            from budget group by scope, scope_id, period
+            union all
+            select r->>0, r->>1, 1, null, 0, 0, (d->>'total_tokens')::bigint
+            from jsonb_array_elements(coalesce(h.tpm_rows, '[]')) as r
+            union all
+            select r->>0, r->>1, 2, null, 0, 0, 0
+            from jsonb_array_elements(coalesce(h.parallel_rows, '[]')) as r
+        )
+        select * from shared order by sl_scope_rank(scope), scope_id, kind, period
+    loop
+        if w.kind = 0 then
+            insert into budget_usage as b (scope, scope_id, period_start, spent)
+            values (w.scope, w.scope_id, w.period, w.spent)
+            on conflict (scope, scope_id, period_start) do update
+            set spent = b.spent + excluded.spent, held = greatest(b.held - w.held, 0)
+            returning b.spent into new_value;
+            after := after || jsonb_build_object('p|' || w.scope || '|' || w.scope_id || '|' || w.period::text, new_value);
+        elsif w.kind = 1 then
+            insert into rate_usage as u (scope, scope_id, window_start, tokens)
+            values (w.scope, w.scope_id, date_trunc('minute', now()), w.tokens)
+            on conflict (scope, scope_id, window_start) do update set tokens = u.tokens + excluded.tokens;
+        else
+            update in_flight set count = greatest(count - 1, 0) where scope = w.scope and scope_id = w.scope_id;
+        end if;
+    end loop;
+    -- Another process settled one of these scopes between our read and our lock: write the
+    -- webhook rows again from the values the locked rows hold.
+    if webhooks and exists (select 1 from jsonb_each(seen) as s(k, v)
+                            where s.k not like 'l|model|%'  -- no webhook or header reads a model's total
+                              and (after->>s.k)::numeric is distinct from (s.v #>> '{}')::numeric) then
+        delete from outbox where sink = 'webhook' and call_id = call;
+        perform sl_usage_webhooks(d, ctx, after);
+    end if;
+    if coalesce((ctx->>'notify')::boolean, true) and (webhooks or jsonb_array_length(outbox_rows) > 0) then
+        perform pg_notify('sl_outbox', '');
+    end if;
+    return trim_scale((after->>('l|key|' || (d->>'key_hash')))::numeric);
+end $$;
+
+alter function sl_record_usages(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan;
+
+alter function sl_record_usage(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan;
+
+-- Count each request's cost into `vals` in order (a running sum per key: one query for the batch)
+-- and write the batch's webhook rows (one statement); the key spends.
+create or replace function sl_settle_values(ds jsonb, ctx jsonb, vals jsonb) returns numeric[]
+language plpgsql as $$
+declare
+    after_each jsonb[];  -- per request: the values of its keys once it is counted
+    spends numeric[];
+begin
+    select array_agg(v order by i), array_agg(trim_scale((v->>('l|key|' || key_hash))::numeric) order by i)
+    into after_each, spends
+    from (
+        select x.i, x.key_hash, jsonb_object_agg(x.k, coalesce((vals->>x.k)::numeric, 0) + x.running) as v
+        from (
+            select e.i, e.d->>'key_hash' as key_hash, k,
+                   sum((e.d->>'cost')::numeric) over (partition by k order by e.i) as running
+            from jsonb_array_elements(ds) with ordinality as e(d, i), sl_usage_value_keys(e.d) as k
+        ) as x
+        group by x.i, x.key_hash
+    ) as y;
+    if not coalesce((ctx->>'webhooks')::boolean, false) then
+        return spends;
+    end if;
+    with req as (
+        select e.i, e.d, after_each[e.i] as request_values, (e.d->>'cost')::numeric as cost,
+               e.d->>'key_hash' as key_hash, e.d->>'user_id' as user_id, e.d->>'team_id' as team_id,
+               e.d->>'customer_id' as customer_id
+        from jsonb_array_elements(ds) with ordinality as e(d, i)
+    ), ids as (
+        select distinct key_hash, user_id, team_id, customer_id from req
+    ), scopes as (  -- each distinct set of scope ids resolved once, not once per request
+        select ids.*, s.*
+        from ids, sl_request_scopes(ctx || jsonb_build_object(
+            'key_hash', ids.key_hash, 'user_id', ids.user_id, 'team_id', ids.team_id,
+            'customer_id', ids.customer_id)) as s
+    ), per_scope as (
+        select req.i, req.d, req.cost, s.ord, s.scope, s.scope_id, s.max_budget, s.soft_budget,
+               s.budget_duration, s.anchor, p.period,
+               (req.request_values->>(
+                   case when p.period is null then 'l|' || s.scope || '|' || s.scope_id
+                        else 'p|' || s.scope || '|' || s.scope_id || '|' || p.period::text end
+               ))::numeric as after  -- the scope's spend once this request is counted
+        from req
+        join scopes as s on (s.key_hash, s.user_id, s.team_id, s.customer_id)
+                            is not distinct from (req.key_hash, req.user_id, req.team_id, req.customer_id)
+        left join lateral (
+            select (r->>2)::timestamptz as period
+            from jsonb_array_elements(coalesce(req.d->'budget_periods', '[]')) as r
+            where r->>0 = s.scope and r->>1 = s.scope_id
+        ) as p on true
+    ), crossed as (
+        -- A soft budget alone has no budget period (admission tracks none): its line is on the
+        -- lifetime spend, as /customer/info shows it, and its period is 'epoch'.
+        select c.i, c.d, c.ord, l.n, l.event, l.tag, c.scope, c.scope_id, c.max_budget, c.soft_budget, c.after,
+               coalesce(c.period, 'epoch') as period, c.anchor, c.budget_duration
+        from per_scope as c,
+             lateral (values (1, 'budget_crossed', c.max_budget, 'max'),
+                     (2, 'threshold_crossed', c.max_budget * 0.85, '85'),
+                     (3, 'threshold_crossed', c.max_budget * 0.95, '95'),
+                     (4, 'soft_budget_crossed', c.soft_budget, 'soft')) as l(n, event, amount, tag)
+        where c.cost > 0
+          and (c.period is not null or (c.soft_budget is not null and c.max_budget is null
+                                        and c.budget_duration is null))
+          and l.amount is not null and c.after - c.cost < l.amount and c.after >= l.amount
+    ), crossing_rows as (
+        select i, ord, n, d, event,
+               event || ':' || scope || ':' || scope_id || ':' || extract(epoch from period)::bigint || ':' || tag
+                   as dedupe,
+               jsonb_build_object(
+                   'spend', trim_scale(after), 'max_budget', max_budget, 'soft_budget', soft_budget,
+                   'event_group', scope,
+                   'event_message', initcap(scope) || ' ' || replace(event, '_', ' ') || '. '
+                       || initcap(scope) || '=' || scope_id || ', spend=' || trim_scale(after)
+                       || ', max_budget=' || coalesce(max_budget::text, 'null')
+                       || case when tag in ('85', '95') then ', threshold=' || tag || '%' else '' end,
+                   'budget_reset_at', sl_period_end(anchor, budget_duration, period)) as body
+        from crossed
+    ), tracked_rows as (
+        -- spend_tracked for every request with a customer; total_spend is the customer's spend
+        -- of the period (or lifetime) once this request is counted.
+        select req.i, 99 as ord, 0 as n, req.d, 'spend_tracked' as event,
+               'spend_tracked:' || (req.d->>'call_id') as dedupe,
+               jsonb_build_object(
+                   'spend', req.cost, 'max_budget', c.max_budget, 'event_group', 'customer',
+                   'total_spend', trim_scale(coalesce(c.after, req.cost)),
+                   'event_message', 'Customer spend tracked. Customer=' || req.customer_id
+                                    || ', spend=' || trim_scale(req.cost)) as body
+        from req
+        left join per_scope as c on c.i = req.i and c.scope = 'customer'
+        where req.customer_id is not null
+    )
+    insert into outbox (sink, dedupe_key, payload, call_id)
+    select 'webhook', w.dedupe,
+           w.body || jsonb_build_object(
+               'token', w.d->>'key_hash', 'customer_id', w.d->>'customer_id', 'user_id', w.d->>'user_id',
+               'team_id', w.d->>'team_id', 'user_email', null, 'key_alias', w.d->>'key_alias',
+               'projected_exceeded_date', null, 'projected_spend', null, 'event', w.event,
+               'event_id', w.dedupe, 'created_at', w.d->>'ended_at'),
+           w.d->>'call_id'
+    from (select * from crossing_rows union all select * from tracked_rows) as w
+    order by w.i, w.ord, w.n
+    -- a line already announced in this period is not announced again (a call is settled once,
+    -- so its spend_tracked cannot exist yet)
+    on conflict (sink, dedupe_key) do nothing;
+    return spends;
+end $$;
+
 drop function sl_request_scopes_as_of(jsonb);
+
 drop function sl_directory_row(text, text, xid8);
+
 drop table directory_history;
 """
 
-# The webhook rows' limits: as the directory was where the run of events stands in the log.
-SETTLE_VALUES_EDIT = ("sl_request_scopes(ctx || jsonb_build_object(", "sl_request_scopes_as_of(ctx || jsonb_build_object(")
-REVISION_0007 = Path(__file__).with_name("0007_webhook_rows_in_one_statement.py")
-
-# sl_record_usages (the batch) keeps 0011's definition with its webhook rows left to the follower:
-# it marks its events instead, and still counts the values forward for the key spends it returns.
-BATCH_EDITS = (
-    (
-        "    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);\n",
-        "    webhooks boolean := false;  -- the webhook rows follow the log (sl_follow_webhooks)\n"
-        "    marks jsonb := case when coalesce((ctx->>'webhooks')::boolean, false)\n"
-        "                   then '{\"webhooks\": true}' else '{}' end;\n",
-    ),
-    (
-        "'UsageRecorded', e.d, metas->(e.i::integer - 1)\n",
-        "'UsageRecorded', e.d, (metas->(e.i::integer - 1)) || marks\n",
-    ),
-    ("sl_settle_values(ds, ctx, ", "sl_settle_values(ds, ctx - 'webhooks', "),
-    (
-        "and (webhooks or jsonb_path_exists(outboxes, '$[*][*]')) then",
-        "and (marks <> '{}' or jsonb_path_exists(outboxes, '$[*][*]')) then",
-    ),
-)
-EDIT_COUNTS = (1, 1, 2, 1)
-GENERIC_PLANS = [
-    "alter function sl_record_usages(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan",
-    "alter function sl_record_usage(jsonb, jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan",
-]
-
-
-def _settles_of_0011() -> tuple[str, str]:
-    definitions: tuple[str, str] = load_revision(Path(__file__).with_name("0011_budget_leases.py")).definitions()
-    return definitions
-
-
-def _batch() -> str:
-    batch, _ = _settles_of_0011()
-    for (old, new), count in zip(BATCH_EDITS, EDIT_COUNTS, strict=True):
-        assert batch.count(old) == count, f"0011's sl_record_usages has {old!r} {count} time(s)"
-        batch = batch.replace(old, new)
-    return batch
-
-
-def _settle_values_of_0007() -> str:
-    (settle_values,) = definitions_in_revision(REVISION_0007, "sl_settle_values")
-    return settle_values
-
 
 def upgrade() -> None:
-    bind = op.get_bind()
-    execute_script(bind, UPGRADE)
-    old, new = SETTLE_VALUES_EDIT
-    settle_values = _settle_values_of_0007()
-    assert settle_values.count(old) == 1, "0007's sl_settle_values resolves its scopes once"
-    bind.exec_driver_sql(settle_values.replace(old, new))
-    bind.exec_driver_sql(_batch())
-    for statement in GENERIC_PLANS:  # create or replace resets a function's settings
-        bind.exec_driver_sql(statement)
+    execute_script(op.get_bind(), UPGRADE)
 
 
 def downgrade() -> None:
-    bind = op.get_bind()
-    execute_script(bind, DOWNGRADE)
-    (webhooks,) = definitions_in_revision(Path(__file__).with_name("0010_settle_one_request.py"), "sl_usage_webhooks")
-    bind.exec_driver_sql(webhooks)
-    for statement in _settles_of_0011():
-        bind.exec_driver_sql(statement)
-    for statement in GENERIC_PLANS:
-        bind.exec_driver_sql(statement)
-    bind.exec_driver_sql(_settle_values_of_0007())
-    execute_script(bind, DROP_AS_OF)
+    execute_script(op.get_bind(), DOWNGRADE)
