@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Final
@@ -16,6 +17,7 @@ log = structlog.get_logger(__name__)
 
 PROJECT_ROOT: Final = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR: Final = ".spendledger"
+_DOLLAR_QUOTE: Final = re.compile(r"\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$")
 
 
 class EmbeddedDatabase:
@@ -198,19 +200,23 @@ async def wait_for_database(database_url: str, timeout_s: float = 30.0) -> None:
 
 
 def split_sql(script: str) -> list[str]:
-    """Split a SQL script into statements at `;` line ends, keeping `$$ … $$` bodies whole.
+    """Split a SQL script into statements at `;` line ends, keeping dollar-quoted bodies (`$$ … $$`,
+    `$function$ … $function$`) whole.
 
     Migrations need this because the async driver prepares each statement, and a prepared
     statement holds exactly one command.
     """
     statements: list[str] = []
     current: list[str] = []
-    in_body = False
+    open_tag: str | None = None
     for line in script.splitlines():
         current.append(line)
-        if line.count("$$") % 2 == 1:
-            in_body = not in_body
-        if not in_body and line.rstrip().endswith(";"):
+        for tag in _DOLLAR_QUOTE.findall(line):
+            if open_tag is None:
+                open_tag = tag
+            elif tag == open_tag:
+                open_tag = None
+        if open_tag is None and line.rstrip().endswith(";"):
             statement = "\n".join(current).strip().rstrip(";").strip()
             if statement and not all(part.strip().startswith("--") for part in statement.splitlines()):
                 statements.append(statement)

@@ -704,6 +704,9 @@ begin
     end if;
 end $$;
 
+-- As 0010 left it: with a generic plan.
+alter function sl_usage_webhooks(jsonb, jsonb, jsonb) set plan_cache_mode = force_generic_plan;
+
 create or replace function sl_record_usages(ds jsonb, metas jsonb, ctx jsonb, outboxes jsonb)
 returns table (idx integer, key_spend numeric)
 language plpgsql as $$

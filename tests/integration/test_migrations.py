@@ -116,3 +116,44 @@ def test_an_interrupted_build_of_the_waiting_rows_index_is_built_anew(database_u
     command.upgrade(config, "head")
     valid, sql = asyncio.run(definition())
     assert valid and "WHERE (state <> 'delivered'::text)" in sql
+
+
+_CATALOG: dict[str, str] = {
+    "function": "select p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')' as k, "
+    "pg_get_functiondef(p.oid) as v from pg_proc p where p.pronamespace = 'public'::regnamespace",
+    "column": "select table_name || '.' || column_name as k, "
+    "concat_ws(' ', data_type, column_default, is_nullable) as v "
+    "from information_schema.columns where table_schema = 'public'",
+    "index": "select indexname as k, indexdef as v from pg_indexes where schemaname = 'public'",
+    "trigger": "select tgname || ' on ' || tgrelid::regclass as k, pg_get_triggerdef(oid) as v "
+    "from pg_trigger where not tgisinternal",
+    "constraint": "select conname || ' on ' || conrelid::regclass as k, pg_get_constraintdef(oid) as v "
+    "from pg_constraint where connamespace = 'public'::regnamespace",
+}
+
+
+async def catalog(url: str) -> dict[str, str]:
+    """Every function, column, index, trigger and constraint of the schema, with its definition."""
+    conn = await asyncpg.connect(url)
+    try:
+        return {f"{kind} {r['k']}": r["v"] for kind, sql in _CATALOG.items() for r in await conn.fetch(sql)}
+    finally:
+        await conn.close()
+
+
+def test_every_revision_goes_down_one_step_and_up_again_to_the_same_schema(database_url: str) -> None:
+    """Walked from head to base one step at a time and back up, the schema at every revision is the
+    same on the way up as on the way down: a database at any revision upgrades to head (the steps
+    it runs are these), and every revision's downgrade undoes exactly its upgrade."""
+    from alembic.script import ScriptDirectory
+
+    config = alembic_config(database_url)
+    revisions = [r.revision for r in ScriptDirectory.from_config(config).walk_revisions()]  # head first
+    going_down = {revisions[0]: asyncio.run(catalog(database_url))}
+    for below in [*revisions[1:], "base"]:
+        command.downgrade(config, below)
+        going_down[below] = asyncio.run(catalog(database_url))
+    assert not any(key.startswith("function sl_") for key in going_down["base"])
+    for revision in reversed(revisions):
+        command.upgrade(config, revision)
+        assert asyncio.run(catalog(database_url)) == going_down[revision], f"at {revision} going up"
