@@ -1,4 +1,4 @@
-"""Spend totals per scope (key, user, team, customer, model), kept by `sl_apply_usage`."""
+"""Spend totals per scope (key, user, team, customer, model), kept by the settle (`sl_record_usage`, `sl_record_usages`: ledger/sql/settle.sql)."""
 
 from __future__ import annotations
 
