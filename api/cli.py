@@ -15,7 +15,8 @@ import structlog
 
 from api import rebuild_command
 from api.logging import configure_logging
-from ledger.config import ConfigError, Settings, load_settings
+from ledger.config import Settings, load_settings
+from ledger.config_values import ConfigError
 from ledger.db import EmbeddedDatabase, resolve_data_dir, run_migrations
 
 log = structlog.get_logger("spendledger")

@@ -15,7 +15,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
 from api.jsonio import json_response
-from ledger.config import ConfigError
+from ledger.config_values import ConfigError
 from ledger.db import database_unavailable
 from ledger.errors import AlreadyExists, InvalidCommand, LedgerError, NotFound
 from ledger.identifiers import ID_MAX_LENGTH, ID_RULE

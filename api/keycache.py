@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import asyncpg
 import structlog
@@ -87,11 +87,12 @@ class KeyCache:
         """Whether changes are heard right now."""
         return self._listener is not None and not self._listener.is_closed()
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self.invalidate(payload or None)  # an empty payload (a rebuild's swap): every key
+    # asyncpg's listener signature: the payload is the NOTIFY's text (typed `object` by its stubs).
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        self.invalidate(str(payload) or None)  # an empty payload (a rebuild's swap): every key
         self._on_scope_change()
 
-    def _on_scope_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _on_scope_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if payload == "users":
             self.invalidate_users()
         self._on_scope_change()

@@ -67,7 +67,7 @@ def effective_role(user_exists: bool, user_role: str | None) -> Role | None:
     """The role a key inherits from its internal user."""
     if not user_exists:
         return None
-    if user_role in _OTHER_LITELLM_ROLES:
+    if user_role is not None and user_role in _OTHER_LITELLM_ROLES:
         return _OTHER_LITELLM_ROLES[user_role]
     try:
         return Role(user_role or "")

@@ -117,8 +117,8 @@ class StreamRelay:
             if not self._exchange.recorded:
                 # The client hung up: bill what was generated, in a task our cancellation can't stop
                 # (spawned before any await here, which a cancellation could interrupt).
-                event = self._event("success", 200, error_type="client_disconnected")
-                self._services.spawn(record(self._services, self._exchange, event))
+                usage = self._event("success", 200, error_type="client_disconnected")
+                self._services.spawn(record(self._services, self._exchange, usage))
             await self._response.aclose()
 
     def _pass(self, event: bytes) -> bytes | None:

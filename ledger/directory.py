@@ -11,9 +11,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
 from ledger import keys
+from ledger.connections import Connection
 from ledger.entities import (
     BUDGETS,
     CUSTOMERS,
@@ -72,17 +71,17 @@ def own_budget_id(customer_id: str) -> str:
 # --- budgets ---------------------------------------------------------------------------------
 
 
-async def define_budget(conn: asyncpg.Connection, event: BudgetDefined, actor: str, now: datetime) -> None:
+async def define_budget(conn: Connection, event: BudgetDefined, actor: str, now: datetime) -> None:
     validate_budget_fields({name: getattr(event, name) for name in BUDGET_FIELDS})
     await create(conn, BUDGETS, event, actor, now)
 
 
-async def update_budget(conn: asyncpg.Connection, event: BudgetUpdated, actor: str, now: datetime) -> None:
+async def update_budget(conn: Connection, event: BudgetUpdated, actor: str, now: datetime) -> None:
     validate_budget_fields(changed_fields(event, "budget_id"))
     await update(conn, BUDGETS, event, actor, now)
 
 
-async def delete_budget(conn: asyncpg.Connection, budget_id: str, actor: str) -> None:
+async def delete_budget(conn: Connection, budget_id: str, actor: str) -> None:
     users = await conn.fetchval(
         "select (select count(*) from customers where budget_id = $1) + (select count(*) from keys where budget_id = $1)",
         budget_id,
@@ -94,7 +93,7 @@ async def delete_budget(conn: asyncpg.Connection, budget_id: str, actor: str) ->
     await delete(conn, BUDGETS, BudgetDeleted(budget_id=budget_id), actor)
 
 
-async def require_budget(conn: asyncpg.Connection, budget_id: str | None) -> None:
+async def require_budget(conn: Connection, budget_id: str | None) -> None:
     if budget_id is not None and await fetch(conn, BUDGETS, budget_id) is None:
         raise InvalidCommand(
             f"budget_id {budget_id!r} does not exist: create it with /budget/new", param="budget_id"
@@ -109,7 +108,7 @@ def _inline_budget(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 async def create_customer(
-    conn: asyncpg.Connection, event: CustomerCreated, inline_budget: dict[str, Any], actor: str, now: datetime
+    conn: Connection, event: CustomerCreated, inline_budget: dict[str, Any], actor: str, now: datetime
 ) -> None:
     """A customer with a tier (`budget_id`), or with its own limits (`max_budget` …), not both."""
     limits = _inline_budget(inline_budget)
@@ -127,7 +126,7 @@ async def create_customer(
 
 
 async def update_customer(
-    conn: asyncpg.Connection, event: CustomerUpdated, inline_budget: dict[str, Any], actor: str, now: datetime
+    conn: Connection, event: CustomerUpdated, inline_budget: dict[str, Any], actor: str, now: datetime
 ) -> None:
     limits = _inline_budget(inline_budget)
     changes = changed_fields(event, "user_id")
@@ -147,7 +146,7 @@ async def update_customer(
 
 
 async def set_customer_blocked(
-    conn: asyncpg.Connection, user_id: str, blocked: bool, actor: str, now: datetime
+    conn: Connection, user_id: str, blocked: bool, actor: str, now: datetime
 ) -> None:
     event: Event = CustomerBlocked(user_id=user_id) if blocked else CustomerUnblocked(user_id=user_id)
     if await fetch(conn, CUSTOMERS, user_id) is None:
@@ -159,7 +158,7 @@ async def set_customer_blocked(
     await apply_directory_event(conn, event, now)
 
 
-async def delete_customers(conn: asyncpg.Connection, user_ids: list[str], actor: str) -> None:
+async def delete_customers(conn: Connection, user_ids: list[str], actor: str) -> None:
     for user_id in sorted(set(user_ids)):
         await delete(conn, CUSTOMERS, CustomerDeleted(user_id=user_id), actor)
 
@@ -167,34 +166,34 @@ async def delete_customers(conn: asyncpg.Connection, user_ids: list[str], actor:
 # --- teams and internal users ------------------------------------------------------------------
 
 
-async def create_team(conn: asyncpg.Connection, event: TeamCreated, actor: str, now: datetime) -> None:
+async def create_team(conn: Connection, event: TeamCreated, actor: str, now: datetime) -> None:
     validate_budget_fields(_fields(event))
     await create(conn, TEAMS, event, actor, now)
 
 
-async def update_team(conn: asyncpg.Connection, event: TeamUpdated, actor: str, now: datetime) -> None:
+async def update_team(conn: Connection, event: TeamUpdated, actor: str, now: datetime) -> None:
     validate_budget_fields(changed_fields(event, "team_id"))
     await update(conn, TEAMS, event, actor, now)
 
 
-async def delete_teams(conn: asyncpg.Connection, team_ids: list[str], actor: str, now: datetime) -> None:
+async def delete_teams(conn: Connection, team_ids: list[str], actor: str, now: datetime) -> None:
     """Delete teams and their keys (all or none): a key must not outlive its team's budget."""
     for team_id in sorted(set(team_ids)):
         await delete(conn, TEAMS, TeamDeleted(team_id=team_id), actor)
     await _delete_keys_of(conn, "team_id", team_ids, actor, now)
 
 
-async def create_user(conn: asyncpg.Connection, event: UserCreated, actor: str, now: datetime) -> None:
+async def create_user(conn: Connection, event: UserCreated, actor: str, now: datetime) -> None:
     validate_budget_fields(_fields(event))
     await create(conn, USERS, event, actor, now)
 
 
-async def update_user(conn: asyncpg.Connection, event: UserUpdated, actor: str, now: datetime) -> None:
+async def update_user(conn: Connection, event: UserUpdated, actor: str, now: datetime) -> None:
     validate_budget_fields(changed_fields(event, "user_id"))
     await update(conn, USERS, event, actor, now)
 
 
-async def delete_users(conn: asyncpg.Connection, user_ids: list[str], actor: str, now: datetime) -> None:
+async def delete_users(conn: Connection, user_ids: list[str], actor: str, now: datetime) -> None:
     """Delete internal users and their keys (all or none), as LiteLLM does."""
     for user_id in sorted(set(user_ids)):
         await delete(conn, USERS, UserDeleted(user_id=user_id), actor)
@@ -202,7 +201,7 @@ async def delete_users(conn: asyncpg.Connection, user_ids: list[str], actor: str
 
 
 async def _delete_keys_of(
-    conn: asyncpg.Connection, owner: str, owner_ids: list[str], actor: str, now: datetime
+    conn: Connection, owner: str, owner_ids: list[str], actor: str, now: datetime
 ) -> None:
     rows = await conn.fetch(f"select key_hash from keys where {owner} = any($1::text[])", owner_ids)
     if rows:
@@ -235,7 +234,7 @@ _DELETES: dict[type[Event], EntityTable] = {
 }
 
 
-async def apply_directory_event(conn: asyncpg.Connection, event: Event, at: datetime) -> bool:
+async def apply_directory_event(conn: Connection, event: Event, at: datetime) -> bool:
     """Project one directory event; False if the event is not a directory event."""
     kind = type(event)
     if kind in _CREATES:

@@ -18,6 +18,7 @@ import asyncpg
 import msgspec
 
 from ledger import store
+from ledger.connections import Connection, Queryable
 from ledger.durations import DurationError, parse_duration
 from ledger.errors import AlreadyExists, InvalidCommand, NotFound
 from ledger.events import Event, changed_fields
@@ -89,13 +90,13 @@ def _placeholder(kind: EntityTable, name: str, index: int) -> str:
 
 
 async def fetch(
-    conn: asyncpg.Connection | asyncpg.Pool, kind: EntityTable, entity_id: str, for_update: bool = False
+    conn: Queryable, kind: EntityTable, entity_id: str, for_update: bool = False
 ) -> asyncpg.Record | None:
     lock = " for update" if for_update else ""
     return await conn.fetchrow(f"select * from {kind.table} where {kind.id_field} = $1{lock}", entity_id)
 
 
-async def require(conn: asyncpg.Connection, kind: EntityTable, entity_id: str) -> asyncpg.Record:
+async def require(conn: Connection, kind: EntityTable, entity_id: str) -> asyncpg.Record:
     row = await fetch(conn, kind, entity_id, for_update=True)
     if row is None:
         raise NotFound(f"{kind.noun} {entity_id!r} does not exist", param=kind.id_field)
@@ -103,7 +104,7 @@ async def require(conn: asyncpg.Connection, kind: EntityTable, entity_id: str) -
 
 
 async def append_next(
-    conn: asyncpg.Connection,
+    conn: Connection,
     kind: EntityTable,
     entity_id: str,
     event: Event,
@@ -116,7 +117,7 @@ async def append_next(
 
 
 async def create(
-    conn: asyncpg.Connection, kind: EntityTable, event: Event, actor: str, now: datetime
+    conn: Connection, kind: EntityTable, event: Event, actor: str, now: datetime
 ) -> None:
     """Append a creation event and insert its row; an existing id is refused."""
     entity_id = getattr(event, kind.id_field)
@@ -127,7 +128,7 @@ async def create(
 
 
 async def update(
-    conn: asyncpg.Connection, kind: EntityTable, event: Event, actor: str, now: datetime
+    conn: Connection, kind: EntityTable, event: Event, actor: str, now: datetime
 ) -> None:
     entity_id = getattr(event, kind.id_field)
     await require(conn, kind, entity_id)
@@ -135,14 +136,14 @@ async def update(
     await project_update(conn, kind, event, now)
 
 
-async def delete(conn: asyncpg.Connection, kind: EntityTable, event: Event, actor: str) -> None:
+async def delete(conn: Connection, kind: EntityTable, event: Event, actor: str) -> None:
     entity_id = getattr(event, kind.id_field)
     await require(conn, kind, entity_id)
     await append_next(conn, kind, entity_id, event, actor)
     await project_delete(conn, kind, entity_id)
 
 
-async def project_create(conn: asyncpg.Connection, kind: EntityTable, event: Event, at: datetime) -> None:
+async def project_create(conn: Connection, kind: EntityTable, event: Event, at: datetime) -> None:
     fields = {name: getattr(event, name) for name in event.__struct_fields__ if name != "source"}
     names = list(fields)
     values = [_column_value(kind, n, fields[n]) for n in names]
@@ -161,7 +162,7 @@ async def project_create(conn: asyncpg.Connection, kind: EntityTable, event: Eve
         ) from None
 
 
-async def project_update(conn: asyncpg.Connection, kind: EntityTable, event: Event, at: datetime) -> None:
+async def project_update(conn: Connection, kind: EntityTable, event: Event, at: datetime) -> None:
     changes = changed_fields(event, kind.id_field)
     sets = [f"{name} = {_placeholder(kind, name, i)}" for i, name in enumerate(changes, start=2)]
     sets.append(f"updated_at = ${len(changes) + 2}")
@@ -174,5 +175,5 @@ async def project_update(conn: asyncpg.Connection, kind: EntityTable, event: Eve
     )
 
 
-async def project_delete(conn: asyncpg.Connection, kind: EntityTable, entity_id: str) -> None:
+async def project_delete(conn: Connection, kind: EntityTable, entity_id: str) -> None:
     await conn.execute(f"delete from {kind.table} where {kind.id_field} = $1", entity_id)

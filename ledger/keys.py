@@ -17,6 +17,7 @@ import asyncpg
 import msgspec
 
 from ledger import store
+from ledger.connections import Connection, Queryable
 from ledger.entities import validate_budget_fields
 from ledger.errors import AlreadyExists, NotFound
 from ledger.events import (
@@ -86,7 +87,7 @@ def validate_limits(max_budget: Decimal | None, budget_duration: str | None, **l
 
 
 async def generate_key(
-    conn: asyncpg.Connection, spec: KeyGenerated, plaintext: str, actor: str, now: datetime
+    conn: Connection, spec: KeyGenerated, plaintext: str, actor: str, now: datetime
 ) -> KeyRecord:
     """Append `KeyGenerated` for a new key and project it; the caller holds the transaction."""
     validate_limits(
@@ -108,7 +109,7 @@ async def generate_key(
     return record
 
 
-async def update_key(conn: asyncpg.Connection, update: KeyUpdated, actor: str, now: datetime) -> KeyRecord:
+async def update_key(conn: Connection, update: KeyUpdated, actor: str, now: datetime) -> KeyRecord:
     current = await get_key(conn, update.key_hash, for_update=True)
     if current is None:
         raise NotFound("key not found", param="key")
@@ -126,7 +127,7 @@ async def update_key(conn: asyncpg.Connection, update: KeyUpdated, actor: str, n
 
 
 async def set_blocked(
-    conn: asyncpg.Connection, key_hash: str, blocked: bool, actor: str, now: datetime
+    conn: Connection, key_hash: str, blocked: bool, actor: str, now: datetime
 ) -> KeyRecord:
     if await get_key(conn, key_hash, for_update=True) is None:
         raise NotFound("key not found", param="key")
@@ -138,7 +139,7 @@ async def set_blocked(
     return record
 
 
-async def delete_keys(conn: asyncpg.Connection, key_hashes: list[str], actor: str, now: datetime) -> None:
+async def delete_keys(conn: Connection, key_hashes: list[str], actor: str, now: datetime) -> None:
     """Delete all or none: an unknown key refuses the whole command."""
     for key_hash in sorted(set(key_hashes)):
         if await get_key(conn, key_hash, for_update=True) is None:
@@ -148,7 +149,7 @@ async def delete_keys(conn: asyncpg.Connection, key_hashes: list[str], actor: st
         await apply_key_event(conn, event, now)
 
 
-async def _append_next(conn: asyncpg.Connection, key_hash: str, event: Any, actor: str, at: datetime) -> None:
+async def _append_next(conn: Connection, key_hash: str, event: Any, actor: str, at: datetime) -> None:
     version = await store.stream_version(conn, key_stream(key_hash))
     await store.append(conn, key_stream(key_hash), version, [event], store.command_metadata(actor, at))
 
@@ -172,19 +173,19 @@ def record_from_row(row: asyncpg.Record) -> KeyRecord:
 
 
 async def get_key(
-    conn: asyncpg.Connection | asyncpg.Pool, key_hash: str, for_update: bool = False
+    conn: Queryable, key_hash: str, for_update: bool = False
 ) -> KeyRecord | None:
     lock = " for update of k" if for_update else ""
     row = await conn.fetchrow(f"{_SELECT} where k.key_hash = $1{lock}", key_hash)
     return record_from_row(row) if row else None
 
 
-async def find_key_by_alias(conn: asyncpg.Connection | asyncpg.Pool, alias: str) -> KeyRecord | None:
+async def find_key_by_alias(conn: Queryable, alias: str) -> KeyRecord | None:
     row = await conn.fetchrow(f"{_SELECT} where k.key_alias = $1", alias)
     return record_from_row(row) if row else None
 
 
-async def apply_key_event(conn: asyncpg.Connection, event: Any, at: datetime) -> None:
+async def apply_key_event(conn: Connection, event: Any, at: datetime) -> None:
     """Project one key event into the `keys` table (live, and during rebuilds)."""
     if isinstance(event, KeyGenerated):
         try:

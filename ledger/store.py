@@ -13,6 +13,7 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
+from ledger.connections import Connection
 from ledger.events import AnyEvent, Event, decode_event, encode_event, event_type
 
 _meta_encoder: Final = msgspec.json.Encoder()
@@ -55,7 +56,7 @@ returning position
 
 
 async def append(
-    conn: asyncpg.Connection,
+    conn: Connection,
     stream: str,
     expected_version: int,
     events: Sequence[Event],
@@ -76,7 +77,7 @@ async def append(
     return [row["position"] for row in rows]
 
 
-async def stream_version(conn: asyncpg.Connection, stream: str) -> int:
+async def stream_version(conn: Connection, stream: str) -> int:
     version = await conn.fetchval("select max(version) from events where stream = $1", stream)
     return int(version or 0)
 
@@ -92,7 +93,7 @@ def _stored(row: asyncpg.Record) -> StoredEvent:
     )
 
 
-async def read_stream(conn: asyncpg.Connection, stream: str) -> list[StoredEvent]:
+async def read_stream(conn: Connection, stream: str) -> list[StoredEvent]:
     rows = await conn.fetch(
         "select position, stream, version, data::text as data, metadata::text as metadata, recorded_at "
         "from events where stream = $1 order by version",
@@ -101,7 +102,7 @@ async def read_stream(conn: asyncpg.Connection, stream: str) -> list[StoredEvent
     return [_stored(row) for row in rows]
 
 
-async def read_all(conn: asyncpg.Connection, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
+async def read_all(conn: Connection, after_position: int = 0, limit: int = 1000) -> list[StoredEvent]:
     """Events by position. Only for readers that hold no cursor across transactions (tests, rebuild
     under a lock); followers of the live log must use the (txid, position) snapshot rule."""
     rows = await conn.fetch(

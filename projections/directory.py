@@ -16,9 +16,8 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
+from ledger.connections import Queryable
 from ledger.keys import KeyRecord
-
-Conn = asyncpg.Connection | asyncpg.Pool
 
 # --- budgets -------------------------------------------------------------------------------------
 
@@ -47,19 +46,19 @@ def budget_view(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-async def get_budget(conn: Conn, budget_id: str) -> dict[str, Any] | None:
+async def get_budget(conn: Queryable, budget_id: str) -> dict[str, Any] | None:
     row = await conn.fetchrow(_BUDGET_SELECT + " where budget_id = $1", budget_id)
     return budget_view(row) if row is not None else None
 
 
-async def get_budgets(conn: Conn, budget_ids: Sequence[str]) -> list[dict[str, Any]]:
+async def get_budgets(conn: Queryable, budget_ids: Sequence[str]) -> list[dict[str, Any]]:
     """The budgets named, in the order named (unknown ids are left out: the caller checks)."""
     rows = await conn.fetch(_BUDGET_SELECT + " where budget_id = any($1::text[])", list(budget_ids))
     by_id = {row["budget_id"]: budget_view(row) for row in rows}
     return [by_id[budget_id] for budget_id in dict.fromkeys(budget_ids) if budget_id in by_id]
 
 
-async def list_budgets(conn: Conn) -> list[dict[str, Any]]:
+async def list_budgets(conn: Queryable) -> list[dict[str, Any]]:
     rows = await conn.fetch(_BUDGET_SELECT + " order by created_at, budget_id")
     return [budget_view(row) for row in rows]
 
@@ -142,23 +141,23 @@ def user_view(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-async def get_team(conn: Conn, team_id: str) -> dict[str, Any] | None:
+async def get_team(conn: Queryable, team_id: str) -> dict[str, Any] | None:
     row = await conn.fetchrow(_TEAM_SELECT + " where t.team_id = $1", team_id)
     return team_view(row) if row is not None else None
 
 
-async def list_teams(conn: Conn) -> list[dict[str, Any]]:
+async def list_teams(conn: Queryable) -> list[dict[str, Any]]:
     rows = await conn.fetch(_TEAM_SELECT + " order by t.created_at, t.team_id")
     return [team_view(row) for row in rows]
 
 
-async def get_user(conn: Conn, user_id: str) -> dict[str, Any] | None:
+async def get_user(conn: Queryable, user_id: str) -> dict[str, Any] | None:
     row = await conn.fetchrow(_USER_SELECT + " where u.user_id = $1", user_id)
     return user_view(row) if row is not None else None
 
 
 async def list_users(
-    conn: Conn, page: int, page_size: int, role: str | None = None, user_ids: Sequence[str] | None = None
+    conn: Queryable, page: int, page_size: int, role: str | None = None, user_ids: Sequence[str] | None = None
 ) -> tuple[list[dict[str, Any]], int]:
     """One page of users, newest first (as LiteLLM), and how many users match in all."""
     where = " where ($1::text is null or u.user_role = $1) and ($2::text[] is null or u.user_id = any($2))"
@@ -183,7 +182,7 @@ _KEY_COLUMNS: Final = (
 )
 
 
-async def keys_of(conn: Conn, owner: str, owner_id: str) -> list[tuple[KeyRecord, Decimal]]:
+async def keys_of(conn: Queryable, owner: str, owner_id: str) -> list[tuple[KeyRecord, Decimal]]:
     """The keys of a team (`owner="team"`) or a user (`owner="user"`), each with its lifetime spend."""
     column = {"team": "team_id", "user": "user_id"}[owner]
     rows = await conn.fetch(

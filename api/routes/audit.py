@@ -184,11 +184,13 @@ async def audit_events(
         # The first page is read before the response starts, so that a failing query still gets
         # an error envelope instead of a stream cut short.
         first = await read_events(services.pool, filters, cursor, page_size, horizon)
-        return Stream(
+        # NDJSON lines, where the annotation documents the JSON page (api/schemas.py).
+        stream: Response[Any] = Stream(
             _ndjson(services, filters, first, page_size, horizon),
             media_type="application/x-ndjson",
             headers={"Cache-Control": "no-store"},
         )
+        return stream
     events, next_cursor = await read_events(services.pool, filters, cursor, limit or DEFAULT_LIMIT)
     return json_response({"events": events, "next_cursor": next_cursor})
 

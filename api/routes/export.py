@@ -121,11 +121,13 @@ async def get_reconciliation(
     except ReconciliationError as exc:
         raise ApiError(500, str(exc), "reconciliation_error") from exc
     filename = export_filename(report, format_, first, last)
-    return Response(
+    # CSV or Parquet bytes, where the annotation documents the JSON report (api/schemas.py).
+    response: Response[Any] = Response(
         content=content,
         media_type=media_type,
         headers={"content-disposition": f'attachment; filename="{filename}"'},
     )
+    return response
 
 
 route_handlers = [get_reconciliation]

@@ -72,7 +72,9 @@ async def readiness(request: Request[Any, Any, Any]) -> Response[Ready]:
     media_type=CONTENT_TYPE_LATEST,  # for the document; the response sets its own
 )
 async def metrics() -> Response[str]:
-    return Response(content=generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    # The exposition text comes encoded: sent as bytes, documented as the text it is (api/schemas.py).
+    response: Response[Any] = Response(content=generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return response
 
 
 route_handlers = [liveliness, readiness, metrics]

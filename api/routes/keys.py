@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
+from litestar.types import ControllerRouterHandler
 from msgspec import UNSET, UnsetType
 
 from api.auth import Caller, caller_of, requires
@@ -367,4 +368,4 @@ async def key_info(request: Request[Any, Any, Any], key: str | None = None) -> R
     return json_response({"key": key or record.key_name, "info": key_view(record, spend)})
 
 
-route_handlers = [KeyController, key_info]
+route_handlers: list[ControllerRouterHandler] = [KeyController, key_info]

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
 import msgspec
 from litestar import Request, Response, get, post
 from msgspec import UNSET, UnsetType
@@ -21,6 +20,7 @@ from api.routes.keys import KeyView, key_view
 from api.schemas import GUARDED, READ, WRITE, documented
 from api.services import services_of
 from ledger import directory
+from ledger.connections import Queryable
 from ledger.errors import NotFound
 from ledger.events import TeamCreated, TeamUpdated
 from ledger.identifiers import FreeText, Identifier
@@ -101,7 +101,7 @@ class TeamInfo(msgspec.Struct, kw_only=True):
 _tags = ["teams"]
 
 
-async def _team(conn: asyncpg.Connection | asyncpg.Pool, team_id: str) -> dict[str, Any]:
+async def _team(conn: Queryable, team_id: str) -> dict[str, Any]:
     view = await get_team(conn, team_id)
     if view is None:
         raise NotFound(f"Team not found, passed team_id={team_id}", param="team_id")

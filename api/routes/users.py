@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
 
-import asyncpg
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.params import Parameter
@@ -23,6 +22,7 @@ from api.schemas import READ, WRITE, documented
 from api.services import services_of
 from ledger import directory
 from ledger import keys as key_commands
+from ledger.connections import Queryable
 from ledger.durations import DurationError, parse_duration
 from ledger.errors import NotFound
 from ledger.events import KeyGenerated, UserCreated, UserUpdated
@@ -146,7 +146,7 @@ def _check_role(role: str | None) -> None:
         )
 
 
-async def _user(conn: asyncpg.Connection | asyncpg.Pool, user_id: str) -> dict[str, Any]:
+async def _user(conn: Queryable, user_id: str) -> dict[str, Any]:
     view = await get_user(conn, user_id)
     if view is None:
         raise NotFound(f"User {user_id} not found", param="user_id")
