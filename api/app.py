@@ -76,6 +76,7 @@ def create_app(
             prices=PriceBook(settings.deployments),
             router=ModelRouter(settings.deployments),
             master_key_hash=hash_key(settings.master_key or "anonymous"),
+            budgets=settings.budget_settings(),
             admitter=admitter,
             leases=leases,
             recorder=recorder,

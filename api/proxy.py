@@ -30,14 +30,15 @@ from api.services import Services
 from api.upstream import UpstreamFailure
 from ledger import store
 from ledger.config import Deployment
-from ledger.events import HoldExceeded, UsageRecorded
+from ledger.events import HoldExceeded, Route, UsageRecorded, UsageStatus
 from ledger.money import ZERO, format_money
 from ledger.pricing import Price, cost_of_usage
+from ledger.scopes import Scopes
 from ledger.usage import Recording
 
 log = structlog.get_logger(__name__)
 
-UPSTREAM_PATHS: Final = {
+UPSTREAM_PATHS: Final[dict[Route, str]] = {
     "chat.completions": "/chat/completions",
     "completions": "/completions",
     "embeddings": "/embeddings",
@@ -71,7 +72,7 @@ class Exchange:
 
     def __init__(
         self,
-        route: str,
+        route: Route,
         caller: Caller,
         head: RequestHead,
         deployment: Deployment,
@@ -79,12 +80,12 @@ class Exchange:
         customer_id: str | None,
     ) -> None:
         self.call_id = str(uuid.uuid4())
-        self.route = route
+        self.route: Route = route
         self.caller = caller
         self.head = head
         self.deployment = deployment
         self.price = price
-        self.customer_id = customer_id
+        self.scopes = Scopes(caller.key_hash, caller.user_id, caller.team_id, customer_id)
         self.started_at = datetime.now(UTC)
         self.budget_periods: tuple[tuple[str, str, str], ...] = ()
         self.rate_headers: dict[str, str] = {}
@@ -95,7 +96,7 @@ class Exchange:
     def usage_event(
         self,
         *,
-        status: str,
+        status: UsageStatus,
         http_status: int,
         usage: Usage | None = None,
         estimated: bool = False,
@@ -104,6 +105,7 @@ class Exchange:
         input_tokens = usage.prompt_tokens if usage else 0
         output_tokens = usage.completion_tokens if usage else 0
         cost = cost_of_usage(self.price, input_tokens, output_tokens)
+        scopes = self.scopes
         return UsageRecorded(
             call_id=self.call_id,
             route=self.route,
@@ -111,11 +113,11 @@ class Exchange:
             deployment_id=self.deployment.deployment_id,
             provider=self.deployment.provider,
             upstream_model=self.deployment.upstream_model,
-            key_hash=self.caller.key_hash,
+            key_hash=scopes.key_hash,
             key_alias=self.caller.key_alias,
-            user_id=self.caller.user_id,
-            team_id=self.caller.team_id,
-            customer_id=self.customer_id,
+            user_id=scopes.user_id,
+            team_id=scopes.team_id,
+            customer_id=scopes.customer_id,
             status=status,
             http_status=http_status,
             error_type=error_type,

@@ -7,6 +7,7 @@ import contextlib
 
 import asyncpg
 import httpx
+import msgspec
 import structlog
 
 from api.http_client import pooled_client
@@ -35,12 +36,8 @@ def build_sinks(settings: Settings, client: httpx.AsyncClient) -> list[Sink]:
 
 def recording_context(settings: Settings) -> RecordingContext:
     """What settles (and the webhook follower, which writes their webhook rows) take from the config."""
-    return RecordingContext(
-        default_budget_id=settings.max_end_user_budget_id,
-        global_max_budget=settings.max_budget,
-        global_budget_duration=settings.budget_duration,
-        webhooks=settings.webhook is not None,
-    )
+    budgets = msgspec.structs.asdict(settings.budget_settings())
+    return RecordingContext(**budgets, webhooks=settings.webhook is not None)
 
 
 def outbox_rows_for(event: UsageRecorded, settings: Settings) -> list[OutboxRow]:

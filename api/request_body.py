@@ -20,6 +20,7 @@ from msgspec import Meta
 
 from api.errors import ApiError, bad_request
 from ledger.config import Deployment
+from ledger.events import Route
 from ledger.holds import RequestShape
 from ledger.identifiers import ID_RULE, is_identifier
 
@@ -138,7 +139,7 @@ def customer_of(head: RequestHead, headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def shape_of(route: str, head: RequestHead, forwarded_bytes: int) -> RequestShape:
+def shape_of(route: Route, head: RequestHead, forwarded_bytes: int) -> RequestShape:
     """What bounds the request's tokens (ledger/holds.py turns it into the hold)."""
     if route == "embeddings":
         # One vector per input, no output; the inputs' count is not read, so no context cap.

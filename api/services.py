@@ -22,6 +22,7 @@ from ledger.admission import GroupAdmitter
 from ledger.config import Settings
 from ledger.leases import BudgetLeases
 from ledger.pricing import PriceBook
+from ledger.scopes import BudgetSettings
 from ledger.usage import GroupRecorder
 
 log = structlog.get_logger(__name__)
@@ -37,6 +38,7 @@ class Services:
     prices: PriceBook
     router: ModelRouter
     master_key_hash: str
+    budgets: BudgetSettings  # the config's, built once (ledger/scopes.py)
     admitter: GroupAdmitter
     leases: BudgetLeases | None  # None: general_settings.budget_leases is off
     recorder: GroupRecorder

@@ -27,7 +27,7 @@ from api.proxy import (
 from api.request_body import asks_usage
 from api.services import Services
 from api.upstream import UpstreamFailure
-from ledger.events import UsageRecorded
+from ledger.events import UsageRecorded, UsageStatus
 
 _encoder: Final = msgspec.json.Encoder()
 
@@ -140,7 +140,7 @@ class StreamRelay:
         self._generated_bytes += sum(choice.generated_bytes() for choice in chunk.choices)
         return event
 
-    def _event(self, status: str, http_status: int, error_type: str | None = None) -> UsageRecorded:
+    def _event(self, status: UsageStatus, http_status: int, error_type: str | None = None) -> UsageRecorded:
         usage, estimated = self._usage, False
         if usage is None:
             estimated = True
@@ -159,7 +159,7 @@ class StreamRelay:
             return _sse_error(exc.message, exc.type)
         return _sse_error(message, "upstream_error")
 
-    async def _finish(self, status: str, http_status: int, error_type: str | None = None) -> None:
+    async def _finish(self, status: UsageStatus, http_status: int, error_type: str | None = None) -> None:
         await record(self._services, self._exchange, self._event(status, http_status, error_type))
 
 

@@ -18,7 +18,10 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
+from ledger.connections import Queryable
+from ledger.events import RefusalReason, Route
 from ledger.money import add
+from ledger.scopes import NO_BUDGETS, BudgetSettings, Scopes
 
 # How long after its upstream timeout a hold outlives a request whose process died.
 HOLD_GRACE: Final = timedelta(seconds=30)
@@ -31,18 +34,13 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True):
     """What `sl_admit` needs: who, what, how much to hold, until when."""
 
     call_id: str
-    route: str
+    route: Route
     model: str
-    key_hash: str
-    key_alias: str | None
-    user_id: str | None
-    team_id: str | None
-    customer_id: str | None
+    scopes: Scopes
+    key_alias: str | None = None
     hold: Decimal
     expires_at: datetime
-    default_budget_id: str | None
-    global_max_budget: Decimal | None
-    global_budget_duration: str | None
+    budgets: BudgetSettings = NO_BUDGETS
     refused_at: datetime
     actor: str | None = None  # who a RequestRefused names ("master_key", "key:<sha256>"); else the key hash
 
@@ -61,9 +59,7 @@ class Admitted(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Refused(msgspec.Struct, frozen=True, kw_only=True):
-    reason: (
-        str  # budget_exceeded | rate_limit_exceeded | customer_blocked | scope_blocked | model_access_denied
-    )
+    reason: RefusalReason
     scope: str
     scope_id: str
     detail: dict[str, Any]
@@ -94,29 +90,23 @@ Outcome = Admitted | Refused
 
 
 def params_of(admission: Admission) -> dict[str, Any]:
-    """An admission as `sl_admit` (and `sl_lease`) read it."""
+    """An admission as `sl_admit` (and `sl_lease`) read it: the scopes' and budget settings' fields
+    by their own names (those of the events and of the SQL)."""
+    scopes = msgspec.structs.asdict(admission.scopes)
     return {
         "call_id": admission.call_id,
         "model": admission.model,
-        "key_hash": admission.key_hash,
-        "user_id": admission.user_id,
-        "team_id": admission.team_id,
-        "customer_id": admission.customer_id,
+        **scopes,
         "hold": admission.hold,
         "expires_at": admission.expires_at,
-        "default_budget_id": admission.default_budget_id,
-        "global_max_budget": admission.global_max_budget,
-        "global_budget_duration": admission.global_budget_duration,
-        "meta": {"actor": admission.actor or admission.key_hash},
+        **msgspec.structs.asdict(admission.budgets),
+        "meta": {"actor": admission.actor or admission.scopes.key_hash},
         "refused": {
             "call_id": admission.call_id,
             "route": admission.route,
             "model_group": admission.model,
-            "key_hash": admission.key_hash,
+            **scopes,
             "key_alias": admission.key_alias,
-            "user_id": admission.user_id,
-            "team_id": admission.team_id,
-            "customer_id": admission.customer_id,
             "refused_at": admission.refused_at,
         },
     }
@@ -133,28 +123,21 @@ def _outcome(result: dict[str, Any]) -> Admitted | Refused:
     return Refused(reason=result["reason"], scope=result["scope"], scope_id=result["scope_id"], detail=result)
 
 
-async def admit_request(conn: asyncpg.Connection | asyncpg.Pool, admission: Admission) -> Admitted | Refused:
+async def admit_request(conn: Queryable, admission: Admission) -> Admitted | Refused:
     params = _encoder.encode(params_of(admission)).decode()
     raw = await conn.fetchval("select sl_admit($1::jsonb)::text", params)
     return _outcome(_decoder.decode(raw))
 
 
-async def admit_requests(
-    conn: asyncpg.Connection | asyncpg.Pool, admissions: Sequence[Admission]
-) -> list[Admitted | Refused]:
+async def admit_requests(conn: Queryable, admissions: Sequence[Admission]) -> list[Admitted | Refused]:
     """Admit a batch in one transaction, in order (each sees the holds of those before it).
 
-    Only batch admissions with the same scopes (see `scopes_of`): their rows are then locked in the
-    global order, as one admission's are."""
+    Only batch admissions with the same `scopes` (the global budget is common to all): their rows
+    are then locked in the global order, as one admission's are."""
     raw = await conn.fetchval(
         "select sl_admit_many($1::jsonb)::text", _encoder.encode([params_of(a) for a in admissions]).decode()
     )
     return [_outcome(result) for result in _decoder.decode(raw)]
-
-
-def scopes_of(admission: Admission) -> tuple[str, str | None, str | None, str | None]:
-    """The scopes whose rows an admission locks (the global budget is common to all)."""
-    return (admission.key_hash, admission.user_id, admission.team_id, admission.customer_id)
 
 
 class GroupAdmitter:
@@ -171,11 +154,11 @@ class GroupAdmitter:
     def __init__(self, pool: asyncpg.Pool, max_batch: int = 128) -> None:
         self._pool = pool
         self._max_batch = max_batch
-        self._queues: dict[tuple[str | None, ...], list[tuple[Admission, asyncio.Future[Outcome]]]] = {}
-        self._running: dict[tuple[str | None, ...], asyncio.Task[None]] = {}
+        self._queues: dict[Scopes, list[tuple[Admission, asyncio.Future[Outcome]]]] = {}
+        self._running: dict[Scopes, asyncio.Task[None]] = {}
 
     async def admit(self, admission: Admission) -> Outcome:
-        scopes = scopes_of(admission)
+        scopes = admission.scopes
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(scopes, []).append((admission, future))
         if scopes not in self._running:
@@ -186,7 +169,7 @@ class GroupAdmitter:
         """Finish the batches in flight."""
         await asyncio.gather(*self._running.values(), return_exceptions=True)
 
-    async def _drain(self, scopes: tuple[str | None, ...]) -> None:
+    async def _drain(self, scopes: Scopes) -> None:
         try:
             while queue := self._queues.get(scopes):
                 batch = queue[: self._max_batch]
@@ -227,14 +210,12 @@ def _resolve(future: asyncio.Future[Outcome], result: Outcome | BaseException) -
         future.set_result(result)
 
 
-async def expire_holds(conn: asyncpg.Connection | asyncpg.Pool) -> int:
+async def expire_holds(conn: Queryable) -> int:
     """Release holds whose request's process died; returns how many."""
     return int(await conn.fetchval("select sl_expire_holds()"))
 
 
-async def announce_budget_exhausted(
-    conn: asyncpg.Connection | asyncpg.Pool, refused: Refused, admission: Admission
-) -> None:
+async def announce_budget_exhausted(conn: Queryable, refused: Refused, admission: Admission) -> None:
     """Enqueue `budget_crossed` for a budget that refused a request.
 
     Budgets are strict, so spend stops short of `max_budget`: the crossing a person wants to hear
@@ -256,11 +237,8 @@ async def announce_budget_exhausted(
     }
     context = {
         "call_id": admission.call_id,
-        "key_hash": admission.key_hash,
+        **msgspec.structs.asdict(admission.scopes),
         "key_alias": admission.key_alias,
-        "user_id": admission.user_id,
-        "team_id": admission.team_id,
-        "customer_id": admission.customer_id,
         "ended_at": admission.refused_at,
     }
     await conn.execute(

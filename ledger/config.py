@@ -29,6 +29,7 @@ from ledger.config_values import (
     positive_money,
     string_list,
 )
+from ledger.scopes import BudgetSettings
 
 OPENAI_COMPATIBLE: Final = frozenset(
     {"openai", "text-completion-openai", "hosted_vllm", "openai_like", "custom_openai", "openrouter"}
@@ -190,6 +191,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def max_request_size_bytes(self) -> int:
         return int(self.max_request_size_mb * 1024 * 1024)
+
+    def budget_settings(self) -> BudgetSettings:
+        """The budget settings every request shares (built once, at start)."""
+        return BudgetSettings(
+            default_budget_id=self.max_end_user_budget_id,
+            global_max_budget=self.max_budget,
+            global_budget_duration=self.budget_duration,
+        )
 
 
 class _DecimalLoader(yaml.SafeLoader):

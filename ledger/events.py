@@ -9,10 +9,20 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
 from msgspec import UNSET, UnsetType
+
+from ledger.scopes import Scopes
+
+# The values the request events take. Every value ever written is one of these (the proxy's three
+# routes and two outcomes, and the refusals `sl_admit` builds), so events in any database decode.
+Route: TypeAlias = Literal["chat.completions", "completions", "embeddings"]
+UsageStatus: TypeAlias = Literal["success", "failure"]
+RefusalReason: TypeAlias = Literal[
+    "budget_exceeded", "rate_limit_exceeded", "customer_blocked", "scope_blocked", "model_access_denied"
+]
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
@@ -23,7 +33,7 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     """The terminal event of a proxied request: what was used and what it cost."""
 
     call_id: str
-    route: str  # "chat.completions" | "completions" | "embeddings"
+    route: Route
     model_group: str
     deployment_id: str
     provider: str
@@ -33,7 +43,7 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     user_id: str | None = None
     team_id: str | None = None
     customer_id: str | None = None
-    status: str  # "success" | "failure"
+    status: UsageStatus
     http_status: int
     error_type: str | None = None
     stream: bool = False
@@ -54,6 +64,10 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     # A settle gives back at most this much of a lease, whatever the request cost.
     hold: Decimal | None = None
 
+    @property
+    def scopes(self) -> Scopes:
+        return Scopes(self.key_hash, self.user_id, self.team_id, self.customer_id)
+
 
 class HoldExceeded(Event, frozen=True, kw_only=True):
     """A request cost more than the hold admitted for it (appended after its UsageRecorded, on its
@@ -62,7 +76,7 @@ class HoldExceeded(Event, frozen=True, kw_only=True):
     makes a miss visible (the audit log, a metric and a warning) instead of silent."""
 
     call_id: str
-    route: str
+    route: Route
     model_group: str
     deployment_id: str
     key_hash: str
@@ -75,23 +89,31 @@ class HoldExceeded(Event, frozen=True, kw_only=True):
     input_tokens: int
     output_tokens: int
 
+    @property
+    def scopes(self) -> Scopes:
+        return Scopes(self.key_hash, self.user_id, self.team_id, self.customer_id)
+
 
 class RequestRefused(Event, frozen=True, kw_only=True):
     """The terminal event of a request refused at admission (budget, rate limit, blocked …)."""
 
     call_id: str
-    route: str
+    route: Route
     model_group: str
     key_hash: str
     key_alias: str | None = None
     user_id: str | None = None
     team_id: str | None = None
     customer_id: str | None = None
-    reason: str
+    reason: RefusalReason
     scope: str
     scope_id: str
     detail: dict[str, Any] = {}
     refused_at: datetime
+
+    @property
+    def scopes(self) -> Scopes:
+        return Scopes(self.key_hash, self.user_id, self.team_id, self.customer_id)
 
 
 class KeyGenerated(Event, frozen=True, kw_only=True):

@@ -39,6 +39,7 @@ import structlog
 
 from ledger.admission import Admission, Admitted, params_of
 from ledger.money import ZERO
+from ledger.scopes import BudgetSettings, Scopes
 
 log = structlog.get_logger(__name__)
 
@@ -53,21 +54,12 @@ _SWEEP_S: Final = 1.0
 _encoder: Final = msgspec.json.Encoder(decimal_format="number")
 _decoder: Final = msgspec.json.Decoder(float_hook=Decimal)
 
-LeaseKey = tuple[Any, ...]
+LeaseKey = tuple[Scopes, str, BudgetSettings]
 
 
 def lease_key(admission: Admission) -> LeaseKey:
     """What a lease was granted for: the scopes, the model and the process-wide budget settings."""
-    return (
-        admission.key_hash,
-        admission.user_id,
-        admission.team_id,
-        admission.customer_id,
-        admission.model,
-        admission.default_budget_id,
-        admission.global_max_budget,
-        admission.global_budget_duration,
-    )
+    return (admission.scopes, admission.model, admission.budgets)
 
 
 @dataclass(slots=True)

@@ -21,21 +21,19 @@ import msgspec
 from ledger.events import UsageRecorded, encode_event
 from ledger.outbox import OutboxRow
 from ledger.publisher_wakeups import PublisherWakeups
+from ledger.scopes import BudgetSettings
 
 _json: Final = msgspec.json.Encoder(decimal_format="number")
 _SQL: Final = "select idx, key_spend from sl_record_usages($1::jsonb, $2::jsonb, $3::jsonb, $4::jsonb)"
 _ONE_SQL: Final = "select sl_record_usage($1::jsonb, $2::jsonb, $3::jsonb, $4::jsonb)"
 
 
-class RecordingContext(msgspec.Struct, frozen=True, kw_only=True):
-    """What the database needs besides the event: the default tier (for a customer seen first at
-    recording), the global budget, whether webhooks are on (the event is marked for the webhook
-    follower, ledger/webhook_rows.py, which writes its rows), and whether to wake the outbox
-    publishers (`notify`)."""
+class RecordingContext(BudgetSettings, frozen=True, kw_only=True):
+    """What the database needs besides the event: the budget settings (the default tier, for a
+    customer seen first at recording; the global budget), whether webhooks are on (the event is
+    marked for the webhook follower, ledger/webhook_rows.py, which writes its rows), and whether to
+    wake the outbox publishers (`notify`)."""
 
-    default_budget_id: str | None = None
-    global_max_budget: Decimal | None = None
-    global_budget_duration: str | None = None
     webhooks: bool = False
     notify: bool = True
 

@@ -25,6 +25,7 @@ from api.roles import Permission
 from api.schemas import documented, header, sse_events
 from api.services import services_of
 from api.streaming import forward_stream
+from ledger.events import Route
 from ledger.identifiers import ID_MAX_LENGTH, ID_PATTERN, ID_RULE
 
 _MODEL_CREATED = 1677610602  # OpenAI's list shows a creation time; ours are config entries
@@ -192,7 +193,7 @@ async def _caller(request: Request[Any, Any, Any]) -> Caller:
     return await authenticate(request)
 
 
-async def _proxy(route: str, request: Request[Any, Any, Any]) -> Response[Any]:
+async def _proxy(route: Route, request: Request[Any, Any, Any]) -> Response[Any]:
     # Authenticated here rather than as a Litestar dependency: on the hot path, resolving the
     # dependency and validating the handler's signature cost more than the lookup itself.
     caller = await authenticate(request)

@@ -37,6 +37,7 @@ from ledger.db import PROJECT_ROOT, EmbeddedDatabase, create_pool, run_migration
 from ledger.directory import create_customer, define_budget
 from ledger.events import BudgetDefined, CustomerCreated, UsageRecorded
 from ledger.money import ZERO, add
+from ledger.scopes import Scopes
 from ledger.usage import NO_CONTEXT, GroupRecorder, Recording
 
 sys.path.insert(0, str(PROJECT_ROOT))
@@ -68,9 +69,8 @@ class Result:
 def admission(call_id: str, customer: str, expires_at: datetime) -> Admission:
     now = datetime.now(UTC)
     return Admission(
-        call_id=call_id, route="chat.completions", model="bench-model", key_hash=KEY, key_alias=None,
-        user_id=None, team_id=None, customer_id=customer, hold=HOLD, expires_at=expires_at,
-        default_budget_id=None, global_max_budget=None, global_budget_duration=None, refused_at=now,
+        call_id=call_id, route="chat.completions", model="bench-model", scopes=Scopes(KEY, customer_id=customer),
+        hold=HOLD, expires_at=expires_at, refused_at=now,
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from ledger.admission import Admission, Admitted, Refused, admit_request, admit_
 from ledger.directory import create_customer, create_team, create_user
 from ledger.events import CustomerCreated, KeyGenerated, TeamCreated, UserCreated
 from ledger.keys import generate_key, hash_key
+from ledger.scopes import BudgetSettings, Scopes
 from tests.support import PostgresForTests
 
 NOW = datetime.now(UTC)
@@ -47,9 +48,9 @@ def admissions() -> list[Admission]:
     def one(i: int) -> Admission:
         return Admission(
             call_id=f"eq-{i}", route="chat.completions", model="m3" if i == 5 else ("m2" if i % 4 else "m"),
-            key_hash=KEY, key_alias="alias", user_id="u", team_id="t", customer_id="c",
+            scopes=Scopes(KEY, "u", "t", "c"), key_alias="alias",
             hold=Decimal("0.1") if i < 10 else Decimal("0.001"), expires_at=NOW + timedelta(hours=1),
-            default_budget_id=None, global_max_budget=Decimal("100"), global_budget_duration="1mo",
+            budgets=BudgetSettings(global_max_budget=Decimal("100"), global_budget_duration="1mo"),
             refused_at=NOW,
         )  # fmt: skip
 

@@ -13,6 +13,7 @@ from ledger.admission import Admission, Admitted, GroupAdmitter, Refused, admit_
 from ledger.directory import create_customer
 from ledger.events import CustomerCreated, KeyGenerated
 from ledger.keys import generate_key, hash_key
+from ledger.scopes import Scopes
 from ledger.usage import NO_CONTEXT, GroupRecorder, Recording
 from tests.integration.ledger.test_group_recorder import COST, usage
 
@@ -25,16 +26,9 @@ def admission(call_id: str, customer: str, key_hash: str = "k" * 64) -> Admissio
         call_id=call_id,
         route="chat.completions",
         model="m",
-        key_hash=key_hash,
-        key_alias=None,
-        user_id=None,
-        team_id=None,
-        customer_id=customer,
+        scopes=Scopes(key_hash, customer_id=customer),
         hold=HOLD,
         expires_at=now + timedelta(hours=1),
-        default_budget_id=None,
-        global_max_budget=None,
-        global_budget_duration=None,
         refused_at=now,
     )
 

@@ -13,6 +13,7 @@ from ledger.admission import Admission, Admitted, admit_request
 from ledger.directory import create_customer
 from ledger.events import CustomerCreated, KeyGenerated, UsageRecorded
 from ledger.keys import generate_key, hash_key
+from ledger.scopes import Scopes
 from ledger.usage import NO_CONTEXT, GroupRecorder, Recording
 
 COST = Decimal("0.000123456789")
@@ -100,16 +101,9 @@ async def test_parallel_slots_and_budgets_settle_without_deadlock(pool: asyncpg.
             call_id=f"p-{i}",
             route="chat.completions",
             model="m",
-            key_hash=spec.key_hash,
-            key_alias=None,
-            user_id=None,
-            team_id=None,
-            customer_id="budgeted",
+            scopes=Scopes(spec.key_hash, customer_id="budgeted"),
             hold=Decimal("0.01"),
             expires_at=now + timedelta(hours=1),
-            default_budget_id=None,
-            global_max_budget=None,
-            global_budget_duration=None,
             refused_at=now,
         )
         outcome = await admit_request(pool, admission)

@@ -56,7 +56,7 @@ async def settle(pool: asyncpg.Pool, outcomes: list[tuple[Admission, Admitted]],
         pool,
         [
             Recording(
-                event=msgspec.structs.replace(usage(a.call_id, a.customer_id or ""), cost=cost,
+                event=msgspec.structs.replace(usage(a.call_id, a.scopes.customer_id or ""), cost=cost,
                                               budget_periods=o.budget_periods),
                 metadata={"lease": o.lease} if o.lease else {},
             )

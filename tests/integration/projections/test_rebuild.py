@@ -22,6 +22,7 @@ from ledger.events import (
     UsageRecorded,
     decode_event,
 )
+from ledger.scopes import BudgetSettings, Scopes
 from ledger.usage import RecordingContext, record_usage
 from projections.daily import catch_up
 from projections.rebuild import rebuild
@@ -42,16 +43,10 @@ async def request(
             call_id=call_id,
             route="chat.completions",
             model="m",
-            key_hash=key_hash,
-            key_alias=None,
-            user_id=None,
-            team_id=team,
-            customer_id=customer,
+            scopes=Scopes(key_hash, team_id=team, customer_id=customer),
             hold=Decimal("0.01"),
             expires_at=now + timedelta(minutes=5),
-            default_budget_id="tier",
-            global_max_budget=None,
-            global_budget_duration=None,
+            budgets=BudgetSettings(default_budget_id="tier"),
             refused_at=now,
         ),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -18,12 +19,17 @@ from ledger.events import (
     KeyGenerated,
     KeyUnblocked,
     KeyUpdated,
+    RefusalReason,
+    RequestRefused,
+    Route,
     UsageRecorded,
+    UsageStatus,
     changed_fields,
     decode_event,
     encode_event,
     event_type,
 )
+from ledger.scopes import Scopes
 
 T0 = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)
 KEY = "a" * 64
@@ -258,3 +264,50 @@ def test_float_typed_money_in_json_decodes_to_its_written_digits() -> None:
     decoded = decode_event(text)
     assert isinstance(decoded, UsageRecorded)
     assert decoded.cost == Decimal("0.10000000000000000555")
+
+
+# Every value the code has ever written (the proxy's routes and outcomes, sl_admit's refusals):
+# narrowing these fields to Literals must leave every stored event decodable.
+WRITTEN_ROUTES = ["chat.completions", "completions", "embeddings"]
+WRITTEN_STATUSES = ["success", "failure"]
+WRITTEN_REASONS = [
+    "budget_exceeded", "rate_limit_exceeded", "customer_blocked", "scope_blocked", "model_access_denied"
+]
+
+
+def test_the_literal_types_are_the_values_ever_written() -> None:
+    assert list(typing.get_args(Route)) == WRITTEN_ROUTES
+    assert list(typing.get_args(UsageStatus)) == WRITTEN_STATUSES
+    assert list(typing.get_args(RefusalReason)) == WRITTEN_REASONS
+
+
+@pytest.mark.parametrize("route", WRITTEN_ROUTES)
+@pytest.mark.parametrize("status", WRITTEN_STATUSES)
+def test_usage_events_of_every_written_route_and_status_decode(route: str, status: str) -> None:
+    data = json.loads(encode_event(usage()))
+    decoded = decode_event(json.dumps(data | {"route": route, "status": status}))
+    assert isinstance(decoded, UsageRecorded)
+    assert (decoded.route, decoded.status) == (route, status)
+
+
+@pytest.mark.parametrize("reason", WRITTEN_REASONS)
+def test_refusals_of_every_written_reason_decode(reason: str) -> None:
+    refused = {
+        "type": "RequestRefused", "call_id": "c", "route": "embeddings", "model_group": "m",
+        "key_hash": KEY, "reason": reason, "scope": "customer", "scope_id": "acme",
+        "refused_at": T0.isoformat(),
+    }  # fmt: skip
+    decoded = decode_event(json.dumps(refused))
+    assert isinstance(decoded, RequestRefused) and decoded.reason == reason
+
+
+@pytest.mark.parametrize(("field", "value"), [("route", "responses"), ("status", "refused")])
+def test_a_value_outside_the_vocabulary_is_refused(field: str, value: str) -> None:
+    data = json.loads(encode_event(usage())) | {field: value}
+    with pytest.raises(msgspec.ValidationError, match=field):
+        decode_event(json.dumps(data))
+
+
+def test_a_request_event_reads_its_scopes_back() -> None:
+    assert usage().scopes == Scopes(KEY, "user-1", "team-1", "cust-1")
+    assert usage(user_id=None, team_id=None, customer_id=None).scopes == Scopes(KEY)
