@@ -155,6 +155,49 @@ def test_every_day_there_is_can_bound_a_report(
     assert response.status_code == 200, response.text
 
 
+# --- issue 16: durations the database could not read ----------------------------------------------
+
+# Refused by ledger/durations.py, and by sl_duration_parts alike (tests/integration/sql/
+# test_periods.py): zero (a period of no length: every admission divided by it), beyond 1000 years,
+# more digits than Python's int() reads (a ValueError: a 500), Unicode digits and white space
+# (accepted by Python and stored, then refused by SQL at every admission of the key).
+BAD_DURATIONS = {
+    "zero": "0s",
+    "zero months": "000mo",
+    "1000 years and a day": "366001d",
+    "20 digits": "99999999999999999999d",
+    "5000 digits": "9" * 5000 + "d",
+    "an Arabic-Indic digit": "\u0667d",
+    "a no-break space": "7\u00a0d",
+    "a control character": "7d\x1c",
+}
+DURATION_ROUTES = [
+    ("/key/generate", "budget_duration", {}),
+    ("/key/generate", "duration", {}),
+    ("/team/new", "budget_duration", {}),
+    ("/user/new", "budget_duration", {}),
+    ("/user/new", "duration", {}),
+    ("/customer/new", "budget_duration", {"user_id": "duration-probe", "max_budget": 1}),
+    ("/budget/new", "budget_duration", {"budget_id": "duration-probe"}),
+]
+
+
+@pytest.mark.usefixtures("unchanged_ledger")
+@pytest.mark.parametrize("duration", BAD_DURATIONS.values(), ids=BAD_DURATIONS.keys())
+@pytest.mark.parametrize(
+    ("path", "field", "body"), DURATION_ROUTES, ids=[f"{p} {f}" for p, f, _ in DURATION_ROUTES]
+)
+def test_a_refused_duration_is_a_400_naming_the_field(
+    server: RunningServer, path: str, field: str, body: dict[str, Any], duration: str
+) -> None:
+    response = httpx.post(
+        f"{server.base_url}{path}", headers=JSON_AUTH, json={**body, field: duration}, timeout=30
+    )
+    error = assert_envelope(response, 400, "invalid_request_error")
+    assert error["param"] == field, error
+    assert "invalid duration" in error["message"] and len(error["message"]) < 300, error
+
+
 # --- finding 3: a request uvicorn cannot parse -------------------------------------------------------
 
 

@@ -100,6 +100,12 @@ def test_add_months_keeps_time_and_timezone() -> None:
         "1ms",
         "s30",
         "1d2h",
+        "366001d",  # longer than 1000 years
+        "11807mo",
+        "9" * 5000 + "d",  # more digits than Python's int() reads: still a DurationError
+        "\u0667d",  # an Arabic-Indic seven: ASCII digits only, as in SQL (sl_duration_parts)
+        "7\u00a0d",  # a no-break space: ASCII white space only
+        "7d\x1c",
     ],
 )
 def test_bad_strings_are_refused(text: str) -> None:
