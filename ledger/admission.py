@@ -219,22 +219,10 @@ async def announce_budget_exhausted(conn: Queryable, refused: Refused, admission
     """Enqueue `budget_crossed` for a budget that refused a request.
 
     Budgets are strict, so spend stops short of `max_budget`: the crossing a person wants to hear
-    about is the first request the budget could not take. It shares its dedupe key with the
-    crossing announced at recording, so a period announces it once either way.
+    about is the first request the budget could not take. `sl_announce_budget_exhausted` builds its
+    row with the key the follower uses for the same line (`sl_crossing_key`), so a period announces
+    it once either way.
     """
-    d = refused.detail
-    epoch = int(datetime.fromisoformat(str(d.get("period_start"))).timestamp())
-    scope, scope_id = refused.scope, refused.scope_id
-    body = {
-        "spend": d.get("spend"),
-        "max_budget": d.get("max_budget"),
-        "soft_budget": d.get("soft_budget"),
-        "event_group": scope,
-        "event_message": f"{scope.capitalize()} budget crossed. {scope.capitalize()}={scope_id}, "
-        f"spend={d.get('spend')}, max_budget={d.get('max_budget')}: a request that could cost "
-        f"{d.get('hold')} was refused",
-        "budget_reset_at": d.get("budget_reset_at"),
-    }
     context = {
         "call_id": admission.call_id,
         **msgspec.structs.asdict(admission.scopes),
@@ -242,8 +230,7 @@ async def announce_budget_exhausted(conn: Queryable, refused: Refused, admission
         "ended_at": admission.refused_at,
     }
     await conn.execute(
-        "select sl_enqueue_webhook('budget_crossed', $1, $2::jsonb, $3::jsonb), pg_notify('sl_outbox', '')",
-        f"budget_crossed:{scope}:{scope_id}:{epoch}:max",
-        _encoder.encode(body).decode(),
+        "select sl_announce_budget_exhausted($1::jsonb, $2::jsonb)",
+        _encoder.encode(refused.detail).decode(),
         _encoder.encode(context).decode(),
     )

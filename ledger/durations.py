@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from calendar import monthrange
+from datetime import MAXYEAR, MINYEAR, UTC, datetime, timedelta
 from typing import Final
 
 # The grammar, as `sl_duration_parts` (ledger/sql/periods.sql) has it too: a whole number of
@@ -60,16 +61,14 @@ def _shown(text: object) -> str:
 
 
 def add_months(start: datetime, months: int) -> datetime:
+    """`start` moved by whole calendar months, the day clamped to the month's end (Jan 31 + 1mo
+    is the last day of February); OverflowError beyond the years a datetime holds."""
     month_index = start.month - 1 + months
     year = start.year + month_index // 12
     month = month_index % 12 + 1
-    # Clamp the day: Jan 31 + 1mo is the last day of February.
-    for day in (start.day, 30, 29, 28):
-        try:
-            return start.replace(year=year, month=month, day=min(start.day, day))
-        except ValueError:
-            continue
-    raise AssertionError("unreachable: every month has 28 days")
+    if not MINYEAR <= year <= MAXYEAR:
+        raise OverflowError(f"year {year} is beyond the years a datetime holds")
+    return start.replace(year=year, month=month, day=min(start.day, monthrange(year, month)[1]))
 
 
 def utcnow() -> datetime:

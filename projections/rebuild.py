@@ -2,8 +2,8 @@
 
 1. In one REPEATABLE READ transaction (one snapshot S): replay every event visible in S into
    fresh tables in the schema `sl_rebuild` — management events one by one through the live
-   projectors (with `search_path` pointing at the new tables), usage events set-based, chunk by
-   chunk — and compare them row by row with the live tables as S sees them. Projections are
+   projectors, usage events chunk by chunk through the settle's projection (`sl_project_usage`),
+   both with `search_path` pointing at the new tables — and compare them row by row with the live tables as S sees them. Projections are
    written in the same transactions as their events, so the live tables in S are exactly what the
    events in S imply: any difference is a real one.
 2. Swap (unless verify-only): lock the live projection tables and the log (writers wait a moment),
@@ -39,7 +39,7 @@ TABLES: Final = DIRECTORY_TABLES + USAGE_TABLES
 # What is compared: budget_usage rows with no spend are placeholders admissions create, and `held`
 # is the live amount in flight, so both are left out; everything else, every column.
 COMPARED: Final = {"budget_usage": ("scope, scope_id, period_start, spent", "spent <> 0")}
-CHUNK: Final = 100_000
+CHUNK: Final = 20_000  # usage events handed to sl_project_usage at once, as one JSON array
 SWAP_ATTEMPTS: Final = 10
 EXAMPLES: Final = 5
 
@@ -94,34 +94,26 @@ async def _replay_directory(conn: asyncpg.Connection, last_position: int, unseen
 
 
 _WHERE: Final = f"e.type = 'UsageRecorded' and e.position > $1 and e.position <= $2 and {_UNSEEN}"
-_USAGE: Final = (
-    f"""insert into {SCHEMA}.spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
-    select s.scope, s.scope_id, sum(u.cost), count(*), sum(u.input_tokens), sum(u.output_tokens), max(u.ended_at)
-    from (select e.data, (e.data->>'cost')::numeric as cost, (e.data->>'input_tokens')::bigint as input_tokens,
-                 (e.data->>'output_tokens')::bigint as output_tokens, (e.data->>'ended_at')::timestamptz as ended_at
-          from events e where {_WHERE} offset 0) as u,  -- offset 0: each field read once per event, not per scope
-         sl_usage_scopes(u.data) s
-    group by 1, 2
-    on conflict (scope, scope_id) do update set spend = t.spend + excluded.spend,
-        requests = t.requests + excluded.requests, input_tokens = t.input_tokens + excluded.input_tokens,
-        output_tokens = t.output_tokens + excluded.output_tokens, last_at = greatest(t.last_at, excluded.last_at)""",
-    f"""insert into {SCHEMA}.budget_usage as b (scope, scope_id, period_start, spent)
-    select p.scope, p.scope_id, p.period_start, sum((e.data->>'cost')::numeric)
-    from events e, sl_usage_periods(e.data) p where {_WHERE} group by 1, 2, 3
-    on conflict (scope, scope_id, period_start) do update set spent = b.spent + excluded.spent""",
-)
+# The usage projection is the settle's (sl_project_usage, ledger/sql/settle.sql), run over a chunk
+# of events at a time with the new tables first on the search_path; nothing is released (holds,
+# rate windows and in-flight counts are live state, not rebuilt).
+_USAGE: Final = f"""select sl_project_usage(coalesce(jsonb_agg(e.data order by e.position), '[]'), '{{}}')
+from events e where {_WHERE}"""
 
 
 async def _replay_usage(
     conn: asyncpg.Connection, last_position: int, unseen_by: str | None, progress: Progress | None = None
 ) -> None:
     """Usage events set-based, in chunks of positions (the progress bar moves per chunk)."""
-    for lo in range(0, last_position, CHUNK):
-        hi = min(lo + CHUNK, last_position)
-        for statement in _USAGE:
-            await conn.execute(statement, lo, hi, unseen_by)
-        if progress:
-            progress(hi, last_position)
+    await conn.execute(f"set local search_path = {SCHEMA}, public")
+    try:
+        for lo in range(0, last_position, CHUNK):
+            hi = min(lo + CHUNK, last_position)
+            await conn.execute(_USAGE, lo, hi, unseen_by)
+            if progress:
+                progress(hi, last_position)
+    finally:
+        await conn.execute("set local search_path = public")
 
 
 async def _compare(conn: asyncpg.Connection) -> dict[str, dict[str, Any]]:

@@ -16,6 +16,7 @@ import asyncio
 import re
 import sys
 import tempfile
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -52,10 +53,14 @@ def revision_text(number: str, down: str, message: str, found: Drift, definition
         return text
 
     touched = ", ".join(sorted({*found.changed, *found.missing, *found.extra}))
+    about = textwrap.fill(
+        f"Functions: {touched}. Written by scripts/sql_migration.py from ledger/sql/, which holds their "
+        "current text; the downgrade carries the text the previous revision left.",
+        width=100,
+    )
     return f'''"""{message}
 
-Functions: {touched}. Written by scripts/sql_migration.py from ledger/sql/, which holds their
-current text; the downgrade carries the text the previous revision left.
+{about}
 
 Revision ID: {number}
 Revises: {down}

@@ -1,3 +1,52 @@
+-- The refusals of admission, one builder each. sl_admit and sl_admit_many decide in the same order
+-- — the scope (blocked, the model), its budget, rpm, tpm, requests in flight — and sl_lease declines
+-- wherever a scope alone would refuse; a refusal is RequestRefused's `detail` (ledger/events.py).
+
+-- A scope that refuses the request whatever it costs: blocked, or the model not among its models
+-- (none, or LiteLLM's "all-proxy-models", allows every model). Null: the scope does not refuse.
+create or replace function sl_scope_refusal(scope text, scope_id text, blocked boolean, models jsonb, model text) returns jsonb
+language sql immutable as $$
+    select case
+        when blocked then jsonb_build_object(
+            'reason', case scope when 'customer' then 'customer_blocked' else 'scope_blocked' end,
+            'scope', scope, 'scope_id', scope_id)
+        when jsonb_array_length(coalesce(models, '[]')) > 0 and not (models ? model or models ? 'all-proxy-models')
+        then jsonb_build_object('reason', 'model_access_denied', 'scope', scope, 'scope_id', scope_id, 'models', models)
+    end
+$$;
+
+-- A budget that has no room for the request's hold in its period.
+create or replace function sl_budget_refusal(scope text, scope_id text, max_budget numeric, soft_budget numeric, spent numeric, held numeric, hold numeric, period timestamptz, reset_at timestamptz) returns jsonb
+language sql immutable as $$
+    select jsonb_build_object(
+        'reason', 'budget_exceeded', 'scope', scope, 'scope_id', scope_id, 'max_budget', max_budget,
+        'spend', spent, 'held', held, 'hold', hold, 'budget_reset_at', reset_at, 'period_start', period,
+        'soft_budget', soft_budget)
+$$;
+
+-- A rate limit reached: rpm and tpm until the minute's window ends, requests in flight for a second.
+create or replace function sl_rate_refusal(limit_type text, scope text, scope_id text, lim integer, used bigint, window_start timestamptz) returns jsonb
+language sql stable as $$
+    select jsonb_build_object(
+        'reason', 'rate_limit_exceeded', 'limit_type', limit_type, 'scope', scope, 'scope_id', scope_id,
+        'limit', lim,
+        'retry_after', case when window_start is null then 1
+                            else ceil(extract(epoch from window_start + interval '1 minute' - clock_timestamp())) end)
+        || case when used is null then '{}' else jsonb_build_object('used', used) end
+$$;
+
+-- Append the request's terminal RequestRefused; the answer admission gives for it.
+create or replace function sl_refuse(p jsonb, refusal jsonb) returns jsonb
+language sql as $$
+    insert into events (stream, version, type, data, metadata)
+    values ('request:' || (p->>'call_id'), 1, 'RequestRefused',
+            (p->'refused') || jsonb_build_object('type', 'RequestRefused', 'reason', refusal->>'reason',
+                                                 'scope', refusal->>'scope', 'scope_id', refusal->>'scope_id',
+                                                 'detail', refusal),
+            p->'meta');
+    select refusal || jsonb_build_object('admitted', false)
+$$;
+
 -- Admit one request: hold its worst-case cost on every budget and take its rate-limit slots, or
 -- refuse it as a whole and append RequestRefused. Returns {"admitted": true, …} or the refusal.
 create or replace function sl_admit(p jsonb) returns jsonb
@@ -22,16 +71,11 @@ begin
     perform sl_customer_first_seen(p->>'customer_id', p->>'default_budget_id', p->'meta');
     begin
         for s in select * from sl_request_scopes(p) loop
-            if s.blocked then
-                raise exception using errcode = 'SL001', message = jsonb_build_object(
-                    'reason', case s.scope when 'customer' then 'customer_blocked' else 'scope_blocked' end,
-                    'scope', s.scope, 'scope_id', s.scope_id)::text;
-            end if;
-            if s.models is not null and cardinality(s.models) > 0
-               and not (p->>'model' = any(s.models) or 'all-proxy-models' = any(s.models)) then
-                raise exception using errcode = 'SL001', message = jsonb_build_object(
-                    'reason', 'model_access_denied', 'scope', s.scope, 'scope_id', s.scope_id,
-                    'models', to_jsonb(s.models))::text;
+            if s.blocked or s.models is not null then
+                refusal := sl_scope_refusal(s.scope, s.scope_id, s.blocked, to_jsonb(s.models), p->>'model');
+                if refusal is not null then
+                    raise exception using errcode = 'SL001', message = refusal::text;
+                end if;
             end if;
             if s.max_budget is not null or s.budget_duration is not null then
                 period := sl_period_start(s.anchor, s.budget_duration, at);
@@ -45,12 +89,9 @@ begin
                     if not found then
                         select spent, held into row_spent, row_held from budget_usage
                         where scope = s.scope and scope_id = s.scope_id and period_start = period;
-                        raise exception using errcode = 'SL001', message = jsonb_build_object(
-                            'reason', 'budget_exceeded', 'scope', s.scope, 'scope_id', s.scope_id,
-                            'max_budget', s.max_budget, 'spend', row_spent, 'held', row_held,
-                            'hold', hold, 'budget_reset_at', sl_period_end(s.anchor, s.budget_duration, at),
-                            'period_start', period, 'soft_budget', s.soft_budget
-                        )::text;
+                        raise exception using errcode = 'SL001', message = sl_budget_refusal(
+                            s.scope, s.scope_id, s.max_budget, s.soft_budget, row_spent, row_held, hold,
+                            period, sl_period_end(s.anchor, s.budget_duration, at))::text;
                     end if;
                     budget_rows := budget_rows || jsonb_build_array(jsonb_build_array(s.scope, s.scope_id, period));
                 end if;
@@ -63,10 +104,8 @@ begin
                   and requests < s.rpm_limit
                 returning requests into n;
                 if not found then
-                    raise exception using errcode = 'SL001', message = jsonb_build_object(
-                        'reason', 'rate_limit_exceeded', 'limit_type', 'rpm', 'scope', s.scope,
-                        'scope_id', s.scope_id, 'limit', s.rpm_limit,
-                        'retry_after', ceil(extract(epoch from minute + interval '1 minute' - clock_timestamp())))::text;
+                    raise exception using errcode = 'SL001',
+                        message = sl_rate_refusal('rpm', s.scope, s.scope_id, s.rpm_limit, null, minute)::text;
                 end if;
                 remaining_requests := least(coalesce(remaining_requests, 2147483647), s.rpm_limit - n);
             end if;
@@ -74,10 +113,8 @@ begin
                 select tokens into n from rate_usage
                 where scope = s.scope and scope_id = s.scope_id and window_start = minute;
                 if coalesce(n, 0) >= s.tpm_limit then
-                    raise exception using errcode = 'SL001', message = jsonb_build_object(
-                        'reason', 'rate_limit_exceeded', 'limit_type', 'tpm', 'scope', s.scope,
-                        'scope_id', s.scope_id, 'limit', s.tpm_limit, 'used', n,
-                        'retry_after', ceil(extract(epoch from minute + interval '1 minute' - clock_timestamp())))::text;
+                    raise exception using errcode = 'SL001',
+                        message = sl_rate_refusal('tpm', s.scope, s.scope_id, s.tpm_limit, coalesce(n, 0), minute)::text;
                 end if;
                 remaining_tokens := least(coalesce(remaining_tokens, 9223372036854775807), s.tpm_limit - coalesce(n, 0));
                 tpm_rows := tpm_rows || jsonb_build_array(jsonb_build_array(s.scope, s.scope_id));
@@ -87,10 +124,8 @@ begin
                 update in_flight set count = count + 1
                 where scope = s.scope and scope_id = s.scope_id and count < s.max_parallel_requests;
                 if not found then
-                    raise exception using errcode = 'SL001', message = jsonb_build_object(
-                        'reason', 'rate_limit_exceeded', 'limit_type', 'max_parallel_requests',
-                        'scope', s.scope, 'scope_id', s.scope_id, 'limit', s.max_parallel_requests,
-                        'retry_after', 1)::text;
+                    raise exception using errcode = 'SL001', message = sl_rate_refusal(
+                        'max_parallel_requests', s.scope, s.scope_id, s.max_parallel_requests, null, null)::text;
                 end if;
                 parallel_rows := parallel_rows || jsonb_build_array(jsonb_build_array(s.scope, s.scope_id));
             end if;
@@ -101,13 +136,7 @@ begin
         end if;
     exception when sqlstate 'SL001' then
         get stacked diagnostics refusal = message_text;
-        insert into events (stream, version, type, data, metadata)
-        values ('request:' || (p->>'call_id'), 1, 'RequestRefused',
-                (p->'refused') || jsonb_build_object('type', 'RequestRefused', 'reason', refusal->>'reason',
-                                                     'scope', refusal->>'scope', 'scope_id', refusal->>'scope_id',
-                                                     'detail', refusal),
-                p->'meta');
-        return refusal || jsonb_build_object('admitted', false);
+        return sl_refuse(p, refusal);
     end;
     -- A hold is transient state, not a fact: losing one in a database crash loses nothing billed,
     -- so an admission need not wait for its WAL flush (the hot budget row's lock is released sooner).
@@ -228,44 +257,28 @@ begin
         remaining_tokens := null;
         -- sl_admit's checks, scope by scope, in its order; the first that fails refuses.
         for k in 1 .. m loop
-            if s_blocked[k] then
-                refusal := jsonb_build_object(
-                    'reason', case s_scope[k] when 'customer' then 'customer_blocked' else 'scope_blocked' end,
-                    'scope', s_scope[k], 'scope_id', s_id[k]);
-                exit;
-            end if;
-            if s_models[k] is not null and not (s_models[k] ? (p->>'model') or s_models[k] ? 'all-proxy-models') then
-                refusal := jsonb_build_object('reason', 'model_access_denied', 'scope', s_scope[k],
-                                              'scope_id', s_id[k], 'models', s_models[k]);
-                exit;
+            if s_blocked[k] or s_models[k] is not null then
+                refusal := sl_scope_refusal(s_scope[k], s_id[k], s_blocked[k], s_models[k], p->>'model');
+                exit when refusal is not null;
             end if;
             if s_max[k] is not null then
                 if s_spent[k] + s_held[k] + hold > s_max[k] then
-                    refusal := jsonb_build_object(
-                        'reason', 'budget_exceeded', 'scope', s_scope[k], 'scope_id', s_id[k],
-                        'max_budget', s_max[k], 'spend', s_spent[k], 'held', s_held[k], 'hold', hold,
-                        'budget_reset_at', sl_period_end(s_anchor[k], s_duration[k], at),
-                        'period_start', s_period[k], 'soft_budget', s_soft[k]);
+                    refusal := sl_budget_refusal(s_scope[k], s_id[k], s_max[k], s_soft[k], s_spent[k], s_held[k],
+                                                 hold, s_period[k], sl_period_end(s_anchor[k], s_duration[k], at));
                     exit;
                 end if;
                 budget_rows := budget_rows || jsonb_build_array(jsonb_build_array(s_scope[k], s_id[k], s_period[k]));
             end if;
             if s_rpm[k] is not null then
                 if s_requests[k] >= s_rpm[k] then
-                    refusal := jsonb_build_object(
-                        'reason', 'rate_limit_exceeded', 'limit_type', 'rpm', 'scope', s_scope[k],
-                        'scope_id', s_id[k], 'limit', s_rpm[k],
-                        'retry_after', ceil(extract(epoch from minute + interval '1 minute' - clock_timestamp())));
+                    refusal := sl_rate_refusal('rpm', s_scope[k], s_id[k], s_rpm[k], null, minute);
                     exit;
                 end if;
                 remaining_requests := least(coalesce(remaining_requests, 2147483647), s_rpm[k] - s_requests[k] - 1);
             end if;
             if s_tpm[k] is not null then
                 if s_tokens[k] >= s_tpm[k] then
-                    refusal := jsonb_build_object(
-                        'reason', 'rate_limit_exceeded', 'limit_type', 'tpm', 'scope', s_scope[k],
-                        'scope_id', s_id[k], 'limit', s_tpm[k], 'used', s_tokens[k],
-                        'retry_after', ceil(extract(epoch from minute + interval '1 minute' - clock_timestamp())));
+                    refusal := sl_rate_refusal('tpm', s_scope[k], s_id[k], s_tpm[k], s_tokens[k], minute);
                     exit;
                 end if;
                 remaining_tokens := least(coalesce(remaining_tokens, 9223372036854775807), s_tpm[k] - s_tokens[k]);
@@ -273,9 +286,7 @@ begin
             end if;
             if s_par[k] is not null then
                 if s_count[k] >= s_par[k] then
-                    refusal := jsonb_build_object(
-                        'reason', 'rate_limit_exceeded', 'limit_type', 'max_parallel_requests',
-                        'scope', s_scope[k], 'scope_id', s_id[k], 'limit', s_par[k], 'retry_after', 1);
+                    refusal := sl_rate_refusal('max_parallel_requests', s_scope[k], s_id[k], s_par[k], null, null);
                     exit;
                 end if;
                 parallel_rows := parallel_rows || jsonb_build_array(jsonb_build_array(s_scope[k], s_id[k]));
@@ -302,13 +313,7 @@ begin
                 'remaining_requests', remaining_requests, 'remaining_tokens', remaining_tokens));
         else
             refused := true;
-            insert into events (stream, version, type, data, metadata)
-            values ('request:' || (p->>'call_id'), 1, 'RequestRefused',
-                    (p->'refused') || jsonb_build_object('type', 'RequestRefused', 'reason', refusal->>'reason',
-                                                         'scope', refusal->>'scope', 'scope_id', refusal->>'scope_id',
-                                                         'detail', refusal),
-                    p->'meta');
-            outcomes := outcomes || jsonb_build_array(refusal || jsonb_build_object('admitted', false));
+            outcomes := outcomes || jsonb_build_array(sl_refuse(p, refusal));
         end if;
     end loop;
     for k in 1 .. m loop

@@ -52,7 +52,7 @@ begin
 end $$;
 
 -- sl_request_scopes as the directory was after transaction p.as_of (as it is, without as_of or
--- when nothing has changed since). PL/pgSQL: inlined into sl_settle_values's one statement, the
+-- when nothing has changed since). PL/pgSQL: inlined into sl_webhook_rows's one statement, the
 -- SQL version made its plan twice as slow.
 create or replace function sl_request_scopes_as_of(p jsonb) returns table (ord integer, scope text, scope_id text, max_budget numeric, soft_budget numeric, budget_duration text, rpm_limit integer, tpm_limit integer, max_parallel_requests integer, anchor timestamptz, models text[], blocked boolean)
 language plpgsql stable as $$

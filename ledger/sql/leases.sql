@@ -1,6 +1,6 @@
 -- Lease `amount` (at most `share` of the least room) on every budget of a request's scopes, for
 -- the process to admit their requests on its own. {"leased": false} where it could not decide as
--- sl_admit does (see the revision's notes); never a refusal: refusing is sl_admit's.
+-- sl_admit does (ledger/leases.py says where); never a refusal: refusing is sl_admit's.
 create or replace function sl_lease(p jsonb) returns jsonb
 language plpgsql as $$
 declare
@@ -17,9 +17,10 @@ declare
 begin
     perform sl_customer_first_seen(p->>'customer_id', p->>'default_budget_id', p->'meta');
     for s in select * from sl_request_scopes(p) loop
-        if s.blocked or s.rpm_limit is not null or s.tpm_limit is not null or s.max_parallel_requests is not null
-           or (s.models is not null and cardinality(s.models) > 0
-               and not (p->>'model' = any(s.models) or 'all-proxy-models' = any(s.models))) then
+        -- Not where a scope refuses (sl_admit refuses those), nor under rate limits (they count
+        -- every request in PostgreSQL).
+        if s.rpm_limit is not null or s.tpm_limit is not null or s.max_parallel_requests is not null
+           or sl_scope_refusal(s.scope, s.scope_id, s.blocked, to_jsonb(s.models), p->>'model') is not null then
             return jsonb_build_object('leased', false);
         end if;
         if s.max_budget is not null or s.budget_duration is not null then

@@ -14,7 +14,8 @@ language sql immutable as $$
     from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
 $$;
 
--- The keys of `vals` one request adds its cost to.
+-- The keys of a running-spend map (`vals`) one request adds its cost to: 'p|scope|id|period' for
+-- each budget period it was admitted under, 'l|scope|id' for each lifetime total.
 create or replace function sl_usage_value_keys(d jsonb) returns setof text
 language sql immutable as $$
     select 'p|' || (r->>0) || '|' || (r->>1) || '|' || ((r->>2)::timestamptz)::text
@@ -32,144 +33,23 @@ language sql immutable as $$
            d->>'status', coalesce((d->>'usage_estimated')::boolean, false)
 $$;
 
--- Record one request: its event (marked for the webhook follower when ctx.webhooks), its Lago
--- row, its lifetime totals, then its shared rows in the global order (budget periods and the
--- hold or lease it draws from, rate window, in-flight count). Returns the key's new lifetime spend.
-create or replace function sl_record_usage(d jsonb, meta jsonb, ctx jsonb, outbox_rows jsonb) returns numeric
-language plpgsql set plan_cache_mode = force_generic_plan as $$
+-- The usage projection: what a run of UsageRecorded events adds to the tables they project to —
+-- each scope's lifetime totals (spend_totals: sl_usage_scopes) and each budget period's spend
+-- (budget_usage: sl_usage_periods) — and, given back, what their admissions held (`released`: call
+-- id → the hold or lease share released for it: `amount` off its budget rows' `held`, its rate
+-- windows' tokens, its in-flight slots). Each row is written once for the run, in the global order
+-- (lifetime totals; then scope by scope its budget periods, its rate window, its in-flight count),
+-- the order admissions lock them in, so that settles and admissions never wait on each other in a
+-- circle. The settles (sl_record_usages, one request or a batch) and the rebuild
+-- (projections/rebuild.py: every event, nothing released, its own tables first on the
+-- search_path) all project through it. Returns each lifetime total as it was before the run, read
+-- under its row's lock, by 'l|scope|id'.
+create or replace function sl_project_usage(ds jsonb, released jsonb) returns jsonb
+language plpgsql as $$
 declare
-    call text := d->>'call_id';
-    cost numeric := (d->>'cost')::numeric;
-    -- what it gives back of a lease: its own hold at most, whatever it cost
-    drawn numeric := least(cost, coalesce((d->>'hold')::numeric, cost));
-    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);
-    h holds;
     w record;
-    key_spend numeric;
+    before jsonb;
 begin
-    perform sl_customer_first_seen(d->>'customer_id', ctx->>'default_budget_id', meta);
-    delete from holds where call_id = call returning * into h;
-    if not found and meta ? 'lease' then  -- admitted under a lease: draw the cost from it
-        update holds set amount = greatest(amount - drawn, 0) where call_id = meta->>'lease'
-        returning call, drawn, budget_rows, '[]'::jsonb, '[]'::jsonb, expires_at, created_at, owner into h;
-    end if;
-    insert into events (stream, version, type, data, metadata)
-    values ('request:' || call, 1, 'UsageRecorded', d,
-            case when webhooks then meta || '{"webhooks": true}' else meta end);
-    insert into outbox (sink, dedupe_key, payload, state, call_id)
-    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', call
-    from jsonb_array_elements(outbox_rows) as o;
-    with up as (
-        insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
-        select s.scope, s.scope_id, cost, 1, (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint,
-               (d->>'ended_at')::timestamptz
-        from sl_usage_scopes(d) as s
-        order by s.scope, s.scope_id
-        on conflict (scope, scope_id) do update set
-            spend = t.spend + excluded.spend,
-            requests = t.requests + excluded.requests,
-            input_tokens = t.input_tokens + excluded.input_tokens,
-            output_tokens = t.output_tokens + excluded.output_tokens,
-            last_at = greatest(t.last_at, excluded.last_at)
-        returning t.scope, t.spend
-    )
-    select up.spend into key_spend from up where up.scope = 'key';
-    for w in
-        with budget as (
-            select r->>0 as scope, r->>1 as scope_id, (r->>2)::timestamptz as period,
-                   cost as spent, 0::numeric as held
-            from jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
-            union all
-            select r->>0, r->>1, (r->>2)::timestamptz, 0, h.amount
-            from jsonb_array_elements(coalesce(h.budget_rows, '[]')) as r
-        ), shared as (
-            select scope, scope_id, 0 as kind, period, sum(spent) as spent, sum(held) as held,
-                   0::bigint as tokens
-            from budget group by scope, scope_id, period
-            union all
-            select r->>0, r->>1, 1, null, 0, 0, (d->>'total_tokens')::bigint
-            from jsonb_array_elements(coalesce(h.tpm_rows, '[]')) as r
-            union all
-            select r->>0, r->>1, 2, null, 0, 0, 0
-            from jsonb_array_elements(coalesce(h.parallel_rows, '[]')) as r
-        )
-        select * from shared order by sl_scope_rank(scope), scope_id, kind, period
-    loop
-        if w.kind = 0 then
-            insert into budget_usage as b (scope, scope_id, period_start, spent)
-            values (w.scope, w.scope_id, w.period, w.spent)
-            on conflict (scope, scope_id, period_start) do update
-            set spent = b.spent + excluded.spent, held = greatest(b.held - w.held, 0);
-        elsif w.kind = 1 then
-            insert into rate_usage as u (scope, scope_id, window_start, tokens)
-            values (w.scope, w.scope_id, date_trunc('minute', now()), w.tokens)
-            on conflict (scope, scope_id, window_start) do update set tokens = u.tokens + excluded.tokens;
-        else
-            update in_flight set count = greatest(count - 1, 0) where scope = w.scope and scope_id = w.scope_id;
-        end if;
-    end loop;
-    if coalesce((ctx->>'notify')::boolean, true) and (webhooks or jsonb_array_length(outbox_rows) > 0) then
-        perform pg_notify('sl_outbox', '');
-    end if;
-    return trim_scale(key_spend);
-end $$;
-
-create or replace function sl_record_usages(ds jsonb, metas jsonb, ctx jsonb, outboxes jsonb) returns table (idx integer, key_spend numeric)
-language plpgsql set plan_cache_mode = force_generic_plan as $$
-declare
-    c record;
-    w record;
-    released jsonb;
-    seen jsonb;
-    actual jsonb := '{}';
-    spends numeric[];
-    new_value numeric;
-    call_ids text[] := array(select d->>'call_id' from jsonb_array_elements(ds) as d);
-    webhooks boolean := false;  -- the webhook rows follow the log (sl_follow_webhooks)
-    marks jsonb := case when coalesce((ctx->>'webhooks')::boolean, false)
-                   then '{"webhooks": true}' else '{}' end;
-begin
-    for c in
-        select d->>'customer_id' as customer, min(i) as first
-        from jsonb_array_elements(ds) with ordinality as e(d, i)
-        where d->>'customer_id' is not null
-        group by 1 order by 1
-    loop
-        perform sl_customer_first_seen(c.customer, ctx->>'default_budget_id', metas->(c.first::integer - 1));
-    end loop;
-    -- The batch's holds: no other writer wants them (the sweeper skips locked holds).
-    with gone as (
-        delete from holds where call_id = any(call_ids)
-        returning call_id, amount, budget_rows, parallel_rows, tpm_rows
-    )
-    select coalesce(jsonb_object_agg(call_id, to_jsonb(gone)), '{}') into released from gone;
-    -- Requests admitted under a lease (ledger/leases.py) draw their cost from it.
-    released := released || sl_draw_leases(ds, metas);
-    insert into events (stream, version, type, data, metadata)
-    select 'request:' || (e.d->>'call_id'), 1, 'UsageRecorded', e.d, (metas->(e.i::integer - 1)) || marks
-    from jsonb_array_elements(ds) with ordinality as e(d, i)
-    order by e.i;
-    insert into outbox (sink, dedupe_key, payload, state, call_id)
-    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', e.d->>'call_id'
-    from jsonb_array_elements(ds) with ordinality as e(d, i),
-         jsonb_array_elements(coalesce(outboxes->(e.i::integer - 1), '[]')) as o
-    order by e.i;
-    -- The values before the batch, read without locks; the webhook rows from them.
-    select coalesce(jsonb_object_agg(k, v), '{}') into seen from (
-        select distinct on (k) k, coalesce(
-            case when k like 'p|%' then (
-                select b.spent from budget_usage b
-                where b.scope = split_part(k, '|', 2) and b.scope_id = split_part(k, '|', 3)
-                  and b.period_start = split_part(k, '|', 4)::timestamptz)
-            else (
-                select t.spend from spend_totals t
-                where t.scope = split_part(k, '|', 2) and t.scope_id = split_part(k, '|', 3))
-            end, 0) as v
-        from jsonb_array_elements(ds) as d, sl_usage_value_keys(d) as k
-    ) as x;
-    spends := sl_settle_values(ds, ctx - 'webhooks', seen);
-    -- Now the shared rows, each once, in the global order: lifetime totals (settles only), then
-    -- scope by scope its budget periods, its rate window and its in-flight count.
     with agg as (
         select s.scope, s.scope_id, sum((d->>'cost')::numeric) as spend, count(*) as requests,
                sum((d->>'input_tokens')::bigint) as input_tokens,
@@ -189,15 +69,14 @@ begin
         returning t.scope, t.scope_id, t.spend
     )
     select coalesce(jsonb_object_agg('l|' || up.scope || '|' || up.scope_id, up.spend - agg.spend), '{}')
-    into actual
+    into before
     from up join agg using (scope, scope_id);
     for w in
         with req as (
             select d, released->(d->>'call_id') as h from jsonb_array_elements(ds) as d
         ), budget as (
-            select r->>0 as scope, r->>1 as scope_id, (r->>2)::timestamptz as period,
-                   (d->>'cost')::numeric as spent, 0::numeric as held
-            from req, jsonb_array_elements(coalesce(d->'budget_periods', '[]')) as r
+            select p.scope, p.scope_id, p.period_start as period, (d->>'cost')::numeric as spent, 0::numeric as held
+            from req, sl_usage_periods(d) as p
             union all
             select r->>0, r->>1, (r->>2)::timestamptz, 0, (h->>'amount')::numeric
             from req, jsonb_array_elements(coalesce(h->'budget_rows', '[]')) as r
@@ -218,10 +97,7 @@ begin
             insert into budget_usage as b (scope, scope_id, period_start, spent)
             values (w.scope, w.scope_id, w.period, w.spent)
             on conflict (scope, scope_id, period_start) do update
-            set spent = b.spent + excluded.spent, held = greatest(b.held - w.held, 0)
-            returning b.spent into new_value;
-            actual := actual || jsonb_build_object(
-                'p|' || w.scope || '|' || w.scope_id || '|' || w.period::text, new_value - w.spent);
+            set spent = b.spent + excluded.spent, held = greatest(b.held - w.held, 0);
         elsif w.kind = 1 then
             insert into rate_usage as u (scope, scope_id, window_start, tokens)
             values (w.scope, w.scope_id, date_trunc('minute', now()), w.tokens)
@@ -231,16 +107,96 @@ begin
             where scope = w.scope and scope_id = w.scope_id;
         end if;
     end loop;
-    -- Another process settled one of these scopes between our read and our lock: write the
-    -- webhook rows again from the values the locked rows held.
-    if exists (select 1 from jsonb_each(seen) as s(k, v)
-               where s.k not like 'l|model|%'  -- no webhook or header reads a model's total
-                 and (actual->>s.k)::numeric is distinct from (s.v #>> '{}')::numeric) then
-        if webhooks then
-            delete from outbox where sink = 'webhook' and call_id = any(call_ids);
-        end if;
-        spends := sl_settle_values(ds, ctx - 'webhooks', seen || actual);
+    return before;
+end $$;
+
+-- Each key's lifetime spend after each request of a batch, in order: its total before the batch
+-- (`before`, by 'l|key|<hash>') plus the costs of the batch's requests up to that one.
+create or replace function sl_key_spends(ds jsonb, before jsonb) returns numeric[]
+language sql immutable as $$
+    select array_agg(trim_scale(x.spend) order by x.i)
+    from (
+        select e.i, coalesce((before->>('l|key|' || (e.d->>'key_hash')))::numeric, 0)
+                    + sum((e.d->>'cost')::numeric) over (partition by e.d->>'key_hash' order by e.i) as spend
+        from jsonb_array_elements(ds) with ordinality as e(d, i)
+    ) as x
+$$;
+
+-- Record one request, as sl_record_usages records a batch, with plans made for one request:
+-- its event, its Lago row, its hold released (or its cost drawn from its lease), its projection
+-- (sl_project_usage). Returns the key's new lifetime spend.
+create or replace function sl_record_usage(d jsonb, meta jsonb, ctx jsonb, outbox_rows jsonb) returns numeric
+language plpgsql set plan_cache_mode = force_generic_plan as $$
+declare
+    call text := d->>'call_id';
+    cost numeric := (d->>'cost')::numeric;
+    -- what it gives back of a lease: its own hold at most, whatever it cost
+    drawn numeric := least(cost, coalesce((d->>'hold')::numeric, cost));
+    webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);
+    released jsonb;
+    before jsonb;  -- the lifetime totals before it, by 'l|scope|id'
+begin
+    perform sl_customer_first_seen(d->>'customer_id', ctx->>'default_budget_id', meta);
+    delete from holds as h where call_id = call
+    returning jsonb_build_object(call, to_jsonb(h)) into released;
+    if not found and meta ? 'lease' then  -- admitted under a lease: draw the cost from it
+        update holds set amount = greatest(amount - drawn, 0) where call_id = meta->>'lease'
+        returning jsonb_build_object(call, jsonb_build_object('amount', drawn, 'budget_rows', budget_rows))
+        into released;
     end if;
+    insert into events (stream, version, type, data, metadata)
+    values ('request:' || call, 1, 'UsageRecorded', d,
+            case when webhooks then meta || '{"webhooks": true}' else meta end);
+    insert into outbox (sink, dedupe_key, payload, state, call_id)
+    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', call
+    from jsonb_array_elements(outbox_rows) as o;
+    if coalesce((ctx->>'notify')::boolean, true) and (webhooks or jsonb_array_length(outbox_rows) > 0) then
+        perform pg_notify('sl_outbox', '');
+    end if;
+    before := sl_project_usage(jsonb_build_array(d), coalesce(released, '{}'));
+    return trim_scale(cost + (before->>('l|key|' || (d->>'key_hash')))::numeric);
+end $$;
+
+-- Record requests in one transaction: their events (marked for the webhook follower when
+-- ctx.webhooks), their Lago rows, their holds released (or their cost drawn from the lease they
+-- were admitted under), and their projection (sl_project_usage). Returns each request's key's
+-- lifetime spend once it is counted.
+create or replace function sl_record_usages(ds jsonb, metas jsonb, ctx jsonb, outboxes jsonb) returns table (idx integer, key_spend numeric)
+language plpgsql set plan_cache_mode = force_generic_plan as $$
+declare
+    c record;
+    released jsonb;
+    spends numeric[];
+    call_ids text[] := array(select d->>'call_id' from jsonb_array_elements(ds) as d);
+    marks jsonb := case when coalesce((ctx->>'webhooks')::boolean, false)
+                   then '{"webhooks": true}' else '{}' end;
+begin
+    for c in
+        select d->>'customer_id' as customer, min(i) as first
+        from jsonb_array_elements(ds) with ordinality as e(d, i)
+        where d->>'customer_id' is not null
+        group by 1 order by 1
+    loop
+        perform sl_customer_first_seen(c.customer, ctx->>'default_budget_id', metas->(c.first::integer - 1));
+    end loop;
+    -- The requests' holds: no other writer wants them (the sweeper skips locked holds).
+    with gone as (
+        delete from holds where call_id = any(call_ids)
+        returning call_id, amount, budget_rows, parallel_rows, tpm_rows
+    )
+    select coalesce(jsonb_object_agg(call_id, to_jsonb(gone)), '{}') into released from gone;
+    -- Requests admitted under a lease (ledger/leases.py) draw their cost from it.
+    released := released || sl_draw_leases(ds, metas);
+    insert into events (stream, version, type, data, metadata)
+    select 'request:' || (e.d->>'call_id'), 1, 'UsageRecorded', e.d, (metas->(e.i::integer - 1)) || marks
+    from jsonb_array_elements(ds) with ordinality as e(d, i)
+    order by e.i;
+    insert into outbox (sink, dedupe_key, payload, state, call_id)
+    select o->>'sink', o->>'dedupe_key', o->'payload', o->>'state', e.d->>'call_id'
+    from jsonb_array_elements(ds) with ordinality as e(d, i),
+         jsonb_array_elements(coalesce(outboxes->(e.i::integer - 1), '[]')) as o
+    order by e.i;
+    spends := sl_key_spends(ds, sl_project_usage(ds, released));
     if coalesce((ctx->>'notify')::boolean, true)
        and (marks <> '{}' or jsonb_path_exists(outboxes, '$[*][*]')) then
         perform pg_notify('sl_outbox', '');

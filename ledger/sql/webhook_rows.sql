@@ -12,7 +12,7 @@ language sql as $$
     on conflict (sink, dedupe_key) do nothing
 $$;
 
--- What a usage event counts in webhook_spend, with the key sl_settle_values knows it by
+-- What a usage event counts in webhook_spend, with the key sl_webhook_rows knows it by
 -- (sl_usage_value_keys; a model's total is read by no webhook).
 create or replace function sl_webhook_scopes(d jsonb) returns table (scope text, scope_id text, period_start timestamptz, value_key text)
 language sql stable as $$
@@ -23,28 +23,34 @@ language sql stable as $$
     from sl_usage_scopes(d) as s where s.scope <> 'model'
 $$;
 
--- Count each request's cost into `vals` in order (a running sum per key: one query for the batch)
--- and write the batch's webhook rows (one statement); the key spends.
-create or replace function sl_settle_values(ds jsonb, ctx jsonb, vals jsonb) returns numeric[]
+-- The dedupe key of a budget line crossed: one per scope, line and period, whoever announces it
+-- (the follower below when spend crosses it, sl_announce_budget_exhausted when a request is
+-- refused at it); the outbox's unique (sink, dedupe_key) makes it once.
+create or replace function sl_crossing_key(event text, scope text, scope_id text, period timestamptz, tag text) returns text
+language sql immutable as $$
+    select event || ':' || scope || ':' || scope_id || ':' || extract(epoch from period)::bigint || ':' || tag
+$$;
+
+-- Write the webhook rows of a run of usage events, in log order: `spend_tracked` for each request
+-- with a customer, and each budget line (85 %, 95 %, max, soft) a request's spend crossed, against
+-- the limits in force where the run stands in the log (sl_request_scopes_as_of). `vals` holds the
+-- scopes' spend before the run (sl_usage_value_keys' keys); each request's cost is counted into it
+-- in order (a running sum per key: one query for the run), and the rows are one statement.
+create or replace function sl_webhook_rows(ds jsonb, ctx jsonb, vals jsonb) returns void
 language plpgsql as $$
 declare
     after_each jsonb[];  -- per request: the values of its keys once it is counted
-    spends numeric[];
 begin
-    select array_agg(v order by i), array_agg(trim_scale((v->>('l|key|' || key_hash))::numeric) order by i)
-    into after_each, spends
+    select array_agg(v order by i)
+    into after_each
     from (
-        select x.i, x.key_hash, jsonb_object_agg(x.k, coalesce((vals->>x.k)::numeric, 0) + x.running) as v
+        select x.i, jsonb_object_agg(x.k, coalesce((vals->>x.k)::numeric, 0) + x.running) as v
         from (
-            select e.i, e.d->>'key_hash' as key_hash, k,
-                   sum((e.d->>'cost')::numeric) over (partition by k order by e.i) as running
+            select e.i, k, sum((e.d->>'cost')::numeric) over (partition by k order by e.i) as running
             from jsonb_array_elements(ds) with ordinality as e(d, i), sl_usage_value_keys(e.d) as k
         ) as x
-        group by x.i, x.key_hash
+        group by x.i
     ) as y;
-    if not coalesce((ctx->>'webhooks')::boolean, false) then
-        return spends;
-    end if;
     with req as (
         select e.i, e.d, after_each[e.i] as request_values, (e.d->>'cost')::numeric as cost,
                e.d->>'key_hash' as key_hash, e.d->>'user_id' as user_id, e.d->>'team_id' as team_id,
@@ -87,9 +93,7 @@ begin
                                         and c.budget_duration is null))
           and l.amount is not null and c.after - c.cost < l.amount and c.after >= l.amount
     ), crossing_rows as (
-        select i, ord, n, d, event,
-               event || ':' || scope || ':' || scope_id || ':' || extract(epoch from period)::bigint || ':' || tag
-                   as dedupe,
+        select i, ord, n, d, event, sl_crossing_key(event, scope, scope_id, period, tag) as dedupe,
                jsonb_build_object(
                    'spend', trim_scale(after), 'max_budget', max_budget, 'soft_budget', soft_budget,
                    'event_group', scope,
@@ -126,7 +130,6 @@ begin
     -- a line already announced in this period is not announced again (a call is settled once,
     -- so its spend_tracked cannot exist yet)
     on conflict (sink, dedupe_key) do nothing;
-    return spends;
 end $$;
 
 -- Count a run of usage events (in log order) into webhook_spend, and write their webhook rows
@@ -140,7 +143,7 @@ begin
         select coalesce(jsonb_object_agg(k.value_key, w.spent), '{}') into vals
         from (select distinct s.* from jsonb_array_elements(ds) as d, sl_webhook_scopes(d) as s) as k
         join webhook_spend as w using (scope, scope_id, period_start);
-        perform sl_settle_values(ds, ctx || '{"webhooks": true}', vals);
+        perform sl_webhook_rows(ds, ctx, vals);
     end if;
     insert into webhook_spend as w (scope, scope_id, period_start, spent)
     select s.scope, s.scope_id, s.period_start, sum((d->>'cost')::numeric)
@@ -217,3 +220,26 @@ begin
     delete from directory_history where txid <= next_txid;
     return n;
 end $$;
+
+-- `budget_crossed` for a budget that refused a request. Budgets are strict, so spend stops short of
+-- max_budget: the crossing a person wants to hear about is the first request the budget could not
+-- take. Its key is the follower's for the same line and period (sl_crossing_key), so a period
+-- announces it once either way. `refusal` is admission's budget refusal (sl_budget_refusal); `d`
+-- names the request as a usage event would (call_id, key_hash, key_alias, user_id, team_id,
+-- customer_id, ended_at).
+create or replace function sl_announce_budget_exhausted(refusal jsonb, d jsonb) returns void
+language sql as $$
+    select sl_enqueue_webhook(
+        'budget_crossed',
+        sl_crossing_key('budget_crossed', refusal->>'scope', refusal->>'scope_id',
+                        (refusal->>'period_start')::timestamptz, 'max'),
+        jsonb_build_object(
+            'spend', refusal->'spend', 'max_budget', refusal->'max_budget', 'soft_budget', refusal->'soft_budget',
+            'event_group', refusal->>'scope',
+            'event_message', initcap(refusal->>'scope') || ' budget crossed. ' || initcap(refusal->>'scope') || '='
+                || (refusal->>'scope_id') || ', spend=' || (refusal->>'spend') || ', max_budget='
+                || (refusal->>'max_budget') || ': a request that could cost ' || (refusal->>'hold') || ' was refused',
+            'budget_reset_at', refusal->'budget_reset_at'),
+        d);
+    select pg_notify('sl_outbox', '')
+$$;

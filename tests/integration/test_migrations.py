@@ -61,7 +61,7 @@ async def settle(url: str, customer: str, key_spends: list[str]) -> None:
 def test_down_to_0004_and_up_again(database_url: str) -> None:
     config = alembic_config(database_url)
     head = asyncio.run(schema_objects(database_url))
-    assert {"sl_admit_many", "sl_settle_values", "sl_record_usage", "sl_follow_webhooks"} <= head
+    assert {"sl_admit_many", "sl_webhook_rows", "sl_record_usage", "sl_follow_webhooks"} <= head
     assert not {"sl_settle", "sl_enqueue_webhooks_after", "sl_usage_webhooks"} & head  # superseded
     assert "index:outbox_waiting" in head  # 0008
     asyncio.run(settle(database_url, "at-0012", ["0.25", "0.5"]))

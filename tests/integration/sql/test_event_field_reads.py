@@ -45,10 +45,12 @@ SQL_EVENT_VALUES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
     "sl_spend_log_row": {"d": USAGE},
     "sl_record_usage": {"d": USAGE},  # the event it appends
     "sl_record_usages": {"d": USAGE, "e.d": USAGE},  # the elements of `ds`, the events it appends
+    "sl_project_usage": {"d": USAGE},  # the elements of `ds`
     "sl_draw_leases": {"e.d": USAGE},
     "sl_daily_rows": {"d": USAGE},
     "sl_webhook_scopes": {"d": USAGE},
-    "sl_settle_values": {"e.d": USAGE, "req.d": USAGE, "w.d": USAGE},
+    "sl_key_spends": {"e.d": USAGE},
+    "sl_webhook_rows": {"e.d": USAGE, "req.d": USAGE, "w.d": USAGE},
     "sl_webhook_run": {"d": USAGE},
     # A usage event, or the refusal's context ledger/admission.py builds under UsageRecorded's names.
     "sl_enqueue_webhook": {"d": USAGE},
@@ -60,7 +62,6 @@ PROJECTION_EVENT_VALUES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
     "audit.py:_build": {"data": EVERY_EVENT},
     "audit.py:key_hash_for_alias": {"data": ("KeyGenerated", "KeyUpdated")},  # `type = any(…)`
     "lago_reconcile.py:_RECONCILE_SQL": {"e.data": USAGE},  # `where type = 'UsageRecorded'`
-    "rebuild.py:_USAGE": {"e.data": USAGE},  # `_WHERE`: e.type = 'UsageRecorded'
     "reconciliation.py:_usage_in_range": {"e.data": USAGE},
     "reconciliation.py:_ROWS_SQL": {"e.data": USAGE},  # where _usage_in_range(…)
     "reconciliation.py:_SUMMARY_SQL": {"e.data": USAGE},
@@ -85,13 +86,11 @@ NOT_EVENTS: Final[dict[str, tuple[str, frozenset[str] | None]]] = {
     "h": ("a released hold (a holds row as JSON)", None),
     "released": ("released holds by call id", None),
     "r": ("an element of budget_periods, budget_rows, tpm_rows or parallel_rows: [scope, id, period]", None),
-    "s.v": ("a value of jsonb_each over the settle's values", None),
     "vals": ("the settle's values by value key (sl_usage_value_keys)", None),
-    "v": ("a request's values by value key", None),
-    "actual": ("the values by value key once the rows were locked", None),
+    "before": ("the settle's values by value key, once the rows were locked (sl_key_spends)", None),
+    "models": ("a scope's allowed models, a JSON array (`?`: is the model in it)", None),
     "req.request_values": ("a request's values by value key", None),
     "o.payload": ("a Lago event's payload (ledger/sinks), not a ledger event", None),
-    "s_models[k]": ("a scope's allowed models, a JSON array (`?`: is the model in it)", None),
     "to_jsonb(old)": ("a directory table's row (the directory_history trigger): its columns", None),
 }  # fmt: skip
 
@@ -339,7 +338,9 @@ def test_a_misspelt_field_fails_the_scan() -> None:
     projections = projection_sources()
     typo = {
         **projections,
-        "rebuild.py:_USAGE": projections["rebuild.py:_USAGE"].replace("'input_tokens'", "'input_token'"),
+        "reconciliation.py:_ROWS_SQL": projections["reconciliation.py:_ROWS_SQL"].replace(
+            "'input_tokens'", "'input_token'"
+        ),
     }
     assert len(scan(typo, PROJECTION_EVENT_VALUES).wrong) == 1
     # a field of another event: RequestRefused has `reason`, a usage event has none

@@ -121,7 +121,10 @@ async def test_each_period_holds_at_and_ends_where_the_next_begins(
     zoned: dict[str, asyncpg.Connection], data: st.DataObject, anchor: datetime, duration: Duration, zone: str
 ) -> None:
     at = data.draw(instants(anchor, duration), label="at")
-    n, start, end = window(anchor, duration, at)
+    try:
+        n, start, end = window(anchor, duration, at)
+    except (OverflowError, ValueError):  # its neighbours' years are beyond Python's datetime
+        assume(False)
     row = await zoned[zone].fetchrow(_PERIOD_SQL, anchor, duration.text, at)
     assert row is not None
     assert (row["start"], row["end_"]) == (start, end), (

@@ -4,13 +4,14 @@ Spend crossing 85 % and 95 % of `max_budget` (`threshold_crossed`), `max_budget`
 (`budget_crossed`) and `soft_budget` (`soft_budget_crossed`) writes one outbox row per line per
 period, by the request whose spend took the running total to or past the line; its dedupe key is
 `<event>:<scope>:<scope id>:<period start, epoch seconds>:<85|95|max|soft>`, so a line already
-announced in a period — by an earlier crossing, or by a refusal (ledger/admission.py
-`announce_budget_exhausted`) — is never announced again in it.
+announced in a period — by an earlier crossing, or by a refusal (`sl_announce_budget_exhausted`,
+called by ledger/admission.py) — is never announced again in it. Both build the key with
+`sl_crossing_key`.
 
 The usage events are crafted here (ledger/events.py's UsageRecorded, encoded as the settle encodes
 it) and handed to the functions directly: `sl_webhook_run` (a run of events, as the follower hands
 them over), `sl_follow_webhooks` (the follower itself, over events appended as the settle appends
-them) and `sl_settle_values` (the crossing over given values).
+them) and `sl_webhook_rows` (the crossing over given values).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ledger.usage import RecordingContext
 from tests.integration.ledger.test_group_admitter import admission
 
 KEY: Final = "k" * 64
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 CONTEXT: Final = msgspec.json.encode(RecordingContext(webhooks=True)).decode()
 LINES: Final = {
     "max": "budget_crossed",
@@ -174,8 +176,9 @@ async def webhook_rows(pool: asyncpg.Pool, customer: str) -> list[dict[str, Any]
 
 def dedupe_key(line: str, scope: Scope, period: datetime | None) -> str:
     """As the outbox holds it: the line's event, the scope, its period's start in epoch seconds
-    (0: the lifetime, or a budget without a duration), the line."""
-    return f"{LINES[line]}:{scope.scope}:{scope.scope_id}:{0 if period is None else int(period.timestamp())}:{line}"
+    rounded half up (0: the lifetime, or a budget without a duration), the line."""
+    micros = 0 if period is None else (period - EPOCH) // timedelta(microseconds=1)
+    return f"{LINES[line]}:{scope.scope}:{scope.scope_id}:{(micros + 500_000) // 1_000_000}:{line}"
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -253,8 +256,8 @@ async def test_one_row_per_line_per_period(shared_pool: asyncpg.Pool, case: Case
 async def test_a_refusal_that_announced_the_budget_leaves_the_crossing_nothing_to_write(
     shared_pool: asyncpg.Pool,
 ) -> None:
-    """`announce_budget_exhausted` (ledger/admission.py) builds its dedupe key in Python: it must be
-    the key the crossing builds in SQL, or a period would announce its budget twice."""
+    """A refusal announces the budget under the key the crossing would write (sl_crossing_key),
+    or a period would announce its budget twice."""
     customer = "refused first"
     async with shared_pool.acquire() as conn, conn.transaction():
         await create_customer(conn, CustomerCreated(user_id=customer), ONE, "test", datetime.now(UTC))
@@ -277,9 +280,9 @@ async def test_a_refusal_that_announced_the_budget_leaves_the_crossing_nothing_t
     ])  # fmt: skip
 
 
-async def test_settle_values_crosses_from_the_values_it_is_given(shared_pool: asyncpg.Pool) -> None:
-    """`sl_settle_values`: the values before the batch (by the keys of sl_usage_value_keys) plus
-    each request's cost, in order; the key's spend after each request, rows only with webhooks."""
+async def test_webhook_rows_cross_from_the_values_they_are_given(shared_pool: asyncpg.Pool) -> None:
+    """`sl_webhook_rows`: the values before the run (by the keys of sl_usage_value_keys) plus each
+    request's cost, in order."""
     customer = "given values"
     async with shared_pool.acquire() as conn, conn.transaction():
         await create_customer(conn, CustomerCreated(user_id=customer), ONE, "test", datetime.now(UTC))
@@ -290,14 +293,10 @@ async def test_settle_values_crosses_from_the_values_it_is_given(shared_pool: as
             "select 'p|customer|' || $1 || '|' || $2::timestamptz::text", customer, scope.periods[0]
         )
         events = as_json_array([usage(f"{customer} #{n}", "0.05", customer, None, period) for n in range(3)])
-        key_spends = f"l|key|{KEY}"
-        for webhooks in (False, True):
-            context = msgspec.json.encode(RecordingContext(webhooks=webhooks)).decode()
-            spends = await conn.fetchval(
-                "select sl_settle_values($1::jsonb, $2::jsonb, $3::jsonb)", events, context,
-                msgspec.json.encode({value_key: Decimal("0.8"), key_spends: Decimal(7)}).decode(),
-            )  # fmt: skip
-            assert spends == [Decimal("7.05"), Decimal("7.1"), Decimal("7.15")]
+        await conn.execute(
+            "select sl_webhook_rows($1::jsonb, $2::jsonb, $3::jsonb)", events, CONTEXT,
+            msgspec.json.encode({value_key: Decimal("0.8")}).decode(),
+        )  # fmt: skip
     sent = [
         (w["dedupe_key"], w["call_id"])
         for w in await webhook_rows(shared_pool, customer)
@@ -308,18 +307,6 @@ async def test_settle_values_crosses_from_the_values_it_is_given(shared_pool: as
                             (dedupe_key("95", scope, scope.periods[0]), f"{customer} #2")]  # fmt: skip
 
 
-class DedupeKeysDiffer(AssertionError):
-    """One period's budget announced under two keys."""
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=DedupeKeysDiffer,
-    reason="the dedupe key's period: sl_settle_values rounds the period start to the nearest second "
-    "(extract(epoch from period)::bigint), announce_budget_exhausted truncates it (int(timestamp())); "
-    "a period starting at x.5 s or later gets two keys, and its budget is announced twice. Both are "
-    "outside this change's files (ledger/sql/webhook_rows.sql, ledger/admission.py): reported",
-)
 async def test_a_period_that_starts_inside_a_second_announces_its_budget_once(
     shared_pool: asyncpg.Pool,
 ) -> None:
@@ -339,5 +326,4 @@ async def test_a_period_that_starts_inside_a_second_announces_its_budget_once(
     announced = [
         w["dedupe_key"] for w in await webhook_rows(shared_pool, customer) if w["event"] == "budget_crossed"
     ]
-    if len(announced) != 1:
-        raise DedupeKeysDiffer(announced)
+    assert announced == [dedupe_key("max", scope, scope.periods[0])]
