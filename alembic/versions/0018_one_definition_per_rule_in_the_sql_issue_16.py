@@ -426,24 +426,26 @@ end $$;
 -- the order admissions lock them in, so that settles and admissions never wait on each other in a
 -- circle. The settles (sl_record_usages, one request or a batch) and the rebuild
 -- (projections/rebuild.py: every event, nothing released, its own tables first on the
--- search_path) all project through it. Returns each lifetime total as it was before the run, read
--- under its row's lock, by 'l|scope|id'.
+-- search_path) all project through it. Returns each lifetime total once the run is counted (read
+-- under its row's lock), by 'l|scope|id'.
 create or replace function sl_project_usage(ds jsonb, released jsonb) returns jsonb
 language plpgsql as $$
 declare
     w record;
-    before jsonb;
+    totals jsonb;
 begin
-    with agg as (
-        select s.scope, s.scope_id, sum((d->>'cost')::numeric) as spend, count(*) as requests,
-               sum((d->>'input_tokens')::bigint) as input_tokens,
-               sum((d->>'output_tokens')::bigint) as output_tokens,
-               max((d->>'ended_at')::timestamptz) as last_at
-        from jsonb_array_elements(ds) as d, sl_usage_scopes(d) as s
-        group by 1, 2
+    with ev as (
+        select d, (d->>'cost')::numeric as cost, (d->>'input_tokens')::bigint as input_tokens,
+               (d->>'output_tokens')::bigint as output_tokens, (d->>'ended_at')::timestamptz as ended_at
+        from jsonb_array_elements(ds) as d
+        offset 0  -- each field read once per event, not once per scope
     ), up as (
         insert into spend_totals as t (scope, scope_id, spend, requests, input_tokens, output_tokens, last_at)
-        select * from agg order by scope, scope_id
+        select s.scope, s.scope_id, sum(ev.cost), count(*), sum(ev.input_tokens), sum(ev.output_tokens),
+               max(ev.ended_at)
+        from ev, sl_usage_scopes(ev.d) as s
+        group by 1, 2
+        order by 1, 2
         on conflict (scope, scope_id) do update set
             spend = t.spend + excluded.spend,
             requests = t.requests + excluded.requests,
@@ -452,28 +454,27 @@ begin
             last_at = greatest(t.last_at, excluded.last_at)
         returning t.scope, t.scope_id, t.spend
     )
-    select coalesce(jsonb_object_agg('l|' || up.scope || '|' || up.scope_id, up.spend - agg.spend), '{}')
-    into before
-    from up join agg using (scope, scope_id);
+    select jsonb_object_agg('l|' || up.scope || '|' || up.scope_id, up.spend) into totals from up;
     for w in
-        with req as (
-            select d, released->(d->>'call_id') as h from jsonb_array_elements(ds) as d
-        ), budget as (
+        with budget as (
             select p.scope, p.scope_id, p.period_start as period, (d->>'cost')::numeric as spent, 0::numeric as held
-            from req, sl_usage_periods(d) as p
+            from jsonb_array_elements(ds) as d, sl_usage_periods(d) as p
             union all
-            select r->>0, r->>1, (r->>2)::timestamptz, 0, (h->>'amount')::numeric
-            from req, jsonb_array_elements(coalesce(h->'budget_rows', '[]')) as r
+            select r->>0, r->>1, (r->>2)::timestamptz, 0, (h.value->>'amount')::numeric
+            from jsonb_each(released) as h, jsonb_array_elements(coalesce(h.value->'budget_rows', '[]')) as r
         ), shared as (
             select scope, scope_id, 0 as kind, period, sum(spent) as spent, sum(held) as held,
                    0::bigint as tokens, 0::bigint as slots
             from budget group by scope, scope_id, period
             union all
             select r->>0, r->>1, 1, null, 0, 0, sum((d->>'total_tokens')::bigint), 0
-            from req, jsonb_array_elements(coalesce(h->'tpm_rows', '[]')) as r group by 1, 2
+            from jsonb_array_elements(ds) as d,
+                 jsonb_array_elements(coalesce(released->(d->>'call_id')->'tpm_rows', '[]')) as r
+            group by 1, 2
             union all
             select r->>0, r->>1, 2, null, 0, 0, 0, count(*)
-            from req, jsonb_array_elements(coalesce(h->'parallel_rows', '[]')) as r group by 1, 2
+            from jsonb_each(released) as h, jsonb_array_elements(coalesce(h.value->'parallel_rows', '[]')) as r
+            group by 1, 2
         )
         select * from shared order by sl_scope_rank(scope), scope_id, kind, period
     loop
@@ -491,16 +492,17 @@ begin
             where scope = w.scope and scope_id = w.scope_id;
         end if;
     end loop;
-    return before;
+    return totals;
 end $$;
 
--- Each key's lifetime spend after each request of a batch, in order: its total before the batch
--- (`before`, by 'l|key|<hash>') plus the costs of the batch's requests up to that one.
-create or replace function sl_key_spends(ds jsonb, before jsonb) returns numeric[]
+-- Each key's lifetime spend after each request of a batch, in order: its total once the batch is
+-- counted (`totals`, by 'l|key|<hash>') less the costs of the batch's later requests of that key.
+create or replace function sl_key_spends(ds jsonb, totals jsonb) returns numeric[]
 language sql immutable as $$
     select array_agg(trim_scale(x.spend) order by x.i)
     from (
-        select e.i, coalesce((before->>('l|key|' || (e.d->>'key_hash')))::numeric, 0)
+        select e.i, (totals->>('l|key|' || (e.d->>'key_hash')))::numeric
+                    - sum((e.d->>'cost')::numeric) over (partition by e.d->>'key_hash')
                     + sum((e.d->>'cost')::numeric) over (partition by e.d->>'key_hash' order by e.i) as spend
         from jsonb_array_elements(ds) with ordinality as e(d, i)
     ) as x
@@ -518,7 +520,7 @@ declare
     drawn numeric := least(cost, coalesce((d->>'hold')::numeric, cost));
     webhooks boolean := coalesce((ctx->>'webhooks')::boolean, false);
     released jsonb;
-    before jsonb;  -- the lifetime totals before it, by 'l|scope|id'
+    totals jsonb;  -- the lifetime totals once it is counted, by 'l|scope|id'
 begin
     perform sl_customer_first_seen(d->>'customer_id', ctx->>'default_budget_id', meta);
     delete from holds as h where call_id = call
@@ -537,8 +539,8 @@ begin
     if coalesce((ctx->>'notify')::boolean, true) and (webhooks or jsonb_array_length(outbox_rows) > 0) then
         perform pg_notify('sl_outbox', '');
     end if;
-    before := sl_project_usage(jsonb_build_array(d), coalesce(released, '{}'));
-    return trim_scale(cost + (before->>('l|key|' || (d->>'key_hash')))::numeric);
+    totals := sl_project_usage(jsonb_build_array(d), coalesce(released, '{}'));
+    return trim_scale((totals->>('l|key|' || (d->>'key_hash')))::numeric);
 end $$;
 
 -- Record requests in one transaction: their events (marked for the webhook follower when
@@ -758,7 +760,7 @@ drop function sl_refuse(p jsonb, refusal jsonb);
 
 drop function sl_project_usage(ds jsonb, released jsonb);
 
-drop function sl_key_spends(ds jsonb, before jsonb);
+drop function sl_key_spends(ds jsonb, totals jsonb);
 
 drop function sl_crossing_key(event text, scope text, scope_id text, period timestamp with time zone, tag text);
 
