@@ -15,7 +15,8 @@ from litestar.openapi.config import OpenAPIConfig
 from api.errors import exception_handlers
 from api.json_body import BoundedJsonRequest
 from api.keycache import KeyCache
-from api.publishing import PublisherRunner, recording_context
+from api.metrics import observe_hold_exceeded
+from api.publishing import PublisherRunner, outbox_rows_builder, recording_context
 from api.routes import audit, budgets, customers, export, health, keys, outbox, proxy, spend, teams, users
 from api.routing import ModelRouter
 from api.runtime import freeze_startup_heap
@@ -31,6 +32,7 @@ from ledger.leases import BudgetLeases
 from ledger.master_key import master_key_verdict
 from ledger.pricing import PriceBook
 from ledger.publisher_wakeups import PublisherWakeups
+from ledger.tickets import Tickets
 from ledger.usage import GroupRecorder
 from projections.daily import DailySpendFollower
 
@@ -67,6 +69,15 @@ def create_app(
         publisher = PublisherRunner(pool, database_url, settings, deliver=publish)
         recorder = GroupRecorder(pool, recording_context(settings), wakeups=PublisherWakeups(pool))
         admitter = GroupAdmitter(pool)
+        tickets = Tickets(
+            pool,
+            admitter,
+            leases,
+            recorder,
+            outbox_rows=outbox_rows_builder(settings),
+            announce_refusals=settings.webhook is not None,
+            on_hold_exceeded=observe_hold_exceeded,
+        )
         services = Services(
             settings=settings,
             database_url=database_url,
@@ -77,9 +88,7 @@ def create_app(
             router=ModelRouter(settings.deployments),
             master_key_hash=hash_key(settings.master_key or "anonymous"),
             budgets=settings.budget_settings(),
-            admitter=admitter,
-            leases=leases,
-            recorder=recorder,
+            tickets=tickets,
             publisher=publisher,
         )
         app.state.services = services
@@ -95,8 +104,10 @@ def create_app(
             yield
         finally:
             # In-flight requests are finished by the server before lifespan ends; recordings that
-            # outlived their request (client hang-ups) are awaited here so none is lost.
+            # outlived their request (client hang-ups) are awaited here so none is lost, then the
+            # HoldExceeded appends they started.
             await services.drain()
+            await tickets.stop()
             await admitter.stop()
             await recorder.stop()
             if leases is not None:

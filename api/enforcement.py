@@ -1,5 +1,5 @@
-"""Admission on the request path: build the `Admission`, run it, and turn a refusal into the
-status, error type and headers of CONTRACT §5."""
+"""Admission on the request path: build the `Admission`, have the ledger admit it (its `Ticket`),
+and turn a refusal into the status, error type and headers of CONTRACT §5."""
 
 from __future__ import annotations
 
@@ -8,24 +8,13 @@ import os
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-import asyncpg
-import structlog
-
 from api.errors import ApiError
 from api.metrics import observe_admission, observe_request
 from api.proxy import Exchange
 from api.services import Services
-from ledger.admission import (
-    HOLD_GRACE,
-    Admission,
-    Admitted,
-    Outcome,
-    Refused,
-    announce_budget_exhausted,
-)
+from ledger.admission import HOLD_GRACE, Admission, Refused
 from ledger.holds import RequestShape, WorstCase, worst_case_cost, worst_case_tokens
-
-log = structlog.get_logger(__name__)
+from ledger.tickets import Ticket
 
 # A stream may run far longer than the upstream's read timeout: its hold must outlive it.
 _STREAM_HOLD_FLOOR: Final = timedelta(minutes=10)
@@ -39,8 +28,9 @@ def hold_grace() -> timedelta:
     return timedelta(seconds=float(value)) if value else HOLD_GRACE
 
 
-async def admit(services: Services, exchange: Exchange, shape: RequestShape) -> None:
-    """Hold the request's worst-case cost on every scope, or raise the refusal as an ApiError."""
+async def admit(services: Services, exchange: Exchange, shape: RequestShape) -> Ticket:
+    """Hold the request's worst-case cost on every scope (the ticket that owns it until the request
+    settles), or raise the refusal as an ApiError."""
     now = datetime.now(UTC)
     timeout = timedelta(seconds=exchange.deployment.timeout_s)
     if exchange.head.stream:
@@ -62,26 +52,13 @@ async def admit(services: Services, exchange: Exchange, shape: RequestShape) -> 
         refused_at=now,
         actor=exchange.caller.actor,
     )
-    outcome: Outcome | None = None
-    if services.leases is not None:
-        outcome = await services.leases.admit(admission)
-    under_lease = outcome is not None
-    if outcome is None:
-        outcome = await services.admitter.admit(admission)
-    observe_admission(under_lease, isinstance(outcome, Admitted))
-    if isinstance(outcome, Refused):
-        exchange.recorded = True  # RequestRefused is its terminal event
+    outcome = await services.tickets.admit(admission)
+    if isinstance(outcome, Refused):  # its RequestRefused is the request's terminal event
+        observe_admission(False, False)
         observe_request(exchange.route, "refused", exchange.head.model, priced=True)
-        if outcome.reason == "budget_exceeded" and settings.webhook is not None:
-            try:
-                await announce_budget_exhausted(services.pool, outcome, admission)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # The refusal stands; the next refused request announces it (same dedupe key).
-                log.warning("budget_crossed_not_enqueued", error_type=type(exc).__name__)
         raise refusal_error(outcome, exchange)
-    exchange.budget_periods = outcome.budget_periods
-    exchange.rate_headers = rate_headers(outcome)
-    exchange.lease, exchange.hold = outcome.lease, hold
+    observe_admission(outcome.lease is not None, True)
+    return outcome
 
 
 def unbounded_error(worst: WorstCase, exchange: Exchange) -> ApiError:
@@ -99,15 +76,6 @@ def unbounded_error(worst: WorstCase, exchange: Exchange) -> ApiError:
         param="max_tokens" if "output" in worst.assumed else "messages",
         headers={"x-litellm-call-id": exchange.call_id},
     )
-
-
-def rate_headers(admitted: Admitted) -> dict[str, str]:
-    headers = {}
-    if admitted.remaining_requests is not None:
-        headers["x-ratelimit-remaining-requests"] = str(admitted.remaining_requests)
-    if admitted.remaining_tokens is not None:
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, admitted.remaining_tokens))
-    return headers
 
 
 def refusal_error(refused: Refused, exchange: Exchange) -> ApiError:

@@ -1,9 +1,9 @@
 """Forwarding one OpenAI-style request and accounting for it (streams: api/streaming.py).
 
 The path of a request: decode and validate the fields we need (api/request_body.py), pick a
-deployment, hold the worst case, forward the body (only `model`, and for streams `stream_options`,
-are rewritten), read the usage, record `UsageRecorded`, and only then release the response: no
-request is ever served unbilled.
+deployment, hold the worst case (api/enforcement.py: the ledger's `Ticket`), forward the body (only
+`model`, and for streams `stream_options`, are rewritten), read the usage, settle the ticket with
+`UsageRecorded`, and only then release the response: no request is ever served unbilled.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final
 
-import asyncpg
 import httpx
 import msgspec
 import structlog
@@ -23,18 +22,17 @@ from msgspec import Meta
 from api.auth import Caller
 from api.errors import ApiError
 from api.jsonio import json_response
-from api.metrics import observe_hold_exceeded, observe_request
-from api.publishing import outbox_rows_for
+from api.metrics import observe_request
 from api.request_body import RequestHead
 from api.services import Services
 from api.upstream import UpstreamFailure
-from ledger import store
 from ledger.config import Deployment
-from ledger.events import HoldExceeded, Route, UsageRecorded, UsageStatus
-from ledger.money import ZERO, format_money
+from ledger.connections import DATABASE_ERRORS
+from ledger.events import Route, UsageRecorded, UsageStatus
+from ledger.money import format_money
 from ledger.pricing import Price, cost_of_usage
 from ledger.scopes import Scopes
-from ledger.usage import Recording
+from ledger.tickets import Ticket
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +66,8 @@ def estimate_tokens(size: int) -> int:
 
 
 class Exchange:
-    """One proxied request: who asked, what for, where it goes, and how to bill it."""
+    """One proxied request: who asked, what for, where it goes, and how to bill it. What admission
+    took for it is its `Ticket` (ledger/tickets.py), which the functions below are handed."""
 
     def __init__(
         self,
@@ -87,14 +86,10 @@ class Exchange:
         self.price = price
         self.scopes = Scopes(caller.key_hash, caller.user_id, caller.team_id, customer_id)
         self.started_at = datetime.now(UTC)
-        self.budget_periods: tuple[tuple[str, str, str], ...] = ()
-        self.rate_headers: dict[str, str] = {}
-        self.lease: str | None = None  # admitted under this budget lease (ledger/leases.py)
-        self.hold = ZERO
-        self.recorded = False
 
     def usage_event(
         self,
+        ticket: Ticket,
         *,
         status: UsageStatus,
         http_status: int,
@@ -132,17 +127,23 @@ class Exchange:
             priced=cost.priced,
             started_at=self.started_at,
             ended_at=datetime.now(UTC),
-            budget_periods=self.budget_periods,
-            hold=self.hold,
+            budget_periods=ticket.budget_periods,
+            hold=ticket.hold,
         )
 
-    def headers(self, event: UsageRecorded | None = None, key_spend: Decimal | None = None) -> dict[str, str]:
+    def headers(
+        self, ticket: Ticket, event: UsageRecorded | None = None, key_spend: Decimal | None = None
+    ) -> dict[str, str]:
         headers = {
             "x-litellm-call-id": self.call_id,
             "x-litellm-model-id": self.deployment.deployment_id,
             "x-litellm-model-group": self.head.model,
-            **self.rate_headers,
         }
+        admitted = ticket.admitted  # the rate limits' room (leases are granted only without them)
+        if admitted.remaining_requests is not None:
+            headers["x-ratelimit-remaining-requests"] = str(admitted.remaining_requests)
+        if admitted.remaining_tokens is not None:
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, admitted.remaining_tokens))
         if event is not None:
             headers["x-litellm-response-cost"] = format_money(event.cost)
         if key_spend is not None:
@@ -150,85 +151,43 @@ class Exchange:
         return headers
 
 
-async def record(services: Services, exchange: Exchange, event: UsageRecorded) -> Decimal | None:
-    """Commit the request's terminal event; if the ledger is unreachable, withhold the response."""
-    exchange.recorded = True
-    drawn = None  # what the settle drew from the request's lease; None: unknown
+async def record(exchange: Exchange, ticket: Ticket, event: UsageRecorded) -> Decimal | None:
+    """Settle the request with its terminal event (the key's new spend once committed); if the
+    ledger cannot commit it, withhold the response."""
     try:
-        spend = await services.recorder.record(
-            Recording(
-                event=event,
-                outbox=outbox_rows_for(event, services.settings),
-                metadata={"lease": exchange.lease} if exchange.lease else {},
-            )
-        )
-        drawn = event.cost
-        observe_request(event.route, event.status, event.model_group, event.priced)
-        if event.cost > exchange.hold:
-            services.spawn(note_hold_exceeded(services, event, exchange.hold))
-        return spend
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        spend = await ticket.settle(event)
+    except DATABASE_ERRORS as exc:
         log.error("usage_not_recorded", call_id=exchange.call_id, error_type=type(exc).__name__)
         raise ApiError(
             503,
             "The usage of this request could not be recorded, so its response is withheld",
             "ledger_unavailable",
-            headers=exchange.headers(),
+            headers=exchange.headers(ticket),
         ) from None
-    finally:
-        if exchange.lease is not None and services.leases is not None:
-            services.leases.finished(exchange.lease, exchange.hold, drawn)
+    observe_request(event.route, event.status, event.model_group, event.priced)
+    return spend
 
 
-async def note_hold_exceeded(services: Services, event: UsageRecorded, hold: Decimal) -> None:
-    """Append `HoldExceeded` after a request cost more than its hold (it is billed in full: the
-    `UsageRecorded` is committed). Off the response's path; if it cannot be appended, the warning
-    and the metric still say so, and the usage event itself carries its hold and its cost."""
-    excess = event.cost - hold
-    observe_hold_exceeded(event.model_group)
-    log.warning("hold_exceeded", call_id=event.call_id, model=event.model_group, hold=str(hold), cost=str(event.cost))
-    flag = HoldExceeded(
-        call_id=event.call_id,
-        route=event.route,
-        model_group=event.model_group,
-        deployment_id=event.deployment_id,
-        key_hash=event.key_hash,
-        user_id=event.user_id,
-        team_id=event.team_id,
-        customer_id=event.customer_id,
-        hold=hold,
-        cost=event.cost,
-        excess=excess,
-        input_tokens=event.input_tokens,
-        output_tokens=event.output_tokens,
+async def record_failure(exchange: Exchange, ticket: Ticket, failure: UpstreamFailure) -> ApiError:
+    event = exchange.usage_event(
+        ticket, status="failure", http_status=failure.status, error_type=failure.error_type
     )
-    try:
-        async with services.pool.acquire() as conn, conn.transaction():
-            await store.append(conn, f"request:{event.call_id}", 1, [flag], {"actor": event.key_hash})
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        log.error("hold_exceeded_not_recorded", call_id=event.call_id, error_type=type(exc).__name__)
+    await record(exchange, ticket, event)
+    return ApiError(failure.status, failure.message, failure.error_type, headers=exchange.headers(ticket, event))
 
 
-async def record_failure(services: Services, exchange: Exchange, failure: UpstreamFailure) -> ApiError:
-    event = exchange.usage_event(status="failure", http_status=failure.status, error_type=failure.error_type)
-    await record(services, exchange, event)
-    return ApiError(failure.status, failure.message, failure.error_type, headers=exchange.headers(event))
-
-
-async def upstream_error_response(
-    services: Services, exchange: Exchange, response: httpx.Response
-) -> Response[Any]:
+async def upstream_error_response(exchange: Exchange, ticket: Ticket, response: httpx.Response) -> Response[Any]:
     """A provider's own error: 4xx pass through (the caller's request was at fault), else 502."""
     body = await response.aread()
     status = response.status_code
     if status in (401, 403) or status >= 500:
         message = f"{exchange.deployment.model_name}: upstream answered {status}"
         failure = UpstreamFailure(502, "upstream_error", message)
-        raise await record_failure(services, exchange, failure)
-    event = exchange.usage_event(status="failure", http_status=status, error_type="upstream_client_error")
-    await record(services, exchange, event)
+        raise await record_failure(exchange, ticket, failure)
+    event = exchange.usage_event(ticket, status="failure", http_status=status, error_type="upstream_client_error")
+    await record(exchange, ticket, event)
     error = provider_error(body, exchange.deployment)
-    return json_response({"error": error}, status, exchange.headers(event))
+    return json_response({"error": error}, status, exchange.headers(ticket, event))
 
 
 class _ProviderError(msgspec.Struct):
@@ -278,21 +237,21 @@ def provider_error(body: bytes, deployment: Deployment) -> ProviderError:
     )
 
 
-async def forward(services: Services, exchange: Exchange, body: bytes) -> Response[Any]:
+async def forward(services: Services, exchange: Exchange, ticket: Ticket, body: bytes) -> Response[Any]:
     path = UPSTREAM_PATHS[exchange.route]
     try:
         response = await services.upstream.send(exchange.deployment, path, body, stream=False)
     except UpstreamFailure as failure:
-        raise await record_failure(services, exchange, failure) from None
+        raise await record_failure(exchange, ticket, failure) from None
     if response.status_code != 200:
-        return await upstream_error_response(services, exchange, response)
+        return await upstream_error_response(exchange, ticket, response)
     content = response.content
     try:
         usage = _usage_decoder.decode(content).usage
     except msgspec.DecodeError:
         raise await record_failure(
-            services,
             exchange,
+            ticket,
             UpstreamFailure(
                 502,
                 "upstream_error",
@@ -302,11 +261,11 @@ async def forward(services: Services, exchange: Exchange, body: bytes) -> Respon
     estimated = usage is None
     if usage is None:
         usage = Usage(prompt_tokens=estimate_tokens(len(body)), completion_tokens=estimate_tokens(len(content)))
-    event = exchange.usage_event(status="success", http_status=200, usage=usage, estimated=estimated)
-    key_spend = await record(services, exchange, event)
+    event = exchange.usage_event(ticket, status="success", http_status=200, usage=usage, estimated=estimated)
+    key_spend = await record(exchange, ticket, event)
     return Response(
         content=content,
         status_code=200,
         media_type="application/json",
-        headers=exchange.headers(event, key_spend),
+        headers=exchange.headers(ticket, event, key_spend),
     )

@@ -18,6 +18,7 @@ from ledger.outbox import OutboxRow, Publisher, Sink, outbox_status
 from ledger.sinks.lago import LagoSink, lago_row
 from ledger.sinks.webhook import NAME as WEBHOOK
 from ledger.sinks.webhook import WebhookSink
+from ledger.tickets import OutboxRows, no_outbox_rows
 from ledger.usage import RecordingContext
 from ledger.webhook_rows import WebhookFollower
 
@@ -40,9 +41,18 @@ def recording_context(settings: Settings) -> RecordingContext:
     return RecordingContext(**budgets, webhooks=settings.webhook is not None)
 
 
-def outbox_rows_for(event: UsageRecorded, settings: Settings) -> list[OutboxRow]:
-    """The rows the application builds (webhooks are built in SQL, where the totals are)."""
-    return [lago_row(event, settings.lago)] if settings.lago is not None else []
+def outbox_rows_builder(settings: Settings) -> OutboxRows:
+    """What the application writes to the outbox with each usage event (the settle writes them in
+    its transaction): Lago's row, when Lago is configured. Webhook rows follow the log
+    (ledger/webhook_rows.py)."""
+    lago = settings.lago
+    if lago is None:
+        return no_outbox_rows
+
+    def lago_rows(event: UsageRecorded) -> list[OutboxRow]:
+        return [lago_row(event, lago)]
+
+    return lago_rows
 
 
 class PublisherRunner:

@@ -1,4 +1,5 @@
-"""What the routes share: settings, pool, upstream client, key cache, prices, router.
+"""What the routes share: settings, pool, upstream client, key cache, prices, router, and the
+ledger's side of a proxied request (`tickets`: admission and settle).
 
 Built once by the composition root (`api.app`) and put in `app.state.services`.
 """
@@ -18,12 +19,10 @@ from api.keycache import KeyCache
 from api.publishing import PublisherRunner
 from api.routing import ModelRouter
 from api.upstream import Upstream
-from ledger.admission import GroupAdmitter
 from ledger.config import Settings
-from ledger.leases import BudgetLeases
 from ledger.pricing import PriceBook
 from ledger.scopes import BudgetSettings
-from ledger.usage import GroupRecorder
+from ledger.tickets import Tickets
 
 log = structlog.get_logger(__name__)
 
@@ -39,9 +38,7 @@ class Services:
     router: ModelRouter
     master_key_hash: str
     budgets: BudgetSettings  # the config's, built once (ledger/scopes.py)
-    admitter: GroupAdmitter
-    leases: BudgetLeases | None  # None: general_settings.budget_leases is off
-    recorder: GroupRecorder
+    tickets: Tickets  # admits requests (a budget lease's, or a round trip) and settles them
     publisher: PublisherRunner
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 

@@ -28,6 +28,7 @@ from api.request_body import asks_usage
 from api.services import Services
 from api.upstream import UpstreamFailure
 from ledger.events import UsageRecorded, UsageStatus
+from ledger.tickets import Ticket
 
 _encoder: Final = msgspec.json.Encoder()
 
@@ -62,22 +63,22 @@ class _ChunkHead(msgspec.Struct):
 _chunk_decoder: Final = msgspec.json.Decoder(_ChunkHead)
 
 
-async def forward_stream(services: Services, exchange: Exchange, body: bytes) -> Response[Any]:
+async def forward_stream(services: Services, exchange: Exchange, ticket: Ticket, body: bytes) -> Response[Any]:
     path = UPSTREAM_PATHS[exchange.route]
     try:
         response = await services.upstream.send(exchange.deployment, path, body, stream=True)
     except UpstreamFailure as failure:
-        raise await record_failure(services, exchange, failure) from None
+        raise await record_failure(exchange, ticket, failure) from None
     if response.status_code != 200:
         try:
-            return await upstream_error_response(services, exchange, response)
+            return await upstream_error_response(exchange, ticket, response)
         finally:
             await response.aclose()
-    relay = StreamRelay(services, exchange, response, request_bytes=len(body))
+    relay = StreamRelay(services, exchange, ticket, response, request_bytes=len(body))
     return Stream(
         relay.events(),
         media_type="text/event-stream",
-        headers={**exchange.headers(), "cache-control": "no-cache"},
+        headers={**exchange.headers(ticket), "cache-control": "no-cache"},
     )
 
 
@@ -85,10 +86,11 @@ class StreamRelay:
     """Passes SSE events through, keeps the usage, and holds `[DONE]` back until usage is recorded."""
 
     def __init__(
-        self, services: Services, exchange: Exchange, response: httpx.Response, request_bytes: int
+        self, services: Services, exchange: Exchange, ticket: Ticket, response: httpx.Response, request_bytes: int
     ) -> None:
         self._services = services
         self._exchange = exchange
+        self._ticket = ticket
         self._response = response
         self._request_bytes = request_bytes
         self._client_wants_usage = asks_usage(exchange.head)
@@ -114,11 +116,11 @@ class StreamRelay:
         except ApiError as exc:  # the ledger could not record: end without [DONE]
             yield _sse_error(exc.message, exc.type)
         finally:
-            if not self._exchange.recorded:
+            if not self._ticket.closed:
                 # The client hung up: bill what was generated, in a task our cancellation can't stop
                 # (spawned before any await here, which a cancellation could interrupt).
                 usage = self._event("success", 200, error_type="client_disconnected")
-                self._services.spawn(record(self._services, self._exchange, usage))
+                self._services.spawn(record(self._exchange, self._ticket, usage))
             await self._response.aclose()
 
     def _pass(self, event: bytes) -> bytes | None:
@@ -149,7 +151,7 @@ class StreamRelay:
                 completion_tokens=estimate_tokens(self._generated_bytes) if self._generated_bytes else 0,
             )
         return self._exchange.usage_event(
-            status=status, http_status=http_status, usage=usage, estimated=estimated, error_type=error_type
+            self._ticket, status=status, http_status=http_status, usage=usage, estimated=estimated, error_type=error_type
         )
 
     async def _fail(self, message: str) -> bytes:
@@ -160,7 +162,7 @@ class StreamRelay:
         return _sse_error(message, "upstream_error")
 
     async def _finish(self, status: UsageStatus, http_status: int, error_type: str | None = None) -> None:
-        await record(self._services, self._exchange, self._event(status, http_status, error_type))
+        await record(self._exchange, self._ticket, self._event(status, http_status, error_type))
 
 
 def _sse_error(message: str, type_: str) -> bytes:

@@ -7,7 +7,7 @@ connection" names both.
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -16,3 +16,7 @@ from asyncpg.pool import PoolConnectionProxy
 Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 # Where a single statement may run: a connection, or the pool (which acquires one for it).
 Queryable: TypeAlias = Connection | asyncpg.Pool
+
+# What a statement raises when the database cannot take it: unreachable (OSError), refusing
+# (PostgresError) or a connection or pool that is closed (InterfaceError).
+DATABASE_ERRORS: Final = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)

@@ -235,17 +235,20 @@ async def _proxy(route: Route, request: Request[Any, Any, Any]) -> Response[Any]
         route, caller, head, deployment, price, caller.customer_for(customer_of(head, request.headers))
     )
     outgoing = upstream_body(body, raw, deployment)
-    await admit(services, exchange, shape_of(route, head, len(outgoing)))
+    ticket = await admit(services, exchange, shape_of(route, head, len(outgoing)))
     try:
         if head.stream:
-            return await forward_stream(services, exchange, outgoing)
-        return await forward(services, exchange, outgoing)
+            return await forward_stream(services, exchange, ticket, outgoing)
+        return await forward(services, exchange, ticket, outgoing)
     except Exception:
-        if not exchange.recorded:
+        if not ticket.closed:
             # A bug of ours between admission and recording: still close the books on the request,
             # which also gives its hold back now rather than at expiry.
-            event = exchange.usage_event(status="failure", http_status=500, error_type="internal_error")
-            services.spawn(record(services, exchange, event))
+            event = exchange.usage_event(ticket, status="failure", http_status=500, error_type="internal_error")
+            services.spawn(record(exchange, ticket, event))
+        raise
+    except BaseException:
+        ticket.abandon()  # cancelled before it could settle (a no-op once it has begun to)
         raise
 
 
