@@ -1,10 +1,10 @@
 """One definition per rule in the SQL (issue 16)
 
 Functions: sl_admit, sl_admit_many, sl_announce_budget_exhausted, sl_budget_refusal,
-sl_crossing_key, sl_key_spends, sl_lease, sl_project_usage, sl_rate_refusal, sl_record_usage,
-sl_record_usages, sl_refuse, sl_scope_refusal, sl_settle_values, sl_webhook_rows, sl_webhook_run.
-Written by scripts/sql_migration.py from ledger/sql/, which holds their current text; the downgrade
-carries the text the previous revision left.
+sl_crossing_key, sl_key_spends, sl_lease, sl_open_period, sl_project_usage, sl_rate_refusal,
+sl_record_usage, sl_record_usages, sl_refuse, sl_scope_refusal, sl_settle_values, sl_webhook_rows,
+sl_webhook_run. Written by scripts/sql_migration.py from ledger/sql/, which holds their current
+text; the downgrade carries the text the previous revision left.
 
 Revision ID: 0018
 Revises: 0017
@@ -99,9 +99,7 @@ begin
                 end if;
             end if;
             if s.max_budget is not null or s.budget_duration is not null then
-                period := sl_period_start(s.anchor, s.budget_duration, at);
-                insert into budget_usage (scope, scope_id, period_start) values (s.scope, s.scope_id, period)
-                on conflict do nothing;
+                period := sl_open_period(s.scope, s.scope_id, s.anchor, s.budget_duration, at);
                 period_rows := period_rows || jsonb_build_array(jsonb_build_array(s.scope, s.scope_id, period));
                 if s.max_budget is not null then
                     update budget_usage set held = held + hold
@@ -235,9 +233,7 @@ begin
         s_models[m] := case when sc.models is not null and cardinality(sc.models) > 0 then to_jsonb(sc.models) end;
         s_blocked[m] := sc.blocked;
         if sc.max_budget is not null or sc.budget_duration is not null then
-            s_period[m] := sl_period_start(sc.anchor, sc.budget_duration, at);
-            insert into budget_usage (scope, scope_id, period_start) values (sc.scope, sc.scope_id, s_period[m])
-            on conflict do nothing;
+            s_period[m] := sl_open_period(sc.scope, sc.scope_id, sc.anchor, sc.budget_duration, at);
             period_rows := period_rows || jsonb_build_array(jsonb_build_array(sc.scope, sc.scope_id, s_period[m]));
             if sc.max_budget is not null then
                 select spent, held into v_spent, v_held from budget_usage
@@ -381,9 +377,7 @@ begin
             return jsonb_build_object('leased', false);
         end if;
         if s.max_budget is not null or s.budget_duration is not null then
-            period := sl_period_start(s.anchor, s.budget_duration, at);
-            insert into budget_usage (scope, scope_id, period_start) values (s.scope, s.scope_id, period)
-            on conflict do nothing;
+            period := sl_open_period(s.scope, s.scope_id, s.anchor, s.budget_duration, at);
             period_rows := period_rows || jsonb_build_array(jsonb_build_array(s.scope, s.scope_id, period));
             if s.budget_duration is not null then
                 -- a request admitted in this period settles into it: the lease ends with it
@@ -415,6 +409,19 @@ begin
     perform set_config('synchronous_commit', 'off', true);
     return jsonb_build_object('leased', true, 'amount', amount, 'budget_periods', period_rows,
                               'valid_until', valid_until);
+end $$;
+
+-- The budget period of a scope that `at` falls in, its budget_usage row created by the period's
+-- first admission (or lease): what is held and spent in the period is kept on that row.
+create or replace function sl_open_period(scope text, scope_id text, anchor timestamptz, duration text, at timestamptz) returns timestamptz
+language plpgsql as $$
+declare
+    period timestamptz := sl_period_start(anchor, duration, at);
+begin
+    insert into budget_usage (scope, scope_id, period_start)
+    values (sl_open_period.scope, sl_open_period.scope_id, period)
+    on conflict do nothing;
+    return period;
 end $$;
 
 -- The usage projection: what a run of UsageRecorded events adds to the tables they project to —
@@ -757,6 +764,8 @@ drop function sl_budget_refusal(scope text, scope_id text, max_budget numeric, s
 drop function sl_rate_refusal(limit_type text, scope text, scope_id text, lim integer, used bigint, window_start timestamp with time zone);
 
 drop function sl_refuse(p jsonb, refusal jsonb);
+
+drop function sl_open_period(scope text, scope_id text, anchor timestamp with time zone, duration text, at timestamp with time zone);
 
 drop function sl_project_usage(ds jsonb, released jsonb);
 

@@ -78,9 +78,7 @@ begin
                 end if;
             end if;
             if s.max_budget is not null or s.budget_duration is not null then
-                period := sl_period_start(s.anchor, s.budget_duration, at);
-                insert into budget_usage (scope, scope_id, period_start) values (s.scope, s.scope_id, period)
-                on conflict do nothing;
+                period := sl_open_period(s.scope, s.scope_id, s.anchor, s.budget_duration, at);
                 period_rows := period_rows || jsonb_build_array(jsonb_build_array(s.scope, s.scope_id, period));
                 if s.max_budget is not null then
                     update budget_usage set held = held + hold
@@ -214,9 +212,7 @@ begin
         s_models[m] := case when sc.models is not null and cardinality(sc.models) > 0 then to_jsonb(sc.models) end;
         s_blocked[m] := sc.blocked;
         if sc.max_budget is not null or sc.budget_duration is not null then
-            s_period[m] := sl_period_start(sc.anchor, sc.budget_duration, at);
-            insert into budget_usage (scope, scope_id, period_start) values (sc.scope, sc.scope_id, s_period[m])
-            on conflict do nothing;
+            s_period[m] := sl_open_period(sc.scope, sc.scope_id, sc.anchor, sc.budget_duration, at);
             period_rows := period_rows || jsonb_build_array(jsonb_build_array(sc.scope, sc.scope_id, s_period[m]));
             if sc.max_budget is not null then
                 select spent, held into v_spent, v_held from budget_usage

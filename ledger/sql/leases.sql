@@ -24,9 +24,7 @@ begin
             return jsonb_build_object('leased', false);
         end if;
         if s.max_budget is not null or s.budget_duration is not null then
-            period := sl_period_start(s.anchor, s.budget_duration, at);
-            insert into budget_usage (scope, scope_id, period_start) values (s.scope, s.scope_id, period)
-            on conflict do nothing;
+            period := sl_open_period(s.scope, s.scope_id, s.anchor, s.budget_duration, at);
             period_rows := period_rows || jsonb_build_array(jsonb_build_array(s.scope, s.scope_id, period));
             if s.budget_duration is not null then
                 -- a request admitted in this period settles into it: the lease ends with it

@@ -91,3 +91,16 @@ begin
     end if;
     return (start at time zone 'UTC') + make_interval(secs => parts.seconds);
 end $$;
+
+-- The budget period of a scope that `at` falls in, its budget_usage row created by the period's
+-- first admission (or lease): what is held and spent in the period is kept on that row.
+create or replace function sl_open_period(scope text, scope_id text, anchor timestamptz, duration text, at timestamptz) returns timestamptz
+language plpgsql as $$
+declare
+    period timestamptz := sl_period_start(anchor, duration, at);
+begin
+    insert into budget_usage (scope, scope_id, period_start)
+    values (sl_open_period.scope, sl_open_period.scope_id, period)
+    on conflict do nothing;
+    return period;
+end $$;
