@@ -39,7 +39,7 @@ TABLES: Final = DIRECTORY_TABLES + USAGE_TABLES
 # What is compared: budget_usage rows with no spend are placeholders admissions create, and `held`
 # is the live amount in flight, so both are left out; everything else, every column.
 COMPARED: Final = {"budget_usage": ("scope, scope_id, period_start, spent", "spent <> 0")}
-CHUNK: Final = 20_000  # usage events handed to sl_project_usage at once, as one JSON array
+CHUNK: Final = 20_000  # usage events handed to sl_project_usage at once
 SWAP_ATTEMPTS: Final = 10
 EXAMPLES: Final = 5
 
@@ -97,7 +97,7 @@ _WHERE: Final = f"e.type = 'UsageRecorded' and e.position > $1 and e.position <=
 # The usage projection is the settle's (sl_project_usage, ledger/sql/settle.sql), run over a chunk
 # of events at a time with the new tables first on the search_path; nothing is released (holds,
 # rate windows and in-flight counts are live state, not rebuilt).
-_USAGE: Final = f"""select sl_project_usage(coalesce(jsonb_agg(e.data order by e.position), '[]'), '{{}}')
+_USAGE: Final = f"""select sl_project_usage(coalesce(array_agg(e.data order by e.position), '{{}}'), '{{}}')
 from events e where {_WHERE}"""
 
 
