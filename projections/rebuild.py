@@ -104,7 +104,8 @@ from events e where {_WHERE}"""
 async def _replay_usage(
     conn: asyncpg.Connection, last_position: int, unseen_by: str | None, progress: Progress | None = None
 ) -> None:
-    """Usage events set-based, in chunks of positions (the progress bar moves per chunk)."""
+    """Usage events chunk by chunk of positions through sl_project_usage (the progress bar moves per
+    chunk)."""
     await conn.execute(f"set local search_path = {SCHEMA}, public")
     try:
         for lo in range(0, last_position, CHUNK):
