@@ -26,6 +26,7 @@ import asyncpg
 import structlog
 
 from ledger.admission import expire_holds
+from ledger.connections import DATABASE_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +64,7 @@ class HoldSweeper:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        with contextlib.suppress(*DATABASE_ERRORS):
             await self._pool.execute("delete from process_heartbeats where owner = $1", self.owner)
 
     async def sweep(self) -> int:
@@ -77,7 +78,7 @@ class HoldSweeper:
                 )
             )
             expired = await expire_holds(self._pool)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             self._beating_since = None  # a gap: others may have missed their beats too
             log.warning("hold_sweep_failed", error_type=type(exc).__name__)
             return 0

@@ -38,6 +38,7 @@ import msgspec
 import structlog
 
 from ledger.admission import Admission, Admitted, params_of
+from ledger.connections import DATABASE_ERRORS
 from ledger.money import ZERO
 from ledger.scopes import BudgetSettings, Scopes
 
@@ -205,7 +206,7 @@ class BudgetLeases:
         }
         try:
             raw = await self._pool.fetchval("select sl_lease($1::jsonb)::text", _encoder.encode(params).decode())
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("lease_not_granted", error_type=type(exc).__name__)
             self._unleasable[key] = time.monotonic() + UNLEASABLE_S
             return
@@ -249,7 +250,7 @@ class BudgetLeases:
         """Give back room; if the database cannot be reached, the hold sweeper releases it at expiry."""
         try:
             await work
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("lease_not_returned", error_type=type(exc).__name__)
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:

@@ -16,6 +16,7 @@ import time
 
 import asyncpg
 
+from ledger.connections import DATABASE_ERRORS
 from ledger.outbox import CHANNEL, DEFAULT_LINGER_S
 
 
@@ -58,5 +59,5 @@ class PublisherWakeups:
         await self._notify()
 
     async def _notify(self) -> None:
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        with contextlib.suppress(*DATABASE_ERRORS):
             await self._pool.execute("select pg_notify($1, '')", CHANNEL)

@@ -15,6 +15,8 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
+from ledger.connections import DATABASE_ERRORS
+
 log = structlog.get_logger(__name__)
 
 BATCH: Final = 5000
@@ -39,7 +41,7 @@ async def follow_forever(pool: asyncpg.Pool) -> None:
         try:
             if await follow_once(pool) > 0:
                 continue
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("daily_spend_follower_failed", error_type=type(exc).__name__)
         await asyncio.sleep(IDLE_S)
 

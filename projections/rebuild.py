@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -78,18 +78,26 @@ order by e.position  -- insertion order: within a stream, version order
 """
 
 
+@contextlib.asynccontextmanager
+async def _new_tables_first(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """The live projectors and sl_project_usage write to unqualified tables: while this lasts, those
+    are the new tables in SCHEMA (until the transaction ends, at the latest)."""
+    await conn.execute(f"set local search_path = {SCHEMA}, public")
+    try:
+        yield
+    finally:
+        await conn.execute("set local search_path = public")
+
+
 async def _replay_directory(conn: asyncpg.Connection, last_position: int, unseen_by: str | None) -> int:
     """Management events in log order, through the live projectors, into the new tables."""
     rows = await conn.fetch(_DIRECTORY_EVENTS, 0, last_position, unseen_by)
-    await conn.execute(f"set local search_path = {SCHEMA}, public")
-    try:
+    async with _new_tables_first(conn):
         for row in rows:
             event = decode_event(row["data"])
             at = datetime.fromisoformat(row["at"]) if row["at"] else row["recorded_at"]
             if not await apply_directory_event(conn, event, at):
                 await apply_key_event(conn, event, at)
-    finally:
-        await conn.execute("set local search_path = public")
     return len(rows)
 
 
@@ -106,15 +114,12 @@ async def _replay_usage(
 ) -> None:
     """Usage events chunk by chunk of positions through sl_project_usage (the progress bar moves per
     chunk)."""
-    await conn.execute(f"set local search_path = {SCHEMA}, public")
-    try:
+    async with _new_tables_first(conn):
         for lo in range(0, last_position, CHUNK):
             hi = min(lo + CHUNK, last_position)
             await conn.execute(_USAGE, lo, hi, unseen_by)
             if progress:
                 progress(hi, last_position)
-    finally:
-        await conn.execute("set local search_path = public")
 
 
 async def _compare(conn: asyncpg.Connection) -> dict[str, dict[str, Any]]:

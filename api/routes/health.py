@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
 import msgspec
 from litestar import Request, Response, get
 from litestar.openapi.datastructures import ResponseSpec
@@ -12,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.jsonio import json_response
 from api.services import services_of
+from ledger.connections import DATABASE_ERRORS
 from ledger.db import current_revision, head_revision
 from ledger.master_key import master_key_verdict
 
@@ -48,7 +48,7 @@ async def readiness(request: Request[Any, Any, Any]) -> Response[Ready]:
     services = services_of(request)
     try:
         revision = await current_revision(services.pool)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         return json_response({"status": "unhealthy", "db": f"unreachable ({type(exc).__name__})"}, 503)
     head = head_revision()
     if revision != head:
