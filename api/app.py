@@ -24,6 +24,7 @@ from api.schemas import COMPONENTS, MoneyAsNumber
 from api.services import Services
 from api.upstream import Upstream
 from ledger.admission import GroupAdmitter
+from ledger.background import BackgroundTasks
 from ledger.config import Settings, load_settings
 from ledger.db import create_pool, wait_for_database
 from ledger.holds_sweeper import STALE_AFTER, HoldSweeper, process_name
@@ -69,6 +70,7 @@ def create_app(
         publisher = PublisherRunner(pool, database_url, settings, deliver=publish)
         recorder = GroupRecorder(pool, recording_context(settings), wakeups=PublisherWakeups(pool))
         admitter = GroupAdmitter(pool)
+        background = BackgroundTasks()
         tickets = Tickets(
             pool,
             admitter,
@@ -77,6 +79,7 @@ def create_app(
             outbox_rows=outbox_rows_builder(settings),
             announce_refusals=settings.webhook is not None,
             on_hold_exceeded=observe_hold_exceeded,
+            background=background,
         )
         services = Services(
             settings=settings,
@@ -90,6 +93,7 @@ def create_app(
             budgets=settings.budget_settings(),
             tickets=tickets,
             publisher=publisher,
+            background=background,
         )
         app.state.services = services
         publisher.start()
@@ -106,8 +110,7 @@ def create_app(
             # In-flight requests are finished by the server before lifespan ends; recordings that
             # outlived their request (client hang-ups) are awaited here so none is lost, then the
             # HoldExceeded appends they started.
-            await services.drain()
-            await tickets.stop()
+            await background.drain()
             await admitter.stop()
             await recorder.stop()
             if leases is not None:

@@ -120,7 +120,7 @@ class StreamRelay:
                 # The client hung up: bill what was generated, in a task our cancellation can't stop
                 # (spawned before any await here, which a cancellation could interrupt).
                 usage = self._event("success", 200, error_type="client_disconnected")
-                self._services.spawn(record(self._exchange, self._ticket, usage))
+                self._services.background.spawn(record(self._exchange, self._ticket, usage))
             await self._response.aclose()
 
     def _pass(self, event: bytes) -> bytes | None:

@@ -24,16 +24,15 @@ HTTP code builds the `Admission` and the `UsageRecorded`, and answers; it keeps 
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 import structlog
 
 from ledger import store
 from ledger.admission import Admission, Admitted, GroupAdmitter, Outcome, Refused, announce_budget_exhausted
+from ledger.background import BackgroundTasks
 from ledger.connections import DATABASE_ERRORS
 from ledger.events import HoldExceeded, UsageRecorded
 from ledger.leases import BudgetLeases
@@ -106,7 +105,8 @@ class Tickets:
     `announce_refusals`: whether a budget refusal enqueues its `budget_crossed` webhook (webhooks
     on). `outbox_rows` builds the rows the application writes with each usage event (Lago's; the
     webhook rows follow the log, ledger/webhook_rows.py). `on_hold_exceeded` hears the model group of
-    each request that cost more than its hold (a metric)."""
+    each request that cost more than its hold (a metric). `background` runs what outlives a settle
+    (the process's, so that shutdown drains it with the rest)."""
 
     def __init__(
         self,
@@ -118,6 +118,7 @@ class Tickets:
         outbox_rows: OutboxRows = no_outbox_rows,
         announce_refusals: bool = False,
         on_hold_exceeded: Callable[[str], None] = lambda model_group: None,
+        background: BackgroundTasks | None = None,
     ) -> None:
         self._pool = pool
         self._admitter = admitter
@@ -126,7 +127,7 @@ class Tickets:
         self._outbox_rows = outbox_rows
         self._announce_refusals = announce_refusals
         self._on_hold_exceeded = on_hold_exceeded
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background = background if background is not None else BackgroundTasks()
 
     async def admit(self, admission: Admission) -> Ticket | Refused:
         """Hold the request's worst case on every budget that governs it (or take it from a lease),
@@ -148,8 +149,7 @@ class Tickets:
 
     async def stop(self) -> None:
         """Wait for the `HoldExceeded` appends still running (the settles are over by now)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._background.drain()
 
     async def _settle(self, ticket: Ticket, event: UsageRecorded) -> Decimal | None:
         lease = ticket.lease
@@ -167,7 +167,7 @@ class Tickets:
             if lease is not None and self._leases is not None:
                 self._leases.finished(lease, ticket.hold, drawn)
         if event.cost > ticket.hold:
-            self._spawn(self._note_hold_exceeded(event, ticket.hold))
+            self._background.spawn(self._note_hold_exceeded(event, ticket.hold))
         return spend
 
     def _abandoned(self, ticket: Ticket) -> None:
@@ -203,8 +203,3 @@ class Tickets:
                 await store.append(conn, f"request:{event.call_id}", 1, [flag], {"actor": event.key_hash})
         except DATABASE_ERRORS as exc:
             log.error("hold_exceeded_not_recorded", call_id=event.call_id, error_type=type(exc).__name__)
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)

@@ -245,7 +245,7 @@ async def _proxy(route: Route, request: Request[Any, Any, Any]) -> Response[Any]
             # A bug of ours between admission and recording: still close the books on the request,
             # which also gives its hold back now rather than at expiry.
             event = exchange.usage_event(ticket, status="failure", http_status=500, error_type="internal_error")
-            services.spawn(record(exchange, ticket, event))
+            services.background.spawn(record(exchange, ticket, event))
         raise
     except BaseException:
         ticket.abandon()  # cancelled before it could settle (a no-op once it has begun to)
