@@ -15,6 +15,7 @@ import structlog
 
 from api import rebuild_command
 from api.logging import configure_logging
+from api.publisher_process import SupervisedPublisher, become_supervised_child, publisher_argv
 from ledger.config import Settings, load_settings
 from ledger.config_values import ConfigError
 from ledger.db import EmbeddedDatabase, resolve_data_dir, run_migrations
@@ -125,13 +126,24 @@ def serve(args: argparse.Namespace) -> int:
     for warning in startup_warnings(settings, PriceBook(settings.deployments)):
         log.warning(**warning)
     url, embedded = _database(settings, args.data_dir)
+    publisher: SupervisedPublisher | None = None
     try:
         _migrate(url)
         os.environ["SPENDLEDGER_CONFIG"] = str(args.config)
         os.environ["SPENDLEDGER_DATABASE_URL"] = url
-        os.environ["SPENDLEDGER_PUBLISH"] = "0" if args.no_publisher else "1"
+        # The workers deliver nothing themselves: one publisher per deployment, the child below
+        # (or, with --no-publisher, a `spendledger publish` the operator runs).
+        os.environ["SPENDLEDGER_PUBLISH"] = "0"
+        if not args.no_publisher and settings.has_sinks:
+            publisher = SupervisedPublisher(publisher_argv(args.config), {**os.environ, "DATABASE_URL": url})
+            publisher.start()
         log.info(
-            "serving", host=args.host, port=args.port, workers=args.workers, models=list(settings.model_names)
+            "serving",
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            models=list(settings.model_names),
+            publisher="child" if publisher else "none",
         )
         uvicorn.run(
             "api.app:create_app_from_env",
@@ -146,6 +158,8 @@ def serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=30,
         )
     finally:
+        if publisher is not None:  # after the server: it delivers what the last requests recorded
+            publisher.stop()
         if embedded is not None:
             embedded.stop()
     return 0
@@ -154,6 +168,7 @@ def serve(args: argparse.Namespace) -> int:
 def publish(args: argparse.Namespace) -> int:
     import uvloop
 
+    become_supervised_child()
     settings = _load(args.config)
     assert settings is not None
     url, embedded = _database(settings, args.data_dir)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from ledger.outbox import WAITING, Claimed, Delivery
+from ledger.publisher_health import SinkReport
 
 REQUESTS: Final = Counter(
     "spendledger_requests_total", "Proxied requests by route and outcome", ["route", "status"]
@@ -27,7 +28,9 @@ HOLDS_EXCEEDED: Final = Counter(
     ["model"],
 )
 OUTBOX_ROWS: Final = Gauge(
-    "spendledger_outbox_rows", "Outbox rows waiting by sink and state (pending, dead, unbillable)", ["sink", "state"]
+    "spendledger_outbox_rows",
+    "Outbox rows waiting by sink and state (pending, dead, unbillable)",
+    ["sink", "state"],
 )
 OUTBOX_OLDEST_PENDING: Final = Gauge(
     "spendledger_outbox_oldest_pending_seconds", "Age of the oldest pending outbox row", ["sink"]
@@ -81,7 +84,13 @@ def observe_delivery(sink: str, rows: Sequence[Claimed], delivery: Delivery) -> 
     OUTBOX_RETRIES.labels(sink).inc(len(delivery.retry))
     for error_type in delivery.failed.values():
         OUTBOX_ROW_FAILURES.labels(sink, error_type).inc()
-    SINK_UNAUTHORIZED.labels(sink).set(1 if delivery.unauthorized else 0)
+
+
+def observe_sink_reports(reports: Mapping[str, SinkReport]) -> None:
+    """From the publisher's reported health, so that a serving process shows what its publisher
+    child (or a `spendledger publish` elsewhere) reports."""
+    for sink, report in reports.items():
+        SINK_UNAUTHORIZED.labels(sink).set(1 if report.state == "unauthorized" else 0)
 
 
 def observe_status(status: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 
 import asyncpg
 import httpx
@@ -11,10 +13,11 @@ import msgspec
 import structlog
 
 from api.http_client import pooled_client
-from api.metrics import observe_delivery, observe_status
+from api.metrics import observe_delivery, observe_sink_reports, observe_status
 from ledger.config import Settings
 from ledger.events import UsageRecorded
 from ledger.outbox import OutboxRow, Publisher, Sink, outbox_status
+from ledger.publisher_health import SinkReport, read_health
 from ledger.sinks.lago import LagoSink, lago_row
 from ledger.sinks.webhook import NAME as WEBHOOK
 from ledger.sinks.webhook import WebhookSink
@@ -55,12 +58,21 @@ def outbox_rows_builder(settings: Settings) -> OutboxRows:
     return lago_rows
 
 
-class PublisherRunner:
-    """Runs a Publisher (unless `deliver` is off: `serve --no-publisher` leaves delivery to a separate
-    `spendledger publish`) and keeps the outbox gauges fresh (the rows that wait: delivered rows are
-    counted by `spendledger_outbox_delivered_total`); stopped with the process."""
+def reporter_name() -> str:
+    """Who reports a publisher's health: the host and process, for an operator to find it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    def __init__(self, pool: asyncpg.Pool, database_url: str, settings: Settings, deliver: bool = True) -> None:
+
+class PublisherRunner:
+    """Runs a Publisher (unless `deliver` is off: `spendledger serve` delivers from its publisher
+    child, or with `--no-publisher` leaves delivery to a `spendledger publish` elsewhere), reads the
+    publisher's reported health (whichever process delivers), and keeps the outbox gauges fresh
+    (the rows that wait: delivered rows are counted by `spendledger_outbox_delivered_total` in the
+    process that delivers them); stopped with the process."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, database_url: str, settings: Settings, deliver: bool = True
+    ) -> None:
         self._client = pooled_client(100)
         self.sinks = build_sinks(settings, self._client)
         # The webhook rows follow the log: the webhook sink's loop writes them before it claims them
@@ -70,7 +82,7 @@ class PublisherRunner:
             if settings.webhook is not None
             else {}
         )
-        self.publisher = Publisher(pool, database_url, self.sinks, feeders=feeders)
+        self.publisher = Publisher(pool, database_url, self.sinks, feeders=feeders, reporter=reporter_name())
         self.publisher.on_delivered.append(observe_delivery)
         self._pool = pool
         self._deliver = deliver
@@ -88,8 +100,16 @@ class PublisherRunner:
                 await task
         await self._client.aclose()
 
+    async def health(self) -> dict[str, SinkReport]:
+        """Each configured sink's state as its publisher last reported it (`not_running`: none has
+        reported lately)."""
+        reports = await read_health(self._pool, [sink.name for sink in self.sinks])
+        observe_sink_reports(reports)
+        return reports
+
     async def _refresh_gauges(self) -> None:
         while True:
             with contextlib.suppress(Exception):
                 observe_status(await outbox_status(self._pool, dead_limit=0, delivered=False))
+                await self.health()
             await asyncio.sleep(STATUS_INTERVAL_S)

@@ -189,6 +189,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return tuple(dict.fromkeys(d.model_name for d in self.deployments))
 
     @property
+    def has_sinks(self) -> bool:
+        """Whether anything is delivered from the outbox (Lago, webhooks): else no publisher runs."""
+        return self.lago is not None or self.webhook is not None
+
+    @property
     def max_request_size_bytes(self) -> int:
         return int(self.max_request_size_mb * 1024 * 1024)
 

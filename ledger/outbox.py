@@ -33,6 +33,8 @@ import httpx
 import msgspec
 import structlog
 
+from ledger.publisher_health import HealthReporter, SinkHealth, SinkState
+
 log = structlog.get_logger(__name__)
 
 CHANNEL: Final = "sl_outbox"
@@ -121,15 +123,6 @@ def receiver_error(exc: BaseException) -> bool:
     return isinstance(exc, httpx.HTTPError | OSError)
 
 
-@dataclass
-class SinkHealth:
-    state: str = "ok"  # ok | failing | unauthorized
-    last_error: str | None = None
-    last_delivery_at: datetime | None = None
-    delivered: int = 0
-    dead: int = 0
-
-
 # One short transaction each, with no flush wait (migration 0014 says why); neither is open during a send.
 _CLAIM: Final = (
     "select claim, id, dedupe_key, payload, attempts, own_failures, created_at, lease_until "
@@ -148,6 +141,7 @@ class Publisher:
         linger_s: float = DEFAULT_LINGER_S,
         feeders: Mapping[str, Sequence[Feeder]] | None = None,
         lease_s: float = CLAIM_LEASE_S,
+        reporter: str = "spendledger",
     ):
         self._pool = pool
         # By sink name: run on that sink's loop before it claims (the webhook follower writes the
@@ -160,6 +154,8 @@ class Publisher:
         self._lease_s = lease_s
         self._wakes = {sink.name: asyncio.Event() for sink in sinks}
         self.health: dict[str, SinkHealth] = {sink.name: SinkHealth() for sink in sinks}
+        # Written to the database (ledger/publisher_health.py): readiness is asked of any process.
+        self.health_reporter = HealthReporter(pool, self.health, reporter)
         self.on_delivered: list[Any] = []  # callbacks(sink_name, rows, delivery) for metrics
 
     async def run(self) -> None:
@@ -169,6 +165,7 @@ class Publisher:
             async with asyncio.TaskGroup() as loops:
                 for sink in self._sinks:
                     loops.create_task(self._run_sink(sink), name=f"outbox-{sink.name}")
+                loops.create_task(self.health_reporter.run(), name="outbox-health")
         finally:
             if listener is not None and not listener.is_closed():
                 await listener.close()
@@ -187,8 +184,7 @@ class Publisher:
             except (asyncpg.PostgresConnectionError, OSError):
                 pass  # the database is away: the rows wait, we poll again
             except Exception as exc:  # a bug must not stop delivery for good
-                self.health[sink.name].state = "failing"
-                self.health[sink.name].last_error = f"publisher error: {type(exc).__name__}"
+                self._set_state(sink, "failing", f"publisher error: {type(exc).__name__}")
                 log.exception("outbox_publisher_error", sink=sink.name)
                 await asyncio.sleep(self._idle_wait_s)
             if not more:
@@ -343,6 +339,8 @@ class Publisher:
         receiver's answers (or silence) move it."""
         health = self.health[sink.name]
         if delivery.delivered:
+            if health.last_delivery_at is None:
+                self.health_reporter.changed()  # the first delivery: said at once, later ones on the beat
             health.delivered += len(delivery.delivered)
             health.last_delivery_at = datetime.now(UTC)
         for row_id, error in delivery.dead.items():
@@ -358,14 +356,20 @@ class Publisher:
                     sink=sink.name,
                     detail="the sink refuses our API key; deliveries wait until it is fixed",
                 )
-            health.state, health.last_error = "unauthorized", next(iter(receiver_retries), None)
+            self._set_state(sink, "unauthorized", next(iter(receiver_retries), None))
         elif receiver_retries:
-            health.state, health.last_error = "failing", receiver_retries[0]
+            self._set_state(sink, "failing", receiver_retries[0])
             log.warning(
                 "outbox_delivery_failed", sink=sink.name, rows=len(receiver_retries), error=health.last_error
             )
         elif delivery.delivered:
-            health.state, health.last_error = "ok", None
+            self._set_state(sink, "ok", None)
+
+    def _set_state(self, sink: Sink, state: SinkState, last_error: str | None) -> None:
+        health = self.health[sink.name]
+        if (health.state, health.last_error) != (state, last_error):
+            health.state, health.last_error = state, last_error
+            self.health_reporter.changed()
 
 
 WAITING: Final = ("pending", "dead", "unbillable")  # the states of rows not yet delivered

@@ -17,10 +17,10 @@ from ledger.master_key import master_key_verdict
 
 
 class Ready(msgspec.Struct, kw_only=True):
-    status: str  # "healthy", or "degraded" while a publisher sink is not ok
+    status: str  # "healthy", or "degraded" while a sink is not ok or no publisher reports on it
     db: str  # "connected"
     migration: str
-    publisher: dict[str, str]  # each sink's state
+    publisher: dict[str, str]  # each sink's state: ok, failing, unauthorized or not_running
     auth: str  # "master_key", or whether the server runs open or with a weak key (by permission)
 
 
@@ -55,7 +55,7 @@ async def readiness(request: Request[Any, Any, Any]) -> Response[Ready]:
         return json_response(
             {"status": "unhealthy", "db": "connected", "migration": revision, "expected_migration": head}, 503
         )
-    publisher = {name: health.state for name, health in services.publisher.publisher.health.items()}
+    publisher = {name: report.state for name, report in (await services.publisher.health()).items()}
     status = "healthy" if all(state == "ok" for state in publisher.values()) else "degraded"
     # An operator sees here whether the server runs without a master key of its own (permitted only).
     auth = master_key_verdict(services.settings).auth_state()

@@ -13,8 +13,9 @@ from api.jsonio import json_response
 from api.metrics import observe_status
 from api.roles import Permission
 from api.schemas import BODY, GUARDED, documented
-from api.services import Services, services_of
+from api.services import services_of
 from ledger.outbox import outbox_status, retry_dead_letters
+from ledger.publisher_health import SinkReport
 from ledger.webhook_rows import webhook_follower_lag
 
 
@@ -48,32 +49,15 @@ class FollowerLag(msgspec.Struct, kw_only=True):
     followed_at: datetime | None
 
 
-class SinkHealth(msgspec.Struct, kw_only=True):
-    state: str
-    last_error: str | None
-    last_delivery_at: datetime | None
-
-
 class OutboxStatus(msgspec.Struct, kw_only=True):
     sinks: dict[str, SinkCounts]
     dead_letters: list[DeadLetter]  # the first 100
     webhook_follower: FollowerLag | msgspec.UnsetType = msgspec.UNSET  # when webhooks are on
-    publisher: dict[str, SinkHealth]
+    publisher: dict[str, SinkReport]  # each sink as its publisher reports it (not_running: none does)
 
 
 class Requeued(msgspec.Struct, kw_only=True):
     requeued: int
-
-
-def publisher_health(services: Services) -> dict[str, Any]:
-    return {
-        name: {
-            "state": health.state,
-            "last_error": health.last_error,
-            "last_delivery_at": health.last_delivery_at.isoformat() if health.last_delivery_at else None,
-        }
-        for name, health in services.publisher.publisher.health.items()
-    }
 
 
 @get(
@@ -89,7 +73,7 @@ async def get_outbox_status(request: Request[Any, Any, Any]) -> Response[OutboxS
     observe_status(status)
     if services.settings.webhook is not None:  # its rows are written by the follower, after the log
         status["webhook_follower"] = await webhook_follower_lag(services.pool)
-    return json_response({**status, "publisher": publisher_health(services)})
+    return json_response({**status, "publisher": await services.publisher.health()})
 
 
 @post(
