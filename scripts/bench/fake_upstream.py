@@ -5,8 +5,9 @@ two cores goes to what is measured instead.
 * `upstream`: an OpenAI-compatible provider that answers every `POST …/chat/completions` at once with
   one fixed completion and its usage (10 prompt, 5 completion tokens). It counts the requests by the
   bearer token they carry, so the benchmark knows how many requests each proxy forwarded.
-* `sinks`: Lago (`POST /api/v1/events/batch`, its events counted by `transaction_id`) and a webhook
-  receiver (any other POST, counted): both answer 200 at once.
+* `sinks`: Lago (`POST /api/v1/events/batch`, its events counted by `transaction_id`; LiteLLM's
+  one-event `POST /api/v1/events` counted apart) and a webhook receiver (LiteLLM's on
+  `/litellm-webhook`, any other POST spendledger's), all answering 200 at once.
 
 Both answer `GET /bench/stats` with their counters as JSON and `POST /bench/reset` by zeroing them.
 
@@ -47,6 +48,7 @@ COMPLETION = json.dumps(
     },
     separators=(",", ":"),
 ).encode()
+LITELLM_WEBHOOK_PATH = "/litellm-webhook"
 NOT_FOUND = b'{"error":{"message":"not found","type":"not_found"}}'
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found"}
 
@@ -96,6 +98,12 @@ def sinks_app() -> App:
             counts["lago_posts"] += 1
             counts["lago_events"] += request.body.count(b'"transaction_id"')
             return 200, b'{"events":[]}'
+        if request.method == "POST" and request.path == "/api/v1/events":  # LiteLLM: one event a POST
+            counts["litellm_lago_events"] += 1
+            return 200, b'{"event":{}}'
+        if request.method == "POST" and request.path == LITELLM_WEBHOOK_PATH:
+            counts["litellm_webhooks"] += 1
+            return 200, b""
         if request.method == "POST":
             counts["webhooks"] += 1
             return 200, b""

@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -31,36 +32,25 @@ from scripts.bench.floor_app import MODES
 from scripts.bench.proxy import (
     CUSTOMER,
     DIRECT_KEY,
+    FLOOR_UPSTREAM_KEY,
     Ledger,
     Meter,
     Run,
-    Service,
     Target,
     _interrupt,
     body,
     fake,
-    free_port,
+    floor_app,
     mean,
     model_list,
     settle,
     start_spendledger,
-    started,
     wrk,
 )
 from scripts.bench.report import write_section
 
 TITLE = "The floor under the latency at 1 connection (issue 6)"
-FLOOR_UPSTREAM_KEY = "floor-upstream"  # the fake upstream counts the floor apps' requests apart
 FLOOR_APP = "scripts/bench/floor_app.py"
-
-
-def floor_app(mode: str, workdir: Path, database_url: str) -> contextlib.AbstractContextManager[Service]:
-    port = free_port()
-    argv = [sys.executable, "-m", "uvicorn", "--factory", "scripts.bench.floor_app:create_app", "--host",
-            "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--log-level",
-            "warning", "--no-access-log"]  # fmt: skip
-    env = {"FLOOR_MODE": mode, "FLOOR_CONFIG": str(workdir / "floor.yaml"), "DATABASE_URL": database_url}
-    return started(f"floor {mode}", argv, workdir, f"http://127.0.0.1:{port}", "/health", env=env)
 
 
 def main() -> None:
@@ -91,25 +81,32 @@ def main() -> None:
 def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, stack: contextlib.ExitStack) -> None:
     upstream = stack.enter_context(fake("upstream", workdir))
     sinks = stack.enter_context(fake("sinks", workdir))
-    spendledger, publisher, sl_target = start_spendledger(stack, workdir, database.url, upstream, sinks, 1, True)
+    spendledger, publisher, sl_target = start_spendledger(stack, workdir, database.url, upstream, sinks, 1)
     targets = [Target("direct", upstream.url, DIRECT_KEY, body(CUSTOMER))]
     groups = {"spendledger": spendledger.process.pid, "upstream": upstream.process.pid,
               "sinks": sinks.process.pid, "postgres": int((database.data_dir / "postmaster.pid").read_text().split()[0])}  # fmt: skip
     if publisher is not None:
-        groups["publisher"] = publisher.pid
+        groups["publisher"] = publisher
     (workdir / "floor.yaml").write_text(model_list(upstream.url, FLOOR_UPSTREAM_KEY))  # the same upstream
     for mode in MODES:
         app = stack.enter_context(floor_app(mode, workdir, database.url))
         targets.append(Target(f"floor {mode}", app.url, DIRECT_KEY, body(CUSTOMER)))
         groups[f"floor {mode}"] = app.process.pid
     targets.append(sl_target)
-    meter, ledger = Meter(groups), Ledger(database.url)
+    meter, ledger = Meter(groups, {"publisher": "spendledger"}), Ledger(database.url)
     pg_version = str(ledger.value("show server_version"))
+    # Where PostgreSQL's part of a request goes: time inside each function, and the WAL flushes.
+    ledger.value("alter system set track_functions = 'pl'")
+    ledger.value("alter system set track_wal_io_timing = on")
+    ledger.value("select pg_reload_conf()")
+    inside: dict[str, list[dict[str, float]]] = {}
 
     def measure(target: Target, conns: int, seconds: float) -> Run:
         meter.wait_quiet(0.3, args.quiet_wait)
+        before = database_times(ledger)
         run = wrk(target, conns, seconds, meter)
         settle(ledger, upstream)  # every forwarded request recorded, the outbox drained
+        inside.setdefault(target.name, []).append(per_request(before, database_times(ledger), run))
         if any(run.errors.values()):
             raise SystemExit(f"{target.name}: errors {run.errors}")
         print(f"{target.name:>18} c{conns:<3} {run.rps:9,.0f} req/s  p50 {run.p50_ms:6.2f} ms  "
@@ -123,12 +120,53 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
         for number in range(args.rounds):
             runs += [(number, measure(target, conns, args.duration)) for target in targets]
     ledger.close()
-    text = markdown(runs, [t.name for t in targets], args)
+    text = markdown(runs, [t.name for t in targets], args) + database_markdown(inside)
     print(text)
     if not args.no_doc:
         command = f".venv/bin/python scripts/bench/floor.py {' '.join(sys.argv[1:])}".strip()
         write_section(TITLE, command, text, pg_version)
         print(f"wrote {TITLE!r} in docs/benchmarks.md")
+
+
+def database_times(ledger: Ledger) -> dict[str, float]:
+    """Cumulative ms inside each sl_ function (calls too) and in WAL flushes, as PostgreSQL counts them
+    (its backends report at most once a second, so wait for them)."""
+    time.sleep(1.5)
+    ledger.value("select pg_stat_clear_snapshot()")
+    times = {"wal_sync": float(ledger.value("select wal_sync from pg_stat_wal")),
+             "wal_sync_ms": float(ledger.value("select wal_sync_time from pg_stat_wal")),
+             "commits": float(ledger.value("select xact_commit from pg_stat_database where datname = current_database()"))}  # fmt: skip
+    for row in ledger.rows("select funcname, calls, total_time from pg_stat_user_functions where funcname like 'sl_%'"):
+        times[f"{row['funcname']} calls"] = float(row["calls"])
+        times[f"{row['funcname']} ms"] = float(row["total_time"])
+    return times
+
+
+def per_request(before: dict[str, float], after: dict[str, float], run: Run) -> dict[str, float]:
+    """Of one run: ms per request inside each function that was called, WAL flushes per request and
+    their mean ms."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    requests = max(run.requests, 1)
+    out: dict[str, float] = {}
+    for key, value in delta.items():
+        if key.endswith(" calls") and value > 0:
+            function = key.removesuffix(" calls")
+            out[f"{function}: calls per request"] = value / requests
+            out[f"{function}: ms per call"] = delta[f"{function} ms"] / value
+    if delta["wal_sync"] > 0:
+        out["WAL flushes per request"] = delta["wal_sync"] / requests
+        out["WAL flush: ms each"] = delta["wal_sync_ms"] / delta["wal_sync"]
+    return out
+
+
+def database_markdown(inside: dict[str, list[dict[str, float]]]) -> str:
+    lines = ["", "Inside PostgreSQL during the measured runs (`track_functions`, `track_wal_io_timing`; means of the "
+             "rounds, the warm-up excluded):", "", "| target | what | value |", "|---|---|---|"]  # fmt: skip
+    for name, runs in inside.items():
+        measured = runs[1:] or runs
+        for key in sorted({k for r in measured for k in r}):
+            lines.append(f"| {name} | {key} | {mean([r.get(key, 0.0) for r in measured]):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(runs: list[tuple[int, Run]], names: list[str], args: argparse.Namespace) -> str:
@@ -153,7 +191,7 @@ def markdown(runs: list[tuple[int, Run]], names: list[str], args: argparse.Names
     return (
         f"{args.rounds} rounds of {args.duration:g} s per target, alternating in the order of the table, "
         f"`wrk -t1 -c<conns>` with the body of scripts/bench/proxy.py; spendledger set up as there "
-        "(a budgeted customer, Lago and signed webhooks on, `serve --no-publisher` beside `spendledger publish`). "
+        "(a budgeted customer, Lago and signed webhooks on, `serve` as the README starts it: its publisher child delivers). "
         f"The floor app ({FLOOR_APP}): `none` is the HTTP path alone; `insert` adds a durable one-row append "
         "after the upstream call; `admit+insert` also a `select 1` round trip before it.\n\n"
         + "\n".join(lines)

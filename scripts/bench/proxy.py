@@ -57,6 +57,7 @@ except ImportError:  # read /proc instead
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ledger.db import PROJECT_ROOT, EmbeddedDatabase
+from scripts.bench.fake_upstream import LITELLM_WEBHOOK_PATH
 from scripts.bench.report import write_section
 
 TITLE = "Proxy vs direct vs LiteLLM (issue 6)"
@@ -67,16 +68,22 @@ TOOLS = PROJECT_ROOT / ".bench" / "tools" / "bin"
 LITELLM = PROJECT_ROOT / ".bench" / "litellm" / "bin" / "litellm"
 GRANIAN_IN_VENV = PROJECT_ROOT / ".venv" / "bin" / "granian"
 # The processes under test, by target name (CPU column "proxy" of each run is its own).
-PROXIES = ("spendledger", "spendledger on granian", "litellm")
+LITELLM_BARE = "litellm, no callbacks"
+FLOOR = "floor"
+PROXIES = ("spendledger", "spendledger on granian", FLOOR, "litellm", LITELLM_BARE)
 # `python -m api` from this checkout (not the console script, which runs wherever the package was
 # installed from), so a second checkout can be benchmarked against this one.
 SPENDLEDGER = [sys.executable, "-m", "api"]
-LITELLM_VERSION = "1.106.2"
+LITELLM_VERSION = "1.108.7"
 MASTER_KEY = "sk-bench-2f9a6c1e8d4b7035"  # not sk-1234: spendledger refuses a publicly known key
 CUSTOMER = "bench-customer"
 MODEL = "fake-openai-endpoint"
 SL_UPSTREAM_KEY = "spendledger-upstream"  # the fake upstream counts requests by these credentials
 LITELLM_UPSTREAM_KEY = "litellm-upstream"
+LITELLM_BARE_UPSTREAM_KEY = "litellm-bare-upstream"
+FLOOR_UPSTREAM_KEY = "floor-upstream"  # the fake upstream counts the floor app's requests apart
+FLOOR_MODE = "insert"  # scripts/bench/floor_app.py: the HTTP path and one durable append per request
+LITELLM_LAGO_KEY = "litellm-lago-key"
 DIRECT_KEY = "direct"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
 CONNECTIONS = (64, 1)
@@ -115,8 +122,23 @@ def spendledger_config(upstream: str, webhooks: bool = True) -> str:
     )
 
 
-def litellm_config(upstream: str) -> str:
-    return model_list(upstream, LITELLM_UPSTREAM_KEY) + f"general_settings:\n  master_key: {MASTER_KEY}\n"
+def litellm_config(upstream: str, callbacks: bool = True) -> str:
+    """LiteLLM doing spendledger's job: a Lago event and a `spend_tracked` webhook per request (its
+    Lago callback and webhook alerting, on the same fake receivers); without `callbacks`, neither."""
+    if not callbacks:
+        return model_list(upstream, LITELLM_BARE_UPSTREAM_KEY) + f"general_settings:\n  master_key: {MASTER_KEY}\n"
+    return (
+        model_list(upstream, LITELLM_UPSTREAM_KEY)
+        + 'litellm_settings:\n  callbacks: ["lago"]\n'
+        + f'general_settings:\n  master_key: {MASTER_KEY}\n  alerting: ["webhook"]\n'
+    )
+
+
+def litellm_env(sinks_url: str) -> dict[str, str]:
+    return {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
+            "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true", "LITELLM_LOG": "ERROR",
+            "LAGO_API_BASE": sinks_url, "LAGO_API_KEY": LITELLM_LAGO_KEY, "LAGO_API_EVENT_CODE": "llm_usage",
+            "WEBHOOK_URL": sinks_url + LITELLM_WEBHOOK_PATH}  # fmt: skip
 
 
 # --- processes ---
@@ -267,11 +289,14 @@ def children_cpu() -> float:
 class Meter:
     """CPU seconds per group of processes over an interval, and the rest of the machine ("others")."""
 
-    def __init__(self, groups: dict[str, int]) -> None:
+    def __init__(self, groups: dict[str, int], nested: dict[str, str] | None = None) -> None:
         self.groups = groups
+        self.nested = nested or {}  # group -> the group whose process tree holds it (counted once)
 
     def sample(self) -> dict[str, float]:
         sample = {name: tree_cpu(pid) for name, pid in self.groups.items()}
+        for inner, outer in self.nested.items():
+            sample[outer] -= sample[inner]
         sample["wrk"] = children_cpu()
         sample["bench"] = time.process_time()
         sample["machine"] = machine_cpu()
@@ -634,32 +659,17 @@ def markdown(runs: list[Run], profiled: Run | None, args: argparse.Namespace, ch
         )
     out += ["", "CPU in cores (1.00 = one core busy for the whole run), mean of the runs; `others` is the rest "
             "of the machine (other work on it skews every number)."]  # fmt: skip
-    sl64, d64, l64 = rows.get(("spendledger", 64)), rows.get(("direct", 64)), rows.get(("litellm", 64))
-    sl1, d1, l1 = rows.get(("spendledger", 1)), rows.get(("direct", 1)), rows.get(("litellm", 1))
-    out.append("")
-    if sl64 and l64:
-        out.append(f"- **spendledger / LiteLLM at 64 connections: {sl64['rps'] / l64['rps']:.1f}×** "
-                   f"the throughput ({sl64['rps']:,.0f} vs {l64['rps']:,.0f} req/s); per core of the proxy "
-                   f"process {sl64['rps'] / max(sl64['proxy'], 1e-9):,.0f} vs "
-                   f"{l64['rps'] / max(l64['proxy'], 1e-9):,.0f} req/s.")  # fmt: skip
-    if sl64 and d64:
-        out.append(f"- **spendledger / direct at 64 connections: {sl64['rps'] / d64['rps']:.1%}** of the "
-                   f"fake upstream's own throughput ({d64['rps']:,.0f} req/s).")  # fmt: skip
-    if sl1 and d1:
-        added = (
-            f"- **added latency over direct at 1 connection: spendledger +{sl1['p50'] - d1['p50']:.2f} ms p50"
-        )
-        added += f" (+{sl1['p99'] - d1['p99']:.2f} ms p99)"
-        if l1:
-            added += f", LiteLLM +{l1['p50'] - d1['p50']:.2f} ms p50 (+{l1['p99'] - d1['p99']:.2f} ms p99)"
-        out.append(added + "**.")
-    if sl1 and l1:
-        out.append(f"- spendledger / LiteLLM at 1 connection: {sl1['rps'] / l1['rps']:.1f}× the throughput.")
+    out += ["", *headline(rows)]
     g64, g1 = rows.get(("spendledger on granian", 64)), rows.get(("spendledger on granian", 1))
+    sl64, sl1 = rows.get(("spendledger", 64)), rows.get(("spendledger", 1))
     if g64 and sl64 and g1 and sl1:
         out.append(f"- ASGI server, the same app and database: granian {g64['rps']:,.0f} req/s at 64 connections "
                    f"({g64['proxy']:.2f} cores) vs uvicorn {sl64['rps']:,.0f} ({sl64['proxy']:.2f} cores); p50 at 1 "
                    f"connection {g1['p50']:.2f} vs {sl1['p50']:.2f} ms.")  # fmt: skip
+    b64, l64 = rows.get((LITELLM_BARE, 64)), rows.get(("litellm", 64))
+    if b64 and l64:
+        out.append(f"- LiteLLM without callbacks (extra row, not the peer): {b64['rps']:,.0f} req/s at 64 connections, "
+                   f"{b64['rps'] / l64['rps']:.2f}× LiteLLM with them.")  # fmt: skip
     out += ["", "Every run, in the order run:", "",
             "| # | target | conns | requests | req/s | p50 ms | p99 ms | errors | CPU proxy | CPU postgres "
             "| CPU others | ledger check |",
@@ -699,6 +709,41 @@ def markdown(runs: list[Run], profiled: Run | None, args: argparse.Namespace, ch
                 if name.startswith("package: ")]  # fmt: skip
         out += ["", *explain(dict((name, share) for name, share, _ in centres), rows, waits.get(64))]
     return "\n".join(out) + "\n"
+
+
+# Issue 17's targets: the default `serve` against LiteLLM with the same callbacks, and the floor.
+TARGET_THROUGHPUT = 20.0  # spendledger's req/s at 64 connections over LiteLLM's, at least
+TARGET_P50 = 15.0  # LiteLLM's added p50 at 1 connection over spendledger's, at least
+TARGET_P99 = 5.0  # the same at p99
+TARGET_FLOOR = 1.5  # spendledger's added p50 at 1 connection over the floor's, at most
+
+
+def headline(rows: dict[tuple[str, int], dict[str, float]]) -> list[str]:
+    """The targets as ratios of this run's means; added latency is a target's p50 (p99) at 1
+    connection less the direct upstream's."""
+    sl64, l64, d64, f64 = (rows.get((t, 64)) for t in ("spendledger", "litellm", "direct", FLOOR))
+    sl1, l1, d1, f1 = (rows.get((t, 1)) for t in ("spendledger", "litellm", "direct", FLOOR))
+    lines = ["| measure (this run) | spendledger | LiteLLM, same callbacks | floor | direct | ratio | target |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "**not met**"
+
+    if sl64 and l64 and d64 and f64:
+        ratio = sl64["rps"] / l64["rps"]
+        lines.append(f"| req/s at 64 connections | {sl64['rps']:,.0f} | {l64['rps']:,.0f} | {f64['rps']:,.0f} | "
+                     f"{d64['rps']:,.0f} | **{ratio:.1f}×** LiteLLM's | ≥ {TARGET_THROUGHPUT:g}×: {verdict(ratio >= TARGET_THROUGHPUT)} |")  # fmt: skip
+    if sl1 and l1 and d1 and f1:
+        for point, target in (("p50", TARGET_P50), ("p99", TARGET_P99)):
+            sl, li, fl = (r[point] - d1[point] for r in (sl1, l1, f1))
+            ratio = li / sl if sl > 0 else float("inf")
+            lines.append(f"| {point} added at 1 connection, ms | {sl:+.2f} | {li:+.2f} | {fl:+.2f} | {d1[point]:.2f} "
+                         f"| **1/{ratio:.1f}** of LiteLLM's | ≤ 1/{target:g}: {verdict(ratio >= target)} |")  # fmt: skip
+        sl, fl = sl1["p50"] - d1["p50"], f1["p50"] - d1["p50"]
+        ratio = sl / fl if fl > 0 else float("inf")
+        lines.append(f"| p50 added at 1 connection over the floor's | {sl:+.2f} | – | {fl:+.2f} | – | "
+                     f"**{ratio:.2f}×** the floor's | ≤ {TARGET_FLOOR:g}×: {verdict(ratio <= TARGET_FLOOR)} |")  # fmt: skip
+    return lines
 
 
 def pg_waits(runs: list[Run]) -> dict[int, tuple[str, Counter[str]]]:
@@ -821,9 +866,12 @@ def main() -> None:
     parser.add_argument("--no-webhooks", action="store_true",
                         help="spendledger without its webhook sink (Lago only): what one signed POST per request "
                         "costs the machine")  # fmt: skip
-    parser.add_argument("--publisher", choices=["separate", "inline"], default="separate",
-                        help="deliver the outbox from a `spendledger publish` process beside the server "
-                        "(`serve --no-publisher`), or from the serving process itself")  # fmt: skip
+    parser.add_argument("--publisher", choices=["child", "separate", "inline"], default="child",
+                        help="child (the default, as the README starts it): `serve` delivers from its publisher "
+                        "child; separate: `serve --no-publisher` beside a `spendledger publish`; inline: from each "
+                        "serving process's own event loop")  # fmt: skip
+    parser.add_argument("--litellm-bare", action="store_true",
+                        help="also LiteLLM without callbacks (no Lago, no webhooks): a labelled extra row")  # fmt: skip
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # stop every server we started, as Ctrl-C does
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
@@ -862,16 +910,22 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
           spy: str | None) -> None:  # fmt: skip
     upstream = stack.enter_context(fake("upstream", workdir))
     sinks = stack.enter_context(fake("sinks", workdir))
-    separate = args.publisher == "separate"
     spendledger, publisher, sl_target = start_spendledger(
-        stack, workdir, database.url, upstream, sinks, args.workers, separate, not args.no_webhooks
+        stack, workdir, database.url, upstream, sinks, args.workers, args.publisher, not args.no_webhooks
     )
     sl_env = spendledger_env(database.url, sinks)
     targets = [Target("direct", upstream.url, DIRECT_KEY, body(CUSTOMER)), sl_target]
     groups = {"spendledger": spendledger.process.pid, "upstream": upstream.process.pid, "sinks": sinks.process.pid,
               "postgres": int((database.data_dir / "postmaster.pid").read_text().split()[0])}  # fmt: skip
+    nested = {}
     if publisher is not None:
-        groups["publisher"] = publisher.pid
+        groups["publisher"] = publisher
+        if args.publisher == "child":  # inside spendledger's process tree: its CPU shown apart, counted once
+            nested["publisher"] = "spendledger"
+    (workdir / "floor.yaml").write_text(model_list(upstream.url, FLOOR_UPSTREAM_KEY))
+    floor = stack.enter_context(floor_app(FLOOR_MODE, workdir, database.url))
+    targets.append(Target(FLOOR, floor.url, DIRECT_KEY, body(CUSTOMER)))
+    groups[FLOOR] = floor.process.pid
     if args.granian:
         port = free_port()
         on_granian = stack.enter_context(started(
@@ -881,31 +935,32 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
              "--working-dir", str(PROJECT_ROOT), "api.app:create_app_from_env"],
             workdir, f"http://127.0.0.1:{port}", "/health/readiness",
             env={**sl_env, "SPENDLEDGER_CONFIG": str(workdir / "spendledger.yaml"),
-                 "SPENDLEDGER_DATABASE_URL": database.url, "SPENDLEDGER_PUBLISH": "0" if separate else "1"},
+                 "SPENDLEDGER_DATABASE_URL": database.url,
+                 "SPENDLEDGER_PUBLISH": "1" if args.publisher == "inline" else "0"},
             timeout_s=120,
         ))  # fmt: skip
         targets.append(Target("spendledger on granian", on_granian.url, sl_target.token, body(CUSTOMER)))
         groups["spendledger on granian"] = on_granian.process.pid
     if not args.skip_litellm:
-        (workdir / "litellm.yaml").write_text(litellm_config(upstream.url))
-        port = free_port()
-        litellm = stack.enter_context(started(
-            "litellm",
-            [str(LITELLM), "--config", str(workdir / "litellm.yaml"), "--host", "127.0.0.1", "--port", str(port),
-             "--num_workers", str(args.workers)],
-            workdir, f"http://127.0.0.1:{port}", "/health/liveliness",
-            env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
-                 "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true", "LITELLM_LOG": "ERROR"},
-            timeout_s=180, cwd=workdir,
-        ))  # fmt: skip
-        targets.append(Target("litellm", litellm.url, MASTER_KEY, body(CUSTOMER)))
-        groups["litellm"] = litellm.process.pid
+        for name, callbacks in [("litellm", True), *([(LITELLM_BARE, False)] if args.litellm_bare else [])]:
+            config = workdir / f"{name.replace(', ', '-').replace(' ', '-')}.yaml"
+            config.write_text(litellm_config(upstream.url, callbacks))
+            port = free_port()
+            litellm = stack.enter_context(started(
+                name,
+                [str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+                 "--num_workers", str(args.workers)],
+                workdir, f"http://127.0.0.1:{port}", "/health/liveliness", env=litellm_env(sinks.url),
+                timeout_s=180, cwd=workdir,
+            ))  # fmt: skip
+            targets.append(Target(name, litellm.url, MASTER_KEY, body(CUSTOMER)))
+            groups[name] = litellm.process.pid
     for target in targets:  # one request each, read back: all answer the same completion with usage
         reply = httpx.post(f"{target.url}/chat/completions", content=target.body, timeout=60,
                            headers={"Authorization": f"Bearer {target.token}", "Content-Type": "application/json"})  # fmt: skip
         if reply.status_code != 200 or reply.json()["usage"]["total_tokens"] != 15:
             raise SystemExit(f"{target.name} answered {reply.status_code}: {reply.text[:500]}")
-    meter, ledger = Meter(groups), Ledger(database.url)
+    meter, ledger = Meter(groups, nested), Ledger(database.url)
     pg_version = str(ledger.value("show server_version"))
     runs: list[Run] = []
     warm: list[Run] = []
@@ -969,33 +1024,67 @@ def spendledger_env(database_url: str, sinks: Service) -> dict[str, str]:
 
 def start_spendledger(
     stack: contextlib.ExitStack, workdir: Path, database_url: str, upstream: Service, sinks: Service,
-    workers: int, separate: bool, webhooks: bool = True,
-) -> tuple[Service, subprocess.Popen[bytes] | None, Target]:  # fmt: skip
-    """spendledger as the benchmarks run it (with `separate`, `serve --no-publisher` beside a
-    `spendledger publish`), a generated key and a customer with a budget; the target they make."""
+    workers: int, publisher: str = "child", webhooks: bool = True,
+) -> tuple[Service, int | None, Target]:  # fmt: skip
+    """spendledger as the benchmarks run it — by default exactly as the README starts it (`serve`,
+    which delivers from its publisher child); `separate`: `serve --no-publisher` beside a `spendledger
+    publish`; `inline`: the publisher on each serving process's event loop (the pre-issue-17 default,
+    SPENDLEDGER_PUBLISH=1) — with a generated key and a customer with a budget. Returns the server,
+    the publisher's pid (child or separate process) and the target they make."""
     (workdir / "spendledger.yaml").write_text(spendledger_config(upstream.url, webhooks))
     port = free_port()
     env = spendledger_env(database_url, sinks)
-    spendledger = stack.enter_context(started(
-        "spendledger",
-        [*SPENDLEDGER, "serve", "--config", str(workdir / "spendledger.yaml"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", str(workers), *(["--no-publisher"] if separate else [])],
-        workdir, f"http://127.0.0.1:{port}", "/health/readiness", env=env, timeout_s=120,
+    argv = [*SPENDLEDGER, "serve", "--config", str(workdir / "spendledger.yaml"), "--host", "127.0.0.1",
+            "--port", str(port), "--workers", str(workers)]  # fmt: skip
+    if publisher == "inline":  # serve would start its child: instead, the app itself publishes
+        argv = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app_from_env", "--host", "127.0.0.1",
+                "--port", str(port), "--workers", str(workers), "--loop", "uvloop", "--http", "httptools",
+                "--log-level", "warning", "--no-access-log"]  # fmt: skip
+        env |= {"SPENDLEDGER_CONFIG": str(workdir / "spendledger.yaml"), "SPENDLEDGER_DATABASE_URL": database_url,
+                "SPENDLEDGER_PUBLISH": "1"}  # fmt: skip
+    elif publisher == "separate":
+        argv.append("--no-publisher")
+    server = stack.enter_context(started(
+        "spendledger", argv, workdir, f"http://127.0.0.1:{port}", "/health/readiness", env=env, timeout_s=120
     ))  # fmt: skip
-    publisher = (
-        stack.enter_context(background("publisher", [*SPENDLEDGER, "publish", "--config",
-                                                     str(workdir / "spendledger.yaml")], workdir, env))
-        if separate else None
-    )  # fmt: skip
+    publisher_pid = None
+    if publisher == "separate":
+        publish = [*SPENDLEDGER, "publish", "--config", str(workdir / "spendledger.yaml")]
+        publisher_pid = stack.enter_context(background("publisher", publish, workdir, env)).pid
+    elif publisher == "child":
+        publisher_pid = publisher_child(server.process.pid)
     admin = {"Authorization": f"Bearer {MASTER_KEY}"}
     key = httpx.post(
-        f"{spendledger.url}/key/generate", json={"key_alias": "bench"}, headers=admin, timeout=30
+        f"{server.url}/key/generate", json={"key_alias": "bench"}, headers=admin, timeout=30
     )
     key.raise_for_status()
-    customer = httpx.post(f"{spendledger.url}/customer/new", headers=admin, timeout=30,
+    customer = httpx.post(f"{server.url}/customer/new", headers=admin, timeout=30,
                           json={"user_id": CUSTOMER, "max_budget": 1_000_000})  # fmt: skip
     customer.raise_for_status()
-    return spendledger, publisher, Target("spendledger", spendledger.url, key.json()["key"], body(CUSTOMER))
+    return server, publisher_pid, Target("spendledger", server.url, key.json()["key"], body(CUSTOMER))
+
+
+def publisher_child(server_pid: int, timeout_s: float = 30.0) -> int:
+    """The pid of `serve`'s publisher child (`… -m api publish …`)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1]) if entry.name.isdigit() else 0
+                if parent == server_pid and b"publish" in (entry / "cmdline").read_bytes().split(b"\0"):
+                    return int(entry.name)
+        time.sleep(0.2)
+    raise SystemExit(f"spendledger serve (pid {server_pid}) started no publisher child in {timeout_s:.0f} s")
+
+
+def floor_app(mode: str, workdir: Path, database_url: str) -> contextlib.AbstractContextManager[Service]:
+    """scripts/bench/floor_app.py in `mode`, on the fake upstream (its config in workdir/floor.yaml)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "scripts.bench.floor_app:create_app", "--host",
+            "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--log-level",
+            "warning", "--no-access-log"]  # fmt: skip
+    env = {"FLOOR_MODE": mode, "FLOOR_CONFIG": str(workdir / "floor.yaml"), "DATABASE_URL": database_url}
+    return started(f"floor {mode}", argv, workdir, f"http://127.0.0.1:{port}", "/health", env=env)
 
 
 def final_checks(
@@ -1040,22 +1129,39 @@ def final_checks(
         f"{received['webhooks']:,} POSTs: one Lago event"
         + (" and one spend_tracked webhook per request" if webhooks else " per request (webhooks off)")
     )  # fmt: skip
+    litellm = stats(upstream)[LITELLM_UPSTREAM_KEY]
+    if litellm:
+        same = received["litellm_lago_events"] == received["litellm_webhooks"] == litellm
+        checks.append(
+            f"{'ok' if same else 'NOTE'}: LiteLLM forwarded {litellm:,} requests (smoke request and warm-up included) "
+            f"and sent {received['litellm_lago_events']:,} Lago events and {received['litellm_webhooks']:,} "
+            "spend_tracked webhooks for them: " + ("one of each per request, the same job" if same else
+            "not one of each per request; its rows do less than spendledger's")
+        )  # fmt: skip
     return checks
 
 
 def describe(args: argparse.Namespace) -> str:
-    order = "direct → spendledger" + ("" if args.skip_litellm else " → LiteLLM")
+    order = "direct → spendledger → floor" + ("" if args.skip_litellm else " → LiteLLM")
     litellm = (
         "" if args.skip_litellm else
         f" LiteLLM proxy {LITELLM_VERSION} from PyPI (own virtualenv .bench/litellm, `litellm --config "
-        f"--num_workers {args.workers}`, no database — so no budgets, no spend ledger, no callbacks — offline with "
-        "`LITELLM_LOCAL_MODEL_COST_MAP=True`, `LITELLM_LOG=ERROR`) serves the same model on the same upstream with "
-        "the master key."
+        f"--num_workers {args.workers}`, offline with `LITELLM_LOCAL_MODEL_COST_MAP=True`, `LITELLM_LOG=ERROR`) "
+        "serves the same model on the same upstream with the master key, doing the same job: "
+        "`callbacks: [\"lago\"]` and `alerting: [\"webhook\"]` on the same fake receivers (one Lago event "
+        "POSTed per request, and its `spend_tracked` webhook for the request's customer); it needs no database "
+        "for those (so it keeps no budgets and no spend ledger)."
+        + (" The extra row `litellm, no callbacks` is the same LiteLLM without them." if args.litellm_bare else "")
     )  # fmt: skip
+    floor = (
+        f" The floor (scripts/bench/floor_app.py, mode `{FLOOR_MODE}`): spendledger's server, framework and "
+        "upstream client with only one durable one-row append per request after the upstream call — the least "
+        "a proxy that commits each request's usage before answering adds."
+    )
     return (
         "One machine runs everything: the fake OpenAI upstream (an asyncio protocol over httptools on uvloop, "
         "answers at once with usage), fake Lago and webhook receivers (the same, another process), spendledger "
-        f"(`spendledger serve --workers {args.workers}`: uvicorn, uvloop, httptools) on an embedded PostgreSQL 16, and wrk. spendledger serves a "
+        f"(`spendledger serve --config … --workers {args.workers}`: uvicorn, uvloop, httptools) on an embedded PostgreSQL 16, and wrk. spendledger serves a "
         "generated key; the body names a customer with a budget of 1,000,000 (admission holds on it — from a "
         "budget lease after the first request — and each settle draws from the hold); "
         + ("`callbacks: [\"lago\"]` and `alerting: [\"webhook\"]` (signed) are on, so every request appends a "
@@ -1063,9 +1169,12 @@ def describe(args: argparse.Namespace) -> str:
            "row just after; " if not args.no_webhooks else
            "`callbacks: [\"lago\"]` is on and the webhook sink off (`--no-webhooks`), so every request appends a "
            "UsageRecorded and one outbox row; ")
-        + ("a `spendledger publish` process beside the server (`serve --no-publisher`) delivers them."
-           if args.publisher == "separate" else "the publisher in the serving process delivers them.")
-        + litellm
+        + {"child": "`serve`'s publisher child delivers them (the default: exactly the README's command).",
+           "separate": "a `spendledger publish` process beside the server (`serve --no-publisher`) delivers them "
+                       "(**not the default**: `--publisher separate`).",
+           "inline": "the publisher on the serving process's own event loop delivers them (**not the default**: "
+                     "`--publisher inline`, as `serve` did before issue 17)."}[args.publisher]
+        + litellm + floor
         + f" Load: `wrk -t1 -c64|-c1 -d{args.duration:g}s --timeout {WRK_TIMEOUT} -s scripts/bench/post.lua`, "
         f"the same POST /chat/completions body (model, user, max_tokens 64, two messages) for all; after a "
         f"{args.warmup:g} s warm-up of each, runs alternate {order}, {args.rounds} rounds per "
