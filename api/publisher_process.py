@@ -2,9 +2,9 @@
 stopped after it.
 
 Delivering the outbox (following the log, signing webhooks, POSTing to Lago) is work no request
-waits for. In a process of its own it leaves the serving event loop to the requests, it runs once
-per deployment however many `--workers` serve, and the operating system schedules it below them
-(`nice`), so under load the requests get the cores first and delivery catches up in the gaps.
+waits for. In a process of its own it leaves the serving event loop to the requests, and it runs
+once per deployment however many `--workers` serve. (Run at a lower scheduling priority it measured
+no better: docs/benchmarks.md, issue 17.)
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-# Below the serving processes: a publisher that keeps up with the requests needs few cycles, and
-# those it takes under load are better taken from the gaps between them (docs/benchmarks.md).
-NICENESS: Final = 10
 FIRST_RESTART_S: Final = 1.0
 MAX_RESTART_S: Final = 30.0
 # A child that ran this long before it died starts again after FIRST_RESTART_S: its death was not
@@ -35,7 +32,6 @@ HEALTHY_RUN_S: Final = 60.0
 STOP_WAIT_S: Final = 15.0
 _PR_SET_PDEATHSIG: Final = 1
 SUPERVISOR_PID: Final = "SPENDLEDGER_SUPERVISOR_PID"
-NICENESS_ENV: Final = "SPENDLEDGER_PUBLISHER_NICENESS"  # for measuring; NICENESS otherwise
 
 
 def publisher_argv(config: str) -> list[str]:
@@ -45,13 +41,11 @@ def publisher_argv(config: str) -> list[str]:
 
 def become_supervised_child() -> None:
     """Called first thing by `spendledger publish` when its parent is `serve`'s supervisor (in the
-    child, not between fork and exec, where a multi-threaded parent's locks could hang it): run at
-    the supervisor's niceness, and die with the server even if that is SIGKILLed — never an orphan
-    publishing for a server that is gone."""
+    child, not between fork and exec, where a multi-threaded parent's locks could hang it): die with
+    the server even if that is SIGKILLed — never an orphan publishing for a server that is gone."""
     parent = os.environ.get(SUPERVISOR_PID)
     if parent is None:
         return
-    os.nice(int(os.environ.get(NICENESS_ENV, NICENESS)))
     with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere the stop is relied on
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != int(parent):  # the server died before the signal was asked for

@@ -1,10 +1,14 @@
-"""Proxy vs direct vs LiteLLM (issue 6): the same chat completion load against a fast fake upstream
-directly, through spendledger (real PostgreSQL, a generated key, a customer with a budget, Lago and
-webhook sinks on: admission, holds, ledger writes and outbox rows all on the path) and through the
-LiteLLM proxy from PyPI on the same upstream.
+"""The default against LiteLLM doing the same job (issues 6, 17): the same chat completion load
+against a fast fake upstream directly, through spendledger exactly as the README starts it (`serve`,
+its publisher child delivering; real PostgreSQL, a generated key, a customer with a budget, Lago and
+webhook sinks on: admission, holds, ledger writes and outbox rows all on the path), through the floor
+(scripts/bench/floor_app.py `insert`: the least a proxy that commits each request's usage adds) and
+through the LiteLLM proxy from PyPI on the same upstream with the same callbacks (Lago, webhook
+alerting) on the same fake receivers. The headline is a table of ratios from this one run against
+issue 17's targets.
 
 `wrk -t1 -c64` and `-c1` (POST, Lua body: scripts/bench/post.lua), alternating direct → spendledger →
-LiteLLM, --rounds times each after a warm-up. CPU per process from psutil (process trees, reaped
+floor → LiteLLM, --rounds times each after a warm-up. CPU per process from psutil (process trees, reaped
 children included), the machine's from /proc/stat. Then the checks: no socket error, timeout or
 non-2xx in any run; the ledger holds exactly one UsageRecorded per request spendledger forwarded and
 answered (= the fake upstream's count for spendledger's credential; wrk's completed requests plus
@@ -13,7 +17,7 @@ event and one webhook for each. Last a py-spy profile of spendledger under 64 co
 in docs/profile-proxy.txt. Writes "## Proxy vs direct vs LiteLLM (issue 6)" of docs/benchmarks.md.
 
     .venv/bin/python scripts/bench/proxy.py [--duration 10] [--skip-litellm] [--workers 1]
-        [--rounds 2] [--warmup 5] [--no-profile]
+        [--rounds 2] [--warmup 5] [--no-profile] [--publisher child|separate|inline] [--litellm-bare]
 
 Needs `wrk` (`apt-get install wrk`). Bench-only tools live in .bench/ (git-ignored):
     python3 -m venv .bench/litellm && .bench/litellm/bin/pip install 'litellm[proxy]==1.106.2'
@@ -60,7 +64,7 @@ from ledger.db import PROJECT_ROOT, EmbeddedDatabase
 from scripts.bench.fake_upstream import LITELLM_WEBHOOK_PATH
 from scripts.bench.report import write_section
 
-TITLE = "Proxy vs direct vs LiteLLM (issue 6)"
+TITLE = "Proxy: the default against LiteLLM doing the same job (issues 6, 17)"
 BENCH = PROJECT_ROOT / "scripts" / "bench"
 LUA = BENCH / "post.lua"
 PROFILE = PROJECT_ROOT / "docs" / "profile-proxy.txt"
@@ -466,7 +470,7 @@ def settle(ledger: Ledger, upstream: Service, timeout_s: float = 300.0) -> tuple
 # Which part of spendledger a CPU sample is for: the innermost frame of its stack in one of these.
 COMPONENTS: list[tuple[str, tuple[str, ...], str]] = [
     ("webhook deliveries (outbox)", ("ledger/sinks/webhook.py",),
-     "one signed POST per request (httpx + Standard Webhooks HMAC), sent by the publisher in the same process"),
+     "one signed POST per request (httpx + Standard Webhooks HMAC), when the publisher runs in the profiled process"),
     ("Lago deliveries (outbox)", ("ledger/sinks/lago.py",), "one POST per batch of up to 100 events"),
     ("outbox claim / mark", ("ledger/outbox.py", "api/publishing.py", "api/metrics.py"),
      "the publisher's claim (FOR UPDATE SKIP LOCKED) and mark transactions, woken by NOTIFY"),
@@ -823,7 +827,8 @@ def explain(
         f"({share.get('upstream call', 0):.0%} of all samples) and the publisher's deliveries (webhooks "
         f"{webhooks:.0%}, Lago {share.get('Lago deliveries (outbox)', 0):.0%}). {transport}",
         (
-            f"- **The outbox is delivered by its own process** (`spendledger publish`, column CPU publisher: "
+            f"- **The outbox is delivered by its own process** (`serve`'s publisher child, or `spendledger publish`; "
+            "column CPU publisher, its own process only: "
             f"{sl.get('publisher', 0) / rps * 1000:.2f} ms per request): `spend_tracked` is one signed POST per "
             "request, where Lago gets one POST per batch of up to 100 events."
             if separate
