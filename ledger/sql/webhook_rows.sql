@@ -58,7 +58,9 @@ begin
         from jsonb_array_elements(ds) with ordinality as e(d, i)
     ), ids as (
         select distinct key_hash, user_id, team_id, customer_id from req
-    ), scopes as (  -- each distinct set of scope ids resolved once, not once per request
+    ), scopes as materialized (
+        -- each distinct set of scope ids resolved once: inlined into the join below, the function
+        -- ran again for every request of the run
         select ids.*, s.*
         from ids, sl_request_scopes_as_of(ctx || jsonb_build_object(
             'key_hash', ids.key_hash, 'user_id', ids.user_id, 'team_id', ids.team_id,

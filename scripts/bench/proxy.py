@@ -1034,7 +1034,7 @@ def start_spendledger(
     """spendledger as the benchmarks run it — by default exactly as the README starts it (`serve`,
     which delivers from its publisher child); `separate`: `serve --no-publisher` beside a `spendledger
     publish`; `inline`: the publisher on each serving process's event loop (the pre-issue-17 default,
-    SPENDLEDGER_PUBLISH=1) — with a generated key and a customer with a budget. Returns the server,
+    SPENDLEDGER_PUBLISH=1); `none`: `serve --no-publisher` and nothing delivers — with a generated key and a customer with a budget. Returns the server,
     the publisher's pid (child or separate process) and the target they make."""
     (workdir / "spendledger.yaml").write_text(spendledger_config(upstream.url, webhooks))
     port = free_port()
@@ -1047,7 +1047,7 @@ def start_spendledger(
                 "--log-level", "warning", "--no-access-log"]  # fmt: skip
         env |= {"SPENDLEDGER_CONFIG": str(workdir / "spendledger.yaml"), "SPENDLEDGER_DATABASE_URL": database_url,
                 "SPENDLEDGER_PUBLISH": "1"}  # fmt: skip
-    elif publisher == "separate":
+    elif publisher in ("separate", "none"):
         argv.append("--no-publisher")
     server = stack.enter_context(started(
         "spendledger", argv, workdir, f"http://127.0.0.1:{port}", "/health/readiness", env=env, timeout_s=120
