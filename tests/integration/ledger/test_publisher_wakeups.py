@@ -73,7 +73,9 @@ async def test_a_stream_of_batches_notifies_once_per_window_and_the_last_one_is_
     finally:
         await recorder.stop()
     windows = (last_commit - started) / 0.05
-    assert 1 <= len(heard) <= windows + 2, (len(heard), windows)  # not one per batch
+    # At most one per window, plus the first and the trailing one, plus one whose batch decided to
+    # notify in one window and committed in the next (a busy machine stretches a commit that far).
+    assert 1 <= len(heard) <= windows + 3, (len(heard), windows)  # not one per batch
     assert len(heard) < 40
     assert max(heard) >= last_commit  # the batches after the last wakeup were announced too
     assert max(heard) - last_commit < 0.15
