@@ -67,9 +67,9 @@ class SupervisedPublisher:
         self.starts = 0
 
     @property
-    def pid(self) -> int | None:
-        child = self._child
-        return child.pid if child is not None else None
+    def child(self) -> subprocess.Popen[bytes] | None:
+        """The child last started."""
+        return self._child
 
     def start(self) -> None:
         self._thread.start()

@@ -117,3 +117,22 @@ async def test_reset_zeroes_the_counts(sinks: int) -> None:
     assert [(await _read_response(reader))[0] for _ in range(2)] == [200, 200]
     writer.close()
     assert await _stats(sinks) == {}
+
+
+async def test_the_sinks_count_litellms_lago_events_and_webhooks_apart_from_spendledgers(sinks: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", sinks)
+    writer.write(
+        _post("/api/v1/events", b'{"event":{"transaction_id":"1"}}')
+        + _post("/litellm-webhook", b"{}")
+        + _post("/webhook", b"{}")
+        + _post("/api/v1/events/batch", b'{"events":[{"transaction_id":"2"}]}')
+    )
+    assert [(await _read_response(reader))[0] for _ in range(4)] == [200] * 4
+    writer.close()
+    assert await _stats(sinks) == {
+        "litellm_lago_events": 1,
+        "litellm_webhooks": 1,
+        "webhooks": 1,
+        "lago_posts": 1,
+        "lago_events": 1,
+    }

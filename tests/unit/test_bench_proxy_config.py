@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ledger.config import load_settings
-from scripts.bench.proxy import spendledger_config
+from scripts.bench.fake_upstream import LITELLM_WEBHOOK_PATH
+from scripts.bench.proxy import litellm_config, litellm_env, spendledger_config
 
 ENVIRON = {
     "LAGO_API_BASE": "http://127.0.0.1:1",
@@ -26,3 +28,14 @@ def test_the_benchmark_config_has_the_webhook_sink_only_when_asked(tmp_path: Pat
     assert settings.lago is not None
     assert (settings.webhook is not None) is webhooks
     assert settings.budget_leases  # the benchmark measures the default
+
+
+@pytest.mark.parametrize("callbacks", [True, False])
+def test_litellm_does_the_same_job_as_spendledger_unless_asked_bare(callbacks: bool) -> None:
+    config = yaml.safe_load(litellm_config("http://127.0.0.1:2", callbacks))
+    assert config["model_list"][0]["model_name"] == "fake-openai-endpoint"
+    assert config.get("litellm_settings", {}).get("callbacks") == (["lago"] if callbacks else None)
+    assert config["general_settings"].get("alerting") == (["webhook"] if callbacks else None)
+    env = litellm_env("http://127.0.0.1:3")
+    assert env["WEBHOOK_URL"] == "http://127.0.0.1:3" + LITELLM_WEBHOOK_PATH  # counted apart by the fake
+    assert env["LAGO_API_BASE"] == "http://127.0.0.1:3"
