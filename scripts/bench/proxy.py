@@ -38,6 +38,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -625,14 +626,16 @@ def mean(values: list[float]) -> float:
 GROUPS = ("proxy", "publisher", "postgres", "upstream", "sinks", "wrk", "others")
 
 
-def summary_rows(runs: list[Run]) -> dict[tuple[str, int], dict[str, float]]:
+def summary_rows(
+    runs: list[Run], centre: Callable[[list[float]], float] = mean
+) -> dict[tuple[str, int], dict[str, float]]:
     rows: dict[tuple[str, int], dict[str, float]] = {}
     for key in dict.fromkeys((r.target, r.connections) for r in runs):
         mine = [r for r in runs if (r.target, r.connections) == key]
-        row = {"rps": mean([r.rps for r in mine]), "p50": mean([r.p50_ms for r in mine]),
-               "p99": mean([r.p99_ms for r in mine])}  # fmt: skip
+        row = {"rps": centre([r.rps for r in mine]), "p50": centre([r.p50_ms for r in mine]),
+               "p99": centre([r.p99_ms for r in mine])}  # fmt: skip
         for group in GROUPS:
-            row[group] = mean([r.cpu.get(group, 0.0) for r in mine])
+            row[group] = centre([r.cpu.get(group, 0.0) for r in mine])
         rows[key] = row
     return rows
 
@@ -663,7 +666,9 @@ def markdown(runs: list[Run], profiled: Run | None, args: argparse.Namespace, ch
         )
     out += ["", "CPU in cores (1.00 = one core busy for the whole run), mean of the runs; `others` is the rest "
             "of the machine (other work on it skews every number)."]  # fmt: skip
-    out += ["", *headline(rows)]
+    # The targets from each target's median round: one disturbed round (of either side) does not
+    # decide a ratio, as it would a mean.
+    out += ["", *headline(summary_rows(runs, statistics.median))]
     g64, g1 = rows.get(("spendledger on granian", 64)), rows.get(("spendledger on granian", 1))
     sl64, sl1 = rows.get(("spendledger", 64)), rows.get(("spendledger", 1))
     if g64 and sl64 and g1 and sl1:
@@ -723,11 +728,11 @@ TARGET_FLOOR = 1.5  # spendledger's added p50 at 1 connection over the floor's, 
 
 
 def headline(rows: dict[tuple[str, int], dict[str, float]]) -> list[str]:
-    """The targets as ratios of this run's means; added latency is a target's p50 (p99) at 1
+    """The targets as ratios of this run's medians of rounds; added latency is a target's p50 (p99) at 1
     connection less the direct upstream's."""
     sl64, l64, d64, f64 = (rows.get((t, 64)) for t in ("spendledger", "litellm", "direct", FLOOR))
     sl1, l1, d1, f1 = (rows.get((t, 1)) for t in ("spendledger", "litellm", "direct", FLOOR))
-    lines = ["| measure (this run) | spendledger | LiteLLM, same callbacks | floor | direct | ratio | target |",
+    lines = ["| measure (this run, median round) | spendledger | LiteLLM, same callbacks | floor | direct | ratio | target |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def verdict(met: bool) -> str:
@@ -1059,13 +1064,16 @@ def start_spendledger(
     elif publisher == "child":
         publisher_pid = publisher_child(server.process.pid)
     admin = {"Authorization": f"Bearer {MASTER_KEY}"}
+    # A key of its own each start (scripts/bench/variants.py starts several on one database).
     key = httpx.post(
-        f"{server.url}/key/generate", json={"key_alias": "bench"}, headers=admin, timeout=30
+        f"{server.url}/key/generate", json={"key_alias": f"bench-{port}"}, headers=admin, timeout=30
     )
     key.raise_for_status()
-    customer = httpx.post(f"{server.url}/customer/new", headers=admin, timeout=30,
-                          json={"user_id": CUSTOMER, "max_budget": 1_000_000})  # fmt: skip
-    customer.raise_for_status()
+    known = httpx.get(f"{server.url}/customer/info", params={"end_user_id": CUSTOMER}, headers=admin, timeout=30)
+    if known.status_code == 404:
+        customer = httpx.post(f"{server.url}/customer/new", headers=admin, timeout=30,
+                              json={"user_id": CUSTOMER, "max_budget": 1_000_000})  # fmt: skip
+        customer.raise_for_status()
     return server, publisher_pid, Target("spendledger", server.url, key.json()["key"], body(CUSTOMER))
 
 
