@@ -30,9 +30,10 @@ from ledger.config import Deployment
 from ledger.connections import DATABASE_ERRORS
 from ledger.events import Route, UsageRecorded, UsageStatus
 from ledger.money import format_money
-from ledger.pricing import Price, cost_of_usage
+from ledger.pricing import Price, charge
 from ledger.scopes import Scopes
 from ledger.tickets import Ticket
+from ledger.tokens import TokenUsage
 
 log = structlog.get_logger(__name__)
 
@@ -46,10 +47,55 @@ UPSTREAM_PATHS: Final[dict[Route, str]] = {
 Count = Annotated[int, Meta(ge=0)]  # an upstream reporting negative tokens is answering nonsense
 
 
+class PromptDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: Count | None = None
+    cache_creation_tokens: Count | None = None  # LiteLLM's spelling, for an upstream LiteLLM
+    audio_tokens: Count | None = None
+
+
+class CompletionDetails(msgspec.Struct, kw_only=True):
+    reasoning_tokens: Count | None = None
+    audio_tokens: Count | None = None
+
+
 class Usage(msgspec.Struct, kw_only=True):
-    prompt_tokens: Count = 0
-    completion_tokens: Count = 0
-    total_tokens: Count = 0
+    """A usage block as OpenAI (and Azure, OpenRouter, LiteLLM) report it — `prompt_tokens`
+    counting every input token, cached ones included — or as Anthropic does (`input_tokens`
+    without the cache's, which come apart as `cache_read_input_tokens` and
+    `cache_creation_input_tokens`)."""
+
+    prompt_tokens: Count | None = None
+    completion_tokens: Count | None = None
+    total_tokens: Count | None = None
+    prompt_tokens_details: PromptDetails | None = None
+    completion_tokens_details: CompletionDetails | None = None
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    cache_read_input_tokens: Count | None = None
+    cache_creation_input_tokens: Count | None = None
+
+    def tokens(self) -> TokenUsage:
+        prompt = self.prompt_tokens_details or PromptDetails()
+        completion = self.completion_tokens_details or CompletionDetails()
+        cache_read = _first(prompt.cached_tokens, self.cache_read_input_tokens)
+        cache_write = _first(prompt.cache_creation_tokens, self.cache_creation_input_tokens)
+        if self.prompt_tokens is not None:
+            input_tokens = self.prompt_tokens
+        else:  # Anthropic's count leaves the cache's tokens out
+            input_tokens = (self.input_tokens or 0) + cache_read + cache_write
+        return TokenUsage.reported(
+            input_tokens,
+            _first(self.completion_tokens, self.output_tokens),
+            cache_read=cache_read,
+            cache_write=cache_write,
+            input_audio=prompt.audio_tokens or 0,
+            output_audio=completion.audio_tokens or 0,
+            reasoning=completion.reasoning_tokens or 0,
+        )
+
+
+def _first(*counts: int | None) -> int:
+    return next((c for c in counts if c is not None), 0)
 
 
 class _UsageOnly(msgspec.Struct):
@@ -97,9 +143,13 @@ class Exchange:
         estimated: bool = False,
         error_type: str | None = None,
     ) -> UsageRecorded:
-        input_tokens = usage.prompt_tokens if usage else 0
-        output_tokens = usage.completion_tokens if usage else 0
-        cost = cost_of_usage(self.price, input_tokens, output_tokens)
+        tokens = usage.tokens() if usage else TokenUsage()
+        cost = charge(self.price, tokens)
+        if cost.unpriced_kinds:
+            log.warning(
+                "token_kind_unpriced", call_id=self.call_id, deployment_id=self.deployment.deployment_id,
+                kinds=list(cost.unpriced_kinds),
+            )  # fmt: skip
         scopes = self.scopes
         return UsageRecorded(
             call_id=self.call_id,
@@ -117,12 +167,20 @@ class Exchange:
             http_status=http_status,
             error_type=error_type,
             stream=self.head.stream,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            total_tokens=input_tokens + output_tokens,
+            input_tokens=tokens.input_tokens,
+            output_tokens=tokens.output_tokens,
+            total_tokens=tokens.total_tokens,
+            cache_read_tokens=tokens.cache_read_tokens,
+            cache_write_tokens=tokens.cache_write_tokens,
+            input_audio_tokens=tokens.input_audio_tokens,
+            output_audio_tokens=tokens.output_audio_tokens,
+            reasoning_tokens=tokens.reasoning_tokens,
             usage_estimated=estimated,
-            input_cost_per_token=self.price.input_cost_per_token if self.price else None,
-            output_cost_per_token=self.price.output_cost_per_token if self.price else None,
+            input_cost_per_token=cost.input_cost_per_token,
+            output_cost_per_token=cost.output_cost_per_token,
+            unit_prices=cost.unit_prices,
+            costs=cost.costs,
+            unpriced_kinds=cost.unpriced_kinds,
             cost=cost.total,
             priced=cost.priced,
             started_at=self.started_at,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -30,6 +31,7 @@ from ledger.config_values import (
     string_list,
 )
 from ledger.scopes import BudgetSettings
+from ledger.tokens import TokenKind
 
 OPENAI_COMPATIBLE: Final = frozenset(
     {"openai", "text-completion-openai", "hosted_vllm", "openai_like", "custom_openai", "openrouter"}
@@ -89,10 +91,32 @@ _LITELLM_PARAMS: Final = {
     "api_version",
     "mock_response",
 }
+# LiteLLM's per-token price keys (model_info, or litellm_params), each with the kind of token it
+# prices (ledger/tokens.py); each may also be given for requests past a threshold of input tokens,
+# as `<key>_above_<N>[k]_tokens` (LiteLLM's tiered keys: `input_cost_per_token_above_200k_tokens`).
+PRICE_KEYS: Final[dict[str, TokenKind]] = {
+    "input_cost_per_token": "input",
+    "output_cost_per_token": "output",
+    "cache_read_input_token_cost": "cache_read",
+    "cache_creation_input_token_cost": "cache_write",
+    "input_cost_per_audio_token": "input_audio",
+    "output_cost_per_audio_token": "output_audio",
+    "output_cost_per_reasoning_token": "reasoning",
+}
+_TIERED_PRICE_KEY: Final = re.compile(rf"({'|'.join(PRICE_KEYS)})_above_([0-9]{{1,9}})(k?)_tokens")
+
+
+def tier_of_price_key(key: str) -> tuple[str, int] | None:
+    """A tiered price key's base key and threshold (`…_above_128k_tokens` → 128,000), else None."""
+    found = _TIERED_PRICE_KEY.fullmatch(key)
+    if found is None:
+        return None
+    return found[1], int(found[2]) * (1000 if found[3] else 1)
+
+
 _MODEL_INFO: Final = {
     "id",
-    "input_cost_per_token",
-    "output_cost_per_token",
+    *PRICE_KEYS,
     "max_tokens",
     "max_output_tokens",
     "max_input_tokens",
@@ -125,6 +149,8 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     timeout_s: float = 600.0
     input_cost_per_token: Decimal | None = None
     output_cost_per_token: Decimal | None = None
+    # The other LiteLLM price keys given (PRICE_KEYS, and their tiered forms), by key.
+    prices: dict[str, Decimal] = {}
     max_output_tokens: int | None = None
     max_input_tokens: int | None = None
 
@@ -312,8 +338,16 @@ def _parse_deployment(entry: dict[str, Any], where: str, warnings: list[str]) ->
     info = entry.get("model_info") or {}
     if not isinstance(info, dict):
         raise ConfigError(f"{where} ({model_name}): 'model_info' must be a mapping")
-    _note_unknown(sorted(set(params) - _LITELLM_PARAMS, key=str), f"{model_name}.litellm_params.", warnings)
-    _note_unknown(sorted(set(info) - _MODEL_INFO, key=str), f"{model_name}.model_info.", warnings)
+    _note_unknown(
+        sorted((k for k in set(params) - _LITELLM_PARAMS if not _is_price_key(k)), key=str),
+        f"{model_name}.litellm_params.",
+        warnings,
+    )
+    _note_unknown(
+        sorted((k for k in set(info) - _MODEL_INFO if not _is_price_key(k)), key=str),
+        f"{model_name}.model_info.",
+        warnings,
+    )
     model = params.get("model")
     if not isinstance(model, str) or not model.strip():
         raise ConfigError(
@@ -353,11 +387,27 @@ def _parse_deployment(entry: dict[str, Any], where: str, warnings: list[str]) ->
             f"{ctx}.output_cost_per_token",
             "",
         ),
+        prices=_other_prices(params, info, ctx),
         max_output_tokens=optional_positive_int(
             info.get("max_output_tokens", info.get("max_tokens")), f"{ctx}.max_output_tokens"
         ),
         max_input_tokens=optional_positive_int(info.get("max_input_tokens"), f"{ctx}.max_input_tokens"),
     )
+
+
+def _is_price_key(key: object) -> bool:
+    return isinstance(key, str) and (key in PRICE_KEYS or tier_of_price_key(key) is not None)
+
+
+def _other_prices(params: dict[str, Any], info: dict[str, Any], ctx: str) -> dict[str, Decimal]:
+    """The price keys besides the flat input and output ones, `model_info` over `litellm_params`."""
+    prices: dict[str, Decimal] = {}
+    for key in sorted({*params, *info} - {"input_cost_per_token", "output_cost_per_token"}, key=str):
+        if _is_price_key(key):
+            amount = optional_money(info.get(key, params.get(key)), f"{ctx}.{key}", "")
+            if amount is not None:
+                prices[key] = amount
+    return prices
 
 
 def _stable_id(*parts: Any) -> str:

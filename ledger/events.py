@@ -15,6 +15,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from ledger.scopes import Scopes
+from ledger.tokens import TokenKind
 
 # The values the request events take. Every value ever written is one of these (the proxy's three
 # routes and two outcomes, and the refusals `sl_admit` builds), so events in any database decode.
@@ -47,12 +48,25 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     http_status: int
     error_type: str | None = None
     stream: bool = False
-    input_tokens: int = 0
-    output_tokens: int = 0
+    input_tokens: int = 0  # every input token, those of the kinds below included
+    output_tokens: int = 0  # every output token, reasoning and audio included
     total_tokens: int = 0
+    # The kinds of token billed apart (ledger/tokens.py), parts of the totals above; 0 in events
+    # older than them.
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
+    reasoning_tokens: int = 0
     usage_estimated: bool = False  # true when the upstream never reported usage (e.g. a client hung up)
     input_cost_per_token: Decimal | None = None
     output_cost_per_token: Decimal | None = None
+    # What it was charged, by kind of token used (`input` and `output`: their plain-text parts):
+    # the per-token price (its tier's, if it passed one) and the cost. Empty in older events and
+    # for an unpriced model.
+    unit_prices: dict[TokenKind, Decimal] = {}
+    costs: dict[TokenKind, Decimal] = {}
+    unpriced_kinds: tuple[TokenKind, ...] = ()  # used, with no price of their own (audio)
     cost: Decimal
     priced: bool
     started_at: datetime

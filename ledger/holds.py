@@ -77,10 +77,10 @@ def worst_case_tokens(shape: RequestShape, limits: ModelLimits) -> WorstCase:
 
 
 def worst_case_cost(price: Price | None, worst: WorstCase) -> Decimal:
-    """The hold: the worst case's tokens at the deployment's prices (0 for an unpriced model)."""
+    """The hold: the worst case's tokens at the deployment's prices (0 for an unpriced model), each
+    token at the highest price its side (input or output) can be charged in a request of that
+    size: any kind (a prompt-cache write costs more than plain input) and any tier it may reach."""
     if price is None:
         return ZERO
-    return add(
-        cost_of(worst.input_tokens, price.input_cost_per_token),
-        cost_of(worst.output_tokens, price.output_cost_per_token),
-    )
+    most_in, most_out = price.most_per_token(worst.input_tokens)
+    return add(cost_of(worst.input_tokens, most_in), cost_of(worst.output_tokens, most_out))

@@ -38,6 +38,21 @@ def charge_by_id(event: UsageRecorded, charge_by: str) -> str | None:
     )
 
 
+# The kinds of token billed apart, as Lago properties (parts of input_tokens and output_tokens;
+# present when the request used them, for billable metrics that price them apart).
+KIND_PROPERTIES: Final = {
+    "cached_input_tokens": "cache_read_tokens",
+    "cache_creation_input_tokens": "cache_write_tokens",
+    "input_audio_tokens": "input_audio_tokens",
+    "reasoning_tokens": "reasoning_tokens",
+    "output_audio_tokens": "output_audio_tokens",
+}
+
+
+def token_kind_properties(event: UsageRecorded) -> dict[str, int]:
+    return {name: n for name, field in KIND_PROPERTIES.items() if (n := getattr(event, field))}
+
+
 def lago_row(event: UsageRecorded, settings: LagoSettings) -> OutboxRow:
     """The frozen Lago event of a recorded request; without a charge-by id it is kept as unbillable."""
     subscriber = charge_by_id(event, settings.charge_by)
@@ -54,6 +69,7 @@ def lago_row(event: UsageRecorded, settings: LagoSettings) -> OutboxRow:
             "total_tokens": event.total_tokens,
             "model": event.model_group,
             "response_cost": event.cost,
+            **token_kind_properties(event),
         },
     }
     return OutboxRow(

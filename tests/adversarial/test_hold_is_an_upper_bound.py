@@ -22,10 +22,11 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from api.proxy import Usage
 from api.request_body import decode_body, shape_of, upstream_body
 from ledger.config import Deployment
 from ledger.holds import DEFAULT_MEDIA_TOKENS, DEFAULT_OUTPUT_CAP, worst_case_cost, worst_case_tokens
-from ledger.pricing import ModelLimits, Price, cost_of_usage
+from ledger.pricing import ModelLimits, Price, PriceTier, charge
 from tests.fakes.upstream import MEDIA_PART_TOKENS, FakeUpstream
 
 PATHS = {
@@ -80,11 +81,32 @@ limits = st.builds(
     max_input_tokens=st.one_of(st.none(), st.integers(300, 200_000)),
     max_output_tokens=st.one_of(st.none(), st.integers(1, 100_000)),
 )
+# Flat prices, and prices with kinds dearer than plain tokens (prompt-cache writes, reasoning) and
+# cheaper (cache reads), and a tier past a threshold the request may reach.
+kinds = st.fixed_dictionaries(
+    {},
+    optional={
+        "cache_read": st.sampled_from([Decimal("0.00000015"), Decimal(0)]),
+        "cache_write": st.sampled_from([Decimal("0.00000375"), Decimal("0.0002")]),
+        "reasoning": st.sampled_from([Decimal("0.00002"), Decimal("0.001")]),
+    },
+)
+tiers = st.lists(
+    st.builds(
+        lambda above, i, o: PriceTier(above=above, unit_prices={"input": Decimal(i), "output": Decimal(o)}),
+        st.integers(0, 5_000), st.sampled_from(["0.000003", "0.0003"]), st.sampled_from(["0.00003", "0.003"]),
+    ),
+    max_size=2,
+    unique_by=lambda t: t.above,
+).map(lambda ts: tuple(sorted(ts, key=lambda t: t.above)))
 prices = st.builds(
-    lambda i, o: Price(input_cost_per_token=Decimal(i), output_cost_per_token=Decimal(o), source="config"),
+    lambda i, o, k, t: Price(input_cost_per_token=Decimal(i), output_cost_per_token=Decimal(o), kinds=k, tiers=t,
+                             source="config"),
     st.sampled_from(["0.0000015", "0.000005", "0.0001", "0"]),
     st.sampled_from(["0.000002", "0.000015", "0.0006", "0"]),
-)
+    kinds,
+    tiers,
+)  # fmt: skip
 
 
 def call_fake(fake: FakeUpstream, path: str, body: bytes) -> tuple[int, Any]:
@@ -108,10 +130,11 @@ def call_fake(fake: FakeUpstream, path: str, body: bytes) -> tuple[int, Any]:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(request(), limits, prices, st.integers(1, 20_000))
+@given(request(), limits, prices, st.integers(1, 20_000), st.integers(0, 50_000), st.integers(0, 20_000))
 def test_the_real_cost_never_exceeds_the_hold(
-    shaped: tuple[str, dict[str, Any]], model: ModelLimits, price: Price, reply_words: int
-) -> None:
+    shaped: tuple[str, dict[str, Any]], model: ModelLimits, price: Price, reply_words: int, cached: int,
+    reasoning: int,
+) -> None:  # fmt: skip
     route, sent = shaped
     deployment = Deployment(
         model_name="group", deployment_id="d", provider="openai", upstream_model="gpt-x", api_base="http://x"
@@ -127,6 +150,8 @@ def test_the_real_cost_never_exceeds_the_hold(
         reply_words=reply_words,
         context_window=model.max_input_tokens,
         max_output_tokens=model.max_output_tokens or DEFAULT_OUTPUT_CAP,
+        cached_prompt_tokens=cached,
+        reasoning_tokens=reasoning,
     )
     if model.max_input_tokens is None:
         assert MEDIA_PART_TOKENS <= DEFAULT_MEDIA_TOKENS
@@ -135,7 +160,7 @@ def test_the_real_cost_never_exceeds_the_hold(
         assert status == 400  # refused by the provider: billed nothing
         return
     usage = answer["usage"]
-    cost = cost_of_usage(price, usage["prompt_tokens"], usage.get("completion_tokens", 0)).total
+    cost = charge(price, msgspec.convert(usage, Usage).tokens()).total
     assert cost <= hold, (worst, usage)
     assert usage["prompt_tokens"] <= worst.input_tokens
     assert usage.get("completion_tokens", 0) <= worst.output_tokens

@@ -111,15 +111,17 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _usage(prompt: int, completion: int, details: bool = True) -> dict[str, Any]:
+def _usage(prompt: int, completion: int, details: bool = True, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
+    """OpenAI's usage block: cached prompt tokens are part of `prompt_tokens`, reasoning tokens
+    part of `completion_tokens`."""
     usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
-    if details:  # chat responses carry these (all zero here), like the real API
-        usage["prompt_tokens_details"] = {"cached_tokens": 0}
-        usage["completion_tokens_details"] = {"reasoning_tokens": 0}
+    if details:  # chat responses carry these, like the real API
+        usage["prompt_tokens_details"] = {"cached_tokens": min(cached, prompt), "audio_tokens": 0}
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning, "audio_tokens": 0}
     return usage
 
 
@@ -165,6 +167,11 @@ class FakeUpstream:
     words_per_chunk: int = 1  # how many words each stream chunk carries
     overbill_tokens: int = 0  # completion tokens reported on top of those generated (a provider's bug)
     echo_headers_in_errors: bool = False  # 400s quote the request's headers (as some proxies do)
+    # Chat answers as a provider with prompt caching and a reasoning model answers: this many of
+    # the prompt's tokens read from the cache (at most the prompt), and this many reasoning tokens
+    # spent (billed as completion tokens, within max_tokens, as o-series models do).
+    cached_prompt_tokens: int = 0
+    reasoning_tokens: int = 0
     requests: list[RecordedRequest] = field(default_factory=list)
 
     def reset(self) -> None:
@@ -173,6 +180,7 @@ class FakeUpstream:
         self.reply_words, self.ignores_include_usage, self.echo_headers_in_errors = REPLY_WORDS, False, False
         self.context_window, self.max_output_tokens = None, None
         self.words_per_chunk, self.overbill_tokens = 1, 0
+        self.cached_prompt_tokens, self.reasoning_tokens = 0, 0
         self.requests.clear()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -245,9 +253,12 @@ class FakeUpstream:
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise _HttpError(400, "'messages' is a required property", param="messages")
         prompt_tokens = prompt_tokens_for_messages(messages)
-        text = reply_for(messages, self._reply_cap(body, prompt_tokens), self.reply_words)
+        cap = self._reply_cap(body, prompt_tokens)
+        reasoning = self.reasoning_tokens if cap is None else min(self.reasoning_tokens, cap)
+        text = reply_for(messages, None if cap is None else cap - reasoning, self.reply_words)
         choices_n = body.get("n") if isinstance(body.get("n"), int) else 1
-        usage = _usage(prompt_tokens, count_tokens(text) * choices_n + self.overbill_tokens)
+        completion = (count_tokens(text) + reasoning) * choices_n + self.overbill_tokens
+        usage = _usage(prompt_tokens, completion, cached=self.cached_prompt_tokens, reasoning=reasoning * choices_n)
         base = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()),

@@ -133,6 +133,8 @@ def sample(t: msgspec.inspect.Type, name: str) -> object:
     if isinstance(t, mi.TupleType):
         return tuple(sample(x, f"{name}{i}") for i, x in enumerate(t.item_types))
     if isinstance(t, mi.DictType):
+        if isinstance(t.key_type, mi.LiteralType):  # a closed set of keys (kinds of token)
+            return {t.key_type.values[0]: sample(t.value_type, name)}
         return {"k": "v", "n": 1, "nested": {"list": [1, "two"]}}
     if isinstance(t, mi.AnyType):
         return "any"

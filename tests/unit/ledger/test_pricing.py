@@ -1,4 +1,6 @@
-"""`ledger.pricing`: config prices beat the catalogue, halves combine, unknown models cost 0."""
+"""`ledger.pricing`: config prices beat the catalogue, halves combine, unknown models cost 0; every
+kind of token priced (cache reads and writes, audio, reasoning), tiers past their threshold, to the
+last digit and as genai-prices' own calculation prices the catalogue's models."""
 
 from __future__ import annotations
 
@@ -9,15 +11,8 @@ import pytest
 
 from ledger.config import Deployment
 from ledger.money import ZERO
-from ledger.pricing import (
-    UNPRICED_COST,
-    Cost,
-    Price,
-    PriceBook,
-    catalogue_price,
-    cost_of_usage,
-    price_for,
-)
+from ledger.pricing import UNPRICED, Price, PriceBook, catalogue_price, charge, price_for
+from ledger.tokens import TokenUsage
 
 # genai-prices: gpt-4o-mini is $0.15 / $0.60 per million tokens.
 MINI_IN = Decimal("0.15") / Decimal(1_000_000)
@@ -36,8 +31,12 @@ def deployment(upstream_model: str = "gpt-4o-mini", provider: str = "openai", **
     return Deployment(**values)
 
 
+def usage(input_tokens: int, output_tokens: int, **kinds: int) -> TokenUsage:
+    return TokenUsage.reported(input_tokens, output_tokens, **kinds)
+
+
 def test_catalogue_price_for_gpt_4o_mini_is_per_million_over_a_million() -> None:
-    price = catalogue_price("openai", "gpt-4o-mini")
+    price = catalogue_price(deployment())
     assert price is not None
     assert price.source == "genai-prices"
     assert price.input_cost_per_token == Decimal("0.00000015") == MINI_IN
@@ -48,16 +47,19 @@ def test_catalogue_price_for_gpt_4o_mini_is_per_million_over_a_million() -> None
 
 @pytest.mark.parametrize("provider", ["hosted_vllm", "openai_like", "custom_openai"])
 def test_openai_compatible_providers_use_the_openai_catalogue(provider: str) -> None:
-    assert catalogue_price(provider, "gpt-4o-mini") == catalogue_price("openai", "gpt-4o-mini")
+    assert catalogue_price(deployment(provider=provider)) == catalogue_price(deployment())
 
 
 def test_catalogue_does_not_know_an_invented_model() -> None:
-    assert catalogue_price("openai", "no-such-model-7f3a9") is None
+    assert catalogue_price(deployment("no-such-model-7f3a9")) is None
 
 
 def test_catalogue_price_is_used_without_config() -> None:
     price = price_for(deployment())
-    assert price == Price(input_cost_per_token=MINI_IN, output_cost_per_token=MINI_OUT, source="genai-prices")
+    assert price is not None
+    assert (price.input_cost_per_token, price.output_cost_per_token) == (MINI_IN, MINI_OUT)
+    assert price.kinds == {"cache_read": Decimal("0.000000075")}  # $0.075 per million cached
+    assert price.source == "genai-prices"
 
 
 def test_model_info_override_beats_catalogue() -> None:
@@ -78,16 +80,14 @@ def test_zero_override_beats_catalogue() -> None:
 
 def test_input_half_from_config_output_half_from_catalogue() -> None:
     price = price_for(deployment(input_cost_per_token=Decimal("0.000001")))
-    assert price == Price(
-        input_cost_per_token=Decimal("0.000001"), output_cost_per_token=MINI_OUT, source="config"
-    )
+    assert price is not None and price.source == "config"
+    assert (price.input_cost_per_token, price.output_cost_per_token) == (Decimal("0.000001"), MINI_OUT)
 
 
 def test_output_half_from_config_input_half_from_catalogue() -> None:
     price = price_for(deployment(output_cost_per_token=Decimal("0.000003")))
-    assert price == Price(
-        input_cost_per_token=MINI_IN, output_cost_per_token=Decimal("0.000003"), source="config"
-    )
+    assert price is not None and price.source == "config"
+    assert (price.input_cost_per_token, price.output_cost_per_token) == (MINI_IN, Decimal("0.000003"))
 
 
 def test_zero_half_from_config_is_kept_not_replaced_by_catalogue() -> None:
@@ -107,8 +107,8 @@ def test_half_from_config_for_an_unknown_model_leaves_the_other_half_zero() -> N
 def test_unknown_model_has_no_price_and_costs_zero_unpriced() -> None:
     price = price_for(deployment("no-such-model-7f3a9"))
     assert price is None
-    cost = cost_of_usage(price, 1000, 500)
-    assert cost == UNPRICED_COST
+    cost = charge(price, usage(1000, 500))
+    assert cost == UNPRICED
     assert cost.total == ZERO and cost.input_cost == ZERO and cost.output_cost == ZERO
     assert cost.priced is False
 
@@ -117,23 +117,23 @@ def test_mock_provider_is_never_looked_up_in_the_catalogue() -> None:
     assert price_for(deployment("gpt-4o-mini", provider="mock")) is None
 
 
-def test_cost_of_usage_is_exact() -> None:
+def test_charge_is_exact() -> None:
     price = Price(
         input_cost_per_token=Decimal("0.0000015"), output_cost_per_token=Decimal("0.000002"), source="config"
     )
-    cost = cost_of_usage(price, 1234, 567)
-    assert cost == Cost(
-        input_cost=Decimal("0.0018510"),
-        output_cost=Decimal("0.001134"),
-        total=Decimal("0.0029850"),
-        priced=True,
-    )
-    assert cost_of_usage(price, 0, 0).total == ZERO
-    assert cost_of_usage(price, 0, 0).priced is True
+    cost = charge(price, usage(1234, 567))
+    assert cost.costs == {"input": Decimal("0.0018510"), "output": Decimal("0.001134")}
+    assert cost.unit_prices == {"input": Decimal("0.0000015"), "output": Decimal("0.000002")}
+    assert (cost.input_cost, cost.output_cost, cost.total) == (
+        Decimal("0.0018510"), Decimal("0.001134"), Decimal("0.0029850"),
+    )  # fmt: skip
+    assert cost.priced is True
+    assert charge(price, usage(0, 0)).total == ZERO
+    assert charge(price, usage(0, 0)).priced is True
 
 
-def test_cost_of_usage_with_catalogue_price() -> None:
-    cost = cost_of_usage(price_for(deployment()), 1_000_000, 1_000_000)
+def test_charge_with_catalogue_price() -> None:
+    cost = charge(price_for(deployment()), usage(1_000_000, 1_000_000))
     assert cost.input_cost == Decimal("0.15")
     assert cost.output_cost == Decimal("0.6")
     assert cost.total == Decimal("0.75")

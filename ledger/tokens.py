@@ -1,0 +1,94 @@
+"""What a request used, by the kinds of token providers bill apart.
+
+Totals are OpenAI's: `input_tokens` counts every input token (those read from or written to the
+prompt cache and audio included), `output_tokens` every output token (reasoning and audio
+included). The kinds are parts of those totals; what is left of a total once its kinds are taken
+out is plain text. A provider's report is the outside world's: `TokenUsage.reported` keeps every
+part inside its total, so no kind is counted twice and no remainder is negative.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+import msgspec
+
+TokenKind = Literal[
+    "input", "cache_read", "cache_write", "input_audio", "output", "reasoning", "output_audio"
+]
+# Each kind that is part of a total, with that total's own kind: a kind without a price of its own
+# is billed at its parent's (prompt-cache reads and writes as input, reasoning as output).
+PARENT: Final[dict[TokenKind, TokenKind]] = {
+    "cache_read": "input",
+    "cache_write": "input",
+    "input_audio": "input",
+    "reasoning": "output",
+    "output_audio": "output",
+}
+KINDS: Final[tuple[TokenKind, ...]] = (
+    "input", "cache_read", "cache_write", "input_audio", "output", "reasoning", "output_audio",
+)  # fmt: skip
+
+
+class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @classmethod
+    def reported(
+        cls,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        cache_read: int = 0,
+        cache_write: int = 0,
+        input_audio: int = 0,
+        output_audio: int = 0,
+        reasoning: int = 0,
+    ) -> TokenUsage:
+        """A provider's counts, each part cut to what its total leaves (in the order listed)."""
+        left = input_tokens
+        cache_read = min(cache_read, left)
+        left -= cache_read
+        cache_write = min(cache_write, left)
+        left -= cache_write
+        input_audio = min(input_audio, left)
+        out_left = output_tokens
+        reasoning = min(reasoning, out_left)
+        out_left -= reasoning
+        output_audio = min(output_audio, out_left)
+        return cls(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write,
+            input_audio_tokens=input_audio,
+            output_audio_tokens=output_audio,
+            reasoning_tokens=reasoning,
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def by_kind(self) -> dict[TokenKind, int]:
+        """Each kind's own tokens (`input` and `output` are the plain-text remainders), zero kinds
+        left out."""
+        counts: dict[TokenKind, int] = {
+            "input": self.input_tokens
+            - self.cache_read_tokens
+            - self.cache_write_tokens
+            - self.input_audio_tokens,
+            "cache_read": self.cache_read_tokens,
+            "cache_write": self.cache_write_tokens,
+            "input_audio": self.input_audio_tokens,
+            "output": self.output_tokens - self.reasoning_tokens - self.output_audio_tokens,
+            "reasoning": self.reasoning_tokens,
+            "output_audio": self.output_audio_tokens,
+        }
+        return {kind: n for kind, n in counts.items() if n}
