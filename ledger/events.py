@@ -53,8 +53,8 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     total_tokens: int = 0
     # The kinds of token billed apart (ledger/tokens.py), parts of the totals above; 0 in events
     # older than them.
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
     input_audio_tokens: int = 0
     output_audio_tokens: int = 0
     reasoning_tokens: int = 0

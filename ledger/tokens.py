@@ -30,11 +30,19 @@ KINDS: Final[tuple[TokenKind, ...]] = (
 )  # fmt: skip
 
 
+# The counts of the parts, as UsageRecorded, the Lago event's properties and the reconciliation
+# export name them (LiteLLM's and OpenAI's words).
+PART_FIELDS: Final = (
+    "cached_input_tokens", "cache_creation_input_tokens", "input_audio_tokens", "reasoning_tokens",
+    "output_audio_tokens",
+)  # fmt: skip
+
+
 class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
     input_tokens: int = 0
     output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
     input_audio_tokens: int = 0
     output_audio_tokens: int = 0
     reasoning_tokens: int = 0
@@ -65,8 +73,8 @@ class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
         return cls(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
-            cache_read_tokens=cache_read,
-            cache_write_tokens=cache_write,
+            cached_input_tokens=cache_read,
+            cache_creation_input_tokens=cache_write,
             input_audio_tokens=input_audio,
             output_audio_tokens=output_audio,
             reasoning_tokens=reasoning,
@@ -81,11 +89,11 @@ class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
         left out."""
         counts: dict[TokenKind, int] = {
             "input": self.input_tokens
-            - self.cache_read_tokens
-            - self.cache_write_tokens
+            - self.cached_input_tokens
+            - self.cache_creation_input_tokens
             - self.input_audio_tokens,
-            "cache_read": self.cache_read_tokens,
-            "cache_write": self.cache_write_tokens,
+            "cache_read": self.cached_input_tokens,
+            "cache_write": self.cache_creation_input_tokens,
             "input_audio": self.input_audio_tokens,
             "output": self.output_tokens - self.reasoning_tokens - self.output_audio_tokens,
             "reasoning": self.reasoning_tokens,

@@ -28,6 +28,7 @@ from typing import Any, Final, Literal
 import asyncpg
 
 from ledger.money import MONEY_CONTEXT
+from ledger.tokens import PART_FIELDS
 
 By = Literal["customer", "user", "team"]
 Period = Literal["day", "month"]
@@ -37,7 +38,8 @@ PERIODS: Final = ("day", "month")
 # LAGO_API_CHARGE_BY → the UsageRecorded field that holds the charge-by id.
 CHARGE_BY_FIELD: Final = {"end_user_id": "customer_id", "user_id": "user_id", "team_id": "team_id"}
 
-COUNT_COLUMNS: Final = ("requests", "input_tokens", "output_tokens")
+# The parts of the token totals billed apart (cached input, …; ledger/tokens.py) follow them.
+COUNT_COLUMNS: Final = ("requests", "input_tokens", "output_tokens", *PART_FIELDS)
 MONEY_COLUMN: Final = "spend"
 STATE_COLUMNS: Final = ("delivered", "pending", "dead_lettered", "unbillable", "not_sent")
 TOTAL_COLUMNS: Final = (*COUNT_COLUMNS, MONEY_COLUMN, *STATE_COLUMNS)
@@ -67,6 +69,21 @@ def _usage_in_range(start: str, end: str) -> str:
     )
 
 
+# The parts (PART_FIELDS, in its order): 0 in events written before they were recorded.
+_PARTS_READ: Final = """
+           coalesce((e.data->>'cached_input_tokens')::bigint, 0) as cached_input_tokens,
+           coalesce((e.data->>'cache_creation_input_tokens')::bigint, 0) as cache_creation_input_tokens,
+           coalesce((e.data->>'input_audio_tokens')::bigint, 0) as input_audio_tokens,
+           coalesce((e.data->>'reasoning_tokens')::bigint, 0) as reasoning_tokens,
+           coalesce((e.data->>'output_audio_tokens')::bigint, 0) as output_audio_tokens,"""
+_PARTS_SUMMED: Final = " ".join(f"sum({f})::bigint as {f}," for f in PART_FIELDS)
+_PARTS_TOTALLED: Final = """
+           coalesce(sum((e.data->>'cached_input_tokens')::bigint), 0)::bigint as cached_input_tokens,
+           coalesce(sum((e.data->>'cache_creation_input_tokens')::bigint), 0)::bigint as cache_creation_input_tokens,
+           coalesce(sum((e.data->>'input_audio_tokens')::bigint), 0)::bigint as input_audio_tokens,
+           coalesce(sum((e.data->>'reasoning_tokens')::bigint), 0)::bigint as reasoning_tokens,
+           coalesce(sum((e.data->>'output_audio_tokens')::bigint), 0)::bigint as output_audio_tokens,"""
+
 # The rows: each request with its Lago row, if any, grouped.
 _ROWS_SQL: Final = f"""
 with usage as (
@@ -74,6 +91,7 @@ with usage as (
            date_trunc($2::text, (e.data->>'ended_at')::timestamptz, 'UTC') as period_start,
            (e.data->>'input_tokens')::bigint as input_tokens,
            (e.data->>'output_tokens')::bigint as output_tokens,
+           {_PARTS_READ}
            (e.data->>'cost')::numeric as cost,
            o.state as lago_state,
            o.id is not null as has_lago_row
@@ -85,6 +103,7 @@ select grp, (period_start at time zone 'UTC')::date as period_start,
        count(*) as requests,
        sum(input_tokens)::bigint as input_tokens,
        sum(output_tokens)::bigint as output_tokens,
+       {_PARTS_SUMMED}
        trim_scale(sum(cost)) as spend,
        count(*) filter (where lago_state = 'delivered') as delivered,
        count(*) filter (where lago_state = 'pending') as pending,
@@ -103,6 +122,7 @@ with ledger as (
     select count(*) as requests,
            coalesce(sum((e.data->>'input_tokens')::bigint), 0)::bigint as input_tokens,
            coalesce(sum((e.data->>'output_tokens')::bigint), 0)::bigint as output_tokens,
+           {_PARTS_TOTALLED}
            trim_scale(coalesce(sum((e.data->>'cost')::numeric), 0)) as spend
     from events e
     where {_usage_in_range("$1", "$2")}

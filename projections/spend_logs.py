@@ -5,7 +5,9 @@ Days are UTC days of `recorded_at`, the moment each usage was committed (indexed
 
 from __future__ import annotations
 
+import json
 from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any, Final
 
 import asyncpg
@@ -13,7 +15,8 @@ import asyncpg
 _COLUMNS: Final = (
     "request_id, call_type, api_key, trim_scale(spend) as spend, total_tokens, prompt_tokens, "
     "completion_tokens, start_time, end_time, model, model_id, model_group, user_id, team_id, end_user, "
-    "status, usage_estimated"
+    "status, usage_estimated, cached_input_tokens, cache_creation_input_tokens, input_audio_tokens, "
+    "reasoning_tokens, output_audio_tokens, costs"
 )
 
 
@@ -51,8 +54,31 @@ def log_view(row: asyncpg.Record) -> dict[str, Any]:
         "end_user": row["end_user"] or "",
         "status": row["status"],
         "usage_estimated": row["usage_estimated"],
-        "metadata": {},
+        # As LiteLLM's spend logs keep it: the usage block with its details, and the cost of each
+        # kind of token (docs/ledger.md, "How a request is priced").
+        "metadata": {
+            "usage_object": {
+                "prompt_tokens": row["prompt_tokens"],
+                "completion_tokens": row["completion_tokens"],
+                "total_tokens": row["total_tokens"],
+                "prompt_tokens_details": {
+                    "cached_tokens": row["cached_input_tokens"],
+                    "cache_creation_tokens": row["cache_creation_input_tokens"],
+                    "audio_tokens": row["input_audio_tokens"],
+                },
+                "completion_tokens_details": {
+                    "reasoning_tokens": row["reasoning_tokens"],
+                    "audio_tokens": row["output_audio_tokens"],
+                },
+            },
+            "cost_breakdown": {kind: Decimal(str(cost)) for kind, cost in _costs(row["costs"]).items()},
+        },
     }
+
+
+def _costs(value: Any) -> dict[str, Any]:
+    # jsonb arrives as text unless a codec is set; numbers keep their digits either way.
+    return json.loads(value, parse_float=Decimal) if isinstance(value, str) else dict(value or {})
 
 
 async def spend_logs(

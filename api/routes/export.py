@@ -36,6 +36,12 @@ class ReconciliationTotals(msgspec.Struct, kw_only=True):
     requests: int
     input_tokens: int
     output_tokens: int
+    # Parts of the two totals, billed apart (docs/ledger.md, "How a request is priced").
+    cached_input_tokens: int
+    cache_creation_input_tokens: int
+    input_audio_tokens: int
+    reasoning_tokens: int
+    output_audio_tokens: int
     spend: Decimal
     delivered: int
     pending: int

@@ -25,6 +25,7 @@ from ledger.config import LagoSettings
 from ledger.events import UsageRecorded
 from ledger.outbox import Claimed, Delivery, OutboxRow
 from ledger.sinks.http import PostTarget
+from ledger.tokens import PART_FIELDS
 
 NAME: Final = "lago"
 MAX_BATCH: Final = 100
@@ -38,19 +39,10 @@ def charge_by_id(event: UsageRecorded, charge_by: str) -> str | None:
     )
 
 
-# The kinds of token billed apart, as Lago properties (parts of input_tokens and output_tokens;
-# present when the request used them, for billable metrics that price them apart).
-KIND_PROPERTIES: Final = {
-    "cached_input_tokens": "cache_read_tokens",
-    "cache_creation_input_tokens": "cache_write_tokens",
-    "input_audio_tokens": "input_audio_tokens",
-    "reasoning_tokens": "reasoning_tokens",
-    "output_audio_tokens": "output_audio_tokens",
-}
-
-
 def token_kind_properties(event: UsageRecorded) -> dict[str, int]:
-    return {name: n for name, field in KIND_PROPERTIES.items() if (n := getattr(event, field))}
+    """The parts of input_tokens and output_tokens billed apart (ledger/tokens.py), each present
+    when the request used it, for billable metrics that price them apart."""
+    return {name: n for name in PART_FIELDS if (n := getattr(event, name))}
 
 
 def lago_row(event: UsageRecorded, settings: LagoSettings) -> OutboxRow:

@@ -22,8 +22,9 @@ import httpx
 import pytest
 
 from ledger.identifiers import ID_RULE
+from ledger.tokens import PART_FIELDS
 from projections.export_files import csv_bytes, parquet_table
-from projections.reconciliation import ReconciliationReport
+from projections.reconciliation import TOTAL_COLUMNS, ReconciliationReport
 from tests.e2e.test_bad_input import assert_envelope, event_count
 from tests.support import PROJECT_ROOT, PostgresForTests, RunningServer, run_server
 
@@ -280,7 +281,7 @@ def test_csv_export_escapes_cells_that_start_like_a_formula(server: RunningServe
         summary=_totals(Decimal("-1.50")),
     )
     row = _csv_cells(csv_bytes(report))["'-x"]
-    assert row[5] == "-1.50" and row[2] == "-2", row
+    assert row[2 + TOTAL_COLUMNS.index("spend")] == "-1.50" and row[2] == "-2", row
     assert parquet_table(report).column("customer_id").to_pylist() == ["-x"]
 
 
@@ -289,6 +290,7 @@ def _totals(spend: Decimal) -> dict[str, Any]:
         "requests": -2,
         "input_tokens": 0,
         "output_tokens": 0,
+        **dict.fromkeys(PART_FIELDS, 0),
         "spend": spend,
         "delivered": 0,
         "pending": 0,

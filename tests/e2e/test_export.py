@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ledger.tokens import PART_FIELDS
 from tests.e2e.conftest import MASTER_KEY, proxy_config
 from tests.e2e.enforcement_support import AUTH, decimal_json, post, query, wait_until
 from tests.e2e.outbox_support import (
@@ -42,6 +43,7 @@ COLUMNS = [
     "requests",
     "input_tokens",
     "output_tokens",
+    *PART_FIELDS,
     "spend",
     "delivered",
     "pending",
@@ -49,6 +51,7 @@ COLUMNS = [
     "unbillable",
     "not_sent",
 ]
+SPEND = COLUMNS.index("spend")
 CUSTOMERS = ["exp-a", "exp-b", "exp-c"]
 
 
@@ -84,6 +87,8 @@ def ledger_rows(database_url: str) -> dict[str | None, dict[str, Any]]:
         row["requests"] += 1
         row["input_tokens"] += data["input_tokens"]
         row["output_tokens"] += data["output_tokens"]
+        for part in PART_FIELDS:
+            row[part] += data.get(part, 0)
         row["spend"] += Decimal(data["cost"])  # a handful of 7-decimal costs: no rounding at 28 digits
         row[column.get(states.get(data["call_id"], ""), "not_sent")] += 1
     return dict(rows)
@@ -167,11 +172,11 @@ def test_the_route_exports_the_ledger_exactly_as_json_csv_and_parquet(
         lines = list(csv.reader(io.StringIO(csv_response.text)))
         assert lines[0] == COLUMNS
         assert lines[-1][:2] == ["TOTAL", ""]
-        assert Decimal(lines[-1][5]) == summary["spend"] and lines[-1][5] == format(summary["spend"], "f")
+        assert Decimal(lines[-1][SPEND]) == summary["spend"] and lines[-1][SPEND] == format(summary["spend"], "f")
         for line in lines[1:-1]:
             row = expected[line[0] or None]
-            assert Decimal(line[5]) == row["spend"]
-            assert [int(v) for v in line[2:5] + line[6:]] == [row[c] for c in COLUMNS[2:] if c != "spend"]
+            assert Decimal(line[SPEND]) == row["spend"]
+            assert [int(v) for v in line[2:SPEND] + line[SPEND + 1 :]] == [row[c] for c in COLUMNS[2:] if c != "spend"]
 
         parquet_response = export(server.base_url, format="parquet", by="team")
         assert parquet_response.status_code == 200, parquet_response.text

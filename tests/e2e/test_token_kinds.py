@@ -81,6 +81,14 @@ def ask(server: RunningServer, model: str, customer: str, stream: bool = False) 
     return response
 
 
+def spend_log(server: RunningServer, call_id: str) -> dict[str, Any]:
+    logs = httpx.get(f"{server.base_url}/spend/logs", params={"request_id": call_id}, headers=AUTH, timeout=30)
+    assert logs.status_code == 200, logs.text
+    (log,) = json.loads(logs.text, parse_float=Decimal)
+    assert isinstance(log, dict)
+    return log
+
+
 async def usage_event(server: RunningServer, call_id: str) -> dict[str, Any]:
     conn = await asyncpg.connect(server.database_url)
     try:
@@ -111,13 +119,18 @@ async def test_cached_and_reasoning_tokens_at_their_configured_prices(
         assert Decimal(response.headers["x-litellm-response-cost"]) == expected
     assert event["cost"] == expected
     assert (event["input_tokens"], event["output_tokens"]) == (PROMPT, TEXT_OUT + REASONING)
-    assert (event["cache_read_tokens"], event["reasoning_tokens"]) == (CACHED, REASONING)
+    assert (event["cached_input_tokens"], event["reasoning_tokens"]) == (CACHED, REASONING)
     assert event["unit_prices"] == {
         "input": Decimal("0.000003"), "cache_read": Decimal("0.0000003"),
         "output": Decimal("0.000015"), "reasoning": Decimal("0.00002"),
     }  # fmt: skip
     assert event["costs"]["cache_read"] == CACHED * Decimal("0.0000003")
     assert sum(event["costs"].values()) == expected
+
+    log = spend_log(server, event["call_id"])
+    assert log["metadata"]["usage_object"]["prompt_tokens_details"]["cached_tokens"] == CACHED
+    assert log["metadata"]["usage_object"]["completion_tokens_details"]["reasoning_tokens"] == REASONING
+    assert log["metadata"]["cost_breakdown"] == event["costs"]
 
     assert wait_until(lambda: len(lago.app.events_for(customer)) == 1, 30)
     properties = lago.app.events_for(customer)[0]["properties"]

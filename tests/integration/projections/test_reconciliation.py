@@ -28,6 +28,7 @@ import pytest
 from ledger.config import LagoSettings
 from ledger.events import UsageRecorded
 from ledger.sinks.lago import lago_row
+from ledger.tokens import PART_FIELDS
 from ledger.usage import RecordingContext, record_usage
 from projections.export_files import csv_bytes, parquet_bytes
 from projections.lago_reconcile import reconcile
@@ -101,6 +102,18 @@ def many_digit_cost(rng: random.Random) -> Decimal:
     return Decimal(rng.randint(1, 10**20)).scaleb(-18)
 
 
+def parts(rng: random.Random, input_tokens: int, output_tokens: int) -> dict[str, int]:
+    """Cached input and reasoning in some requests, as a provider reports them (parts of the totals)."""
+    if rng.random() < 0.5:
+        return {}
+    cached = rng.randint(0, input_tokens)
+    return {
+        "cached_input_tokens": cached,
+        "cache_creation_input_tokens": rng.randint(0, input_tokens - cached),
+        "reasoning_tokens": rng.randint(0, output_tokens),
+    }
+
+
 def random_ledger(seed: int, count: int) -> list[tuple[UsageRecorded, bool]]:
     """(event, has a Lago row) pairs: varied ids (None included), instants and costs."""
     rng = random.Random(seed)
@@ -118,6 +131,7 @@ def random_ledger(seed: int, count: int) -> list[tuple[UsageRecorded, bool]]:
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             total_tokens=input_tokens + output_tokens,
+            **parts(rng, input_tokens, output_tokens),
         )
         ledger.append((event, rng.random() < 0.85))  # the rest were recorded while Lago was off
     return ledger
@@ -167,6 +181,8 @@ def expected_rows(
         group["requests"] += 1
         group["input_tokens"] += event.input_tokens
         group["output_tokens"] += event.output_tokens
+        for part in PART_FIELDS:
+            group[part] += getattr(event, part)
         group["spend"] = EXACT.add(group["spend"], event.cost)
         group[STATE_COLUMN[states.get(event.call_id)]] += 1
     return groups
@@ -184,16 +200,20 @@ async def ledger_totals_from_the_log(pool: asyncpg.Pool) -> dict[str, Any]:
     """The totals, from the stored event JSON, added up here with Python Decimal."""
     rows = await pool.fetch("select data::text as data from events where type = 'UsageRecorded'")
     spend, requests, input_tokens, output_tokens = Decimal(0), 0, 0, 0
+    part_totals = dict.fromkeys(PART_FIELDS, 0)
     for row in rows:
         data = json.loads(row["data"], parse_float=Decimal)
         spend = EXACT.add(spend, Decimal(data["cost"]))
         requests += 1
         input_tokens += data["input_tokens"]
         output_tokens += data["output_tokens"]
+        for part in PART_FIELDS:
+            part_totals[part] += data.get(part, 0)
     return {
         "requests": requests,
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
+        **part_totals,
         "spend": spend,
     }
 
@@ -352,8 +372,8 @@ async def test_csv_round_trip_is_exact(pool: asyncpg.Pool, ledger: list[UsageRec
 async def test_csv_writes_tiny_amounts_without_an_exponent(pool: asyncpg.Pool) -> None:
     await record(pool, [(usage("tiny", INSTANTS[3], Decimal("0.0000001"), customer_id="t"), True)])
     content = csv_bytes(await reconciliation_rows(pool, "customer", "day")).decode()
-    assert content.splitlines()[1] == "t,2026-11-01,1,10,5,0.0000001,0,1,0,0,0"
-    assert content.splitlines()[2] == "TOTAL,,1,10,5,0.0000001,0,1,0,0,0"
+    assert content.splitlines()[1] == "t,2026-11-01,1,10,5,0,0,0,0,0,0.0000001,0,1,0,0,0"
+    assert content.splitlines()[2] == "TOTAL,,1,10,5,0,0,0,0,0,0.0000001,0,1,0,0,0"
 
 
 @pytest.mark.parametrize("period", ["day", "month"])

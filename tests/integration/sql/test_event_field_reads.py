@@ -65,6 +65,8 @@ PROJECTION_EVENT_VALUES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
     "reconciliation.py:_usage_in_range": {"e.data": USAGE},
     "reconciliation.py:_ROWS_SQL": {"e.data": USAGE},  # where _usage_in_range(…)
     "reconciliation.py:_SUMMARY_SQL": {"e.data": USAGE},
+    "reconciliation.py:_PARTS_READ": {"e.data": USAGE},  # inside _ROWS_SQL
+    "reconciliation.py:_PARTS_TOTALLED": {"e.data": USAGE},  # inside _SUMMARY_SQL
 }
 
 # Every other JSON value read, with what it holds. A set of names is checked like an event's

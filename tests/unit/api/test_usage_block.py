@@ -25,7 +25,7 @@ def test_openai_details() -> None:
                                       "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
     }  # fmt: skip
     assert tokens(block) == TokenUsage(
-        input_tokens=2006, output_tokens=300, cache_read_tokens=1920, reasoning_tokens=192
+        input_tokens=2006, output_tokens=300, cached_input_tokens=1920, reasoning_tokens=192
     )
 
 
@@ -46,7 +46,7 @@ def test_litellm_spelling_of_anthropic_cache_counts() -> None:
         "cache_creation_input_tokens": 1000, "cache_read_input_tokens": 2000,
     }  # fmt: skip
     assert tokens(block) == TokenUsage(
-        input_tokens=3500, output_tokens=40, cache_read_tokens=2000, cache_write_tokens=1000
+        input_tokens=3500, output_tokens=40, cached_input_tokens=2000, cache_creation_input_tokens=1000
     )
 
 
@@ -54,7 +54,7 @@ def test_anthropic_shape_adds_the_cache_to_the_input() -> None:
     block = {"input_tokens": 500, "output_tokens": 40, "cache_creation_input_tokens": 1000,
              "cache_read_input_tokens": 2000}  # fmt: skip
     assert tokens(block) == TokenUsage(
-        input_tokens=3500, output_tokens=40, cache_read_tokens=2000, cache_write_tokens=1000
+        input_tokens=3500, output_tokens=40, cached_input_tokens=2000, cache_creation_input_tokens=1000
     )
 
 
@@ -73,7 +73,7 @@ def test_parts_larger_than_their_totals_are_cut_to_them() -> None:
         "prompt_tokens_details": {"cached_tokens": 5000, "audio_tokens": 50},
         "completion_tokens_details": {"reasoning_tokens": 99},
     }  # fmt: skip
-    assert tokens(block) == TokenUsage(input_tokens=100, output_tokens=10, cache_read_tokens=100, reasoning_tokens=10)
+    assert tokens(block) == TokenUsage(input_tokens=100, output_tokens=10, cached_input_tokens=100, reasoning_tokens=10)
 
 
 @pytest.mark.parametrize(

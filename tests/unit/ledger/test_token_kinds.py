@@ -174,7 +174,7 @@ def test_our_charge_is_genai_prices_own_calculation(
     theirs = calc_price(
         Usage(
             input_tokens=tokens.input_tokens, output_tokens=tokens.output_tokens,
-            cache_read_tokens=tokens.cache_read_tokens, cache_write_tokens=tokens.cache_write_tokens,
+            cache_read_tokens=tokens.cached_input_tokens, cache_write_tokens=tokens.cache_creation_input_tokens,
             input_audio_tokens=tokens.input_audio_tokens, output_audio_tokens=tokens.output_audio_tokens,
         ),
         model_ref=ref,
