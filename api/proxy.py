@@ -51,11 +51,13 @@ class PromptDetails(msgspec.Struct, kw_only=True):
     cached_tokens: Count | None = None
     cache_creation_tokens: Count | None = None  # LiteLLM's spelling, for an upstream LiteLLM
     audio_tokens: Count | None = None
+    image_tokens: Count | None = None
 
 
 class CompletionDetails(msgspec.Struct, kw_only=True):
     reasoning_tokens: Count | None = None
     audio_tokens: Count | None = None
+    image_tokens: Count | None = None
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -89,7 +91,9 @@ class Usage(msgspec.Struct, kw_only=True):
             cache_read=cache_read,
             cache_write=cache_write,
             input_audio=prompt.audio_tokens or 0,
+            input_image=prompt.image_tokens or 0,
             output_audio=completion.audio_tokens or 0,
+            output_image=completion.image_tokens or 0,
             reasoning=completion.reasoning_tokens or 0,
         )
 
@@ -173,7 +177,9 @@ class Exchange:
             cached_input_tokens=tokens.cached_input_tokens,
             cache_creation_input_tokens=tokens.cache_creation_input_tokens,
             input_audio_tokens=tokens.input_audio_tokens,
+            input_image_tokens=tokens.input_image_tokens,
             output_audio_tokens=tokens.output_audio_tokens,
+            output_image_tokens=tokens.output_image_tokens,
             reasoning_tokens=tokens.reasoning_tokens,
             usage_estimated=estimated,
             input_cost_per_token=cost.input_cost_per_token,

@@ -101,6 +101,8 @@ PRICE_KEYS: Final[dict[str, TokenKind]] = {
     "cache_creation_input_token_cost": "cache_write",
     "input_cost_per_audio_token": "input_audio",
     "output_cost_per_audio_token": "output_audio",
+    "input_cost_per_image_token": "input_image",
+    "output_cost_per_image_token": "output_image",
     "output_cost_per_reasoning_token": "reasoning",
 }
 _TIERED_PRICE_KEY: Final = re.compile(rf"({'|'.join(PRICE_KEYS)})_above_([0-9]{{1,9}})(k?)_tokens")

@@ -56,7 +56,9 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     cached_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
     input_audio_tokens: int = 0
+    input_image_tokens: int = 0
     output_audio_tokens: int = 0
+    output_image_tokens: int = 0
     reasoning_tokens: int = 0
     usage_estimated: bool = False  # true when the upstream never reported usage (e.g. a client hung up)
     input_cost_per_token: Decimal | None = None
@@ -66,7 +68,7 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     # for an unpriced model.
     unit_prices: dict[TokenKind, Decimal] = {}
     costs: dict[TokenKind, Decimal] = {}
-    unpriced_kinds: tuple[TokenKind, ...] = ()  # used, with no price of their own (audio)
+    unpriced_kinds: tuple[TokenKind, ...] = ()  # used, with no price of their own (audio, image)
     cost: Decimal
     priced: bool
     started_at: datetime

@@ -6,8 +6,8 @@ first, so an `openai/` deployment on OpenRouter's URL is looked up as OpenRouter
 prefix). Both become one `Price`: a per-token price for input and output, the kinds priced apart
 (prompt-cache reads and writes, audio, reasoning) and tiers — prices that apply to every token of a
 request whose input passes a threshold, the cliff providers bill. A kind without a price of its own
-is billed at its parent's (tokens.PARENT), as providers and LiteLLM do; audio without one is
-billed so too but named as unpriced (its real price is usually far higher).
+is billed at its parent's (tokens.PARENT), as providers and LiteLLM do; audio and image tokens
+without one are billed so too but named as unpriced (their real price is usually far higher).
 
 Prices are resolved once per deployment at start-up (a `PriceBook`). Events carry the unit prices
 and the cost of each kind they were charged: a replay never re-prices. The same catalogue entry
@@ -38,10 +38,14 @@ _CATALOGUE_KINDS: Final[dict[str, TokenKind]] = {
     "cache_write_mtok": "cache_write",
     "input_audio_mtok": "input_audio",
     "output_audio_mtok": "output_audio",
+    "input_image_mtok": "input_image",
+    "output_image_mtok": "output_image",
     "output_reasoning_mtok": "reasoning",
 }
 _INPUT_SIDE: Final = frozenset(k for k in KINDS if k == "input" or PARENT.get(k) == "input")
-_NAMED_WHEN_UNPRICED: Final[frozenset[TokenKind]] = frozenset({"input_audio", "output_audio"})
+_NAMED_WHEN_UNPRICED: Final[frozenset[TokenKind]] = frozenset(
+    {"input_audio", "output_audio", "input_image", "output_image"}
+)
 
 
 class PriceTier(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,7 +102,7 @@ class Charge(msgspec.Struct, frozen=True, kw_only=True):
     costs: dict[TokenKind, Decimal]
     total: Decimal
     priced: bool
-    unpriced_kinds: tuple[TokenKind, ...] = ()  # used, with no price of their own (audio)
+    unpriced_kinds: tuple[TokenKind, ...] = ()  # used, with no price of their own (audio, image)
     # The per-token input and output prices that applied (a tier's, past its threshold).
     input_cost_per_token: Decimal | None = None
     output_cost_per_token: Decimal | None = None

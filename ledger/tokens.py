@@ -14,27 +14,31 @@ from typing import Final, Literal
 import msgspec
 
 TokenKind = Literal[
-    "input", "cache_read", "cache_write", "input_audio", "output", "reasoning", "output_audio"
-]
+    "input", "cache_read", "cache_write", "input_audio", "input_image",
+    "output", "reasoning", "output_audio", "output_image",
+]  # fmt: skip
 # Each kind that is part of a total, with that total's own kind: a kind without a price of its own
 # is billed at its parent's (prompt-cache reads and writes as input, reasoning as output).
 PARENT: Final[dict[TokenKind, TokenKind]] = {
     "cache_read": "input",
     "cache_write": "input",
     "input_audio": "input",
+    "input_image": "input",
     "reasoning": "output",
     "output_audio": "output",
+    "output_image": "output",
 }
 KINDS: Final[tuple[TokenKind, ...]] = (
-    "input", "cache_read", "cache_write", "input_audio", "output", "reasoning", "output_audio",
+    "input", "cache_read", "cache_write", "input_audio", "input_image",
+    "output", "reasoning", "output_audio", "output_image",
 )  # fmt: skip
 
 
 # The counts of the parts, as UsageRecorded, the Lago event's properties and the reconciliation
 # export name them (LiteLLM's and OpenAI's words).
 PART_FIELDS: Final = (
-    "cached_input_tokens", "cache_creation_input_tokens", "input_audio_tokens", "reasoning_tokens",
-    "output_audio_tokens",
+    "cached_input_tokens", "cache_creation_input_tokens", "input_audio_tokens", "input_image_tokens",
+    "reasoning_tokens", "output_audio_tokens", "output_image_tokens",
 )  # fmt: skip
 
 
@@ -44,7 +48,9 @@ class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
     cached_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
     input_audio_tokens: int = 0
+    input_image_tokens: int = 0
     output_audio_tokens: int = 0
+    output_image_tokens: int = 0
     reasoning_tokens: int = 0
 
     @classmethod
@@ -56,7 +62,9 @@ class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
         cache_read: int = 0,
         cache_write: int = 0,
         input_audio: int = 0,
+        input_image: int = 0,
         output_audio: int = 0,
+        output_image: int = 0,
         reasoning: int = 0,
     ) -> TokenUsage:
         """A provider's counts, each part cut to what its total leaves (in the order listed)."""
@@ -66,17 +74,23 @@ class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
         cache_write = min(cache_write, left)
         left -= cache_write
         input_audio = min(input_audio, left)
+        left -= input_audio
+        input_image = min(input_image, left)
         out_left = output_tokens
         reasoning = min(reasoning, out_left)
         out_left -= reasoning
         output_audio = min(output_audio, out_left)
+        out_left -= output_audio
+        output_image = min(output_image, out_left)
         return cls(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cached_input_tokens=cache_read,
             cache_creation_input_tokens=cache_write,
             input_audio_tokens=input_audio,
+            input_image_tokens=input_image,
             output_audio_tokens=output_audio,
+            output_image_tokens=output_image,
             reasoning_tokens=reasoning,
         )
 
@@ -91,12 +105,18 @@ class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
             "input": self.input_tokens
             - self.cached_input_tokens
             - self.cache_creation_input_tokens
-            - self.input_audio_tokens,
+            - self.input_audio_tokens
+            - self.input_image_tokens,
             "cache_read": self.cached_input_tokens,
             "cache_write": self.cache_creation_input_tokens,
             "input_audio": self.input_audio_tokens,
-            "output": self.output_tokens - self.reasoning_tokens - self.output_audio_tokens,
+            "input_image": self.input_image_tokens,
+            "output": self.output_tokens
+            - self.reasoning_tokens
+            - self.output_audio_tokens
+            - self.output_image_tokens,
             "reasoning": self.reasoning_tokens,
             "output_audio": self.output_audio_tokens,
+            "output_image": self.output_image_tokens,
         }
         return {kind: n for kind, n in counts.items() if n}

@@ -74,15 +74,19 @@ _PARTS_READ: Final = """
            coalesce((e.data->>'cached_input_tokens')::bigint, 0) as cached_input_tokens,
            coalesce((e.data->>'cache_creation_input_tokens')::bigint, 0) as cache_creation_input_tokens,
            coalesce((e.data->>'input_audio_tokens')::bigint, 0) as input_audio_tokens,
+           coalesce((e.data->>'input_image_tokens')::bigint, 0) as input_image_tokens,
            coalesce((e.data->>'reasoning_tokens')::bigint, 0) as reasoning_tokens,
-           coalesce((e.data->>'output_audio_tokens')::bigint, 0) as output_audio_tokens,"""
+           coalesce((e.data->>'output_audio_tokens')::bigint, 0) as output_audio_tokens,
+           coalesce((e.data->>'output_image_tokens')::bigint, 0) as output_image_tokens,"""
 _PARTS_SUMMED: Final = " ".join(f"sum({f})::bigint as {f}," for f in PART_FIELDS)
 _PARTS_TOTALLED: Final = """
            coalesce(sum((e.data->>'cached_input_tokens')::bigint), 0)::bigint as cached_input_tokens,
            coalesce(sum((e.data->>'cache_creation_input_tokens')::bigint), 0)::bigint as cache_creation_input_tokens,
            coalesce(sum((e.data->>'input_audio_tokens')::bigint), 0)::bigint as input_audio_tokens,
+           coalesce(sum((e.data->>'input_image_tokens')::bigint), 0)::bigint as input_image_tokens,
            coalesce(sum((e.data->>'reasoning_tokens')::bigint), 0)::bigint as reasoning_tokens,
-           coalesce(sum((e.data->>'output_audio_tokens')::bigint), 0)::bigint as output_audio_tokens,"""
+           coalesce(sum((e.data->>'output_audio_tokens')::bigint), 0)::bigint as output_audio_tokens,
+           coalesce(sum((e.data->>'output_image_tokens')::bigint), 0)::bigint as output_image_tokens,"""
 
 # The rows: each request with its Lago row, if any, grouped.
 _ROWS_SQL: Final = f"""

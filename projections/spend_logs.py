@@ -16,7 +16,7 @@ _COLUMNS: Final = (
     "request_id, call_type, api_key, trim_scale(spend) as spend, total_tokens, prompt_tokens, "
     "completion_tokens, start_time, end_time, model, model_id, model_group, user_id, team_id, end_user, "
     "status, usage_estimated, cached_input_tokens, cache_creation_input_tokens, input_audio_tokens, "
-    "reasoning_tokens, output_audio_tokens, costs"
+    "input_image_tokens, reasoning_tokens, output_audio_tokens, output_image_tokens, costs"
 )
 
 
@@ -65,10 +65,12 @@ def log_view(row: asyncpg.Record) -> dict[str, Any]:
                     "cached_tokens": row["cached_input_tokens"],
                     "cache_creation_tokens": row["cache_creation_input_tokens"],
                     "audio_tokens": row["input_audio_tokens"],
+                    "image_tokens": row["input_image_tokens"],
                 },
                 "completion_tokens_details": {
                     "reasoning_tokens": row["reasoning_tokens"],
                     "audio_tokens": row["output_audio_tokens"],
+                    "image_tokens": row["output_image_tokens"],
                 },
             },
             "cost_breakdown": {kind: Decimal(str(cost)) for kind, cost in _costs(row["costs"]).items()},

@@ -21,7 +21,7 @@ drop view spend_logs;
 
 drop function sl_spend_log_row(jsonb);
 
-create or replace function sl_spend_log_row(d jsonb) returns table (request_id text, call_type text, api_key text, spend numeric, total_tokens bigint, prompt_tokens bigint, completion_tokens bigint, start_time timestamptz, end_time timestamptz, model text, model_id text, model_group text, user_id text, team_id text, end_user text, status text, usage_estimated boolean, cached_input_tokens bigint, cache_creation_input_tokens bigint, input_audio_tokens bigint, reasoning_tokens bigint, output_audio_tokens bigint, costs jsonb)
+create or replace function sl_spend_log_row(d jsonb) returns table (request_id text, call_type text, api_key text, spend numeric, total_tokens bigint, prompt_tokens bigint, completion_tokens bigint, start_time timestamptz, end_time timestamptz, model text, model_id text, model_group text, user_id text, team_id text, end_user text, status text, usage_estimated boolean, cached_input_tokens bigint, cache_creation_input_tokens bigint, input_audio_tokens bigint, input_image_tokens bigint, reasoning_tokens bigint, output_audio_tokens bigint, output_image_tokens bigint, costs jsonb)
 language sql immutable as $$
     select d->>'call_id', d->>'route', d->>'key_hash', (d->>'cost')::numeric,
            (d->>'total_tokens')::bigint, (d->>'input_tokens')::bigint, (d->>'output_tokens')::bigint,
@@ -29,8 +29,9 @@ language sql immutable as $$
            d->>'deployment_id', d->>'model_group', d->>'user_id', d->>'team_id', d->>'customer_id',
            d->>'status', coalesce((d->>'usage_estimated')::boolean, false),
            coalesce((d->>'cached_input_tokens')::bigint, 0), coalesce((d->>'cache_creation_input_tokens')::bigint, 0),
-           coalesce((d->>'input_audio_tokens')::bigint, 0), coalesce((d->>'reasoning_tokens')::bigint, 0),
-           coalesce((d->>'output_audio_tokens')::bigint, 0), coalesce(d->'costs', '{}')
+           coalesce((d->>'input_audio_tokens')::bigint, 0), coalesce((d->>'input_image_tokens')::bigint, 0),
+           coalesce((d->>'reasoning_tokens')::bigint, 0), coalesce((d->>'output_audio_tokens')::bigint, 0),
+           coalesce((d->>'output_image_tokens')::bigint, 0), coalesce(d->'costs', '{}')
 $$;
 
 create view spend_logs as

@@ -40,8 +40,10 @@ class ReconciliationTotals(msgspec.Struct, kw_only=True):
     cached_input_tokens: int
     cache_creation_input_tokens: int
     input_audio_tokens: int
+    input_image_tokens: int
     reasoning_tokens: int
     output_audio_tokens: int
+    output_image_tokens: int
     spend: Decimal
     delivered: int
     pending: int

@@ -38,6 +38,17 @@ def test_openai_audio_details() -> None:
     assert tokens(block) == TokenUsage(input_tokens=100, output_tokens=80, input_audio_tokens=60, output_audio_tokens=70)
 
 
+def test_image_details() -> None:
+    block = {
+        "prompt_tokens": 1300, "completion_tokens": 4200,
+        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": 1000, "text_tokens": 300},
+        "completion_tokens_details": {"image_tokens": 4160},
+    }  # fmt: skip
+    assert tokens(block) == TokenUsage(
+        input_tokens=1300, output_tokens=4200, input_image_tokens=1000, output_image_tokens=4160
+    )
+
+
 def test_litellm_spelling_of_anthropic_cache_counts() -> None:
     # LiteLLM's OpenAI-shaped answer for Claude: prompt_tokens counts the cache's tokens too.
     block = {

@@ -18,7 +18,7 @@ from ledger.config import ConfigError, Deployment, _DecimalLoader, parse_setting
 from ledger.holds import WorstCase, worst_case_cost
 from ledger.money import cost_of
 from ledger.pricing import Price, PriceTier, catalogue_price, charge, from_catalogue, price_for
-from ledger.tokens import TokenUsage
+from ledger.tokens import PARENT, TokenUsage
 
 M = Decimal(1_000_000)
 
@@ -149,6 +149,7 @@ CATALOGUE = [
     ("anthropic", "claude-sonnet-4"),
     ("google", "gemini-2.5-pro"),
     ("openrouter", "openai/gpt-4o"),
+    ("openai", "gpt-image-1"),
 ]
 
 
@@ -161,14 +162,18 @@ CATALOGUE = [
     st.integers(0, 400_000),
     st.integers(0, 50_000),
     st.integers(0, 50_000),
+    st.integers(0, 50_000),
+    st.integers(0, 50_000),
 )
 def test_our_charge_is_genai_prices_own_calculation(
-    model: tuple[str, str], input_tokens: int, output_tokens: int, cached: int, written: int, audio_in: int, audio_out: int
-) -> None:
+    model: tuple[str, str], input_tokens: int, output_tokens: int, cached: int, written: int, audio_in: int,
+    audio_out: int, image_in: int, image_out: int,
+) -> None:  # fmt: skip
     provider, ref = model
     tokens = TokenUsage.reported(
-        input_tokens, output_tokens, cache_read=cached, cache_write=written, input_audio=audio_in, output_audio=audio_out
-    )
+        input_tokens, output_tokens, cache_read=cached, cache_write=written, input_audio=audio_in,
+        output_audio=audio_out, input_image=image_in, output_image=image_out,
+    )  # fmt: skip
     found = calc_price(Usage(input_tokens=0, output_tokens=0), model_ref=ref, provider_id=provider)
     ours = charge(from_catalogue(found.model_price), tokens)
     theirs = calc_price(
@@ -176,6 +181,9 @@ def test_our_charge_is_genai_prices_own_calculation(
             input_tokens=tokens.input_tokens, output_tokens=tokens.output_tokens,
             cache_read_tokens=tokens.cached_input_tokens, cache_write_tokens=tokens.cache_creation_input_tokens,
             input_audio_tokens=tokens.input_audio_tokens, output_audio_tokens=tokens.output_audio_tokens,
+            input_image_tokens=tokens.input_image_tokens, output_image_tokens=tokens.output_image_tokens,
+            # Our parts are disjoint: cached tokens are not also audio or image tokens.
+            cache_audio_read_tokens=0, cache_image_read_tokens=0,
         ),
         model_ref=ref,
         provider_id=provider,
@@ -186,19 +194,21 @@ def test_our_charge_is_genai_prices_own_calculation(
 
 @given(
     st.integers(0, 10**9), st.integers(0, 10**9), st.integers(0, 10**10), st.integers(0, 10**10),
-    st.integers(0, 10**10), st.integers(0, 10**10), st.integers(0, 10**10),
+    st.integers(0, 10**10), st.integers(0, 10**10), st.integers(0, 10**10), st.integers(0, 10**10),
+    st.integers(0, 10**10),
 )  # fmt: skip
 def test_a_reported_usage_keeps_every_part_inside_its_total(
-    input_tokens: int, output_tokens: int, cached: int, written: int, audio: int, reasoning: int, audio_out: int
-) -> None:
+    input_tokens: int, output_tokens: int, cached: int, written: int, audio: int, image: int, reasoning: int,
+    audio_out: int, image_out: int,
+) -> None:  # fmt: skip
     usage = TokenUsage.reported(
-        input_tokens, output_tokens, cache_read=cached, cache_write=written, input_audio=audio,
-        reasoning=reasoning, output_audio=audio_out,
+        input_tokens, output_tokens, cache_read=cached, cache_write=written, input_audio=audio, input_image=image,
+        reasoning=reasoning, output_audio=audio_out, output_image=image_out,
     )  # fmt: skip
     parts = usage.by_kind()
     assert all(n > 0 for n in parts.values())
-    assert sum(n for k, n in parts.items() if k in ("input", "cache_read", "cache_write", "input_audio")) == input_tokens
-    assert sum(n for k, n in parts.items() if k in ("output", "reasoning", "output_audio")) == output_tokens
+    assert sum(n for k, n in parts.items() if k == "input" or PARENT.get(k) == "input") == input_tokens
+    assert sum(n for k, n in parts.items() if k == "output" or PARENT.get(k) == "output") == output_tokens
 
 
 def test_the_hold_covers_the_dearest_kind_and_the_tier_it_may_reach() -> None:
