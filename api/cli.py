@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import sys
@@ -195,8 +196,16 @@ async def _publish_forever(settings: Settings, url: str) -> None:
         raise SystemExit(2)
     log.info("publishing", sinks=[sink.name for sink in runner.sinks])
     freeze_startup_heap()
+    # SIGTERM (the server stopping its child, or an operator) cancels the publisher where it waits,
+    # so it gives back the rows it claimed and closes its connections: a KeyboardInterrupt raised
+    # at any bytecode could leave a connection half-used and the close waiting on it.
+    publishing = asyncio.current_task()
+    assert publishing is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, publishing.cancel)
     try:
         await runner.publisher.run()
+    except asyncio.CancelledError:
+        log.info("publisher_stopping")
     finally:
         await runner.stop()
         await pool.close()

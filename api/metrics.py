@@ -17,6 +17,11 @@ REQUESTS: Final = Counter(
 UNPRICED: Final = Counter(
     "spendledger_unpriced_requests_total", "Requests served for a model with no price", ["model"]
 )
+UNPRICED_KINDS: Final = Counter(
+    "spendledger_unpriced_token_kinds_total",
+    "Requests that used a kind of token (audio, image) with no price of its own, billed at the plain token's",
+    ["model", "kind"],
+)
 ADMISSIONS: Final = Counter(
     "spendledger_admissions_total",
     "Admission decisions by how they were made: in memory from a budget lease, or by a round trip",
@@ -63,11 +68,15 @@ def observe_admission(under_lease: bool, admitted: bool) -> None:
     ADMISSIONS.labels("lease" if under_lease else "database", "admitted" if admitted else "refused").inc()
 
 
-def observe_request(route: str, status: str, model: str, priced: bool) -> None:
+def observe_request(
+    route: str, status: str, model: str, priced: bool, unpriced_kinds: Sequence[str] = ()
+) -> None:
     """A request's terminal event: `status` is its UsageRecorded status, or "refused"."""
     REQUESTS.labels(route, status).inc()
     if not priced:
         UNPRICED.labels(model).inc()
+    for kind in unpriced_kinds:
+        UNPRICED_KINDS.labels(model, kind).inc()
 
 
 def observe_hold_exceeded(model: str) -> None:

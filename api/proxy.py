@@ -109,6 +109,20 @@ class _UsageOnly(msgspec.Struct):
 _usage_decoder: Final = msgspec.json.Decoder(_UsageOnly)
 
 
+_warned_unpriced: set[tuple[str, str]] = set()
+
+
+def _warn_unpriced_once(deployment_id: str, model: str, kind: str) -> None:
+    """A kind of token used with no price of its own: one warning per deployment and kind (each
+    request is counted by `spendledger_unpriced_token_kinds_total`, and named in its event)."""
+    if (deployment_id, kind) not in _warned_unpriced:
+        _warned_unpriced.add((deployment_id, kind))
+        log.warning(
+            "token_kind_unpriced", deployment_id=deployment_id, model=model, kind=kind,
+            detail="billed at the plain token's price: set its price in model_info",
+        )  # fmt: skip
+
+
 def estimate_tokens(size: int) -> int:
     """A rough count (4 bytes a token, OpenAI's rule of thumb) of `size` bytes of text, for when
     the provider never reported usage."""
@@ -149,11 +163,8 @@ class Exchange:
     ) -> UsageRecorded:
         tokens = usage.tokens() if usage else TokenUsage()
         cost = charge(self.price, tokens)
-        if cost.unpriced_kinds:
-            log.warning(
-                "token_kind_unpriced", call_id=self.call_id, deployment_id=self.deployment.deployment_id,
-                kinds=list(cost.unpriced_kinds),
-            )  # fmt: skip
+        for kind in cost.unpriced_kinds:
+            _warn_unpriced_once(self.deployment.deployment_id, self.head.model, kind)
         scopes = self.scopes
         return UsageRecorded(
             call_id=self.call_id,
@@ -228,7 +239,7 @@ async def record(exchange: Exchange, ticket: Ticket, event: UsageRecorded) -> De
             "ledger_unavailable",
             headers=exchange.headers(ticket),
         ) from None
-    observe_request(event.route, event.status, event.model_group, event.priced)
+    observe_request(event.route, event.status, event.model_group, event.priced, event.unpriced_kinds)
     return spend
 
 

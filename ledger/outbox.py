@@ -124,6 +124,7 @@ def receiver_error(exc: BaseException) -> bool:
 
 
 # One short transaction each, with no flush wait (migration 0014 says why); neither is open during a send.
+_RELEASE: Final = "delete from outbox_claims where id = $1"
 _CLAIM: Final = (
     "select claim, id, dedupe_key, payload, attempts, own_failures, created_at, lease_until "
     "from sl_outbox_claim($1, $2, make_interval(secs => $3))"
@@ -224,10 +225,17 @@ class Publisher:
         rows = await self.claim(sink)
         if not rows:
             return 0
-        delivery = await self._deliver(sink, rows)
-        self._settle_failures(sink, rows, delivery)
-        async with self._pool.acquire() as conn:
-            await self._mark(conn, sink, rows, delivery)
+        try:
+            delivery = await self._deliver(sink, rows)
+            self._settle_failures(sink, rows, delivery)
+            async with self._pool.acquire() as conn:
+                await self._mark(conn, sink, rows, delivery)
+        except asyncio.CancelledError:
+            # Stopping (SIGTERM): give the rows back now instead of leaving them leased until the
+            # lease ends; a receiver that already has some drops the resend (Lago's transaction_id,
+            # the webhook-id). A mark that committed already deleted the claim: then this is a no-op.
+            await self._pool.execute(_RELEASE, rows[0].claim)
+            raise
         for callback in self.on_delivered:
             callback(sink.name, rows, delivery)
         return len(rows)

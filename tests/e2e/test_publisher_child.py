@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from tests.e2e.enforcement_support import query, wait_until
 from tests.e2e.outbox_support import (
     assert_lago_exactly_once,
     chats,
+    closed_url,
     db_counts,
     lago_env,
     outbox_config,
@@ -127,3 +129,20 @@ def test_without_its_publisher_readiness_says_delivery_is_not_running_until_one_
         with run_publisher(config, database_url, env) as publisher:
             assert wait_until(lambda: readiness(server.base_url)["status"] == "healthy", 30), publisher.log()
             assert readiness(server.base_url)["publisher"] == {"lago": "ok"}
+
+
+def test_a_stopping_server_stops_its_publisher_at_once_and_leaves_no_rows_leased(
+    upstream: RunningUpstream, database_url: str
+) -> None:
+    """Lago unreachable, so the child is mid-cycle (claiming, failing, backing off) when SIGTERM comes:
+    it is cancelled where it waits, gives back what it claimed and closes its connections — not left
+    to the supervisor's SIGKILL with its claim still leasing the rows away from the next publisher."""
+    config = outbox_config(upstream.base_url, lago=True)
+    for round_ in range(4):
+        with run_server(config, database_url, env=lago_env(closed_url())) as server:
+            chats(server.base_url, [f"stop-{round_}-{i}" for i in range(10)])
+            stopping = time.monotonic()
+        assert server.process.returncode == 0
+        assert time.monotonic() - stopping < 10  # the supervisor's SIGKILL comes after 15 s
+        live = query(database_url, "select count(*) as n from outbox_claims where lease_until > now()")
+        assert live[0]["n"] == 0

@@ -89,6 +89,10 @@ def spend_log(server: RunningServer, call_id: str) -> dict[str, Any]:
     return log
 
 
+def metrics_text(server: RunningServer) -> str:
+    return httpx.get(f"{server.base_url}/metrics", headers=AUTH, timeout=30).text
+
+
 async def usage_event(server: RunningServer, call_id: str) -> dict[str, Any]:
     conn = await asyncpg.connect(server.database_url)
     try:
@@ -157,3 +161,15 @@ async def test_an_openrouter_model_is_priced_from_the_catalogue(server: RunningS
     assert Decimal(response.headers["x-litellm-response-cost"]) == expected
     event = await usage_event(server, response.headers["x-litellm-call-id"])
     assert event["priced"] is True and event["provider"] == "openrouter"
+
+
+async def test_audio_without_a_price_is_billed_as_input_and_named(server: RunningServer, upstream: RunningUpstream) -> None:
+    upstream.app.audio_prompt_tokens = 4
+    responses = [ask(server, "claude-like", f"kinds-{uuid.uuid4().hex[:8]}") for _ in range(2)]
+    for response in responses:
+        event = await usage_event(server, response.headers["x-litellm-call-id"])
+        assert event["unpriced_kinds"] == ["input_audio"]
+        assert event["unit_prices"]["input_audio"] == Decimal("0.000003")  # the plain input price
+        assert event["cost"] == PROMPT * Decimal("0.000003") + REPLY * Decimal("0.000015")
+    assert 'spendledger_unpriced_token_kinds_total{kind="input_audio",model="claude-like"} 2.0' in metrics_text(server)
+    assert server.log_path.read_text().count("token_kind_unpriced") == 1  # once per deployment and kind

@@ -111,7 +111,9 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _usage(prompt: int, completion: int, details: bool = True, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
+def _usage(
+    prompt: int, completion: int, details: bool = True, cached: int = 0, reasoning: int = 0, audio: int = 0
+) -> dict[str, Any]:
     """OpenAI's usage block: cached prompt tokens are part of `prompt_tokens`, reasoning tokens
     part of `completion_tokens`."""
     usage: dict[str, Any] = {
@@ -120,7 +122,7 @@ def _usage(prompt: int, completion: int, details: bool = True, cached: int = 0, 
         "total_tokens": prompt + completion,
     }
     if details:  # chat responses carry these, like the real API
-        usage["prompt_tokens_details"] = {"cached_tokens": min(cached, prompt), "audio_tokens": 0}
+        usage["prompt_tokens_details"] = {"cached_tokens": min(cached, prompt), "audio_tokens": min(audio, prompt)}
         usage["completion_tokens_details"] = {"reasoning_tokens": reasoning, "audio_tokens": 0}
     return usage
 
@@ -172,6 +174,7 @@ class FakeUpstream:
     # spent (billed as completion tokens, within max_tokens, as o-series models do).
     cached_prompt_tokens: int = 0
     reasoning_tokens: int = 0
+    audio_prompt_tokens: int = 0  # of the prompt's tokens, this many were audio (at most the prompt)
     requests: list[RecordedRequest] = field(default_factory=list)
 
     def reset(self) -> None:
@@ -180,7 +183,7 @@ class FakeUpstream:
         self.reply_words, self.ignores_include_usage, self.echo_headers_in_errors = REPLY_WORDS, False, False
         self.context_window, self.max_output_tokens = None, None
         self.words_per_chunk, self.overbill_tokens = 1, 0
-        self.cached_prompt_tokens, self.reasoning_tokens = 0, 0
+        self.cached_prompt_tokens, self.reasoning_tokens, self.audio_prompt_tokens = 0, 0, 0
         self.requests.clear()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -258,7 +261,10 @@ class FakeUpstream:
         text = reply_for(messages, None if cap is None else cap - reasoning, self.reply_words)
         choices_n = body.get("n") if isinstance(body.get("n"), int) else 1
         completion = (count_tokens(text) + reasoning) * choices_n + self.overbill_tokens
-        usage = _usage(prompt_tokens, completion, cached=self.cached_prompt_tokens, reasoning=reasoning * choices_n)
+        usage = _usage(
+            prompt_tokens, completion, cached=self.cached_prompt_tokens, reasoning=reasoning * choices_n,
+            audio=self.audio_prompt_tokens,
+        )  # fmt: skip
         base = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "created": int(time.time()),
