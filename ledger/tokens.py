@@ -68,20 +68,10 @@ class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
         reasoning: int = 0,
     ) -> TokenUsage:
         """A provider's counts, each part cut to what its total leaves (in the order listed)."""
-        left = input_tokens
-        cache_read = min(cache_read, left)
-        left -= cache_read
-        cache_write = min(cache_write, left)
-        left -= cache_write
-        input_audio = min(input_audio, left)
-        left -= input_audio
-        input_image = min(input_image, left)
-        out_left = output_tokens
-        reasoning = min(reasoning, out_left)
-        out_left -= reasoning
-        output_audio = min(output_audio, out_left)
-        out_left -= output_audio
-        output_image = min(output_image, out_left)
+        cache_read, cache_write, input_audio, input_image = _within(
+            input_tokens, cache_read, cache_write, input_audio, input_image
+        )
+        reasoning, output_audio, output_image = _within(output_tokens, reasoning, output_audio, output_image)
         return cls(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
@@ -97,6 +87,10 @@ class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    def counts(self) -> dict[str, int]:
+        """The totals and the parts, by the names UsageRecorded gives them."""
+        return {**msgspec.structs.asdict(self), "total_tokens": self.total_tokens}
 
     def by_kind(self) -> dict[TokenKind, int]:
         """Each kind's own tokens (`input` and `output` are the plain-text remainders), zero kinds
@@ -120,3 +114,13 @@ class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
             "output_image": self.output_image_tokens,
         }
         return {kind: n for kind, n in counts.items() if n}
+
+
+def _within(total: int, *parts: int) -> list[int]:
+    """Each part cut to what the total leaves once the parts before it are taken."""
+    kept = []
+    for part in parts:
+        part = min(part, total)
+        total -= part
+        kept.append(part)
+    return kept
