@@ -21,7 +21,6 @@ receiver that is down or answers non-2xx is retried with backoff until it takes 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import msgspec
 import structlog
 
 from ledger.publisher_health import HealthReporter, SinkHealth, SinkState
+from ledger.waits import wait_until_set
 
 log = structlog.get_logger(__name__)
 
@@ -189,8 +189,7 @@ class Publisher:
                 log.exception("outbox_publisher_error", sink=sink.name)
                 await asyncio.sleep(self._idle_wait_s)
             if not more:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self._idle_wait_s)
+                await wait_until_set(wake, self._idle_wait_s)
                 if wake.is_set() and self._linger_s > 0:
                     await asyncio.sleep(self._linger_s)  # woken by a NOTIFY: let its neighbours in
 

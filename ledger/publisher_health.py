@@ -21,6 +21,7 @@ import msgspec
 import structlog
 
 from ledger.connections import DATABASE_ERRORS
+from ledger.waits import wait_until_set
 
 log = structlog.get_logger(__name__)
 
@@ -95,8 +96,7 @@ class HealthReporter:
             self._changed.clear()
             with contextlib.suppress(*DATABASE_ERRORS):  # the database is away: the next beat tries again
                 await self.report()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self._every_s)
+            await wait_until_set(self._changed, self._every_s)
 
     async def report(self) -> None:
         names = list(self._health)
