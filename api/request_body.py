@@ -19,6 +19,7 @@ import msgspec
 from msgspec import Meta
 
 from api.errors import ApiError, bad_request
+from api.prompt_text import TEXT_PARTS, prompt_text_tokens
 from ledger.config import Deployment
 from ledger.events import Route
 from ledger.holds import RequestShape
@@ -26,8 +27,6 @@ from ledger.identifiers import ID_RULE, is_identifier
 
 CUSTOMER_HEADERS: Final = ("x-litellm-customer-id", "x-litellm-end-user-id")
 _INCLUDE_USAGE: Final = msgspec.Raw(b'{"include_usage":true}')
-# Content parts that are text; any other part (image_url, input_audio, file …) is a media part.
-TEXT_PARTS: Final = frozenset({"text", "refusal"})
 
 Tokens = Annotated[int, Meta(ge=1, description="a number of tokens: at least 1")]
 Finite = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
@@ -139,11 +138,13 @@ def customer_of(head: RequestHead, headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def shape_of(route: Route, head: RequestHead, forwarded_bytes: int) -> RequestShape:
+def shape_of(route: Route, body: RequestBody) -> RequestShape:
     """What bounds the request's tokens (ledger/holds.py turns it into the hold)."""
+    head = body.head
+    text_tokens = prompt_text_tokens(body.fields)
     if route == "embeddings":
         # One vector per input, no output; the inputs' count is not read, so no context cap.
-        return RequestShape(input_bytes=forwarded_bytes, generates=False, bounded_by_context=False)
+        return RequestShape(text_tokens=text_tokens, generates=False, bounded_by_context=False)
     media = 0
     for message in head.messages or ():
         if isinstance(message.content, list):
@@ -155,7 +156,7 @@ def shape_of(route: Route, head: RequestHead, forwarded_bytes: int) -> RequestSh
         prompts = _prompt_count(head.prompt)
     output_cap = head.max_completion_tokens if head.max_completion_tokens is not None else head.max_tokens
     return RequestShape(
-        input_bytes=forwarded_bytes,
+        text_tokens=text_tokens,
         media_parts=media,
         prompts=prompts,
         completions=completions,

@@ -3,8 +3,8 @@
 Budgets are strict only if the hold bounds the real cost of every request shape the gateway
 forwards. The bound, per token kind:
 
-- input: every text token is at least one byte of the request body (a tokenizer never makes a
-  token of less than a byte, and JSON only adds bytes), plus, for each image, audio or file part,
+- input: the prompt's text tokens, bounded by its text's bytes plus the chat format's overhead
+  (api/prompt_text.py: no token is shorter than a byte), plus, for each image, audio or file part,
   the model's input limit (`max_input_tokens`: one part cannot cost more than the context window
   holds). The whole is at most the input limit per independent prompt, when the limit is known: a
   provider refuses a longer input rather than bill it.
@@ -37,7 +37,7 @@ DEFAULT_MEDIA_TOKENS: Final = 4096
 class RequestShape(msgspec.Struct, frozen=True, kw_only=True):
     """What bounds a request's tokens, read from its body."""
 
-    input_bytes: int  # of the body as forwarded
+    text_tokens: int  # at most, in the prompt's text (api/prompt_text.py)
     media_parts: int = 0  # image, audio and file parts of the messages
     prompts: int = 1  # independent inputs: a /completions prompt list
     completions: int = 1  # generated per prompt: n, best_of
@@ -59,7 +59,7 @@ def worst_case_tokens(shape: RequestShape, limits: ModelLimits) -> WorstCase:
         per_part = DEFAULT_MEDIA_TOKENS
         if shape.media_parts:
             assumed.append("media")
-    input_tokens = shape.input_bytes + shape.media_parts * per_part
+    input_tokens = shape.text_tokens + shape.media_parts * per_part
     if limits.max_input_tokens is not None and shape.bounded_by_context:
         input_tokens = min(input_tokens, limits.max_input_tokens * shape.prompts)
     output_tokens = 0

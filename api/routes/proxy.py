@@ -235,7 +235,7 @@ async def _proxy(route: Route, request: Request[Any, Any, Any]) -> Response[Any]
         route, caller, head, deployment, price, caller.customer_for(customer_of(head, request.headers))
     )
     outgoing = upstream_body(body, raw, deployment)
-    ticket = await admit(services, exchange, shape_of(route, head, len(outgoing)))
+    ticket = await admit(services, exchange, shape_of(route, body))
     try:
         if head.stream:
             return await forward_stream(services, exchange, ticket, outgoing)

@@ -4,7 +4,8 @@ Random request bodies (chat with text, image, audio and file parts; /completions
 `n` and `best_of`; embeddings), with or without `max_tokens`, against models with and without
 known limits, go through the proxy's own decoding (api/request_body.py) and bound (ledger/holds.py);
 the same forwarded body goes to the fake provider (in process), which bills it as OpenAI does and
-never runs past the model's limits. Its cost at the deployment's price never exceeds the hold.
+never runs past the model's limits — with its prompt counted by words, or by the worst tokenizer
+there is (a token per byte of text, OpenAI's chat format in full). Its cost at the deployment's price never exceeds the hold.
 Where the bound had to assume a default (no limit known), the fake stays within that assumption,
 which is exactly what `reject_unbounded_requests` refuses to rely on.
 
@@ -48,7 +49,10 @@ content = st.one_of(
     words, st.lists(st.one_of(text_part, image_part, audio_part, file_part), min_size=1, max_size=6)
 )
 message = st.builds(
-    lambda role, c: {"role": role, "content": c}, st.sampled_from(["system", "user"]), content
+    lambda role, c, name: {"role": role, "content": c} | ({"name": name} if name else {}),
+    st.sampled_from(["system", "user", "developer"]),
+    content,
+    st.sampled_from([None, "ada", "名前"]),
 )
 max_tokens = st.one_of(st.none(), st.integers(1, 9000))
 
@@ -130,10 +134,13 @@ def call_fake(fake: FakeUpstream, path: str, body: bytes) -> tuple[int, Any]:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(request(), limits, prices, st.integers(1, 20_000), st.integers(0, 50_000), st.integers(0, 20_000))
+@given(
+    request(), limits, prices, st.integers(1, 20_000), st.integers(0, 50_000), st.integers(0, 20_000),
+    st.booleans(),
+)
 def test_the_real_cost_never_exceeds_the_hold(
     shaped: tuple[str, dict[str, Any]], model: ModelLimits, price: Price, reply_words: int, cached: int,
-    reasoning: int,
+    reasoning: int, bytes_as_tokens: bool,
 ) -> None:  # fmt: skip
     route, sent = shaped
     deployment = Deployment(
@@ -142,7 +149,7 @@ def test_the_real_cost_never_exceeds_the_hold(
     raw = msgspec.json.encode(sent)
     body = decode_body(raw)
     forwarded = upstream_body(body, raw, deployment)
-    worst = worst_case_tokens(shape_of(route, body.head, len(forwarded)), model)
+    worst = worst_case_tokens(shape_of(route, body), model)
     hold = worst_case_cost(price, worst)
 
     # The provider: the model's limits where known; where not, the defaults the bound assumed.
@@ -152,6 +159,7 @@ def test_the_real_cost_never_exceeds_the_hold(
         max_output_tokens=model.max_output_tokens or DEFAULT_OUTPUT_CAP,
         cached_prompt_tokens=cached,
         reasoning_tokens=reasoning,
+        bytes_as_tokens=bytes_as_tokens,  # the worst tokenizer: every byte of text a token
     )
     if model.max_input_tokens is None:
         assert MEDIA_PART_TOKENS <= DEFAULT_MEDIA_TOKENS

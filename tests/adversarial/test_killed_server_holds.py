@@ -31,7 +31,7 @@ def test_the_holds_of_a_killed_server_go_back_within_seconds(
     customer = "killed-mid-request"
     with run_server(config, url, env=ENV) as doomed:
         # Room for one request's worst case, not two.
-        room = hold_of(customer) * Decimal("1.5")
+        room = hold_of() * Decimal("1.5")
         assert post(doomed.base_url, "/customer/new", {"user_id": customer, "max_budget": str(room)}).status_code == 200
         upstream.app.delay_s = 60
         threading.Thread(target=_chat_quietly, args=(doomed.base_url, customer), daemon=True).start()

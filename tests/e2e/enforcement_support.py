@@ -19,21 +19,26 @@ MESSAGES = [{"role": "user", "content": "what time is it"}]
 MAX_TOKENS = REPLY_WORDS
 
 
-def chat_body(customer: str, model: str = "fake-openai-endpoint") -> bytes:
-    """Compact JSON, so the bytes the proxy forwards (and so the hold) can be computed exactly."""
-    body = {"model": model, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "user": customer}
+def chat_body(customer: str, model: str = "fake-openai-endpoint", max_tokens: int = MAX_TOKENS) -> bytes:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "user": customer}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def hold_of(customer: str) -> Decimal:
-    """The worst-case cost the proxy holds: forwarded bytes × input price + max_tokens × output price.
-    The proxy forwards the body with the model group name replaced by the upstream model ("fake")."""
-    forwarded = len(chat_body(customer)) - len("fake-openai-endpoint") + len("fake")
-    return forwarded * Decimal(INPUT_PRICE) + MAX_TOKENS * Decimal(OUTPUT_PRICE)
+def hold_input_tokens(messages: list[dict[str, str]]) -> int:
+    """The hold's input bound for plain text messages: OpenAI's chat format (3 per message, 3 to
+    prime the reply) with every byte of the role and the text a token."""
+    return 3 + sum(3 + len(m["role"].encode()) + len(m["content"].encode()) for m in messages)
 
 
-def unit_cost() -> Decimal:
-    return prompt_tokens_for_messages(MESSAGES) * Decimal(INPUT_PRICE) + REPLY_WORDS * Decimal(OUTPUT_PRICE)
+def hold_of(max_tokens: int = MAX_TOKENS) -> Decimal:
+    """The worst-case cost the proxy holds: the input bound × input price + max_tokens × output price
+    (the customer and the other parameters are not prompt)."""
+    return hold_input_tokens(MESSAGES) * Decimal(INPUT_PRICE) + max_tokens * Decimal(OUTPUT_PRICE)
+
+
+def unit_cost(reply_tokens: int = REPLY_WORDS) -> Decimal:
+    """What a chat request really costs: the fake's prompt count and a reply of `reply_tokens`."""
+    return prompt_tokens_for_messages(MESSAGES) * Decimal(INPUT_PRICE) + reply_tokens * Decimal(OUTPUT_PRICE)
 
 
 def decimal_json(response: httpx.Response) -> Any:
@@ -44,10 +49,11 @@ def post(base_url: str, path: str, body: dict[str, Any], key: str = MASTER_KEY) 
     return httpx.post(f"{base_url}{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
 
-def chat(base_url: str, customer: str, key: str = MASTER_KEY) -> httpx.Response:
+def chat(base_url: str, customer: str, key: str = MASTER_KEY, max_tokens: int = MAX_TOKENS) -> httpx.Response:
     headers = {**AUTH, "Authorization": f"Bearer {key}"}
     return httpx.post(
-        f"{base_url}/chat/completions", content=chat_body(customer), headers=headers, timeout=30
+        f"{base_url}/chat/completions", content=chat_body(customer, max_tokens=max_tokens), headers=headers,
+        timeout=30,
     )
 
 

@@ -47,7 +47,7 @@ def test_concurrent_requests_never_overspend_a_budget_shared_by_two_processes(
     first, second = two_servers
     customer = "contended-customer"
     room = 10
-    max_budget = room * hold_of(customer) + hold_of(customer) / 2  # room for exactly 10 holds
+    max_budget = room * hold_of() + hold_of() / 2  # room for exactly 10 holds
     assert (
         post(
             first.base_url, "/customer/new", {"user_id": customer, "max_budget": str(max_budget)}
@@ -83,6 +83,35 @@ def test_concurrent_requests_never_overspend_a_budget_shared_by_two_processes(
         customer,
     )
     assert refused[0]["n"] == 100 - admitted
+
+
+def test_a_budget_with_room_for_ten_real_requests_admits_at_least_six_of_fifty_at_once(
+    two_servers: tuple[RunningServer, RunningServer], upstream: RunningUpstream
+) -> None:
+    """Issue 18's target for a tight hold: a short message with `max_tokens` 16, each request really
+    costing a tenth of the budget; 50 arrive at once across two processes, all in flight together.
+    The hold bounds the prompt by its text (one token per byte, OpenAI's chat format), not by the
+    body's JSON: on the JSON bound one request of the 50 was admitted."""
+    first, second = two_servers
+    customer = "ten-real-requests"
+    upstream.app.reply_words = 16  # each reply uses its whole max_tokens
+    real_cost = unit_cost(reply_tokens=16)
+    budget = 10 * real_cost
+    assert post(first.base_url, "/customer/new", {"user_id": customer, "max_budget": str(budget)}).status_code == 200
+    upstream.app.delay_s = 4  # every admitted request is still in flight while the others arrive
+    start = threading.Barrier(50)
+
+    def send(index: int) -> int:
+        start.wait()
+        return chat((first if index % 2 else second).base_url, customer, max_tokens=16).status_code
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        statuses = list(pool.map(send, range(50)))
+    admitted = statuses.count(200)
+    assert statuses.count(429) == 50 - admitted
+    assert admitted == int(budget / hold_of(max_tokens=16)) >= 6  # every hold that fits, and no fewer than 6
+    spend = customer_info(first.base_url, customer)["spend"]
+    assert spend == admitted * real_cost <= budget
 
 
 def test_a_customer_blocked_elsewhere_is_refused_by_a_process_that_leased_their_budget(
@@ -152,7 +181,7 @@ def test_a_new_budget_period_starts_at_zero_without_overwriting_the_last(
 ) -> None:
     server = two_servers[0]
     customer = "periodic-customer"
-    budget = hold_of(customer) + unit_cost() / 2  # one request fits a period, a second does not
+    budget = hold_of() + unit_cost() / 2  # one request fits a period, a second does not
     created = post(
         server.base_url,
         "/customer/new",
@@ -308,7 +337,7 @@ def test_the_hold_of_a_killed_process_expires(postgres: PostgresForTests, upstre
                 "(select sum(amount) from holds where call_id not like 'lease:%') as own",
                 customer,
             )
-            assert row["own"] == hold_of(customer) and row["held"] == row["holds"]
+            assert row["own"] == hold_of() and row["held"] == row["holds"]
             doomed.process.kill()  # SIGKILL: no chance to settle or release
             doomed.process.wait()
         upstream.app.delay_s = 0
@@ -334,7 +363,7 @@ def test_hold_math_matches_the_proxy(two_servers: tuple[RunningServer, RunningSe
     """The helper's hold formula is the proxy's: a budget one unit short of a hold refuses."""
     server = two_servers[0]
     customer = "exact-hold"
-    short = hold_of(customer) - Decimal("0.000000001")
+    short = hold_of() - Decimal("0.000000001")
     assert (
         post(server.base_url, "/customer/new", {"user_id": customer, "max_budget": str(short)}).status_code
         == 200
@@ -342,7 +371,7 @@ def test_hold_math_matches_the_proxy(two_servers: tuple[RunningServer, RunningSe
     assert chat(server.base_url, customer).status_code == 429
     assert (
         post(
-            server.base_url, "/customer/update", {"user_id": customer, "max_budget": str(hold_of(customer))}
+            server.base_url, "/customer/update", {"user_id": customer, "max_budget": str(hold_of())}
         ).status_code
         == 200
     )

@@ -82,6 +82,23 @@ def prompt_tokens_for_messages(messages: list[dict[str, Any]]) -> int:
     )
 
 
+def byte_tokens(text: str) -> int:
+    """The worst tokenizer: a token per UTF-8 byte (a byte-level BPE on text it has no merges for)."""
+    return len(text.encode())
+
+
+def byte_prompt_tokens_for_messages(messages: list[dict[str, Any]]) -> int:
+    """OpenAI's chat formula with the worst tokenizer: per message 3, its role's and text's bytes,
+    and a name's bytes plus 1; 3 to prime the reply; MEDIA_PART_TOKENS per media part."""
+    total = 3
+    for m in messages:
+        total += 3 + byte_tokens(str(m.get("role", ""))) + byte_tokens(_content_text(m.get("content")))
+        total += MEDIA_PART_TOKENS * _media_parts(m.get("content"))
+        if isinstance(m.get("name"), str):
+            total += 1 + byte_tokens(m["name"])
+    return total
+
+
 def reply_for(messages: Any = None, max_tokens: int | None = None, words: int = REPLY_WORDS) -> str:
     """The reply of `words` words (12 unless a test asks for more), truncated to `max_tokens` words
     when that is smaller."""
@@ -175,6 +192,9 @@ class FakeUpstream:
     cached_prompt_tokens: int = 0
     reasoning_tokens: int = 0
     audio_prompt_tokens: int = 0  # of the prompt's tokens, this many were audio (at most the prompt)
+    # Prompts counted by the worst tokenizer (a token per byte, OpenAI's chat format in full)
+    # instead of by words: what the hold's input bound must still cover.
+    bytes_as_tokens: bool = False
     requests: list[RecordedRequest] = field(default_factory=list)
 
     def reset(self) -> None:
@@ -184,6 +204,7 @@ class FakeUpstream:
         self.context_window, self.max_output_tokens = None, None
         self.words_per_chunk, self.overbill_tokens = 1, 0
         self.cached_prompt_tokens, self.reasoning_tokens, self.audio_prompt_tokens = 0, 0, 0
+        self.bytes_as_tokens = False
         self.requests.clear()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -255,7 +276,10 @@ class FakeUpstream:
         messages = body.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise _HttpError(400, "'messages' is a required property", param="messages")
-        prompt_tokens = prompt_tokens_for_messages(messages)
+        if self.bytes_as_tokens:
+            prompt_tokens = byte_prompt_tokens_for_messages(messages)
+        else:
+            prompt_tokens = prompt_tokens_for_messages(messages)
         cap = self._reply_cap(body, prompt_tokens)
         reasoning = self.reasoning_tokens if cap is None else min(self.reasoning_tokens, cap)
         text = reply_for(messages, None if cap is None else cap - reasoning, self.reply_words)
@@ -307,6 +331,9 @@ class FakeUpstream:
         caps = [c for c in (requested, most, None if window is None else window - prompt_tokens) if c is not None]
         return min(caps) if caps else None
 
+    def _prompt_tokens(self, text: str) -> int:
+        return byte_tokens(text) if self.bytes_as_tokens else count_tokens(text)
+
     def _finish_reason(self, text: str) -> str:
         return "length" if count_tokens(text) < self.reply_words else "stop"
 
@@ -316,9 +343,9 @@ class FakeUpstream:
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise _HttpError(400, "'prompt' must be a string or a list of strings", param="prompt")
         prompts = prompts or [""]
-        longest = max(count_tokens(p) for p in prompts)
+        longest = max(self._prompt_tokens(p) for p in prompts)
         text = reply_for(None, self._reply_cap(body, longest), self.reply_words)
-        prompt_tokens = sum(count_tokens(p) for p in prompts)
+        prompt_tokens = sum(self._prompt_tokens(p) for p in prompts)
         billed = count_tokens(text) * len(prompts) * completions_per_prompt(body)
         usage = _usage(prompt_tokens, billed + self.overbill_tokens, details=False)
         base = {
@@ -393,7 +420,7 @@ class FakeUpstream:
             if as_b64:
                 value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": i, "embedding": value})
-        tokens = sum(count_tokens(s) for s in inputs)
+        tokens = sum(self._prompt_tokens(s) for s in inputs)
         await _send_json(
             send,
             200,
