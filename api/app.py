@@ -25,6 +25,7 @@ from api.services import Services
 from api.upstream import Upstream
 from ledger.admission import GroupAdmitter
 from ledger.background import BackgroundTasks
+from ledger.budget_calendar import set_budget_timezone
 from ledger.config import Settings, load_settings
 from ledger.db import create_pool, wait_for_database
 from ledger.holds_sweeper import STALE_AFTER, HoldSweeper, process_name
@@ -60,6 +61,7 @@ def create_app(
         # The pool's connections carry this process's name: the holds it takes are marked with it.
         owner = process_name()
         pool = await create_pool(database_url, application_name=owner)
+        await set_budget_timezone(pool, settings.timezone)
         sweeper = HoldSweeper(pool, owner, stale_after=_process_stale_after())
         await sweeper.start()
         # Leases are asked for only while changes to scopes are heard (they retire on each).

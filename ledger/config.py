@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 import yaml
@@ -61,6 +62,7 @@ _LITELLM_SETTINGS: Final = {
     "set_verbose",
     "json_logs",
     "num_retries",
+    "timezone",
 }
 _GENERAL_SETTINGS: Final = {
     "master_key",
@@ -197,6 +199,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_end_user_budget_id: str | None = None
     max_budget: Decimal | None = None
     budget_duration: str | None = None
+    timezone: str = "UTC"  # budget periods begin at midnight here (ledger/budget_calendar.py)
     max_request_size_mb: Decimal = Decimal(32)
     reject_unpriced_models: bool = False
     # Refuse a request whose hold had to assume a default bound (ledger/holds.py) rather than
@@ -295,6 +298,7 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         ),
         max_budget=optional_money(litellm.get("max_budget"), "litellm_settings.max_budget", source),
         budget_duration=budget_duration,
+        timezone=_timezone(litellm.get("timezone", "UTC"), source),
         max_request_size_mb=positive_money(
             general.get("max_request_size_mb", 32), "general_settings.max_request_size_mb", source
         ),
@@ -314,6 +318,19 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         webhook=_webhook_settings(alerting, environ, source),
         warnings=tuple(warnings),
     )
+
+
+def _timezone(value: Any, source: str) -> str:
+    """An IANA zone name (`Europe/Berlin`, `UTC`), as LiteLLM's `timezone` takes it."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{source}: litellm_settings.timezone must be a time zone name such as 'Europe/Berlin'")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"{source}: litellm_settings.timezone {value[:60]!r} is not a time zone name (e.g. 'Europe/Berlin', 'UTC')"
+        ) from None
+    return value
 
 
 def _parse_model_list(value: Any, warnings: list[str], source: str) -> tuple[Deployment, ...]:

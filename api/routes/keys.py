@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
@@ -26,6 +28,8 @@ from ledger.errors import NotFound
 from ledger.events import KeyGenerated, KeyUpdated
 from ledger.identifiers import Identifier
 from ledger.keys import KeyRecord, display_name, hash_key, new_key
+from ledger.money import ZERO
+from projections.periods import period_ends
 from projections.spend import spend_by_id, spend_of
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
@@ -91,6 +95,7 @@ class KeyView(msgspec.Struct, kw_only=True):
     metadata: dict[str, Any]
     max_budget: Decimal | None
     budget_duration: str | None
+    budget_reset_at: datetime | None  # the end of the current budget period
     budget_id: str | None
     rpm_limit: int | None
     tpm_limit: int | None
@@ -121,7 +126,20 @@ class KeyInfo(msgspec.Struct, kw_only=True):
     info: KeyView
 
 
-def key_view(record: KeyRecord, spend: Decimal) -> dict[str, Any]:
+async def key_views(
+    conn: asyncpg.Connection | asyncpg.Pool, records: Sequence[KeyRecord], spends: Mapping[str, Decimal]
+) -> list[dict[str, Any]]:
+    """The keys as the routes answer them, with their spend and when their budget period ends."""
+    resets = await period_ends(conn, [(r.created_at, r.budget_duration) for r in records])
+    return [key_view(r, spends.get(r.key_hash, ZERO), reset) for r, reset in zip(records, resets, strict=True)]
+
+
+async def one_key_view(pool: asyncpg.Pool, record: KeyRecord) -> dict[str, Any]:
+    spend = await spend_of(pool, "key", record.key_hash)
+    return (await key_views(pool, [record], {record.key_hash: spend}))[0]
+
+
+def key_view(record: KeyRecord, spend: Decimal, reset_at: datetime | None) -> dict[str, Any]:
     return {
         "token": record.key_hash,
         "key_name": record.key_name,
@@ -134,6 +152,7 @@ def key_view(record: KeyRecord, spend: Decimal) -> dict[str, Any]:
         "metadata": record.metadata,
         "max_budget": record.max_budget,
         "budget_duration": record.budget_duration,
+        "budget_reset_at": reset_at.isoformat() if reset_at else None,
         "budget_id": record.budget_id,
         "rpm_limit": record.rpm_limit,
         "tpm_limit": record.tpm_limit,
@@ -217,7 +236,7 @@ class KeyController(Controller):
         )
         async with services.pool.acquire() as conn, conn.transaction():
             record = await key_commands.generate_key(conn, spec, plaintext, actor=caller.actor, now=now)
-        return json_response({"key": plaintext, **key_view(record, Decimal(0))})
+        return json_response({"key": plaintext, **(await key_views(services.pool, [record], {}))[0]})
 
     @post(
         "/update",
@@ -241,7 +260,7 @@ class KeyController(Controller):
         async with services.pool.acquire() as conn, conn.transaction():
             caller.check_key(await key_commands.get_key(conn, update.key_hash), over=Permission.MANAGE)
             record = await key_commands.update_key(conn, update, actor=caller.actor, now=now)
-        return json_response(key_view(record, await spend_of(services.pool, "key", record.key_hash)))
+        return json_response(await one_key_view(services.pool, record))
 
     @post(
         "/delete",
@@ -293,7 +312,7 @@ class KeyController(Controller):
         actor = caller_of(request).actor
         async with services.pool.acquire() as conn, conn.transaction():
             record = await key_commands.set_blocked(conn, _key_hash(key), blocked, actor, datetime.now(UTC))
-        return json_response(key_view(record, await spend_of(services.pool, "key", record.key_hash)))
+        return json_response(await one_key_view(services.pool, record))
 
     @get(
         "/list",
@@ -332,8 +351,8 @@ class KeyController(Controller):
         keys: list[Any] = hashes
         if return_full_object:
             spends = await spend_by_id(services.pool, "key", hashes)
-            records = [await key_commands.get_key(services.pool, h) for h in hashes]
-            keys = [key_view(r, spends.get(r.key_hash, Decimal(0))) for r in records if r is not None]
+            records = [r for h in hashes if (r := await key_commands.get_key(services.pool, h)) is not None]
+            keys = await key_views(services.pool, records, spends)
         return json_response(
             {
                 "keys": keys,
@@ -364,8 +383,7 @@ async def key_info(request: Request[Any, Any, Any], key: str | None = None) -> R
     caller.check_key(record, over=Permission.READ_ALL)
     if record is None:
         raise NotFound("key not found", param="key")
-    spend = await spend_of(services.pool, "key", key_hash)
-    return json_response({"key": key or record.key_name, "info": key_view(record, spend)})
+    return json_response({"key": key or record.key_name, "info": await one_key_view(services.pool, record)})
 
 
 route_handlers: list[ControllerRouterHandler] = [KeyController, key_info]

@@ -16,7 +16,7 @@ from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
 from api.params import ID_PARAM
 from api.roles import Permission
-from api.routes.keys import KeyView, key_view
+from api.routes.keys import KeyView, key_views
 from api.schemas import GUARDED, READ, WRITE, documented
 from api.services import services_of
 from ledger import directory
@@ -192,7 +192,8 @@ async def delete_teams(request: Request[Any, Any, Any], data: TeamIds) -> Respon
 async def team_info(request: Request[Any, Any, Any], team_id: str = ID_PARAM) -> Response[TeamInfo]:
     pool = services_of(request).pool
     view = await _team(pool, team_id)
-    keys = [key_view(record, spend) for record, spend in await keys_of(pool, "team", team_id)]
+    owned = await keys_of(pool, "team", team_id)
+    keys = await key_views(pool, [r for r, _ in owned], {r.key_hash: spend for r, spend in owned})
     return json_response({"team_id": team_id, "team_info": view, "keys": keys})
 
 

@@ -17,7 +17,7 @@ from api.errors import bad_request
 from api.jsonio import json_response, sent_fields
 from api.params import OPTIONAL_ID_PARAM
 from api.roles import Permission
-from api.routes.keys import KeyView, key_view
+from api.routes.keys import KeyView, key_views
 from api.schemas import READ, WRITE, documented
 from api.services import services_of
 from ledger import directory
@@ -274,7 +274,8 @@ async def user_info(
     if user_id is None:
         raise bad_request("Name the user: /user/info?user_id=…", param="user_id")
     view = await _user(pool, user_id)
-    keys = [key_view(record, spend) for record, spend in await keys_of(pool, "user", user_id)]
+    owned = await keys_of(pool, "user", user_id)
+    keys = await key_views(pool, [r for r, _ in owned], {r.key_hash: spend for r, spend in owned})
     return json_response({"user_id": user_id, "user_info": view, "keys": keys})
 
 

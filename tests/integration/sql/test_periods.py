@@ -1,6 +1,8 @@
-"""Budget periods at the SQL boundary (ledger/sql/periods.sql): `sl_period_start` / `sl_period_end`
-against Python's calendar arithmetic, and the duration grammar that `sl_duration_parts` and
-`ledger.durations.parse_duration` must both speak.
+"""Anchored budget periods at the SQL boundary (ledger/sql/periods.sql): `sl_anchored_period_start`
+/ `sl_anchored_period_end` — the rule every budget followed before calendar periods, and a budget
+created before them follows until its period then current ends — against Python's calendar
+arithmetic, and the duration grammar that `sl_duration_parts` and `ledger.durations.parse_duration`
+must both speak (tests/integration/sql/test_calendar_periods.py tests the calendar rule).
 
 The rule (docs/budgets.md, "Budget periods"): windows are counted from the scope's anchor — window
 n starts at anchor + n durations, never compounded from the window before — calendar months in UTC
@@ -31,9 +33,9 @@ SETTINGS = settings(
 )
 
 _PERIOD_SQL = """
-select sl_period_start($1, $2, $3) as start, sl_period_end($1, $2, $3) as end_,
-       sl_period_start($1, $2, sl_period_end($1, $2, $3)) as next_start,
-       sl_period_end($1, $2, sl_period_start($1, $2, $3) - interval '1 microsecond') as previous_end
+select sl_anchored_period_start($1, $2, $3) as start, sl_anchored_period_end($1, $2, $3) as end_,
+       sl_anchored_period_start($1, $2, sl_anchored_period_end($1, $2, $3)) as next_start,
+       sl_anchored_period_end($1, $2, sl_anchored_period_start($1, $2, $3) - interval '1 microsecond') as previous_end
 """
 
 

@@ -370,6 +370,16 @@ def test_bad_budget_duration(duration: str) -> None:
     refuse(minimal(litellm_settings={"budget_duration": duration}), "litellm_settings.budget_duration")
 
 
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "", "../../etc/passwd", 5, "UTC+3"])
+def test_bad_timezone(zone: Any) -> None:
+    refuse(minimal(litellm_settings={"timezone": zone}), "litellm_settings.timezone")
+
+
+def test_timezone_is_utc_unless_set() -> None:
+    assert parse_settings(minimal(), {}).timezone == "UTC"
+    assert parse_settings(minimal(litellm_settings={"timezone": "Asia/Kolkata"}), {}).timezone == "Asia/Kolkata"
+
+
 @pytest.mark.parametrize("size", [0, -1, "big"])
 def test_bad_max_request_size(size: Any) -> None:
     refuse(minimal(general_settings={"max_request_size_mb": size}), "general_settings.max_request_size_mb")
