@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
+import httpx
 import structlog
 from litestar import Litestar
 from litestar.openapi.config import OpenAPIConfig
@@ -18,6 +20,7 @@ from api.keycache import KeyCache
 from api.metrics import observe_hold_exceeded
 from api.publishing import PublisherRunner, outbox_rows_builder, recording_context
 from api.routes import audit, budgets, customers, export, health, keys, outbox, proxy, spend, teams, users
+from api.routes import lago_webhooks as lago_webhooks_route
 from api.routing import ModelRouter
 from api.runtime import freeze_startup_heap
 from api.schemas import COMPONENTS, MoneyAsNumber
@@ -30,10 +33,12 @@ from ledger.config import Settings, load_settings
 from ledger.db import create_pool, wait_for_database
 from ledger.holds_sweeper import STALE_AFTER, HoldSweeper, process_name
 from ledger.keys import hash_key
+from ledger.lago_webhooks import LagoWebhookReceiver
 from ledger.leases import BudgetLeases
 from ledger.master_key import master_key_verdict
 from ledger.pricing import PriceBook
 from ledger.publisher_wakeups import PublisherWakeups
+from ledger.sinks.lago_reader import LagoReader
 from ledger.tickets import Tickets
 from ledger.usage import GroupRecorder
 from projections.daily import DailySpendFollower
@@ -69,6 +74,7 @@ def create_app(
         key_cache = KeyCache(pool, database_url, on_scope_change=leases.invalidate if leases else lambda: None)
         await key_cache.start()
         upstream = Upstream()
+        lago_client, lago_webhooks = lago_receiver(settings, pool)
         publisher = PublisherRunner(pool, database_url, settings, deliver=publish)
         recorder = GroupRecorder(pool, recording_context(settings), wakeups=PublisherWakeups(pool))
         admitter = GroupAdmitter(pool)
@@ -96,6 +102,7 @@ def create_app(
             tickets=tickets,
             publisher=publisher,
             background=background,
+            lago_webhooks=lago_webhooks,
         )
         app.state.services = services
         publisher.start()
@@ -122,6 +129,8 @@ def create_app(
             await publisher.stop()
             await key_cache.stop()
             await upstream.aclose()
+            if lago_client is not None:
+                await lago_client.aclose()
             await pool.close()
 
     return Litestar(
@@ -137,6 +146,7 @@ def create_app(
             *outbox.route_handlers,
             *audit.route_handlers,
             *export.route_handlers,
+            *lago_webhooks_route.route_handlers,
         ],
         lifespan=[lifespan],
         exception_handlers=dict(exception_handlers),
@@ -146,6 +156,17 @@ def create_app(
         plugins=[MoneyAsNumber()],  # Decimal in the OpenAPI document: the JSON number it is sent as
         debug=False,
     )
+
+
+def lago_receiver(
+    settings: Settings, pool: asyncpg.Pool
+) -> tuple[httpx.AsyncClient | None, LagoWebhookReceiver | None]:
+    """With Lago configured, the receiver of its webhooks (and the client that fetches its public key)."""
+    if settings.lago is None:
+        return None, None
+    client = httpx.AsyncClient(timeout=10)
+    reader = LagoReader(settings.lago, client)
+    return client, LagoWebhookReceiver(pool, settings.lago.webhook_hmac_key, reader.webhook_public_key)
 
 
 def create_app_from_env() -> Litestar:

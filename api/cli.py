@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from datetime import date
 from types import FrameType
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -17,7 +18,7 @@ import structlog
 from api import rebuild_command
 from api.logging import configure_logging
 from api.publisher_process import SupervisedPublisher, become_supervised_child, publisher_argv
-from ledger.config import Settings, load_settings
+from ledger.config import LagoSettings, Settings, load_settings
 from ledger.config_values import ConfigError
 from ledger.db import EmbeddedDatabase, resolve_data_dir, run_migrations
 
@@ -57,8 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     reconcile = sub.add_parser("reconcile", help="list every difference between the ledger and Lago")
     reconcile.add_argument("--config", required=True)
     reconcile.add_argument("--data-dir")
+    reconcile.add_argument(
+        "--against-lago", action="store_true",
+        help="read back what Lago holds (each event, each subscription's events and current usage) "
+        "instead of comparing with the outbox",
+    )  # fmt: skip
+    reconcile.add_argument(
+        "--concurrency", type=_positive, default=8, help="Lago reads in flight at once (default 8)"
+    )
     rebuild_command.add_parser(sub)
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"not a whole number from 1 to 256: {text!r}")
+    return int(text)
 
 
 def _day(text: str) -> date:
@@ -286,6 +301,8 @@ def reconcile(args: argparse.Namespace) -> int:
     url, embedded = _database(settings, args.data_dir)
     try:
         _migrate(url)
+        if args.against_lago:
+            return asyncio.run(_reconcile_against_lago(url, settings.lago, args.concurrency))
         return asyncio.run(_reconcile(url, settings.lago.charge_by))
     finally:
         if embedded is not None:
@@ -295,7 +312,6 @@ def reconcile(args: argparse.Namespace) -> int:
 async def _reconcile(url: str, charge_by: str) -> int:
     import asyncpg
 
-    from api.jsonio import encoder
     from projections.lago_reconcile import reconcile
 
     conn = await asyncpg.connect(url)
@@ -303,6 +319,31 @@ async def _reconcile(url: str, charge_by: str) -> int:
         differences = await reconcile(conn, charge_by)
     finally:
         await conn.close()
+    return _report(differences)
+
+
+async def _reconcile_against_lago(url: str, settings: LagoSettings, concurrency: int) -> int:
+    import asyncpg
+    import httpx
+
+    from ledger.sinks.lago_reader import LagoReader, LagoReadError
+    from projections.lago_against import against_lago
+
+    conn = await asyncpg.connect(url)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            differences = await against_lago(conn, settings, LagoReader(settings, client), concurrency)
+    except (LagoReadError, httpx.HTTPError) as exc:
+        print(f"spendledger: cannot read Lago at {settings.api_base}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 2
+    finally:
+        await conn.close()
+    return _report(differences)
+
+
+def _report(differences: list[dict[str, Any]]) -> int:
+    from api.jsonio import encoder
+
     for difference in differences:
         sys.stdout.buffer.write(encoder.encode(difference) + b"\n")
     sys.stdout.buffer.flush()

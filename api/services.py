@@ -19,6 +19,7 @@ from api.routing import ModelRouter
 from api.upstream import Upstream
 from ledger.background import BackgroundTasks
 from ledger.config import Settings
+from ledger.lago_webhooks import LagoWebhookReceiver
 from ledger.pricing import PriceBook
 from ledger.scopes import BudgetSettings
 from ledger.tickets import Tickets
@@ -40,6 +41,7 @@ class Services:
     tickets: Tickets  # admits requests (a budget lease's, or a round trip) and settles them
     publisher: PublisherRunner
     background: BackgroundTasks  # settles that outlive their request; drained at shutdown
+    lago_webhooks: LagoWebhookReceiver | None = None  # with Lago configured: its events.errors
 
 
 def services_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Services:

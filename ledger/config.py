@@ -167,8 +167,11 @@ class LagoSettings(msgspec.Struct, frozen=True, kw_only=True):
     api_key: str
     event_code: str
     charge_by: str  # end_user_id | user_id | team_id
+    # Lago's HMAC signature token (Developers > Webhooks), for its webhooks signed with `hmac`;
+    # those signed with `jwt` are checked with the public key Lago serves.
+    webhook_hmac_key: str | None = None
 
-    def __repr__(self) -> str:  # the API key never reaches a log line
+    def __repr__(self) -> str:  # the API key and the HMAC key never reach a log line
         return f"LagoSettings(api_base={self.api_base!r}, event_code={self.event_code!r}, charge_by={self.charge_by!r})"
 
 
@@ -532,6 +535,7 @@ def _lago_settings(callbacks: list[str], environ: Mapping[str, str], source: str
         api_key=environ["LAGO_API_KEY"],
         event_code=environ["LAGO_API_EVENT_CODE"],
         charge_by=charge_by,
+        webhook_hmac_key=environ.get("LAGO_WEBHOOK_HMAC_KEY") or None,
     )
 
 

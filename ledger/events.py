@@ -303,6 +303,18 @@ class UserDeleted(Event, frozen=True, kw_only=True):
     user_id: str
 
 
+class LagoEventRejected(Event, frozen=True, kw_only=True):
+    """Lago accepted a usage event and then could not bill it: its `events.errors` webhook named the
+    event's transaction_id (our call_id) under `error` (`invalid_code`, `missing_aggregation_property`,
+    `invalid_filter_values`, `missing_group_key`). Appended on the stream of the webhook that said so
+    (`lago-webhook:<X-Lago-Unique-Key>`), so a webhook Lago sends again is recorded once."""
+
+    transaction_id: str
+    error: str
+    webhook_id: str
+    received_at: datetime
+
+
 AnyEvent = (
     UsageRecorded
     | HoldExceeded
@@ -326,6 +338,7 @@ AnyEvent = (
     | UserCreated
     | UserUpdated
     | UserDeleted
+    | LagoEventRejected
 )
 
 _encoder: Final = msgspec.json.Encoder(decimal_format="number")

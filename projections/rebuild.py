@@ -73,7 +73,7 @@ _UNSEEN: Final = "($3::text is null or not pg_visible_in_snapshot(e.txid, $3::te
 
 _DIRECTORY_EVENTS: Final = f"""
 select e.data::text as data, e.metadata->>'at' as at, e.recorded_at from events e
-where e.type not in ('UsageRecorded', 'HoldExceeded', 'RequestRefused') and e.position > $1 and e.position <= $2 and {_UNSEEN}
+where e.type not in ('UsageRecorded', 'HoldExceeded', 'RequestRefused', 'LagoEventRejected') and e.position > $1 and e.position <= $2 and {_UNSEEN}
 order by e.position  -- insertion order: within a stream, version order
 """
 

@@ -7,7 +7,8 @@ so a request joins at most one row).
 `reconciliation_rows` groups the usage by customer, user or team (the id in the event) and by UTC
 day or month of `ended_at`: requests, tokens, exact spend, and the state of each request's Lago
 event — `delivered`, `pending`, `dead_lettered`, `unbillable` (no charge-by id, kept, never sent)
-or `not_sent` (no Lago row at all: Lago was not configured when it was recorded). Its `summary` is
+or `not_sent` (no Lago row at all: Lago was not configured when it was recorded) — and how many of
+them Lago then rejected (`rejected_by_lago`: its events.errors webhook, a `LagoEventRejected`). Its `summary` is
 one SQL sum over the same events in the same snapshot, not the rows added up, and the rows are
 checked against it: a report whose rows and totals disagree is never handed out.
 
@@ -41,7 +42,9 @@ CHARGE_BY_FIELD: Final = {"end_user_id": "customer_id", "user_id": "user_id", "t
 # The parts of the token totals billed apart (cached input, …; ledger/tokens.py) follow them.
 COUNT_COLUMNS: Final = ("requests", "input_tokens", "output_tokens", *PART_FIELDS)
 MONEY_COLUMN: Final = "spend"
-STATE_COLUMNS: Final = ("delivered", "pending", "dead_lettered", "unbillable", "not_sent")
+# The first five partition the requests; `rejected_by_lago` counts those Lago accepted and then
+# could not bill (its events.errors webhook: LagoEventRejected), a part of `delivered`.
+STATE_COLUMNS: Final = ("delivered", "pending", "dead_lettered", "unbillable", "not_sent", "rejected_by_lago")
 TOTAL_COLUMNS: Final = (*COUNT_COLUMNS, MONEY_COLUMN, *STATE_COLUMNS)
 TOTAL_LABEL: Final = "TOTAL"
 
@@ -88,6 +91,11 @@ _PARTS_TOTALLED: Final = """
            coalesce(sum((e.data->>'output_audio_tokens')::bigint), 0)::bigint as output_audio_tokens,
            coalesce(sum((e.data->>'output_image_tokens')::bigint), 0)::bigint as output_image_tokens,"""
 
+# The call ids Lago rejected after accepting them (few: joined by hash, not looked up per request).
+_REJECTED: Final = """
+    left join (select distinct data->>'transaction_id' as call_id from events
+               where type = 'LagoEventRejected') r on r.call_id = e.data->>'call_id'"""
+
 # The rows: each request with its Lago row, if any, grouped.
 _ROWS_SQL: Final = f"""
 with usage as (
@@ -98,9 +106,10 @@ with usage as (
            {_PARTS_READ}
            (e.data->>'cost')::numeric as cost,
            o.state as lago_state,
-           o.id is not null as has_lago_row
+           o.id is not null as has_lago_row,
+           r.call_id is not null as rejected
     from events e
-    left join outbox o on o.sink = 'lago' and o.dedupe_key = e.data->>'call_id'
+    left join outbox o on o.sink = 'lago' and o.dedupe_key = e.data->>'call_id'{_REJECTED}
     where {_usage_in_range("$3", "$4")}
 )
 select grp, (period_start at time zone 'UTC')::date as period_start,
@@ -113,7 +122,8 @@ select grp, (period_start at time zone 'UTC')::date as period_start,
        count(*) filter (where lago_state = 'pending') as pending,
        count(*) filter (where lago_state = 'dead') as dead_lettered,
        count(*) filter (where lago_state = 'unbillable') as unbillable,
-       count(*) filter (where not has_lago_row) as not_sent
+       count(*) filter (where not has_lago_row) as not_sent,
+       count(*) filter (where rejected) as rejected_by_lago
 from usage
 group by grp, period_start
 order by period_start, grp nulls last
@@ -135,9 +145,10 @@ with ledger as (
            count(*) filter (where o.state = 'pending') as pending,
            count(*) filter (where o.state = 'dead') as dead_lettered,
            count(*) filter (where o.state = 'unbillable') as unbillable,
-           count(*) filter (where o.id is null) as not_sent
+           count(*) filter (where o.id is null) as not_sent,
+           count(*) filter (where r.call_id is not null) as rejected_by_lago
     from events e
-    left join outbox o on o.sink = 'lago' and o.dedupe_key = e.data->>'call_id'
+    left join outbox o on o.sink = 'lago' and o.dedupe_key = e.data->>'call_id'{_REJECTED}
     where {_usage_in_range("$1", "$2")}
 )
 select * from ledger, lago

@@ -50,6 +50,7 @@ class ReconciliationTotals(msgspec.Struct, kw_only=True):
     dead_lettered: int
     unbillable: int
     not_sent: int
+    rejected_by_lago: int  # of `delivered`: Lago then could not bill it (its events.errors webhook)
 
 
 class ReconciliationRow(ReconciliationTotals, kw_only=True):

@@ -14,6 +14,7 @@ from api.metrics import observe_status
 from api.roles import Permission
 from api.schemas import BODY, GUARDED, documented
 from api.services import services_of
+from ledger.lago_webhooks import rejections_status
 from ledger.outbox import outbox_status, retry_dead_letters
 from ledger.publisher_health import SinkReport
 from ledger.webhook_rows import webhook_follower_lag
@@ -49,11 +50,26 @@ class FollowerLag(msgspec.Struct, kw_only=True):
     followed_at: datetime | None
 
 
+class LagoRejection(msgspec.Struct, kw_only=True):
+    transaction_id: str  # the call id
+    error: str  # invalid_code, missing_aggregation_property, invalid_filter_values, missing_group_key
+    webhook_id: str
+    received_at: str
+
+
+class LagoRejections(msgspec.Struct, kw_only=True):
+    """Usage events Lago accepted and then could not bill (its `events.errors` webhook)."""
+
+    count: int
+    latest: list[LagoRejection]  # the last 100, newest first
+
+
 class OutboxStatus(msgspec.Struct, kw_only=True):
     sinks: dict[str, SinkCounts]
     dead_letters: list[DeadLetter]  # the first 100
     webhook_follower: FollowerLag | msgspec.UnsetType = msgspec.UNSET  # when webhooks are on
     publisher: dict[str, SinkReport]  # each sink as its publisher reports it (not_running: none does)
+    lago_rejections: LagoRejections | msgspec.UnsetType = msgspec.UNSET  # when Lago is on
 
 
 class Requeued(msgspec.Struct, kw_only=True):
@@ -73,6 +89,8 @@ async def get_outbox_status(request: Request[Any, Any, Any]) -> Response[OutboxS
     observe_status(status)
     if services.settings.webhook is not None:  # its rows are written by the follower, after the log
         status["webhook_follower"] = await webhook_follower_lag(services.pool)
+    if services.settings.lago is not None:
+        status["lago_rejections"] = await rejections_status(services.pool)
     return json_response({**status, "publisher": await services.publisher.health()})
 
 

@@ -297,6 +297,7 @@ def _totals(spend: Decimal) -> dict[str, Any]:
         "dead_lettered": 0,
         "unbillable": 0,
         "not_sent": 0,
+        "rejected_by_lago": 0,
     }
 
 

@@ -50,6 +50,7 @@ COLUMNS = [
     "dead_lettered",
     "unbillable",
     "not_sent",
+    "rejected_by_lago",
 ]
 SPEND = COLUMNS.index("spend")
 CUSTOMERS = ["exp-a", "exp-b", "exp-c"]
@@ -68,6 +69,10 @@ def export(base_url: str, **params: str) -> httpx.Response:
 def ledger_rows(database_url: str) -> dict[str | None, dict[str, Any]]:
     """Per customer (today, UTC), from the events and the outbox, added up here."""
     events = query(database_url, "select data::text as data from events where type = 'UsageRecorded'")
+    rejected = {
+        r["call_id"]
+        for r in query(database_url, "select data->>'transaction_id' as call_id from events where type = 'LagoEventRejected'")
+    }
     states = {
         r["dedupe_key"]: r["state"]
         for r in query(database_url, "select dedupe_key, state from outbox where sink = 'lago'")
@@ -91,6 +96,7 @@ def ledger_rows(database_url: str) -> dict[str | None, dict[str, Any]]:
             row[part] += data.get(part, 0)
         row["spend"] += Decimal(data["cost"])  # a handful of 7-decimal costs: no rounding at 28 digits
         row[column.get(states.get(data["call_id"], ""), "not_sent")] += 1
+        row["rejected_by_lago"] += data["call_id"] in rejected
     return dict(rows)
 
 

@@ -31,6 +31,16 @@ are based on:
 * Poison items (`reject_transaction_ids`) get `POISON_ERROR` = `{"properties": ["value_is_invalid"]}`,
   a non-dedupe error, under their index.
 
+It also answers the reads `spendledger reconcile --against-lago` and the webhook receiver make, as
+the full schema (`/work/shared/lago-openapi/openapi.yaml`) has them: `GET /api/v1/events/{transaction_id}`
+(`Event`, the first event found with that id; 404 `event_not_found`), `GET /api/v1/events`
+(`EventsPaginated`, by `external_subscription_id` and `code`), `GET /api/v1/customers/{id}/current_usage`
+(`CustomerUsage`: a calendar month in UTC, one `charges_usage` item per billable metric code with its
+`events_count`; 404 `no_active_subscription` for `no_subscription`) and `GET /api/v1/webhooks/json_public_key`
+(`WebhookPublicKey`: base64 of the PEM). `events_errors_webhook` builds the `events.errors` webhook Lago
+posts (`EventsErrorsObject`), signed as Lago signs: `hmac` (base64 HMAC-SHA256 of the body under the
+organization's token) or `jwt` (RS256, the body in the `data` claim), with `X-Lago-Unique-Key`.
+
 Request JSON is parsed with `parse_float=Decimal`, so the stored events keep `response_cost` etc. as
 the exact decimal text that was sent.
 """
@@ -38,19 +48,26 @@ the exact decimal text that was sent.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import decimal
+import hashlib
+import hmac
 import http
 import json
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
 import msgspec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.fakes.serving import Served, serve_in_thread
 
@@ -208,6 +225,7 @@ class RecordedRequest:
     json: Any
     status: int | None = None
     received_at: float = 0.0
+    query: str = ""  # the query string, for GETs
 
 
 @dataclass
@@ -241,12 +259,18 @@ class FakeLago:
     strict_properties: bool = True
     report_all_duplicates: bool = True
     accepted: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    received: dict[tuple[str, str], float] = field(default_factory=dict)  # when each was accepted
+    # external_subscription_ids with no active subscription: current_usage answers 404
+    no_subscription: set[str] = field(default_factory=set)
     requests: list[RecordedRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._initial_api_key = self.api_key
         self._lock = threading.RLock()
         self._stopping = False
+        # The organization's webhook signing keys: RS256 for jwt, a token for hmac (Lago's own).
+        self.private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.hmac_key = "lago-hmac-" + uuid.uuid4().hex
 
     def reset(self) -> None:
         """Restore the constructor's api_key and default controls; forget events and requests (same objects)."""
@@ -256,6 +280,8 @@ class FakeLago:
             self.reject_transaction_ids.clear()
             self.strict_properties, self.report_all_duplicates = True, True
             self.accepted.clear()
+            self.received.clear()
+            self.no_subscription.clear()
             self.requests.clear()
 
     # helpers for assertions
@@ -298,7 +324,8 @@ class FakeLago:
             except (ValueError, UnicodeDecodeError) as exc:
                 parse_error = str(exc)
         record = RecordedRequest(
-            scope["method"], scope["path"], headers, raw, parsed, received_at=time.time()
+            scope["method"], scope["path"], headers, raw, parsed, received_at=time.time(),
+            query=scope.get("query_string", b"").decode("latin-1"),
         )
         with self._lock:
             self.requests.append(record)
@@ -340,6 +367,8 @@ class FakeLago:
             return _json_reply(status, {"status": status, "error": phrase}, extra)
         if not self._authorized(record.headers.get("authorization", "")):
             return _json_reply(401, unauthorized_body())
+        if record.method == "GET":
+            return self._read(record)
         if record.method != "POST" or record.path not in (EVENTS_PATH, BATCH_PATH):
             return _json_reply(404, not_found_body())
         if parse_error is not None:
@@ -373,6 +402,7 @@ class FakeLago:
         if key in self.accepted:
             return _json_reply(422, validation_error_body(dict(DUPLICATE_ERROR)))
         self.accepted[key] = event
+        self.received[key] = received_at
         return _json_reply(200, {"event": event_object(event, received_at)})
 
     def _batch(self, body: Any, received_at: float) -> _Reply:
@@ -397,7 +427,109 @@ class FakeLago:
             return _json_reply(422, validation_error_body(duplicates))
         for event in events:
             self.accepted[(event["external_subscription_id"], event["transaction_id"])] = event
+            self.received[(event["external_subscription_id"], event["transaction_id"])] = received_at
         return _json_reply(200, {"events": [event_object(e, received_at) for e in events]})
+
+
+    # --- reads: what reconcile --against-lago and the webhook receiver ask ---
+
+    def _read(self, record: RecordedRequest) -> _Reply:
+        path = record.path.removeprefix("/api/v1")
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(record.query).items()}
+        if path == "/webhooks/json_public_key":
+            return _json_reply(200, {"webhook": {"public_key": self.public_key_base64()}})
+        if path == "/events":
+            return self._list(query)
+        if path.startswith("/events/"):
+            wanted = urllib.parse.unquote(path.removeprefix("/events/"))
+            for key, event in self.accepted.items():  # the first found, as Lago's doc says
+                if key[1] == wanted:
+                    return _json_reply(200, {"event": event_object(event, self.received.get(key, 0.0))})
+            return _json_reply(404, {"status": 404, "error": "Not Found", "code": "event_not_found"})
+        if path.startswith("/customers/") and path.endswith("/current_usage"):
+            customer = urllib.parse.unquote(path.removeprefix("/customers/").removesuffix("/current_usage"))
+            return self._current_usage(customer, query.get("external_subscription_id", ""))
+        return _json_reply(404, not_found_body())
+
+    def _list(self, query: dict[str, str]) -> _Reply:
+        """`GET /events`: filtered by subscription and code, paginated (per_page at most 100)."""
+        page, per_page = max(1, int(query.get("page", "1"))), min(100, max(1, int(query.get("per_page", "20"))))
+        found = [
+            event_object(event, self.received.get(key, 0.0))
+            for key, event in self.accepted.items()
+            if key[0] == query.get("external_subscription_id", key[0]) and event["code"] == query.get("code", event["code"])
+        ]
+        pages = max(1, -(-len(found) // per_page))
+        meta = {
+            "current_page": page, "next_page": page + 1 if page < pages else None,
+            "prev_page": page - 1 if page > 1 else None, "total_pages": pages, "total_count": len(found),
+        }  # fmt: skip
+        return _json_reply(200, {"events": found[(page - 1) * per_page : page * per_page], "meta": meta})
+
+    def _current_usage(self, customer: str, subscription: str) -> _Reply:
+        """The subscription's current period (a calendar month in UTC, as a monthly plan from the
+        1st): per billable metric code, its events and their `total_tokens` summed as units."""
+        if subscription in self.no_subscription or not subscription:
+            return _json_reply(404, {"status": 404, "error": "Not Found", "code": "no_active_subscription"})
+        now = dt.datetime.now(dt.UTC)
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (start + dt.timedelta(days=32)).replace(day=1) - dt.timedelta(seconds=1)
+        by_code: dict[str, list[dict[str, Any]]] = {}
+        for key, event in self.accepted.items():
+            seconds = timestamp_seconds(event.get("timestamp")) or self.received.get(key, 0.0)
+            if key[0] == subscription and start.timestamp() <= seconds <= end.timestamp():
+                by_code.setdefault(event["code"], []).append(event)
+        charges = [
+            {
+                "units": str(sum(decimal.Decimal(str(e.get("properties", {}).get("total_tokens", 0))) for e in events)),
+                "total_aggregated_units": "0", "events_count": len(events), "amount_cents": 0,
+                "amount_currency": "USD", "charge": {"lago_id": str(uuid.uuid4()), "charge_model": "standard"},
+                "billable_metric": {"lago_id": str(uuid.uuid4()), "name": code, "code": code, "aggregation_type": "sum_agg"},
+                "filters": [], "grouped_usage": [],
+            }
+            for code, events in by_code.items()
+        ]  # fmt: skip
+        usage = {
+            "from_datetime": start.isoformat().replace("+00:00", "Z"), "to_datetime": end.isoformat().replace("+00:00", "Z"),
+            "issuing_date": (end + dt.timedelta(seconds=1)).date().isoformat(), "currency": "USD",
+            "amount_cents": 0, "taxes_amount_cents": 0, "total_amount_cents": 0, "charges_usage": charges,
+        }  # fmt: skip
+        return _json_reply(200, {"customer_usage": usage})
+
+    # --- webhooks, signed as Lago signs them ---
+
+    def public_key_base64(self) -> str:
+        """The public key as Lago serves it: base64 of its PEM, at 60 columns (Ruby's encode64)."""
+        pem = self.private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        encoded = base64.b64encode(pem).decode()
+        return "\n".join(encoded[i : i + 60] for i in range(0, len(encoded), 60)) + "\n"
+
+    def events_errors_webhook(
+        self, errors: dict[str, list[str]], algorithm: str = "hmac", unique_key: str | None = None
+    ) -> tuple[bytes, dict[str, str]]:
+        """An `events.errors` webhook (body, headers) as Lago posts it to an endpoint."""
+        body = json.dumps({
+            "webhook_type": "events.errors", "object_type": "events_errors",
+            "organization_id": str(uuid.uuid4()),
+            "events_errors": {name: errors.get(name, []) for name in (
+                "invalid_code", "missing_aggregation_property", "invalid_filter_values", "missing_group_key")},
+        }).encode()  # fmt: skip
+        return body, self.signed_headers(body, algorithm, unique_key)
+
+    def signed_headers(self, body: bytes, algorithm: str = "hmac", unique_key: str | None = None) -> dict[str, str]:
+        if algorithm == "hmac":
+            signature = base64.b64encode(hmac.new(self.hmac_key.encode(), body, hashlib.sha256).digest()).decode()
+        else:
+            claims = {"data": body.decode(), "iss": "http://lago.test"}
+            signature = jwt.encode(claims, self.private_key, algorithm="RS256")
+        return {
+            "Content-Type": "application/json",
+            "X-Lago-Signature": signature,
+            "X-Lago-Signature-Algorithm": algorithm,
+            "X-Lago-Unique-Key": unique_key or str(uuid.uuid4()),
+        }
 
 
 # --- runner ---
