@@ -14,34 +14,46 @@ import structlog
 from litestar import Litestar
 from litestar.openapi.config import OpenAPIConfig
 
-from api.errors import exception_handlers
-from api.json_body import BoundedJsonRequest
-from api.keycache import KeyCache
-from api.metrics import observe_hold_exceeded
-from api.publishing import PublisherRunner, outbox_rows_builder, recording_context
-from api.routes import audit, budgets, customers, export, health, keys, outbox, proxy, spend, teams, users
-from api.routes import lago_webhooks as lago_webhooks_route
-from api.routing import ModelRouter
-from api.runtime import freeze_startup_heap
-from api.schemas import COMPONENTS, MoneyAsNumber
-from api.services import Services
-from api.upstream import Upstream
-from ledger.admission import GroupAdmitter
-from ledger.background import BackgroundTasks
-from ledger.budget_calendar import set_budget_timezone
-from ledger.config import Settings, load_settings
-from ledger.db import create_pool, wait_for_database
-from ledger.holds_sweeper import STALE_AFTER, HoldSweeper, process_name
-from ledger.keys import hash_key
-from ledger.lago_webhooks import LagoWebhookReceiver
-from ledger.leases import BudgetLeases
-from ledger.master_key import master_key_verdict
-from ledger.pricing import PriceBook
-from ledger.publisher_wakeups import PublisherWakeups
-from ledger.sinks.lago_reader import LagoReader
-from ledger.tickets import Tickets
-from ledger.usage import GroupRecorder
-from projections.daily import DailySpendFollower
+from spendledger.api.errors import exception_handlers
+from spendledger.api.json_body import BoundedJsonRequest
+from spendledger.api.keycache import KeyCache
+from spendledger.api.metrics import observe_hold_exceeded
+from spendledger.api.publishing import PublisherRunner, outbox_rows_builder, recording_context
+from spendledger.api.routes import (
+    audit,
+    budgets,
+    customers,
+    export,
+    health,
+    keys,
+    outbox,
+    proxy,
+    spend,
+    teams,
+    users,
+)
+from spendledger.api.routes import lago_webhooks as lago_webhooks_route
+from spendledger.api.routing import ModelRouter
+from spendledger.api.runtime import freeze_startup_heap
+from spendledger.api.schemas import COMPONENTS, MoneyAsNumber
+from spendledger.api.services import Services
+from spendledger.api.upstream import Upstream
+from spendledger.ledger.admission import GroupAdmitter
+from spendledger.ledger.background import BackgroundTasks
+from spendledger.ledger.budget_calendar import set_budget_timezone
+from spendledger.ledger.config import Settings, load_settings
+from spendledger.ledger.db import create_pool, wait_for_database
+from spendledger.ledger.holds_sweeper import STALE_AFTER, HoldSweeper, process_name
+from spendledger.ledger.keys import hash_key
+from spendledger.ledger.lago_webhooks import LagoWebhookReceiver
+from spendledger.ledger.leases import BudgetLeases
+from spendledger.ledger.master_key import master_key_verdict
+from spendledger.ledger.pricing import PriceBook
+from spendledger.ledger.publisher_wakeups import PublisherWakeups
+from spendledger.ledger.sinks.lago_reader import LagoReader
+from spendledger.ledger.tickets import Tickets
+from spendledger.ledger.usage import GroupRecorder
+from spendledger.projections.daily import DailySpendFollower
 
 log = structlog.get_logger(__name__)
 

@@ -16,11 +16,11 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import Guard
 
-from api.errors import ApiError, auth_error
-from api.roles import OWN, Permission, Role, effective_role, may
-from api.services import services_of
-from ledger.keys import KeyRecord, hash_key
-from ledger.master_key import serving_master_key
+from spendledger.api.errors import ApiError, auth_error
+from spendledger.api.roles import OWN, Permission, Role, effective_role, may
+from spendledger.api.services import services_of
+from spendledger.ledger.keys import KeyRecord, hash_key
+from spendledger.ledger.master_key import serving_master_key
 
 
 def forbidden(message: str, param: str | None = None) -> ApiError:

@@ -15,12 +15,12 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from api import rebuild_command
-from api.logging import configure_logging
-from api.publisher_process import SupervisedPublisher, become_supervised_child, publisher_argv
-from ledger.config import LagoSettings, Settings, load_settings
-from ledger.config_values import ConfigError
-from ledger.db import EmbeddedDatabase, resolve_data_dir, run_migrations
+from spendledger.api import rebuild_command
+from spendledger.api.logging import configure_logging
+from spendledger.api.publisher_process import SupervisedPublisher, become_supervised_child, publisher_argv
+from spendledger.ledger.config import LagoSettings, Settings, load_settings
+from spendledger.ledger.config_values import ConfigError
+from spendledger.ledger.db import EmbeddedDatabase, resolve_data_dir, run_migrations
 
 log = structlog.get_logger("spendledger")
 
@@ -121,7 +121,7 @@ def _migrate(url: str) -> None:
 def _refuse_weak_master_key(settings: Settings) -> None:
     """What serves HTTP needs a master key of the operator's own (ledger/master_key.py): else one
     line naming the fix, and exit code 2, before anything else is said or started."""
-    from ledger.master_key import master_key_verdict
+    from spendledger.ledger.master_key import master_key_verdict
 
     verdict = master_key_verdict(settings)
     if verdict.refused:
@@ -132,9 +132,9 @@ def _refuse_weak_master_key(settings: Settings) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api import http_protocol
-    from api.app import startup_warnings
-    from ledger.pricing import PriceBook
+    from spendledger.api import http_protocol
+    from spendledger.api.app import startup_warnings
+    from spendledger.ledger.pricing import PriceBook
 
     settings = _load(args.config)
     assert settings is not None
@@ -162,7 +162,7 @@ def serve(args: argparse.Namespace) -> int:
             publisher="child" if publisher else "none",
         )
         uvicorn.run(
-            "api.app:create_app_from_env",
+            "spendledger.api.app:create_app_from_env",
             factory=True,
             host=args.host,
             port=args.port,
@@ -200,9 +200,9 @@ def publish(args: argparse.Namespace) -> int:
 
 
 async def _publish_forever(settings: Settings, url: str) -> None:
-    from api.publishing import PublisherRunner
-    from api.runtime import freeze_startup_heap
-    from ledger.db import create_pool
+    from spendledger.api.publishing import PublisherRunner
+    from spendledger.api.runtime import freeze_startup_heap
+    from spendledger.ledger.db import create_pool
 
     pool = await create_pool(url, min_size=1, max_size=4)
     runner = PublisherRunner(pool, url, settings)
@@ -268,9 +268,9 @@ def export(args: argparse.Namespace) -> int:
 async def _export(args: argparse.Namespace, url: str) -> bytes | None:
     import asyncpg
 
-    from projections.export_files import csv_bytes, parquet_bytes
-    from projections.reconciliation import ReconciliationError, reconciliation_rows
-    from projections.spend_logs import day_range
+    from spendledger.projections.export_files import csv_bytes, parquet_bytes
+    from spendledger.projections.reconciliation import ReconciliationError, reconciliation_rows
+    from spendledger.projections.spend_logs import day_range
 
     start, end = day_range(args.first, args.last)
     conn = await asyncpg.connect(url)
@@ -312,7 +312,7 @@ def reconcile(args: argparse.Namespace) -> int:
 async def _reconcile(url: str, charge_by: str) -> int:
     import asyncpg
 
-    from projections.lago_reconcile import reconcile
+    from spendledger.projections.lago_reconcile import reconcile
 
     conn = await asyncpg.connect(url)
     try:
@@ -326,8 +326,8 @@ async def _reconcile_against_lago(url: str, settings: LagoSettings, concurrency:
     import asyncpg
     import httpx
 
-    from ledger.sinks.lago_reader import LagoReader, LagoReadError
-    from projections.lago_against import against_lago
+    from spendledger.ledger.sinks.lago_reader import LagoReader, LagoReadError
+    from spendledger.projections.lago_against import against_lago
 
     conn = await asyncpg.connect(url)
     try:
@@ -342,7 +342,7 @@ async def _reconcile_against_lago(url: str, settings: LagoSettings, concurrency:
 
 
 def _report(differences: list[dict[str, Any]]) -> int:
-    from api.jsonio import encoder
+    from spendledger.api.jsonio import encoder
 
     for difference in differences:
         sys.stdout.buffer.write(encoder.encode(difference) + b"\n")

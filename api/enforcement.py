@@ -8,13 +8,13 @@ import os
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from api.errors import ApiError
-from api.metrics import observe_admission, observe_request
-from api.proxy import Exchange
-from api.services import Services
-from ledger.admission import HOLD_GRACE, Admission, Refused
-from ledger.holds import RequestShape, WorstCase, worst_case_cost, worst_case_tokens
-from ledger.tickets import Ticket
+from spendledger.api.errors import ApiError
+from spendledger.api.metrics import observe_admission, observe_request
+from spendledger.api.proxy import Exchange
+from spendledger.api.services import Services
+from spendledger.ledger.admission import HOLD_GRACE, Admission, Refused
+from spendledger.ledger.holds import RequestShape, WorstCase, worst_case_cost, worst_case_tokens
+from spendledger.ledger.tickets import Ticket
 
 # A stream may run far longer than the upstream's read timeout: its hold must outlive it.
 _STREAM_HOLD_FLOOR: Final = timedelta(minutes=10)

@@ -14,12 +14,12 @@ import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from api.jsonio import json_response
-from ledger.config_values import ConfigError
-from ledger.db import database_unavailable
-from ledger.errors import AlreadyExists, InvalidCommand, LedgerError, NotFound
-from ledger.identifiers import ID_MAX_LENGTH, ID_RULE
-from ledger.store import ConcurrencyError
+from spendledger.api.jsonio import json_response
+from spendledger.ledger.config_values import ConfigError
+from spendledger.ledger.db import database_unavailable
+from spendledger.ledger.errors import AlreadyExists, InvalidCommand, LedgerError, NotFound
+from spendledger.ledger.identifiers import ID_MAX_LENGTH, ID_RULE
+from spendledger.ledger.store import ConcurrencyError
 
 log = structlog.get_logger(__name__)
 

@@ -5,7 +5,7 @@ header) never reaches the app: uvicorn answers it itself with `400 Invalid HTTP 
 as text/plain. Every other error this server sends is `{"error": {...}}`, so clients parse one
 shape; this class sends that shape for the parser's 400 too.
 
-Used by `spendledger serve` as `http="api.http_protocol:JsonErrorHttpToolsProtocol"`: a module-level
+Used by `spendledger serve` as `http="spendledger.api.http_protocol:JsonErrorHttpToolsProtocol"`: a module-level
 class named by import string, so each `--workers N` process imports it on its own.
 """
 
@@ -16,7 +16,7 @@ from typing import Final
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-IMPORT_STRING: Final = "api.http_protocol:JsonErrorHttpToolsProtocol"
+IMPORT_STRING: Final = "spendledger.api.http_protocol:JsonErrorHttpToolsProtocol"
 
 INVALID_REQUEST_BODY: Final = json.dumps(
     {

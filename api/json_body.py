@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from litestar import Request
 
-from api.errors import bad_request
+from spendledger.api.errors import bad_request
 
 # Far deeper than any management request or LiteLLM `metadata` needs; far from the stack's limit.
 MAX_JSON_DEPTH: Final = 64

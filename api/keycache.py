@@ -22,7 +22,7 @@ from typing import Final
 import asyncpg
 import structlog
 
-from ledger.keys import KeyRecord, get_key
+from spendledger.ledger.keys import KeyRecord, get_key
 
 log = structlog.get_logger(__name__)
 

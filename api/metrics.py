@@ -8,8 +8,8 @@ from typing import Any, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from ledger.outbox import WAITING, Claimed, Delivery
-from ledger.publisher_health import SinkReport
+from spendledger.ledger.outbox import WAITING, Claimed, Delivery
+from spendledger.ledger.publisher_health import SinkReport
 
 REQUESTS: Final = Counter(
     "spendledger_requests_total", "Proxied requests by route and outcome", ["route", "status"]

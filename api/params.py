@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from litestar.params import Parameter
 
-from ledger.identifiers import ID_MAX_LENGTH, ID_PATTERN, ID_RULE
+from spendledger.ledger.identifiers import ID_MAX_LENGTH, ID_PATTERN, ID_RULE
 
 _ID_CONSTRAINTS: Final[dict[str, Any]] = {
     "min_length": 1,

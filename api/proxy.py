@@ -19,21 +19,21 @@ import structlog
 from litestar import Response
 from msgspec import Meta
 
-from api.auth import Caller
-from api.errors import ApiError
-from api.jsonio import json_response
-from api.metrics import observe_request
-from api.request_body import RequestHead
-from api.services import Services
-from api.upstream import UpstreamFailure
-from ledger.config import Deployment
-from ledger.connections import DATABASE_ERRORS
-from ledger.events import Route, UsageRecorded, UsageStatus
-from ledger.money import format_money
-from ledger.pricing import Price, charge
-from ledger.scopes import Scopes
-from ledger.tickets import Ticket
-from ledger.tokens import TokenUsage
+from spendledger.api.auth import Caller
+from spendledger.api.errors import ApiError
+from spendledger.api.jsonio import json_response
+from spendledger.api.metrics import observe_request
+from spendledger.api.request_body import RequestHead
+from spendledger.api.services import Services
+from spendledger.api.upstream import UpstreamFailure
+from spendledger.ledger.config import Deployment
+from spendledger.ledger.connections import DATABASE_ERRORS
+from spendledger.ledger.events import Route, UsageRecorded, UsageStatus
+from spendledger.ledger.money import format_money
+from spendledger.ledger.pricing import Price, charge
+from spendledger.ledger.scopes import Scopes
+from spendledger.ledger.tickets import Ticket
+from spendledger.ledger.tokens import TokenUsage
 
 log = structlog.get_logger(__name__)
 

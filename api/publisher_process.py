@@ -36,7 +36,7 @@ SUPERVISOR_PID: Final = "SPENDLEDGER_SUPERVISOR_PID"
 
 def publisher_argv(config: str) -> list[str]:
     """`spendledger publish` from the Python and the package the server runs from."""
-    return [sys.executable, "-m", "api", "publish", "--config", config]
+    return [sys.executable, "-m", "spendledger.api", "publish", "--config", config]
 
 
 def become_supervised_child() -> None:

@@ -12,18 +12,18 @@ import httpx
 import msgspec
 import structlog
 
-from api.http_client import pooled_client
-from api.metrics import observe_delivery, observe_sink_reports, observe_status
-from ledger.config import Settings
-from ledger.events import UsageRecorded
-from ledger.outbox import OutboxRow, Publisher, Sink, outbox_status
-from ledger.publisher_health import SinkReport, read_health
-from ledger.sinks.lago import LagoSink, lago_row
-from ledger.sinks.webhook import NAME as WEBHOOK
-from ledger.sinks.webhook import WebhookSink
-from ledger.tickets import OutboxRows, no_outbox_rows
-from ledger.usage import RecordingContext
-from ledger.webhook_rows import WebhookFollower
+from spendledger.api.http_client import pooled_client
+from spendledger.api.metrics import observe_delivery, observe_sink_reports, observe_status
+from spendledger.ledger.config import Settings
+from spendledger.ledger.events import UsageRecorded
+from spendledger.ledger.outbox import OutboxRow, Publisher, Sink, outbox_status
+from spendledger.ledger.publisher_health import SinkReport, read_health
+from spendledger.ledger.sinks.lago import LagoSink, lago_row
+from spendledger.ledger.sinks.webhook import NAME as WEBHOOK
+from spendledger.ledger.sinks.webhook import WebhookSink
+from spendledger.ledger.tickets import OutboxRows, no_outbox_rows
+from spendledger.ledger.usage import RecordingContext
+from spendledger.ledger.webhook_rows import WebhookFollower
 
 log = structlog.get_logger(__name__)
 STATUS_INTERVAL_S = 5.0

@@ -9,7 +9,7 @@ import time
 
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from projections.rebuild import rebuild, render
+from spendledger.projections.rebuild import rebuild, render
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -18,12 +18,12 @@ from typing import Annotated, Any, Final
 import msgspec
 from msgspec import Meta
 
-from api.errors import ApiError, bad_request
-from api.prompt_text import TEXT_PARTS, prompt_text_tokens
-from ledger.config import Deployment
-from ledger.events import Route
-from ledger.holds import RequestShape
-from ledger.identifiers import ID_RULE, is_identifier
+from spendledger.api.errors import ApiError, bad_request
+from spendledger.api.prompt_text import TEXT_PARTS, prompt_text_tokens
+from spendledger.ledger.config import Deployment
+from spendledger.ledger.events import Route
+from spendledger.ledger.holds import RequestShape
+from spendledger.ledger.identifiers import ID_RULE, is_identifier
 
 CUSTOMER_HEADERS: Final = ("x-litellm-customer-id", "x-litellm-end-user-id")
 _INCLUDE_USAGE: Final = msgspec.Raw(b'{"include_usage":true}')

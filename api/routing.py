@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-from ledger.config import Deployment
+from spendledger.ledger.config import Deployment
 
 
 class ModelRouter:

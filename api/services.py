@@ -13,16 +13,16 @@ import asyncpg
 import structlog
 from litestar.connection import ASGIConnection
 
-from api.keycache import KeyCache
-from api.publishing import PublisherRunner
-from api.routing import ModelRouter
-from api.upstream import Upstream
-from ledger.background import BackgroundTasks
-from ledger.config import Settings
-from ledger.lago_webhooks import LagoWebhookReceiver
-from ledger.pricing import PriceBook
-from ledger.scopes import BudgetSettings
-from ledger.tickets import Tickets
+from spendledger.api.keycache import KeyCache
+from spendledger.api.publishing import PublisherRunner
+from spendledger.api.routing import ModelRouter
+from spendledger.api.upstream import Upstream
+from spendledger.ledger.background import BackgroundTasks
+from spendledger.ledger.config import Settings
+from spendledger.ledger.lago_webhooks import LagoWebhookReceiver
+from spendledger.ledger.pricing import PriceBook
+from spendledger.ledger.scopes import BudgetSettings
+from spendledger.ledger.tickets import Tickets
 
 log = structlog.get_logger(__name__)
 

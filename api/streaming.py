@@ -14,8 +14,8 @@ import msgspec
 from litestar import Response
 from litestar.response import Stream
 
-from api.errors import ApiError
-from api.proxy import (
+from spendledger.api.errors import ApiError
+from spendledger.api.proxy import (
     UPSTREAM_PATHS,
     Exchange,
     Usage,
@@ -24,11 +24,11 @@ from api.proxy import (
     record_failure,
     upstream_error_response,
 )
-from api.request_body import asks_usage
-from api.services import Services
-from api.upstream import UpstreamFailure
-from ledger.events import UsageRecorded, UsageStatus
-from ledger.tickets import Ticket
+from spendledger.api.request_body import asks_usage
+from spendledger.api.services import Services
+from spendledger.api.upstream import UpstreamFailure
+from spendledger.ledger.events import UsageRecorded, UsageStatus
+from spendledger.ledger.tickets import Ticket
 
 _encoder: Final = msgspec.json.Encoder()
 

@@ -13,10 +13,10 @@ from typing import Final
 
 import httpx
 
-from api.http_client import DirectClient, pooled_client
-from api.mock_provider import MockTransport
-from ledger.config import Deployment
-from ledger.sinks.http import PostTarget
+from spendledger.api.http_client import DirectClient, pooled_client
+from spendledger.api.mock_provider import MockTransport
+from spendledger.ledger.config import Deployment
+from spendledger.ledger.sinks.http import PostTarget
 
 _CONNECT_TIMEOUT_S: Final = 10.0
 

@@ -18,10 +18,10 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ledger.connections import Queryable
-from ledger.events import RefusalReason, Route
-from ledger.money import add
-from ledger.scopes import NO_BUDGETS, BudgetSettings, Scopes
+from spendledger.ledger.connections import Queryable
+from spendledger.ledger.events import RefusalReason, Route
+from spendledger.ledger.money import add
+from spendledger.ledger.scopes import NO_BUDGETS, BudgetSettings, Scopes
 
 # How long after its upstream timeout a hold outlives a request whose process died.
 HOLD_GRACE: Final = timedelta(seconds=30)

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 import yaml
 
-from ledger.config_values import (
+from spendledger.ledger.config_values import (
     ConfigError,
     check_duration,
     flag,
@@ -31,8 +31,8 @@ from ledger.config_values import (
     positive_money,
     string_list,
 )
-from ledger.scopes import BudgetSettings
-from ledger.tokens import TokenKind
+from spendledger.ledger.scopes import BudgetSettings
+from spendledger.ledger.tokens import TokenKind
 
 OPENAI_COMPATIBLE: Final = frozenset(
     {"openai", "text-completion-openai", "hosted_vllm", "openai_like", "custom_openai", "openrouter"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from ledger.durations import DurationError, parse_duration
-from ledger.money import MoneyError, to_money
+from spendledger.ledger.durations import DurationError, parse_duration
+from spendledger.ledger.money import MoneyError, to_money
 
 
 class ConfigError(ValueError):

@@ -15,7 +15,8 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-PROJECT_ROOT: Final = Path(__file__).resolve().parent.parent
+# The migrations, as installed with the package (spendledger/migrations: the repository's alembic/).
+MIGRATIONS: Final = Path(__file__).parent.parent / "migrations"
 DEFAULT_DATA_DIR: Final = ".spendledger"
 _DOLLAR_QUOTE: Final = re.compile(r"\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$")
 
@@ -132,14 +133,9 @@ def resolve_data_dir(cli_value: str | None) -> Path:
 
 def run_migrations(database_url: str) -> None:
     """Bring the schema to the newest alembic revision (blocking; call before serving)."""
-    from alembic.config import Config
-
     from alembic import command
 
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "alembic"))
-    config.attributes["database_url"] = database_url
-    command.upgrade(config, "head")
+    command.upgrade(alembic_config(database_url), "head")
 
 
 async def current_revision(pool: asyncpg.Pool) -> str | None:
@@ -150,13 +146,21 @@ async def current_revision(pool: asyncpg.Pool) -> str | None:
     return str(value) if value is not None else None
 
 
-def head_revision() -> str:
+def alembic_config(database_url: str | None = None) -> Any:
+    """Alembic's configuration, with no alembic.ini: the package knows where its migrations are."""
     from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    if database_url is not None:
+        config.attributes["database_url"] = database_url
+    return config
+
+
+def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "alembic"))
-    head = ScriptDirectory.from_config(config).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
 

@@ -11,9 +11,9 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from ledger import keys
-from ledger.connections import Connection
-from ledger.entities import (
+from spendledger.ledger import keys
+from spendledger.ledger.connections import Connection
+from spendledger.ledger.entities import (
     BUDGETS,
     CUSTOMERS,
     TEAMS,
@@ -29,8 +29,8 @@ from ledger.entities import (
     update,
     validate_budget_fields,
 )
-from ledger.errors import InvalidCommand, NotFound
-from ledger.events import (
+from spendledger.ledger.errors import InvalidCommand, NotFound
+from spendledger.ledger.events import (
     BudgetDefined,
     BudgetDeleted,
     BudgetUpdated,

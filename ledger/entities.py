@@ -17,11 +17,11 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ledger import store
-from ledger.connections import Connection, Queryable
-from ledger.durations import DurationError, parse_duration
-from ledger.errors import AlreadyExists, InvalidCommand, NotFound
-from ledger.events import Event, changed_fields
+from spendledger.ledger import store
+from spendledger.ledger.connections import Connection, Queryable
+from spendledger.ledger.durations import DurationError, parse_duration
+from spendledger.ledger.errors import AlreadyExists, InvalidCommand, NotFound
+from spendledger.ledger.events import Event, changed_fields
 
 _json: Final = msgspec.json.Encoder(decimal_format="number")
 

@@ -14,8 +14,8 @@ from typing import Any, Final, Literal, TypeAlias
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from ledger.scopes import Scopes
-from ledger.tokens import TokenKind
+from spendledger.ledger.scopes import Scopes
+from spendledger.ledger.tokens import TokenKind
 
 # The values the request events take. Every value ever written is one of these (the proxy's three
 # routes and two outcomes, and the refusals `sl_admit` builds), so events in any database decode.

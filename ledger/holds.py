@@ -24,8 +24,8 @@ from typing import Final
 
 import msgspec
 
-from ledger.money import ZERO, add, cost_of
-from ledger.pricing import ModelLimits, Price
+from spendledger.ledger.money import ZERO, add, cost_of
+from spendledger.ledger.pricing import ModelLimits, Price
 
 # Output tokens per completion assumed when neither the request nor the model bounds them.
 DEFAULT_OUTPUT_CAP: Final = 4096

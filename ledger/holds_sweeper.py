@@ -25,8 +25,8 @@ from typing import Final
 import asyncpg
 import structlog
 
-from ledger.admission import expire_holds
-from ledger.connections import DATABASE_ERRORS
+from spendledger.ledger.admission import expire_holds
+from spendledger.ledger.connections import DATABASE_ERRORS
 
 log = structlog.get_logger(__name__)
 

@@ -16,11 +16,11 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ledger import store
-from ledger.connections import Connection, Queryable
-from ledger.entities import validate_budget_fields
-from ledger.errors import AlreadyExists, NotFound
-from ledger.events import (
+from spendledger.ledger import store
+from spendledger.ledger.connections import Connection, Queryable
+from spendledger.ledger.entities import validate_budget_fields
+from spendledger.ledger.errors import AlreadyExists, NotFound
+from spendledger.ledger.events import (
     KeyBlocked,
     KeyDeleted,
     KeyGenerated,

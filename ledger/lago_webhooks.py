@@ -31,10 +31,10 @@ import msgspec
 import structlog
 from cryptography.hazmat.primitives import serialization
 
-from ledger.connections import Connection
-from ledger.events import LagoEventRejected
-from ledger.identifiers import is_identifier
-from ledger.store import ConcurrencyError, append
+from spendledger.ledger.connections import Connection
+from spendledger.ledger.events import LagoEventRejected
+from spendledger.ledger.identifiers import is_identifier
+from spendledger.ledger.store import ConcurrencyError, append
 
 log = structlog.get_logger(__name__)
 

@@ -37,10 +37,10 @@ import asyncpg
 import msgspec
 import structlog
 
-from ledger.admission import Admission, Admitted, params_of
-from ledger.connections import DATABASE_ERRORS
-from ledger.money import ZERO
-from ledger.scopes import BudgetSettings, Scopes
+from spendledger.ledger.admission import Admission, Admitted, params_of
+from spendledger.ledger.connections import DATABASE_ERRORS
+from spendledger.ledger.money import ZERO
+from spendledger.ledger.scopes import BudgetSettings, Scopes
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Final
 
 import msgspec
 
-from ledger.config import PERMIT_WEAK_MASTER_KEY_ENV, PERMIT_WEAK_MASTER_KEY_SETTING, Settings
+from spendledger.ledger.config import PERMIT_WEAK_MASTER_KEY_ENV, PERMIT_WEAK_MASTER_KEY_SETTING, Settings
 
 # LiteLLM's PUBLICLY_KNOWN_MASTER_KEY_SHA256_DIGESTS (master_key_boot_check.py): sk-1234.
 PUBLICLY_KNOWN_DIGESTS: Final = frozenset(

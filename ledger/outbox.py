@@ -32,8 +32,8 @@ import httpx
 import msgspec
 import structlog
 
-from ledger.publisher_health import HealthReporter, SinkHealth, SinkState
-from ledger.waits import wait_until_set
+from spendledger.ledger.publisher_health import HealthReporter, SinkHealth, SinkState
+from spendledger.ledger.waits import wait_until_set
 
 log = structlog.get_logger(__name__)
 

@@ -24,9 +24,9 @@ import msgspec
 from genai_prices import Usage, calc_price
 from genai_prices.types import ModelPrice, PriceCalculation, TieredPrices
 
-from ledger.config import OPENAI_COMPATIBLE, PRICE_KEYS, Deployment, tier_of_price_key
-from ledger.money import MONEY_CONTEXT, ZERO, add, cost_of
-from ledger.tokens import KINDS, PARENT, TokenKind, TokenUsage
+from spendledger.ledger.config import OPENAI_COMPATIBLE, PRICE_KEYS, Deployment, tier_of_price_key
+from spendledger.ledger.money import MONEY_CONTEXT, ZERO, add, cost_of
+from spendledger.ledger.tokens import KINDS, PARENT, TokenKind, TokenUsage
 
 _PER_MILLION: Final = Decimal(1_000_000)
 # The catalogue's per-million prices of the kinds we bill (others — per request, per search — are

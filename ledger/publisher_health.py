@@ -20,8 +20,8 @@ import asyncpg
 import msgspec
 import structlog
 
-from ledger.connections import DATABASE_ERRORS
-from ledger.waits import wait_until_set
+from spendledger.ledger.connections import DATABASE_ERRORS
+from spendledger.ledger.waits import wait_until_set
 
 log = structlog.get_logger(__name__)
 

@@ -16,8 +16,8 @@ import time
 
 import asyncpg
 
-from ledger.connections import DATABASE_ERRORS
-from ledger.outbox import CHANNEL, DEFAULT_LINGER_S
+from spendledger.ledger.connections import DATABASE_ERRORS
+from spendledger.ledger.outbox import CHANNEL, DEFAULT_LINGER_S
 
 
 class PublisherWakeups:

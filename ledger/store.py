@@ -13,8 +13,8 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ledger.connections import Connection
-from ledger.events import AnyEvent, Event, decode_event, encode_event, event_type
+from spendledger.ledger.connections import Connection
+from spendledger.ledger.events import AnyEvent, Event, decode_event, encode_event, event_type
 
 _meta_encoder: Final = msgspec.json.Encoder()
 

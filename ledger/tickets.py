@@ -30,14 +30,21 @@ from decimal import Decimal
 import asyncpg
 import structlog
 
-from ledger import store
-from ledger.admission import Admission, Admitted, GroupAdmitter, Outcome, Refused, announce_budget_exhausted
-from ledger.background import BackgroundTasks
-from ledger.connections import DATABASE_ERRORS
-from ledger.events import HoldExceeded, UsageRecorded
-from ledger.leases import BudgetLeases
-from ledger.outbox import OutboxRow
-from ledger.usage import GroupRecorder, Recording
+from spendledger.ledger import store
+from spendledger.ledger.admission import (
+    Admission,
+    Admitted,
+    GroupAdmitter,
+    Outcome,
+    Refused,
+    announce_budget_exhausted,
+)
+from spendledger.ledger.background import BackgroundTasks
+from spendledger.ledger.connections import DATABASE_ERRORS
+from spendledger.ledger.events import HoldExceeded, UsageRecorded
+from spendledger.ledger.leases import BudgetLeases
+from spendledger.ledger.outbox import OutboxRow
+from spendledger.ledger.usage import GroupRecorder, Recording
 
 log = structlog.get_logger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ledger.events import UsageRecorded, encode_event
-from ledger.outbox import OutboxRow
-from ledger.publisher_wakeups import PublisherWakeups
-from ledger.scopes import BudgetSettings
+from spendledger.ledger.events import UsageRecorded, encode_event
+from spendledger.ledger.outbox import OutboxRow
+from spendledger.ledger.publisher_wakeups import PublisherWakeups
+from spendledger.ledger.scopes import BudgetSettings
 
 _json: Final = msgspec.json.Encoder(decimal_format="number")
 _SQL: Final = "select idx, key_spend from sl_record_usages($1::jsonb, $2::jsonb, $3::jsonb, $4::jsonb)"

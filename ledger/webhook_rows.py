@@ -18,7 +18,7 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ledger.usage import RecordingContext
+from spendledger.ledger.usage import RecordingContext
 
 BATCH: Final = 1000
 

@@ -41,8 +41,8 @@ from typing import Any, Final, get_args
 import asyncpg
 import msgspec
 
-from ledger.events import AnyEvent
-from ledger.keys import find_key_by_alias, key_stream
+from spendledger.ledger.events import AnyEvent
+from spendledger.ledger.keys import find_key_by_alias, key_stream
 
 #: Every event type the ledger writes (the tag of each member of the union).
 EVENT_TYPES: Final = frozenset(cls.__name__ for cls in get_args(AnyEvent))

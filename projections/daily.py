@@ -15,7 +15,7 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
-from ledger.connections import DATABASE_ERRORS
+from spendledger.ledger.connections import DATABASE_ERRORS
 
 log = structlog.get_logger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ledger.connections import Queryable
-from ledger.keys import KeyRecord
+from spendledger.ledger.connections import Queryable
+from spendledger.ledger.keys import KeyRecord
 
 # --- budgets -------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import io
 from decimal import Decimal
 from typing import IO, Any, Final
 
-from projections.reconciliation import (
+from spendledger.projections.reconciliation import (
     MONEY_COLUMN,
     TOTAL_COLUMNS,
     TOTAL_LABEL,

@@ -28,11 +28,11 @@ from typing import Any, Final, TypeVar
 
 import asyncpg
 
-from ledger.config import LagoSettings
-from ledger.events import UsageRecorded, decode_event
-from ledger.sinks.lago import lago_row
-from ledger.sinks.lago_reader import LagoReader
-from projections.reconciliation import CHARGE_BY_FIELD, read_snapshot
+from spendledger.ledger.config import LagoSettings
+from spendledger.ledger.events import UsageRecorded, decode_event
+from spendledger.ledger.sinks.lago import lago_row
+from spendledger.ledger.sinks.lago_reader import LagoReader
+from spendledger.projections.reconciliation import CHARGE_BY_FIELD, read_snapshot
 
 BATCH: Final = 500  # events read per batch; `concurrency` of them in flight at once
 T = TypeVar("T")

@@ -10,7 +10,7 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from projections.reconciliation import CHARGE_BY_FIELD, read_snapshot
+from spendledger.projections.reconciliation import CHARGE_BY_FIELD, read_snapshot
 
 _decoder: Final = msgspec.json.Decoder(float_hook=Decimal)
 

@@ -27,9 +27,9 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ledger.directory import apply_directory_event
-from ledger.events import decode_event
-from ledger.keys import apply_key_event
+from spendledger.ledger.directory import apply_directory_event
+from spendledger.ledger.events import decode_event
+from spendledger.ledger.keys import apply_key_event
 
 SCHEMA: Final = "sl_rebuild"
 OLD_SCHEMA: Final = "sl_replaced"

@@ -28,8 +28,8 @@ from typing import Any, Final, Literal
 
 import asyncpg
 
-from ledger.money import MONEY_CONTEXT
-from ledger.tokens import PART_FIELDS
+from spendledger.ledger.money import MONEY_CONTEXT
+from spendledger.ledger.tokens import PART_FIELDS
 
 By = Literal["customer", "user", "team"]
 Period = Literal["day", "month"]

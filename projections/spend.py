@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import asyncpg
 
-from ledger.money import ZERO
+from spendledger.ledger.money import ZERO
 
 SCOPES = ("key", "user", "team", "customer", "model")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api.cli import main
+from spendledger.api.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["rebuild", *sys.argv[1:]]))

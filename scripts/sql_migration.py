@@ -25,9 +25,9 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 import asyncpg  # noqa: E402
 
-from ledger.db import head_revision, run_migrations  # noqa: E402
-from ledger.sql import function_definitions  # noqa: E402
-from ledger.sql.drift import Drift, drift  # noqa: E402
+from spendledger.ledger.db import head_revision, run_migrations  # noqa: E402
+from spendledger.ledger.sql import function_definitions  # noqa: E402
+from spendledger.ledger.sql.drift import Drift, drift  # noqa: E402
 
 VERSIONS = PROJECT_ROOT / "alembic" / "versions"
 
@@ -67,7 +67,7 @@ Revises: {down}
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "{number}"
 down_revision = "{down}"

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from ledger.db import run_migrations
+from spendledger.ledger.db import run_migrations
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = "sl_test_template"
@@ -132,7 +132,7 @@ def run_server(
             [
                 sys.executable,
                 "-m",
-                "api",
+                "spendledger.api",
                 "serve",
                 "--config",
                 str(config_path),
@@ -180,7 +180,7 @@ def _wait_ready(server: RunningServer, timeout_s: float) -> None:
 def openapi_document(config_text: str) -> dict[str, Any]:
     """The OpenAPI document that `spendledger serve` answers at /schema/openapi.json for this config,
     built in process (the app is created, its lifespan not run: no database is needed)."""
-    from ledger.config import load_settings
+    from spendledger.ledger.config import load_settings
 
     with tempfile.TemporaryDirectory(prefix="sl-openapi-") as directory:
         config_path = Path(directory) / "config.yaml"
@@ -189,7 +189,7 @@ def openapi_document(config_text: str) -> dict[str, Any]:
     with warnings.catch_warnings():
         # Litestar's deprecation notices about parameter declaration styles (at import, per route).
         warnings.simplefilter("ignore", DeprecationWarning)
-        from api.app import create_app
+        from spendledger.api.app import create_app
 
         app = create_app(settings, "postgresql://unused.invalid/none")
         document: dict[str, Any] = app.openapi_schema.to_schema()

@@ -5,7 +5,7 @@ Revises:
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0001"
 down_revision = None

@@ -9,7 +9,7 @@ Revises: 0002
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0003"
 down_revision = "0002"

@@ -5,7 +5,7 @@ Revises: 0003
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0004"
 down_revision = "0003"

@@ -13,7 +13,7 @@ Revises: 0004
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0005"
 down_revision = "0004"

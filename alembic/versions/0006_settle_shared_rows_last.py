@@ -15,7 +15,7 @@ Revises: 0005
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0006"
 down_revision = "0005"

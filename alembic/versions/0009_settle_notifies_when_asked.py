@@ -16,7 +16,7 @@ Revises: 0008
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0009"
 down_revision = "0008"

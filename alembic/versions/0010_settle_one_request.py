@@ -16,7 +16,7 @@ Revises: 0009
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0010"
 down_revision = "0009"

@@ -18,7 +18,7 @@ Revises: 0010
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0011"
 down_revision = "0010"

@@ -28,7 +28,7 @@ Revises: 0011
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0012"
 down_revision = "0011"

@@ -17,7 +17,7 @@ Revises: 0012
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0013"
 down_revision = "0012"

@@ -38,7 +38,7 @@ Revises: 0013
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0014"
 down_revision = "0013"

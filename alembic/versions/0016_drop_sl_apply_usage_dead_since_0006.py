@@ -8,7 +8,7 @@ Revises: 0015
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0016"
 down_revision = "0015"

@@ -8,7 +8,7 @@ Revises: 0016
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0017"
 down_revision = "0016"

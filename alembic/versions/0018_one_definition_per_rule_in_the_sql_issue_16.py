@@ -11,7 +11,7 @@ Revises: 0017
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0018"
 down_revision = "0017"

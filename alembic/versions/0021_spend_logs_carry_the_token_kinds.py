@@ -9,7 +9,7 @@ Revises: 0020
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0021"
 down_revision = "0020"

@@ -10,7 +10,7 @@ Revises: 0022
 """
 
 from alembic import op
-from ledger.db import execute_script
+from spendledger.ledger.db import execute_script
 
 revision = "0023"
 down_revision = "0022"

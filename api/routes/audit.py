@@ -18,15 +18,15 @@ from litestar import Request, Response, get
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from api.auth import Caller, caller_of, forbidden, requires
-from api.errors import bad_request
-from api.jsonio import json_response
-from api.roles import Permission
-from api.schemas import READ, documented, text
-from api.services import Services, services_of
-from ledger.errors import NotFound
-from ledger.keys import hash_key
-from projections.audit import (
+from spendledger.api.auth import Caller, caller_of, forbidden, requires
+from spendledger.api.errors import bad_request
+from spendledger.api.jsonio import json_response
+from spendledger.api.roles import Permission
+from spendledger.api.schemas import READ, documented, text
+from spendledger.api.services import Services, services_of
+from spendledger.ledger.errors import NotFound
+from spendledger.ledger.keys import hash_key
+from spendledger.projections.audit import (
     EVENT_TYPES,
     MAX_LIMIT,
     AuditEvent,

@@ -10,17 +10,17 @@ import msgspec
 from litestar import Request, Response, get, post
 from msgspec import UNSET, UnsetType
 
-from api.auth import caller_of, requires
-from api.errors import bad_request
-from api.jsonio import json_response, sent_fields
-from api.roles import Permission
-from api.schemas import BODY, GUARDED, WRITE, documented
-from api.services import services_of
-from ledger import directory
-from ledger.errors import NotFound
-from ledger.events import BudgetDefined, BudgetUpdated
-from ledger.identifiers import Identifier
-from projections.directory import get_budget, get_budgets, list_budgets
+from spendledger.api.auth import caller_of, requires
+from spendledger.api.errors import bad_request
+from spendledger.api.jsonio import json_response, sent_fields
+from spendledger.api.roles import Permission
+from spendledger.api.schemas import BODY, GUARDED, WRITE, documented
+from spendledger.api.services import services_of
+from spendledger.ledger import directory
+from spendledger.ledger.errors import NotFound
+from spendledger.ledger.events import BudgetDefined, BudgetUpdated
+from spendledger.ledger.identifiers import Identifier
+from spendledger.projections.directory import get_budget, get_budgets, list_budgets
 
 
 class NewBudgetRequest(msgspec.Struct, kw_only=True):

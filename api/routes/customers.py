@@ -10,18 +10,18 @@ import msgspec
 from litestar import Request, Response, get, post
 from msgspec import UNSET, UnsetType
 
-from api.auth import caller_of, requires
-from api.errors import bad_request
-from api.jsonio import json_response
-from api.params import ID_PARAM
-from api.roles import Permission
-from api.schemas import GUARDED, READ, WRITE, documented
-from api.services import Services, services_of
-from ledger import directory
-from ledger.errors import NotFound
-from ledger.events import CustomerCreated, CustomerUpdated
-from ledger.identifiers import FreeText, Identifier
-from projections.customers import customer_info, list_customers
+from spendledger.api.auth import caller_of, requires
+from spendledger.api.errors import bad_request
+from spendledger.api.jsonio import json_response
+from spendledger.api.params import ID_PARAM
+from spendledger.api.roles import Permission
+from spendledger.api.schemas import GUARDED, READ, WRITE, documented
+from spendledger.api.services import Services, services_of
+from spendledger.ledger import directory
+from spendledger.ledger.errors import NotFound
+from spendledger.ledger.events import CustomerCreated, CustomerUpdated
+from spendledger.ledger.identifiers import FreeText, Identifier
+from spendledger.projections.customers import customer_info, list_customers
 
 
 class NewCustomerRequest(msgspec.Struct, kw_only=True):

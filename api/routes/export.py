@@ -11,20 +11,20 @@ import msgspec
 from litestar import Request, Response, get
 from litestar.params import Parameter
 
-from api.auth import requires
-from api.errors import ApiError, bad_request
-from api.jsonio import json_response
-from api.roles import Permission
-from api.schemas import READ, documented, text
-from api.services import services_of
-from projections.export_files import PARQUET_MEDIA_TYPE, csv_bytes, parquet_bytes
-from projections.reconciliation import (
+from spendledger.api.auth import requires
+from spendledger.api.errors import ApiError, bad_request
+from spendledger.api.jsonio import json_response
+from spendledger.api.roles import Permission
+from spendledger.api.schemas import READ, documented, text
+from spendledger.api.services import services_of
+from spendledger.projections.export_files import PARQUET_MEDIA_TYPE, csv_bytes, parquet_bytes
+from spendledger.projections.reconciliation import (
     PrecisionError,
     ReconciliationError,
     ReconciliationReport,
     reconciliation_rows,
 )
-from projections.spend_logs import day_range
+from spendledger.projections.spend_logs import day_range
 
 _FROM = Parameter(query="from", default=None, description="first UTC day, YYYY-MM-DD (inclusive)")
 _TO = Parameter(query="to", default=None, description="last UTC day, YYYY-MM-DD (inclusive)")

@@ -9,11 +9,11 @@ from litestar import Request, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.jsonio import json_response
-from api.services import services_of
-from ledger.connections import DATABASE_ERRORS
-from ledger.db import current_revision, head_revision
-from ledger.master_key import master_key_verdict
+from spendledger.api.jsonio import json_response
+from spendledger.api.services import services_of
+from spendledger.ledger.connections import DATABASE_ERRORS
+from spendledger.ledger.db import current_revision, head_revision
+from spendledger.ledger.master_key import master_key_verdict
 
 
 class Ready(msgspec.Struct, kw_only=True):

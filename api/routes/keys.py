@@ -15,22 +15,22 @@ from litestar.params import Parameter
 from litestar.types import ControllerRouterHandler
 from msgspec import UNSET, UnsetType
 
-from api.auth import Caller, caller_of, requires
-from api.errors import bad_request
-from api.jsonio import json_response, sent_fields
-from api.params import OPTIONAL_ID_PARAM
-from api.roles import Permission
-from api.schemas import READ, WRITE, documented
-from api.services import services_of
-from ledger import keys as key_commands
-from ledger.durations import DurationError, parse_duration
-from ledger.errors import NotFound
-from ledger.events import KeyGenerated, KeyUpdated
-from ledger.identifiers import Identifier
-from ledger.keys import KeyRecord, display_name, hash_key, new_key
-from ledger.money import ZERO
-from projections.periods import period_ends
-from projections.spend import spend_by_id, spend_of
+from spendledger.api.auth import Caller, caller_of, requires
+from spendledger.api.errors import bad_request
+from spendledger.api.jsonio import json_response, sent_fields
+from spendledger.api.params import OPTIONAL_ID_PARAM
+from spendledger.api.roles import Permission
+from spendledger.api.schemas import READ, WRITE, documented
+from spendledger.api.services import services_of
+from spendledger.ledger import keys as key_commands
+from spendledger.ledger.durations import DurationError, parse_duration
+from spendledger.ledger.errors import NotFound
+from spendledger.ledger.events import KeyGenerated, KeyUpdated
+from spendledger.ledger.identifiers import Identifier
+from spendledger.ledger.keys import KeyRecord, display_name, hash_key, new_key
+from spendledger.ledger.money import ZERO
+from spendledger.projections.periods import period_ends
+from spendledger.projections.spend import spend_by_id, spend_of
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 # LiteLLM's MINIMUM_CUSTOM_KEY_LENGTH: a shorter key can be guessed, and its key_name would show it whole.

@@ -14,11 +14,11 @@ import httpx
 import msgspec
 from litestar import Request, Response, post
 
-from api.errors import ApiError
-from api.jsonio import json_response
-from api.services import services_of
-from ledger.lago_webhooks import WebhookRefused
-from ledger.sinks.lago_reader import LagoReadError
+from spendledger.api.errors import ApiError
+from spendledger.api.jsonio import json_response
+from spendledger.api.services import services_of
+from spendledger.ledger.lago_webhooks import WebhookRefused
+from spendledger.ledger.sinks.lago_reader import LagoReadError
 
 
 class WebhookReceived(msgspec.Struct, kw_only=True):

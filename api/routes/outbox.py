@@ -8,16 +8,16 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get, post
 
-from api.auth import requires
-from api.jsonio import json_response
-from api.metrics import observe_status
-from api.roles import Permission
-from api.schemas import BODY, GUARDED, documented
-from api.services import services_of
-from ledger.lago_webhooks import rejections_status
-from ledger.outbox import outbox_status, retry_dead_letters
-from ledger.publisher_health import SinkReport
-from ledger.webhook_rows import webhook_follower_lag
+from spendledger.api.auth import requires
+from spendledger.api.jsonio import json_response
+from spendledger.api.metrics import observe_status
+from spendledger.api.roles import Permission
+from spendledger.api.schemas import BODY, GUARDED, documented
+from spendledger.api.services import services_of
+from spendledger.ledger.lago_webhooks import rejections_status
+from spendledger.ledger.outbox import outbox_status, retry_dead_letters
+from spendledger.ledger.publisher_health import SinkReport
+from spendledger.ledger.webhook_rows import webhook_follower_lag
 
 
 class RetryRequest(msgspec.Struct, kw_only=True):

@@ -15,18 +15,18 @@ from litestar import Request, Response, get, post
 from litestar.di import Provide
 from msgspec import Meta
 
-from api.auth import Caller, authenticate
-from api.enforcement import admit
-from api.errors import ApiError, bad_request
-from api.jsonio import json_response
-from api.proxy import Exchange, forward, record
-from api.request_body import Finite, Tokens, customer_of, decode_body, shape_of, upstream_body
-from api.roles import Permission
-from api.schemas import documented, header, sse_events
-from api.services import services_of
-from api.streaming import forward_stream
-from ledger.events import Route
-from ledger.identifiers import ID_MAX_LENGTH, ID_PATTERN, ID_RULE
+from spendledger.api.auth import Caller, authenticate
+from spendledger.api.enforcement import admit
+from spendledger.api.errors import ApiError, bad_request
+from spendledger.api.jsonio import json_response
+from spendledger.api.proxy import Exchange, forward, record
+from spendledger.api.request_body import Finite, Tokens, customer_of, decode_body, shape_of, upstream_body
+from spendledger.api.roles import Permission
+from spendledger.api.schemas import documented, header, sse_events
+from spendledger.api.services import services_of
+from spendledger.api.streaming import forward_stream
+from spendledger.ledger.events import Route
+from spendledger.ledger.identifiers import ID_MAX_LENGTH, ID_PATTERN, ID_RULE
 
 _MODEL_CREATED = 1677610602  # OpenAI's list shows a creation time; ours are config entries
 

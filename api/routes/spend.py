@@ -11,15 +11,15 @@ import msgspec
 from litestar import Request, Response, get
 from litestar.params import Parameter
 
-from api.auth import caller_of, requires
-from api.jsonio import json_response
-from api.params import OPTIONAL_ID_PARAM
-from api.roles import Permission
-from api.schemas import READ, documented
-from api.services import services_of
-from ledger.keys import hash_key
-from projections import daily
-from projections.spend_logs import daily_spend, day_range, global_spend_report, spend_logs
+from spendledger.api.auth import caller_of, requires
+from spendledger.api.jsonio import json_response
+from spendledger.api.params import OPTIONAL_ID_PARAM
+from spendledger.api.roles import Permission
+from spendledger.api.schemas import READ, documented
+from spendledger.api.services import services_of
+from spendledger.ledger.keys import hash_key
+from spendledger.projections import daily
+from spendledger.projections.spend_logs import daily_spend, day_range, global_spend_report, spend_logs
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 

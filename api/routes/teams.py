@@ -11,20 +11,20 @@ import msgspec
 from litestar import Request, Response, get, post
 from msgspec import UNSET, UnsetType
 
-from api.auth import caller_of, requires
-from api.errors import bad_request
-from api.jsonio import json_response, sent_fields
-from api.params import ID_PARAM
-from api.roles import Permission
-from api.routes.keys import KeyView, key_views
-from api.schemas import GUARDED, READ, WRITE, documented
-from api.services import services_of
-from ledger import directory
-from ledger.connections import Queryable
-from ledger.errors import NotFound
-from ledger.events import TeamCreated, TeamUpdated
-from ledger.identifiers import FreeText, Identifier
-from projections.directory import get_team, keys_of, list_teams
+from spendledger.api.auth import caller_of, requires
+from spendledger.api.errors import bad_request
+from spendledger.api.jsonio import json_response, sent_fields
+from spendledger.api.params import ID_PARAM
+from spendledger.api.roles import Permission
+from spendledger.api.routes.keys import KeyView, key_views
+from spendledger.api.schemas import GUARDED, READ, WRITE, documented
+from spendledger.api.services import services_of
+from spendledger.ledger import directory
+from spendledger.ledger.connections import Queryable
+from spendledger.ledger.errors import NotFound
+from spendledger.ledger.events import TeamCreated, TeamUpdated
+from spendledger.ledger.identifiers import FreeText, Identifier
+from spendledger.projections.directory import get_team, keys_of, list_teams
 
 
 class NewTeamRequest(msgspec.Struct, kw_only=True):

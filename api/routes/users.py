@@ -12,23 +12,23 @@ from litestar import Request, Response, get, post
 from litestar.params import Parameter
 from msgspec import UNSET, UnsetType
 
-from api.auth import caller_of, requires
-from api.errors import bad_request
-from api.jsonio import json_response, sent_fields
-from api.params import OPTIONAL_ID_PARAM
-from api.roles import Permission
-from api.routes.keys import KeyView, key_views
-from api.schemas import READ, WRITE, documented
-from api.services import services_of
-from ledger import directory
-from ledger import keys as key_commands
-from ledger.connections import Queryable
-from ledger.durations import DurationError, parse_duration
-from ledger.errors import NotFound
-from ledger.events import KeyGenerated, UserCreated, UserUpdated
-from ledger.identifiers import ID_RULE, FreeText, Identifier, is_identifier
-from ledger.keys import display_name, hash_key, new_key
-from projections.directory import get_user, keys_of, list_users
+from spendledger.api.auth import caller_of, requires
+from spendledger.api.errors import bad_request
+from spendledger.api.jsonio import json_response, sent_fields
+from spendledger.api.params import OPTIONAL_ID_PARAM
+from spendledger.api.roles import Permission
+from spendledger.api.routes.keys import KeyView, key_views
+from spendledger.api.schemas import READ, WRITE, documented
+from spendledger.api.services import services_of
+from spendledger.ledger import directory
+from spendledger.ledger import keys as key_commands
+from spendledger.ledger.connections import Queryable
+from spendledger.ledger.durations import DurationError, parse_duration
+from spendledger.ledger.errors import NotFound
+from spendledger.ledger.events import KeyGenerated, UserCreated, UserUpdated
+from spendledger.ledger.identifiers import ID_RULE, FreeText, Identifier, is_identifier
+from spendledger.ledger.keys import display_name, hash_key, new_key
+from spendledger.projections.directory import get_user, keys_of, list_users
 
 # LiteLLM's user roles (LitellmUserRoles).
 USER_ROLES: Final = frozenset(

@@ -21,11 +21,11 @@ from typing import Any, Final
 import httpx
 import msgspec
 
-from ledger.config import LagoSettings
-from ledger.events import UsageRecorded
-from ledger.outbox import Claimed, Delivery, OutboxRow
-from ledger.sinks.http import PostTarget
-from ledger.tokens import PART_FIELDS
+from spendledger.ledger.config import LagoSettings
+from spendledger.ledger.events import UsageRecorded
+from spendledger.ledger.outbox import Claimed, Delivery, OutboxRow
+from spendledger.ledger.sinks.http import PostTarget
+from spendledger.ledger.tokens import PART_FIELDS
 
 NAME: Final = "lago"
 MAX_BATCH: Final = 100

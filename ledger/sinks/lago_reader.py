@@ -15,8 +15,8 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from ledger.config import LagoSettings
-from ledger.lago_webhooks import public_key_of
+from spendledger.ledger.config import LagoSettings
+from spendledger.ledger.lago_webhooks import public_key_of
 
 PER_PAGE: Final = 100  # Lago's largest page
 _decoder: Final = msgspec.json.Decoder(float_hook=Decimal)  # amounts compare exactly

@@ -20,9 +20,9 @@ from typing import Final
 import httpx
 from standardwebhooks.webhooks import Webhook
 
-from ledger.config import WebhookSettings
-from ledger.outbox import Claimed, Delivery, receiver_error
-from ledger.sinks.http import PostTarget
+from spendledger.ledger.config import WebhookSettings
+from spendledger.ledger.outbox import Claimed, Delivery, receiver_error
+from spendledger.ledger.sinks.http import PostTarget
 
 NAME: Final = "webhook"
 # What a `webhook-id` may hold as it is: letters, digits and `-._:@+=/,`, enough for every key the

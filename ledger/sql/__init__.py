@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Final
 
-from ledger.db import split_sql
+from spendledger.ledger.db import split_sql
 
 SQL_DIR: Final = Path(__file__).resolve().parent
 _NAME: Final = re.compile(r"^create or replace function (\w+)\(", re.MULTILINE)

@@ -32,16 +32,18 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ledger.admission import Admission, Admitted, admit_request, expire_holds
-from ledger.db import PROJECT_ROOT, EmbeddedDatabase, create_pool, run_migrations
-from ledger.directory import create_customer, define_budget
-from ledger.events import BudgetDefined, CustomerCreated, UsageRecorded
-from ledger.money import ZERO, add
-from ledger.scopes import Scopes
-from ledger.usage import NO_CONTEXT, GroupRecorder, Recording
+from spendledger.ledger.admission import Admission, Admitted, admit_request, expire_holds
+from spendledger.ledger.db import EmbeddedDatabase, create_pool, run_migrations
+from spendledger.ledger.directory import create_customer, define_budget
+from spendledger.ledger.events import BudgetDefined, CustomerCreated, UsageRecorded
+from spendledger.ledger.money import ZERO, add
+from spendledger.ledger.scopes import Scopes
+from spendledger.ledger.usage import NO_CONTEXT, GroupRecorder, Recording
 
-sys.path.insert(0, str(PROJECT_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench.report import DOC, write_section
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 TITLE = "Admission (issue 3)"
 TIER = "bench-tier"

@@ -56,7 +56,7 @@ def worktree(revision: str) -> Iterator[Path]:
 
 
 def run(side: str, checkout: Path, connections: int, duration: float) -> Result:
-    """proxy.py from `checkout`, its own code first on the path (the server runs `python -m api`)."""
+    """proxy.py from `checkout`, its own code first on the path (the server runs `python -m spendledger.api`)."""
     argv = [sys.executable, str(checkout / "scripts" / "bench" / "proxy.py"), "--skip-litellm", "--no-profile",
             "--no-doc", "--rounds", "1", "--warmup", "3", "--duration", f"{duration:g}",
             "--connections", str(connections)]  # fmt: skip

@@ -27,7 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ledger.db import EmbeddedDatabase
 from scripts.bench.floor_app import MODES
 from scripts.bench.proxy import (
     CUSTOMER,
@@ -48,6 +47,7 @@ from scripts.bench.proxy import (
     wrk,
 )
 from scripts.bench.report import write_section
+from spendledger.ledger.db import EmbeddedDatabase
 
 TITLE = "The floor under the latency at 1 connection (issue 6)"
 FLOOR_APP = "scripts/bench/floor_app.py"

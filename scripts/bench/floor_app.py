@@ -28,9 +28,9 @@ from typing import Final
 import asyncpg
 from litestar import Litestar, Request, Response, get, post
 
-from api.upstream import Upstream
-from ledger.config import load_settings
-from ledger.db import create_pool
+from spendledger.api.upstream import Upstream
+from spendledger.ledger.config import load_settings
+from spendledger.ledger.db import create_pool
 
 MODES: Final = ("none", "insert", "admit+insert")
 _APPEND: Final = (

@@ -27,10 +27,10 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from api.http_client import AiohttpTransport, DirectClient
-from ledger.sinks.http import PostTarget
 from scripts.bench.proxy import fake_argv, free_port, started, stats
 from scripts.bench.report import write_section
+from spendledger.api.http_client import AiohttpTransport, DirectClient
+from spendledger.ledger.sinks.http import PostTarget
 
 try:
     from httpx_aiohttp import AiohttpTransport as PackageTransport

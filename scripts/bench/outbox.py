@@ -41,16 +41,18 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ledger.config import LagoSettings
-from ledger.db import PROJECT_ROOT, EmbeddedDatabase, create_pool, run_migrations
-from ledger.events import UsageRecorded
-from ledger.outbox import Claimed, Delivery, Publisher, Sink
-from ledger.sinks.lago import LagoSink, lago_row
-from ledger.usage import record_usage
+from spendledger.ledger.config import LagoSettings
+from spendledger.ledger.db import EmbeddedDatabase, create_pool, run_migrations
+from spendledger.ledger.events import UsageRecorded
+from spendledger.ledger.outbox import Claimed, Delivery, Publisher, Sink
+from spendledger.ledger.sinks.lago import LagoSink, lago_row
+from spendledger.ledger.usage import record_usage
 
-sys.path.insert(0, str(PROJECT_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench.report import DOC, write_section
 from tests.fakes.lago import DEFAULT_API_KEY, FakeLago
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 TITLE = "Outbox delivery (issue 4)"
 PHASES = ("claim", "post", "mark", "commit")

@@ -61,10 +61,11 @@ except ImportError:  # read /proc instead
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ledger.db import PROJECT_ROOT, EmbeddedDatabase
 from scripts.bench.fake_upstream import LITELLM_WEBHOOK_PATH
 from scripts.bench.report import write_section
+from spendledger.ledger.db import EmbeddedDatabase
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TITLE = "Proxy: the default against LiteLLM doing the same job (issues 6, 17)"
 BENCH = PROJECT_ROOT / "scripts" / "bench"
 LUA = BENCH / "post.lua"
@@ -76,9 +77,9 @@ GRANIAN_IN_VENV = PROJECT_ROOT / ".venv" / "bin" / "granian"
 LITELLM_BARE = "litellm, no callbacks"
 FLOOR = "floor"
 PROXIES = ("spendledger", "spendledger on granian", FLOOR, "litellm", LITELLM_BARE)
-# `python -m api` from this checkout (not the console script, which runs wherever the package was
+# `python -m spendledger.api` from this checkout (not the console script, which runs wherever the package was
 # installed from), so a second checkout can be benchmarked against this one.
-SPENDLEDGER = [sys.executable, "-m", "api"]
+SPENDLEDGER = [sys.executable, "-m", "spendledger.api"]
 LITELLM_VERSION = "1.108.7"
 MASTER_KEY = "sk-bench-2f9a6c1e8d4b7035"  # not sk-1234: spendledger refuses a publicly known key
 CUSTOMER = "bench-customer"
@@ -942,7 +943,7 @@ def bench(args: argparse.Namespace, workdir: Path, database: EmbeddedDatabase, s
             "spendledger on granian",
             [str(GRANIAN_IN_VENV), "--interface", "asgi", "--factory", "--host", "127.0.0.1", "--port", str(port),
              "--workers", str(args.workers), "--loop", "uvloop", "--no-ws", "--log-level", "warning",
-             "--working-dir", str(PROJECT_ROOT), "api.app:create_app_from_env"],
+             "--working-dir", str(PROJECT_ROOT), "spendledger.api.app:create_app_from_env"],
             workdir, f"http://127.0.0.1:{port}", "/health/readiness",
             env={**sl_env, "SPENDLEDGER_CONFIG": str(workdir / "spendledger.yaml"),
                  "SPENDLEDGER_DATABASE_URL": database.url,
@@ -1047,7 +1048,7 @@ def start_spendledger(
     argv = [*SPENDLEDGER, "serve", "--config", str(workdir / "spendledger.yaml"), "--host", "127.0.0.1",
             "--port", str(port), "--workers", str(workers)]  # fmt: skip
     if publisher == "inline":  # serve would start its child: instead, the app itself publishes
-        argv = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app_from_env", "--host", "127.0.0.1",
+        argv = [sys.executable, "-m", "uvicorn", "--factory", "spendledger.api.app:create_app_from_env", "--host", "127.0.0.1",
                 "--port", str(port), "--workers", str(workers), "--loop", "uvloop", "--http", "httptools",
                 "--log-level", "warning", "--no-access-log"]  # fmt: skip
         env |= {"SPENDLEDGER_CONFIG": str(workdir / "spendledger.yaml"), "SPENDLEDGER_DATABASE_URL": database_url,
@@ -1078,7 +1079,7 @@ def start_spendledger(
 
 
 def publisher_child(server_pid: int, timeout_s: float = 30.0) -> int:
-    """The pid of `serve`'s publisher child (`… -m api publish …`)."""
+    """The pid of `serve`'s publisher child (`… -m spendledger.api publish …`)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for entry in Path("/proc").iterdir():

@@ -25,11 +25,11 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ledger.db import EmbeddedDatabase, run_migrations
-from projections.export_files import csv_bytes
-from projections.rebuild import Report, rebuild
-from projections.reconciliation import reconciliation_rows
 from scripts.bench.report import write_section
+from spendledger.ledger.db import EmbeddedDatabase, run_migrations
+from spendledger.projections.export_files import csv_bytes
+from spendledger.projections.rebuild import Report, rebuild
+from spendledger.projections.reconciliation import reconciliation_rows
 
 GENERATE = """
 insert into events (stream, version, type, data, metadata)

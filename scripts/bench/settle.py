@@ -29,11 +29,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ledger.admission import Admission, Admitted, admit_request
-from ledger.db import PROJECT_ROOT, EmbeddedDatabase, create_pool, run_migrations
-from ledger.directory import create_customer
-from ledger.events import CustomerCreated, UsageRecorded, encode_event
-from ledger.scopes import Scopes
+from spendledger.ledger.admission import Admission, Admitted, admit_request
+from spendledger.ledger.db import EmbeddedDatabase, create_pool, run_migrations
+from spendledger.ledger.directory import create_customer
+from spendledger.ledger.events import CustomerCreated, UsageRecorded, encode_event
+from spendledger.ledger.scopes import Scopes
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 KEY = "k" * 64
 CUSTOMERS = 10

@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ledger.db import EmbeddedDatabase
 from scripts.bench.proxy import Ledger, Meter, Run, Service, fake, mean, settle, start_spendledger, wrk
+from spendledger.ledger.db import EmbeddedDatabase
 
 
 def measure(

@@ -30,10 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import asyncpg
 
-from ledger.db import PROJECT_ROOT, EmbeddedDatabase, split_sql
-from ledger.sql import function_definitions
-from ledger.webhook_rows import BATCH
 from scripts.bench.proxy import Ledger, Meter, fake, start_spendledger, wrk
+from spendledger.ledger.db import EmbeddedDatabase, split_sql
+from spendledger.ledger.sql import function_definitions
+from spendledger.ledger.webhook_rows import BATCH
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 CONTEXT = '{"webhooks": true, "default_budget_id": null, "global_max_budget": null, "global_budget_duration": null}'
 

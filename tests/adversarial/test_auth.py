@@ -112,7 +112,7 @@ def test_a_weak_or_unset_master_key_refuses_to_start_with_one_line(tmp_path: Pat
     path = tmp_path / "config.yaml"
     path.write_text(config(general))
     result = subprocess.run(
-        [sys.executable, "-m", "api", "serve", "--config", str(path), "--port", str(free_port())],
+        [sys.executable, "-m", "spendledger.api", "serve", "--config", str(path), "--port", str(free_port())],
         cwd=PROJECT_ROOT,
         env=clean_env(DATABASE_URL=UNREACHABLE_DATABASE, **env),
         capture_output=True,

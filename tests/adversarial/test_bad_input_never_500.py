@@ -21,10 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from ledger.identifiers import ID_RULE
-from ledger.tokens import PART_FIELDS
-from projections.export_files import csv_bytes, parquet_table
-from projections.reconciliation import TOTAL_COLUMNS, ReconciliationReport
+from spendledger.ledger.identifiers import ID_RULE
+from spendledger.ledger.tokens import PART_FIELDS
+from spendledger.projections.export_files import csv_bytes, parquet_table
+from spendledger.projections.reconciliation import TOTAL_COLUMNS, ReconciliationReport
 from tests.e2e.test_bad_input import assert_envelope, event_count
 from tests.support import PROJECT_ROOT, PostgresForTests, RunningServer, run_server
 
@@ -256,7 +256,7 @@ def test_csv_export_escapes_cells_that_start_like_a_formula(server: RunningServe
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG)
     cli = subprocess.run(
-        [sys.executable, "-m", "api", "export", "--config", str(config), "--format", "csv"],
+        [sys.executable, "-m", "spendledger.api", "export", "--config", str(config), "--format", "csv"],
         cwd=PROJECT_ROOT,
         env={**os.environ, "DATABASE_URL": server.database_url},
         capture_output=True,

@@ -71,7 +71,7 @@ def _serve(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     args += ["--host", "127.0.0.1", "--port", str(port)]
     with (workdir / f"serve-{port}.log").open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "api", *args],
+            [sys.executable, "-m", "spendledger.api", *args],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=log,

@@ -23,11 +23,16 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api.proxy import Usage
-from api.request_body import decode_body, shape_of, upstream_body
-from ledger.config import Deployment
-from ledger.holds import DEFAULT_MEDIA_TOKENS, DEFAULT_OUTPUT_CAP, worst_case_cost, worst_case_tokens
-from ledger.pricing import ModelLimits, Price, PriceTier, charge
+from spendledger.api.proxy import Usage
+from spendledger.api.request_body import decode_body, shape_of, upstream_body
+from spendledger.ledger.config import Deployment
+from spendledger.ledger.holds import (
+    DEFAULT_MEDIA_TOKENS,
+    DEFAULT_OUTPUT_CAP,
+    worst_case_cost,
+    worst_case_tokens,
+)
+from spendledger.ledger.pricing import ModelLimits, Price, PriceTier, charge
 from tests.fakes.upstream import MEDIA_PART_TOKENS, FakeUpstream
 
 PATHS = {

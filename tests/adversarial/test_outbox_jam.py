@@ -17,13 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
-from api.http_client import pooled_client
-from ledger.config import LagoSettings, WebhookSettings
-from ledger.outbox import CHANNEL, Publisher
-from ledger.sinks.lago import LagoSink, lago_row
-from ledger.sinks.webhook import WebhookSink
-from ledger.usage import NO_CONTEXT, Recording, record_usages
-from projections.audit import AuditFilters, read_events
+from spendledger.api.http_client import pooled_client
+from spendledger.ledger.config import LagoSettings, WebhookSettings
+from spendledger.ledger.outbox import CHANNEL, Publisher
+from spendledger.ledger.sinks.lago import LagoSink, lago_row
+from spendledger.ledger.sinks.webhook import WebhookSink
+from spendledger.ledger.usage import NO_CONTEXT, Recording, record_usages
+from spendledger.projections.audit import AuditFilters, read_events
 from tests.fakes.lago import DEFAULT_API_KEY, FakeLago, run_fake_lago
 from tests.fakes.webhooks import FakeWebhookReceiver, run_fake_webhook_receiver
 from tests.integration.ledger.test_group_recorder import usage

@@ -152,14 +152,14 @@ class RunningPublisher:
 
 @contextmanager
 def run_publisher(config_text: str, database_url: str, env: dict[str, str]) -> Iterator[RunningPublisher]:
-    """`python -m api publish --config …` as its own process; SIGTERM (then SIGKILL) on exit."""
+    """`python -m spendledger.api publish --config …` as its own process; SIGTERM (then SIGKILL) on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="sl-publish-"))
     config_path = workdir / "config.yaml"
     config_path.write_text(config_text)
     log_path = workdir / "publisher.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "api", "publish", "--config", str(config_path)],
+            [sys.executable, "-m", "spendledger.api", "publish", "--config", str(config_path)],
             cwd=PROJECT_ROOT,
             env={**os.environ, "DATABASE_URL": database_url, **env},
             stdout=log_file,

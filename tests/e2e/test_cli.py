@@ -72,7 +72,7 @@ def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 20
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "api", *args],
+        [sys.executable, "-m", "spendledger.api", *args],
         cwd=PROJECT_ROOT,
         env={**os.environ, "DATABASE_URL": UNREACHABLE_DATABASE, **(env or {})},
         capture_output=True,
@@ -197,7 +197,7 @@ def test_migrate_uses_the_config_database_url(postgres: PostgresForTests, tmp_pa
         path.write_text("model_list:" + GOOD_MODEL + f"general_settings:\n  database_url: {url}\n")
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
         result = subprocess.run(
-            [sys.executable, "-m", "api", "migrate", "--config", str(path)],
+            [sys.executable, "-m", "spendledger.api", "migrate", "--config", str(path)],
             cwd=PROJECT_ROOT,
             env=env,
             capture_output=True,

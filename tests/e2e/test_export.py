@@ -1,6 +1,6 @@
 """The reconciliation export and `spendledger reconcile` end to end (CONTRACT §7): a real server,
 real requests, a fake Lago that acknowledges them; then `GET /export/reconciliation` (JSON, CSV,
-Parquet) and the CLI (`python -m api export|reconcile`, and `scripts/export.py`) on the server's
+Parquet) and the CLI (`python -m spendledger.api export|reconcile`, and `scripts/export.py`) on the server's
 database, checked against the ledger's own events summed here with Python Decimal."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ledger.tokens import PART_FIELDS
+from spendledger.ledger.tokens import PART_FIELDS
 from tests.e2e.conftest import MASTER_KEY, proxy_config
 from tests.e2e.enforcement_support import AUTH, decimal_json, post, query, wait_until
 from tests.e2e.outbox_support import (
@@ -103,7 +103,7 @@ def ledger_rows(database_url: str) -> dict[str | None, dict[str, Any]]:
 def cli(
     *args: str, database_url: str, env: dict[str, str], script: bool = False
 ) -> subprocess.CompletedProcess[bytes]:
-    command = [sys.executable, "scripts/export.py", *args] if script else [sys.executable, "-m", "api", *args]
+    command = [sys.executable, "scripts/export.py", *args] if script else [sys.executable, "-m", "spendledger.api", *args]
     return subprocess.run(
         command,
         cwd=PROJECT_ROOT,

@@ -32,9 +32,9 @@ import asyncpg
 import httpx
 import pytest
 
-from ledger.config import LagoSettings
-from ledger.outbox import Claimed, Delivery, Publisher
-from ledger.sinks.lago import LagoSink
+from spendledger.ledger.config import LagoSettings
+from spendledger.ledger.outbox import Claimed, Delivery, Publisher
+from spendledger.ledger.sinks.lago import LagoSink
 from tests.e2e.conftest import MASTER_KEY
 from tests.e2e.enforcement_support import post, query, unit_cost, wait_until
 from tests.e2e.outbox_support import (
@@ -644,7 +644,7 @@ def test_lago_callback_without_its_api_key_stops_start_up_naming_it(
     del env["LAGO_API_KEY"]
     # Nothing listens at this database: the config error must come first.
     env["DATABASE_URL"] = "postgresql://nobody@127.0.0.1:9/nothing"
-    args = [sys.executable, "-m", "api", command, "--config", str(config_path)]
+    args = [sys.executable, "-m", "spendledger.api", command, "--config", str(config_path)]
     if command == "serve":
         args += ["--port", str(free_port())]
     result = subprocess.run(args, cwd=PROJECT_ROOT, env=env, capture_output=True, timeout=60)

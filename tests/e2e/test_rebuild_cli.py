@@ -12,7 +12,7 @@ from tests.support import PROJECT_ROOT, RunningServer
 
 def rebuild(database_url: str, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "api", "rebuild", *flags],
+        [sys.executable, "-m", "spendledger.api", "rebuild", *flags],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

@@ -6,20 +6,12 @@ import asyncio
 from decimal import Decimal
 
 import asyncpg
-from alembic.config import Config
 
 from alembic import command
-from ledger.db import PROJECT_ROOT
-from ledger.usage import Recording, RecordingContext, record_usages
-from ledger.webhook_rows import catch_up_webhooks
+from spendledger.ledger.db import alembic_config
+from spendledger.ledger.usage import Recording, RecordingContext, record_usages
+from spendledger.ledger.webhook_rows import catch_up_webhooks
 from tests.integration.ledger.test_settle_batches import admitted, budgeted, usage
-
-
-def alembic_config(database_url: str) -> Config:
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "alembic"))
-    config.attributes["database_url"] = database_url
-    return config
 
 
 async def schema_objects(url: str) -> set[str]:

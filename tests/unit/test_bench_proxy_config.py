@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ledger.config import load_settings
 from scripts.bench.fake_upstream import LITELLM_WEBHOOK_PATH
 from scripts.bench.proxy import litellm_config, litellm_env, spendledger_config
+from spendledger.ledger.config import load_settings
 
 ENVIRON = {
     "LAGO_API_BASE": "http://127.0.0.1:1",

@@ -9,7 +9,7 @@ import sys
 # collected, and what start-up left as garbage was collected rather than frozen.
 _SCRIPT = """
 import gc, weakref
-from api.runtime import freeze_startup_heap
+from spendledger.api.runtime import freeze_startup_heap
 
 class Node:
     pass

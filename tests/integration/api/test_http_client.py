@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from api.http_client import AiohttpTransport, DirectClient, pooled_client
-from api.upstream import Upstream, UpstreamFailure
-from ledger.config import Deployment
-from ledger.sinks.http import PostTarget
+from spendledger.api.http_client import AiohttpTransport, DirectClient, pooled_client
+from spendledger.api.upstream import Upstream, UpstreamFailure
+from spendledger.ledger.config import Deployment
+from spendledger.ledger.sinks.http import PostTarget
 from tests.fakes.serving import serve_in_thread
 from tests.fakes.upstream import RunningUpstream, run_fake_upstream
 from tests.support import free_port

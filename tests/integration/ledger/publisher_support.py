@@ -13,10 +13,10 @@ from typing import Any
 import asyncpg
 import httpx
 
-from ledger.config import LagoSettings, WebhookSettings
-from ledger.outbox import CHANNEL, Publisher
-from ledger.sinks.lago import LagoSink
-from ledger.sinks.webhook import WebhookSink
+from spendledger.ledger.config import LagoSettings, WebhookSettings
+from spendledger.ledger.outbox import CHANNEL, Publisher
+from spendledger.ledger.sinks.lago import LagoSink
+from spendledger.ledger.sinks.webhook import WebhookSink
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a Standard Webhooks test secret
 

@@ -11,11 +11,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ledger.admission import Admission, Admitted, Refused, admit_request, admit_requests
-from ledger.directory import create_customer, create_team, create_user
-from ledger.events import CustomerCreated, KeyGenerated, TeamCreated, UserCreated
-from ledger.keys import generate_key, hash_key
-from ledger.scopes import BudgetSettings, Scopes
+from spendledger.ledger.admission import Admission, Admitted, Refused, admit_request, admit_requests
+from spendledger.ledger.directory import create_customer, create_team, create_user
+from spendledger.ledger.events import CustomerCreated, KeyGenerated, TeamCreated, UserCreated
+from spendledger.ledger.keys import generate_key, hash_key
+from spendledger.ledger.scopes import BudgetSettings, Scopes
 from tests.support import PostgresForTests
 
 NOW = datetime.now(UTC)

@@ -9,12 +9,12 @@ from decimal import Decimal
 
 import asyncpg
 
-from ledger.admission import Admission, Admitted, GroupAdmitter, Refused, admit_requests
-from ledger.directory import create_customer
-from ledger.events import CustomerCreated, KeyGenerated
-from ledger.keys import generate_key, hash_key
-from ledger.scopes import Scopes
-from ledger.usage import NO_CONTEXT, GroupRecorder, Recording
+from spendledger.ledger.admission import Admission, Admitted, GroupAdmitter, Refused, admit_requests
+from spendledger.ledger.directory import create_customer
+from spendledger.ledger.events import CustomerCreated, KeyGenerated
+from spendledger.ledger.keys import generate_key, hash_key
+from spendledger.ledger.scopes import Scopes
+from spendledger.ledger.usage import NO_CONTEXT, GroupRecorder, Recording
 from tests.integration.ledger.test_group_recorder import COST, usage
 
 HOLD = Decimal("0.01")

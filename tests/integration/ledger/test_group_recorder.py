@@ -9,12 +9,12 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from ledger.admission import Admission, Admitted, admit_request
-from ledger.directory import create_customer
-from ledger.events import CustomerCreated, KeyGenerated, UsageRecorded
-from ledger.keys import generate_key, hash_key
-from ledger.scopes import Scopes
-from ledger.usage import NO_CONTEXT, GroupRecorder, Recording
+from spendledger.ledger.admission import Admission, Admitted, admit_request
+from spendledger.ledger.directory import create_customer
+from spendledger.ledger.events import CustomerCreated, KeyGenerated, UsageRecorded
+from spendledger.ledger.keys import generate_key, hash_key
+from spendledger.ledger.scopes import Scopes
+from spendledger.ledger.usage import NO_CONTEXT, GroupRecorder, Recording
 
 COST = Decimal("0.000123456789")
 

@@ -10,9 +10,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ledger import keys, store
-from ledger.errors import AlreadyExists, InvalidCommand, NotFound
-from ledger.events import KeyBlocked, KeyDeleted, KeyGenerated, KeyUnblocked, KeyUpdated
+from spendledger.ledger import keys, store
+from spendledger.ledger.errors import AlreadyExists, InvalidCommand, NotFound
+from spendledger.ledger.events import KeyBlocked, KeyDeleted, KeyGenerated, KeyUnblocked, KeyUpdated
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 

@@ -14,11 +14,11 @@ import asyncpg
 import msgspec
 import pytest
 
-from ledger.admission import Admission, Admitted, Refused, admit_request
-from ledger.directory import create_customer, set_customer_blocked
-from ledger.events import CustomerCreated
-from ledger.leases import HOLDS_PER_LEASE, SHARE, BudgetLeases
-from ledger.usage import NO_CONTEXT, Recording, record_usages
+from spendledger.ledger.admission import Admission, Admitted, Refused, admit_request
+from spendledger.ledger.directory import create_customer, set_customer_blocked
+from spendledger.ledger.events import CustomerCreated
+from spendledger.ledger.leases import HOLDS_PER_LEASE, SHARE, BudgetLeases
+from spendledger.ledger.usage import NO_CONTEXT, Recording, record_usages
 from tests.integration.ledger.test_group_admitter import HOLD, admission, held
 from tests.integration.ledger.test_group_recorder import usage
 

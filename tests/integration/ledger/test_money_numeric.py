@@ -8,7 +8,7 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger.money import add, cost_of, format_money
+from spendledger.ledger.money import add, cost_of, format_money
 
 prices = st.decimals(
     min_value=Decimal("0"), max_value=Decimal("1"), places=15, allow_nan=False, allow_infinity=False

@@ -7,7 +7,7 @@ import json
 
 import asyncpg
 
-from ledger.outbox import outbox_status
+from spendledger.ledger.outbox import outbox_status
 
 
 async def fill(pool: asyncpg.Pool, delivered: int) -> None:

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from ledger.outbox import Publisher
-from ledger.publisher_health import HealthReporter, SinkHealth, read_health
+from spendledger.ledger.outbox import Publisher
+from spendledger.ledger.publisher_health import HealthReporter, SinkHealth, read_health
 from tests.integration.ledger.publisher_support import Receiver, enqueue, eventually, lago_sink, running
 
 

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from ledger.outbox import Publisher
-from ledger.usage import NO_CONTEXT, Recording, record_usages
-from projections.audit import AuditFilters, read_events
+from spendledger.ledger.outbox import Publisher
+from spendledger.ledger.usage import NO_CONTEXT, Recording, record_usages
+from spendledger.projections.audit import AuditFilters, read_events
 from tests.integration.ledger.publisher_support import (
     Receiver,
     end_leases,

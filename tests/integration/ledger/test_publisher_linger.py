@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import asyncpg
 import pytest
 
-from ledger.outbox import CHANNEL, Claimed, Delivery, Publisher
+from spendledger.ledger.outbox import CHANNEL, Claimed, Delivery, Publisher
 
 
 class CountingSink:

@@ -7,7 +7,7 @@ import asyncio
 
 import asyncpg
 
-from ledger.outbox import Publisher
+from spendledger.ledger.outbox import Publisher
 from tests.integration.ledger.publisher_support import (
     Receiver,
     enqueue,

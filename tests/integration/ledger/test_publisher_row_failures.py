@@ -11,9 +11,9 @@ from prometheus_client import REGISTRY
 from standardwebhooks.webhooks import Webhook
 from structlog.testing import capture_logs
 
-from api.metrics import observe_delivery
-from ledger.outbox import MAX_OWN_FAILURES, Publisher, retry_dead_letters
-from ledger.sinks.webhook import WEBHOOK_ID_MAX_LENGTH, webhook_id
+from spendledger.api.metrics import observe_delivery
+from spendledger.ledger.outbox import MAX_OWN_FAILURES, Publisher, retry_dead_letters
+from spendledger.ledger.sinks.webhook import WEBHOOK_ID_MAX_LENGTH, webhook_id
 from tests.integration.ledger.publisher_support import (
     SECRET,
     Receiver,

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from ledger.outbox import CHANNEL
-from ledger.publisher_wakeups import PublisherWakeups
-from ledger.usage import GroupRecorder, Recording, RecordingContext, record_usages
+from spendledger.ledger.outbox import CHANNEL
+from spendledger.ledger.publisher_wakeups import PublisherWakeups
+from spendledger.ledger.usage import GroupRecorder, Recording, RecordingContext, record_usages
 from tests.integration.ledger.test_group_recorder import usage
 
 WEBHOOKS = RecordingContext(webhooks=True)  # a settle with webhooks on enqueues rows and notifies

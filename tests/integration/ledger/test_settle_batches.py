@@ -15,11 +15,11 @@ import asyncpg
 import msgspec
 import pytest
 
-from ledger.admission import Admitted, admit_request
-from ledger.directory import create_customer
-from ledger.events import CustomerCreated, UsageRecorded
-from ledger.usage import Recording, RecordingContext, record_usages
-from ledger.webhook_rows import catch_up_webhooks
+from spendledger.ledger.admission import Admitted, admit_request
+from spendledger.ledger.directory import create_customer
+from spendledger.ledger.events import CustomerCreated, UsageRecorded
+from spendledger.ledger.usage import Recording, RecordingContext, record_usages
+from spendledger.ledger.webhook_rows import catch_up_webhooks
 from tests.integration.ledger.test_group_admitter import admission
 
 WEBHOOKS = RecordingContext(webhooks=True)

@@ -10,8 +10,8 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from ledger import store
-from ledger.events import (
+from spendledger.ledger import store
+from spendledger.ledger.events import (
     CustomerCreated,
     KeyBlocked,
     KeyGenerated,
@@ -19,7 +19,7 @@ from ledger.events import (
     KeyUpdated,
     UsageRecorded,
 )
-from ledger.store import ConcurrencyError
+from spendledger.ledger.store import ConcurrencyError
 
 KEY = "b" * 64
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)

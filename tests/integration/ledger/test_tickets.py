@@ -12,14 +12,14 @@ import asyncpg
 import msgspec
 import pytest
 
-from ledger.admission import Admission, GroupAdmitter, Refused
-from ledger.config import LagoSettings
-from ledger.events import UsageRecorded
-from ledger.leases import BudgetLeases
-from ledger.sinks.lago import lago_row
-from ledger.store import read_stream
-from ledger.tickets import Ticket, TicketClosed, Tickets
-from ledger.usage import NO_CONTEXT, GroupRecorder, record_usage
+from spendledger.ledger.admission import Admission, GroupAdmitter, Refused
+from spendledger.ledger.config import LagoSettings
+from spendledger.ledger.events import UsageRecorded
+from spendledger.ledger.leases import BudgetLeases
+from spendledger.ledger.sinks.lago import lago_row
+from spendledger.ledger.store import read_stream
+from spendledger.ledger.tickets import Ticket, TicketClosed, Tickets
+from spendledger.ledger.usage import NO_CONTEXT, GroupRecorder, record_usage
 from tests.integration.ledger.test_group_admitter import HOLD, admission, budgeted, held
 from tests.integration.ledger.test_group_recorder import usage
 from tests.integration.ledger.test_leases import lease_rows

@@ -12,10 +12,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ledger import store
-from ledger.events import CustomerCreated, UsageRecorded
-from ledger.money import ZERO, add, cost_of
-from ledger.usage import RecordingContext, record_usage
+from spendledger.ledger import store
+from spendledger.ledger.events import CustomerCreated, UsageRecorded
+from spendledger.ledger.money import ZERO, add, cost_of
+from spendledger.ledger.usage import RecordingContext, record_usage
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 KEY_A = "a" * 64

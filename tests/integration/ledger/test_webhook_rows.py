@@ -12,10 +12,15 @@ from typing import Any
 
 import asyncpg
 
-from ledger.directory import update_customer
-from ledger.events import CustomerUpdated
-from ledger.usage import NO_CONTEXT, Recording, RecordingContext, record_usages
-from ledger.webhook_rows import WebhookFollower, catch_up_webhooks, follow_webhooks, webhook_follower_lag
+from spendledger.ledger.directory import update_customer
+from spendledger.ledger.events import CustomerUpdated
+from spendledger.ledger.usage import NO_CONTEXT, Recording, RecordingContext, record_usages
+from spendledger.ledger.webhook_rows import (
+    WebhookFollower,
+    catch_up_webhooks,
+    follow_webhooks,
+    webhook_follower_lag,
+)
 from tests.integration.ledger.test_settle_batches import budgeted, recordings
 
 WEBHOOKS = RecordingContext(webhooks=True)

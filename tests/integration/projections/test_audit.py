@@ -17,8 +17,8 @@ import asyncpg
 import msgspec
 import pytest
 
-from ledger import store
-from ledger.events import (
+from spendledger.ledger import store
+from spendledger.ledger.events import (
     BudgetDefined,
     CustomerCreated,
     Event,
@@ -32,8 +32,8 @@ from ledger.events import (
     encode_event,
     event_type,
 )
-from ledger.keys import generate_key, hash_key
-from projections.audit import (
+from spendledger.ledger.keys import generate_key, hash_key
+from spendledger.projections.audit import (
     AuditEvent,
     AuditFilters,
     InvalidCursor,

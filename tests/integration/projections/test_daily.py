@@ -8,9 +8,9 @@ from decimal import Decimal
 
 import asyncpg
 
-from ledger.events import UsageRecorded
-from ledger.usage import record_usage
-from projections.daily import catch_up, follow_once
+from spendledger.ledger.events import UsageRecorded
+from spendledger.ledger.usage import record_usage
+from spendledger.projections.daily import catch_up, follow_once
 
 
 def usage(call_id: str, customer: str, cost: str) -> UsageRecorded:

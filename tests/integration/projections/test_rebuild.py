@@ -10,9 +10,9 @@ from decimal import Decimal
 import asyncpg
 import msgspec
 
-from ledger import directory, keys
-from ledger.admission import Admission, Admitted, admit_request
-from ledger.events import (
+from spendledger.ledger import directory, keys
+from spendledger.ledger.admission import Admission, Admitted, admit_request
+from spendledger.ledger.events import (
     BudgetDefined,
     BudgetUpdated,
     CustomerCreated,
@@ -22,10 +22,10 @@ from ledger.events import (
     UsageRecorded,
     decode_event,
 )
-from ledger.scopes import BudgetSettings, Scopes
-from ledger.usage import RecordingContext, record_usage
-from projections.daily import catch_up
-from projections.rebuild import rebuild
+from spendledger.ledger.scopes import BudgetSettings, Scopes
+from spendledger.ledger.usage import RecordingContext, record_usage
+from spendledger.projections.daily import catch_up
+from spendledger.projections.rebuild import rebuild
 
 CONTEXT = RecordingContext(default_budget_id="tier")
 PINNED = keys.hash_key("sk-rebuild-pinned-key")

@@ -25,14 +25,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ledger.config import LagoSettings
-from ledger.events import UsageRecorded
-from ledger.sinks.lago import lago_row
-from ledger.tokens import PART_FIELDS
-from ledger.usage import RecordingContext, record_usage
-from projections.export_files import csv_bytes, parquet_bytes
-from projections.lago_reconcile import reconcile
-from projections.reconciliation import (
+from spendledger.ledger.config import LagoSettings
+from spendledger.ledger.events import UsageRecorded
+from spendledger.ledger.sinks.lago import lago_row
+from spendledger.ledger.tokens import PART_FIELDS
+from spendledger.ledger.usage import RecordingContext, record_usage
+from spendledger.projections.export_files import csv_bytes, parquet_bytes
+from spendledger.projections.lago_reconcile import reconcile
+from spendledger.projections.reconciliation import (
     BY_FIELD,
     TOTAL_COLUMNS,
     PrecisionError,
@@ -41,7 +41,7 @@ from projections.reconciliation import (
     check_totals,
     reconciliation_rows,
 )
-from projections.spend_logs import day_range
+from spendledger.projections.spend_logs import day_range
 
 LAGO = LagoSettings(api_base="http://lago.invalid", api_key="k", event_code="tokens", charge_by="end_user_id")
 CONTEXT = RecordingContext()

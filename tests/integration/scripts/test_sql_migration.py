@@ -6,10 +6,10 @@ import ast
 
 import asyncpg
 
-from ledger.db import split_sql
-from ledger.sql import function_definitions
-from ledger.sql.drift import Drift, InstalledFunction, drift
 from scripts.sql_migration import downgrade_script, revision_text, upgrade_script
+from spendledger.ledger.db import split_sql
+from spendledger.ledger.sql import function_definitions
+from spendledger.ledger.sql.drift import Drift, InstalledFunction, drift
 
 NEW = "create or replace function sl_brand_new(x integer) returns integer language sql immutable as $$ select x $$"
 
@@ -59,7 +59,7 @@ def test_the_revision_stands_alone_and_splits_into_its_statements() -> None:
     )
     tree = ast.parse(revision_text("0099", "0098", "A test revision", found, definitions))
     imports = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
-    assert imports == {"alembic", "ledger.db"}  # no other revision
+    assert imports == {"alembic", "spendledger.ledger.db"}  # no other revision
     scripts = {
         target.id: ast.literal_eval(node.value)
         for node in tree.body

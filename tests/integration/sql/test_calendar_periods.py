@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ledger.durations import Duration, parse_duration
+from spendledger.ledger.durations import Duration, parse_duration
 from tests.integration.sql.test_periods import window as anchored_window
 
 # Zones whose clocks change at 02:00, by half an hour (Lord Howe), at midnight forward and back

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from ledger.sql import function_definitions
-from ledger.sql.drift import drift, installed_functions
+from spendledger.ledger.sql import function_definitions
+from spendledger.ledger.sql.drift import drift, installed_functions
 
 
 async def test_every_function_is_its_files_text_and_nothing_else_is_installed(pool: asyncpg.Pool) -> None:

@@ -24,11 +24,11 @@ from typing import Final, get_args
 
 import msgspec
 
-from ledger.events import AnyEvent, Event
-from ledger.outbox import OutboxRow
-from ledger.sql import function_definitions
-from ledger.usage import RecordingContext
-from projections.reconciliation import BY_FIELD, CHARGE_BY_FIELD
+from spendledger.ledger.events import AnyEvent, Event
+from spendledger.ledger.outbox import OutboxRow
+from spendledger.ledger.sql import function_definitions
+from spendledger.ledger.usage import RecordingContext
+from spendledger.projections.reconciliation import BY_FIELD, CHARGE_BY_FIELD
 
 PROJECT_ROOT: Final = Path(__file__).resolve().parents[3]
 EVENTS: Final[dict[str, type[Event]]] = {cls.__name__: cls for cls in get_args(AnyEvent)}

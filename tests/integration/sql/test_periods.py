@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from ledger.durations import MAX_SECONDS, Duration, DurationError, add_months, parse_duration
+from spendledger.ledger.durations import MAX_SECONDS, Duration, DurationError, add_months, parse_duration
 from tests.integration.sql.conftest import ZONES
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -16,9 +16,9 @@ import asyncpg
 import msgspec
 import pytest
 
-from ledger.admission import Admission, Admitted, Refused, admit_request, admit_requests
-from ledger.directory import create_customer, create_team, create_user, set_customer_blocked
-from ledger.events import (
+from spendledger.ledger.admission import Admission, Admitted, Refused, admit_request, admit_requests
+from spendledger.ledger.directory import create_customer, create_team, create_user, set_customer_blocked
+from spendledger.ledger.events import (
     CustomerCreated,
     KeyGenerated,
     RequestRefused,
@@ -26,8 +26,8 @@ from ledger.events import (
     UserCreated,
     decode_event,
 )
-from ledger.keys import generate_key, hash_key
-from ledger.scopes import NO_BUDGETS, BudgetSettings, Scopes
+from spendledger.ledger.keys import generate_key, hash_key
+from spendledger.ledger.scopes import NO_BUDGETS, BudgetSettings, Scopes
 
 NOW: Final = datetime.now(UTC)
 # Money stays exact where the test compares it (the event's `detail` is free-form JSON).

@@ -26,10 +26,16 @@ import asyncpg
 import msgspec
 import pytest
 
-from ledger.admission import Refused, admit_request, announce_budget_exhausted
-from ledger.directory import create_customer, create_user, update_customer
-from ledger.events import CustomerCreated, CustomerUpdated, UsageRecorded, UserCreated, encode_event
-from ledger.usage import RecordingContext
+from spendledger.ledger.admission import Refused, admit_request, announce_budget_exhausted
+from spendledger.ledger.directory import create_customer, create_user, update_customer
+from spendledger.ledger.events import (
+    CustomerCreated,
+    CustomerUpdated,
+    UsageRecorded,
+    UserCreated,
+    encode_event,
+)
+from spendledger.ledger.usage import RecordingContext
 from tests.integration.ledger.test_group_admitter import admission
 
 KEY: Final = "k" * 64

@@ -7,8 +7,8 @@ from typing import Any
 
 import msgspec
 
-from api.prompt_text import MESSAGE_OVERHEAD, NAME_OVERHEAD, REPLY_PRIMING, prompt_text_tokens
-from api.request_body import decode_body
+from spendledger.api.prompt_text import MESSAGE_OVERHEAD, NAME_OVERHEAD, REPLY_PRIMING, prompt_text_tokens
+from spendledger.api.request_body import decode_body
 
 
 def bound(body: dict[str, Any]) -> int:

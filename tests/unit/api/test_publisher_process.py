@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from api.publisher_process import SUPERVISOR_PID, SupervisedPublisher
+from spendledger.api.publisher_process import SUPERVISOR_PID, SupervisedPublisher
 
 
 def wait_for(condition: object, timeout_s: float) -> bool:

@@ -9,8 +9,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from api.proxy import Usage
-from ledger.tokens import TokenUsage
+from spendledger.api.proxy import Usage
+from spendledger.ledger.tokens import TokenUsage
 
 
 def tokens(block: dict[str, Any]) -> TokenUsage:

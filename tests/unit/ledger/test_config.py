@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ledger.config import ConfigError, Settings, _DecimalLoader, load_settings, parse_settings
+from spendledger.ledger.config import ConfigError, Settings, _DecimalLoader, load_settings, parse_settings
 
 CONTRACT_CONFIG = """
 model_list:
@@ -455,7 +455,7 @@ def test_webhook_alerting_needs_a_url_and_a_valid_secret() -> None:
 
 def test_secrets_never_show_in_a_repr() -> None:
     """Settings and deployments may end up in a log line or a traceback: their keys must not."""
-    from ledger.config import Deployment, Settings
+    from spendledger.ledger.config import Deployment, Settings
 
     deployment = Deployment(
         model_name="m", deployment_id="d", provider="openai", upstream_model="x", api_base="b", api_key="sk-upstream"

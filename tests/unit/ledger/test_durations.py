@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from ledger.durations import Duration, DurationError, add_months, parse_duration
+from spendledger.ledger.durations import Duration, DurationError, add_months, parse_duration
 
 START = datetime(2026, 3, 15, 12, 30, 45, tzinfo=UTC)
 

@@ -10,7 +10,7 @@ from decimal import Decimal
 import msgspec
 import pytest
 
-from ledger.events import (
+from spendledger.ledger.events import (
     AnyEvent,
     CustomerCreated,
     Event,
@@ -29,7 +29,7 @@ from ledger.events import (
     encode_event,
     event_type,
 )
-from ledger.scopes import Scopes
+from spendledger.ledger.scopes import Scopes
 
 T0 = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)
 KEY = "a" * 64

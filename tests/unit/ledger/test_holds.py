@@ -6,8 +6,8 @@ from decimal import Decimal
 
 import pytest
 
-from ledger.config import Deployment
-from ledger.holds import (
+from spendledger.ledger.config import Deployment
+from spendledger.ledger.holds import (
     DEFAULT_MEDIA_TOKENS,
     DEFAULT_OUTPUT_CAP,
     RequestShape,
@@ -15,7 +15,7 @@ from ledger.holds import (
     worst_case_cost,
     worst_case_tokens,
 )
-from ledger.pricing import ModelLimits, Price, limits_for
+from spendledger.ledger.pricing import ModelLimits, Price, limits_for
 
 UNKNOWN = ModelLimits()
 GPT = ModelLimits(max_input_tokens=128_000, max_output_tokens=16_384)

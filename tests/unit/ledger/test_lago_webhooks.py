@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from ledger.lago_webhooks import WebhookRefused, public_key_of, rejections, verify
+from spendledger.ledger.lago_webhooks import WebhookRefused, public_key_of, rejections, verify
 from tests.fakes.lago import FakeLago
 
 LAGO = FakeLago()

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from ledger.config import ConfigError, Settings, parse_settings
-from ledger.master_key import MasterKeyVerdict, Weakness, master_key_verdict, serving_master_key
+from spendledger.ledger.config import ConfigError, Settings, parse_settings
+from spendledger.ledger.master_key import MasterKeyVerdict, Weakness, master_key_verdict, serving_master_key
 
 STRONG = "sk-9f2c7e4b1a0d83f6c5e2b9a7d4f1c8e3"
 PERMIT_ENV = "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger.money import ZERO, MoneyError, add, cost_of, format_money, to_money
+from spendledger.ledger.money import ZERO, MoneyError, add, cost_of, format_money, to_money
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from ledger.config import Deployment
-from ledger.money import ZERO
-from ledger.pricing import UNPRICED, Price, PriceBook, catalogue_price, charge, price_for
-from ledger.tokens import TokenUsage
+from spendledger.ledger.config import Deployment
+from spendledger.ledger.money import ZERO
+from spendledger.ledger.pricing import UNPRICED, Price, PriceBook, catalogue_price, charge, price_for
+from spendledger.ledger.tokens import TokenUsage
 
 # genai-prices: gpt-4o-mini is $0.15 / $0.60 per million tokens.
 MINI_IN = Decimal("0.15") / Decimal(1_000_000)

@@ -14,11 +14,11 @@ from genai_prices import Usage, calc_price
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger.config import ConfigError, Deployment, _DecimalLoader, parse_settings
-from ledger.holds import WorstCase, worst_case_cost
-from ledger.money import cost_of
-from ledger.pricing import Price, PriceTier, catalogue_price, charge, from_catalogue, price_for
-from ledger.tokens import PARENT, TokenUsage
+from spendledger.ledger.config import ConfigError, Deployment, _DecimalLoader, parse_settings
+from spendledger.ledger.holds import WorstCase, worst_case_cost
+from spendledger.ledger.money import cost_of
+from spendledger.ledger.pricing import Price, PriceTier, catalogue_price, charge, from_catalogue, price_for
+from spendledger.ledger.tokens import PARENT, TokenUsage
 
 M = Decimal(1_000_000)
 

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from ledger.waits import wait_until_set
+from spendledger.ledger.waits import wait_until_set
 
 
 async def test_set_within_the_timeout_is_true_and_no_set_is_false() -> None:
