@@ -133,19 +133,21 @@ COMPONENTS: Final = Components(
 )
 
 
-def documented(*statuses: int, also: Mapping[str, Schema] | None = None) -> dict[str, Any]:
-    """A route decorator's keyword arguments that document the key it asks for, the errors it
-    answers (each with the envelope, and the headers of 429 and 503) and, with `also`, the other
-    media types of its 200."""
+def documented(*statuses: int, also: Mapping[str, Schema] | None = None, keyless: bool = False) -> dict[str, Any]:
+    """A route decorator's keyword arguments that document the key it asks for (none when
+    `keyless`: a caller that signs instead, as Lago does), the errors it answers (each with the
+    envelope, and the headers of 429 and 503) and, with `also`, the other media types of its 200."""
     operation: type[Operation] = DocumentedOperation
     if also:
         name = "DocumentedOperation_" + "_".join(sorted(also)).replace("/", "_")
         operation = type(name, (DocumentedOperation,), {"ALSO": dict(also)})
-    return {
+    documents: dict[str, Any] = {
         "responses": {status: ERRORS[status] for status in sorted(statuses)},
         "operation_class": operation,
-        "security": [{"api_key": []}],
     }
+    if not keyless:
+        documents["security"] = [{"api_key": []}]
+    return documents
 
 
 # The statuses of the management routes, composed per route (plus 404 where it names something):

@@ -16,6 +16,7 @@ from litestar import Request, Response, post
 
 from spendledger.api.errors import ApiError
 from spendledger.api.jsonio import json_response
+from spendledger.api.schemas import documented
 from spendledger.api.services import services_of
 from spendledger.ledger.lago_webhooks import WebhookRefused
 from spendledger.ledger.sinks.lago_reader import LagoReadError
@@ -31,6 +32,9 @@ class WebhookReceived(msgspec.Struct, kw_only=True):
     status_code=200,
     tags=["lago"],
     summary="Lago's webhooks: events.errors recorded as LagoEventRejected (signature checked)",
+    # No key (Lago sends none): its signature instead (401), its shape (400), its size (413), and
+    # Lago's public key or the database out of reach (503: Lago sends it again).
+    **documented(400, 401, 404, 413, 503, keyless=True),
 )
 async def lago_webhook(request: Request[Any, Any, Any]) -> Response[WebhookReceived]:
     receiver = services_of(request).lago_webhooks
