@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from spendledger import __version__
 from spendledger.api import rebuild_command
 from spendledger.api.logging import configure_logging
 from spendledger.api.publisher_process import SupervisedPublisher, become_supervised_child, publisher_argv
@@ -27,6 +28,7 @@ log = structlog.get_logger("spendledger")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spendledger", description="LLM gateway with an exact spend ledger")
+    parser.add_argument("--version", action="version", version=f"spendledger {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API and the management API")
     serve.add_argument("--config", required=True, help="LiteLLM-format config.yaml")
