@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from datetime import date
 from types import FrameType
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import structlog
@@ -26,40 +26,55 @@ from spendledger.ledger.db import EmbeddedDatabase, resolve_data_dir, run_migrat
 log = structlog.get_logger("spendledger")
 
 
+CONFIG_HELP: Final = "the LiteLLM-format config.yaml"
+DATA_DIR_HELP: Final = "the embedded PostgreSQL's data directory (default: $SPENDLEDGER_DATA_DIR, else ./.spendledger)"
+DATABASE_CONFIG_HELP: Final = "config.yaml, for general_settings.database_url (default: $DATABASE_URL, else embedded)"
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spendledger", description="LLM gateway with an exact spend ledger")
     parser.add_argument("--version", action="version", version=f"spendledger {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API and the management API")
-    serve.add_argument("--config", required=True, help="LiteLLM-format config.yaml")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=4000)
-    serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--data-dir", help="embedded PostgreSQL data directory (default ./.spendledger)")
+    serve.add_argument("--config", required=True, help=CONFIG_HELP)
+    serve.add_argument("--host", default="0.0.0.0", help="the address to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=4000, help="the port to listen on (default 4000)")
+    serve.add_argument(
+        "--workers", type=_positive, default=1, help="serving processes (default 1; the outbox has one publisher)"
+    )
+    serve.add_argument("--data-dir", help=DATA_DIR_HELP)
     serve.add_argument(
         "--no-publisher",
         action="store_true",
         help="do not deliver the outbox from the server; run `spendledger publish` beside it",
     )
-    serve.add_argument("--log-level", default=os.environ.get("SPENDLEDGER_LOG_LEVEL", "INFO"))
+    serve.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=os.environ.get("SPENDLEDGER_LOG_LEVEL", "INFO"),
+        help=f"{', '.join(LOG_LEVELS)} (default: $SPENDLEDGER_LOG_LEVEL, else INFO)",
+    )
     publish = sub.add_parser("publish", help="deliver the outbox (Lago, webhooks) without serving HTTP")
-    publish.add_argument("--config", required=True)
-    publish.add_argument("--data-dir")
+    publish.add_argument("--config", required=True, help=CONFIG_HELP)
+    publish.add_argument("--data-dir", help=DATA_DIR_HELP)
     migrate = sub.add_parser("migrate", help="run database migrations and exit")
-    migrate.add_argument("--config", help="config.yaml (for general_settings.database_url)")
-    migrate.add_argument("--data-dir")
+    migrate.add_argument("--config", help=DATABASE_CONFIG_HELP)
+    migrate.add_argument("--data-dir", help=DATA_DIR_HELP)
     export = sub.add_parser("export", help="reconciliation export: usage, exact spend and Lago delivery")
-    export.add_argument("--config", required=True)
-    export.add_argument("--data-dir")
-    export.add_argument("--by", choices=["customer", "user", "team"], default="customer")
-    export.add_argument("--period", choices=["day", "month"], default="day")
+    export.add_argument("--config", required=True, help=CONFIG_HELP)
+    export.add_argument("--data-dir", help=DATA_DIR_HELP)
+    export.add_argument(
+        "--by", choices=["customer", "user", "team"], default="customer", help="group by (default customer)"
+    )
+    export.add_argument("--period", choices=["day", "month"], default="day", help="UTC periods (default day)")
     export.add_argument("--from", dest="first", type=_day, help="first UTC day, YYYY-MM-DD (inclusive)")
     export.add_argument("--to", dest="last", type=_day, help="last UTC day, YYYY-MM-DD (inclusive)")
-    export.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    export.add_argument("--format", choices=["csv", "parquet"], default="csv", help="file format (default csv)")
     export.add_argument("--output", default="-", help="file to write, or - for stdout (default)")
     reconcile = sub.add_parser("reconcile", help="list every difference between the ledger and Lago")
-    reconcile.add_argument("--config", required=True)
-    reconcile.add_argument("--data-dir")
+    reconcile.add_argument("--config", required=True, help=CONFIG_HELP)
+    reconcile.add_argument("--data-dir", help=DATA_DIR_HELP)
     reconcile.add_argument(
         "--against-lago", action="store_true",
         help="read back what Lago holds (each event, each subscription's events and current usage) "
@@ -68,8 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--concurrency", type=_positive, default=8, help="Lago reads in flight at once (default 8)"
     )
-    rebuild_command.add_parser(sub)
+    rebuild_command.add_parser(sub, config_help=DATABASE_CONFIG_HELP, data_dir_help=DATA_DIR_HELP)
     return parser
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"not a log level ({', '.join(LOG_LEVELS)}): {text[:40]!r}")
+    return text.upper()
 
 
 def _positive(text: str) -> int:

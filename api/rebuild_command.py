@@ -12,10 +12,12 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from spendledger.projections.rebuild import rebuild, render
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], config_help: str, data_dir_help: str
+) -> None:
     parser = sub.add_parser("rebuild", help="rebuild the projections from the event log, compare, swap")
-    parser.add_argument("--config", help="config.yaml (for general_settings.database_url)")
-    parser.add_argument("--data-dir")
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--data-dir", help=data_dir_help)
     parser.add_argument("--verify-only", action="store_true", help="compare only: change nothing")
 
 

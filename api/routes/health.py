@@ -38,6 +38,11 @@ async def liveliness() -> Response[str]:
     return json_response("I'm alive!")
 
 
+@get("/health/liveness", tags=["health"], summary="The process is up (LiteLLM's other spelling)")
+async def liveness() -> Response[str]:
+    return json_response("I'm alive!")
+
+
 @get(
     "/health/readiness",
     tags=["health"],
@@ -77,4 +82,4 @@ async def metrics() -> Response[str]:
     return response
 
 
-route_handlers = [liveliness, readiness, metrics]
+route_handlers = [liveliness, liveness, readiness, metrics]

@@ -31,3 +31,9 @@ def test_customer_spend_is_exact_after_a_chat_completion(server: RunningServer) 
     body = json.loads(info.text, parse_float=Decimal)
     assert body["spend"] == expected
     assert body["user_id"] == "ishaan3" and body["blocked"] is False and body["litellm_budget_table"] is None
+
+
+def test_both_of_litellm_s_liveness_spellings_answer_without_a_key(server: RunningServer) -> None:
+    for path in ("/health/liveliness", "/health/liveness"):
+        response = httpx.get(f"{server.base_url}{path}")
+        assert response.status_code == 200 and response.json() == "I'm alive!", path

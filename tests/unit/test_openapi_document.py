@@ -31,7 +31,7 @@ OPERATIONS = [
 IDS = [f"{method} {path}" for method, path, _ in OPERATIONS]
 ENVELOPE = {"$ref": "#/components/schemas/ErrorBody"}
 # No key, no database: the process's own health (readiness answers its own 503 body).
-UNGUARDED = {"GET /health/liveliness", "GET /health/readiness", "GET /metrics"}
+UNGUARDED = {"GET /health/liveliness", "GET /health/liveness", "GET /health/readiness", "GET /metrics"}
 # No key, a signature: Lago's webhooks (its errors documented like any route's).
 SIGNED = {"POST /lago/webhooks"}
 # LLM routes read any body (the provider may take more than JSON's media type says).
