@@ -6,12 +6,13 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import httpx
 import structlog
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.openapi.config import OpenAPIConfig
 
 from spendledger.api.errors import exception_handlers
@@ -165,9 +166,23 @@ def create_app(
         request_class=BoundedJsonRequest,  # JSON bodies nested too deeply are a 400
         request_max_body_size=settings.max_request_size_bytes,
         openapi_config=OpenAPIConfig(title="spendledger", version="0.1.0", components=COMPONENTS),
-        plugins=[MoneyAsNumber()],  # Decimal in the OpenAPI document: the JSON number it is sent as
+        plugins=[MoneyAsNumber()],
+        cors_config=CORSConfig(
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials=settings.cors_allow_credentials,
+            expose_headers=list(EXPOSED_HEADERS),
+        ),  # Decimal in the OpenAPI document: the JSON number it is sent as
         debug=False,
     )
+
+
+# What a browser client may read of an answer (LiteLLM exposes the same).
+EXPOSED_HEADERS: Final = (
+    "x-litellm-call-id", "x-litellm-response-cost", "x-litellm-model-id", "x-litellm-model-group",
+    "retry-after", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens",
+)  # fmt: skip
 
 
 def lago_receiver(

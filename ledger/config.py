@@ -77,6 +77,8 @@ _GENERAL_SETTINGS: Final = {
     "database_connection_pool_limit",
     "store_model_in_db",
     "dangerously_permit_weak_or_unset_master_key",
+    "cors_origins",
+    "cors_allow_credentials",
 }
 _LITELLM_PARAMS: Final = {
     "model",
@@ -210,6 +212,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # known input limit.
     reject_unbounded_requests: bool = False
     budget_leases: bool = True  # admit from budget leased to the process (ledger/leases.py)
+    # Browsers' cross-origin access, as LiteLLM sets it (_cors below): any origin, no credentials.
+    cors_origins: tuple[str, ...] = ("*",)
+    cors_allow_credentials: bool = False
     request_timeout_s: float = 600.0
     lago: LagoSettings | None = None
     webhook: WebhookSettings | None = None
@@ -314,6 +319,7 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
             source,
         ),
         budget_leases=flag(general.get("budget_leases", True), "general_settings.budget_leases", source),
+        **_cors(general, environ, source),
         request_timeout_s=positive_float(
             litellm.get("request_timeout", 600), "litellm_settings.request_timeout", source
         ),
@@ -321,6 +327,24 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         webhook=_webhook_settings(alerting, environ, source),
         warnings=tuple(warnings),
     )
+
+
+def _cors(general: Mapping[str, Any], environ: Mapping[str, str], source: str) -> dict[str, Any]:
+    """LiteLLM's CORS: LITELLM_CORS_ORIGINS (comma-separated; else general_settings.cors_origins;
+    else any origin) and LITELLM_CORS_ALLOW_CREDENTIALS (else general_settings.cors_allow_credentials;
+    else credentials only when the origins are named: with any origin they would let every site
+    make credentialed requests)."""
+    raw = environ.get("LITELLM_CORS_ORIGINS", "").strip()
+    if raw:
+        origins = [o.strip() for o in raw.split(",") if o.strip()]
+    else:
+        origins = string_list(general.get("cors_origins"), "general_settings.cors_origins", source) or ["*"]
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError(f"{source}: CORS origin {origin[:60]!r} must be '*' or start with http:// or https://")
+    credentials = environ.get("LITELLM_CORS_ALLOW_CREDENTIALS", "").strip() or general.get("cors_allow_credentials")
+    allow = "*" not in origins if credentials is None else flag(credentials, "cors_allow_credentials", source)
+    return {"cors_origins": tuple(origins), "cors_allow_credentials": allow}
 
 
 def _timezone(value: Any, source: str) -> str:

@@ -37,3 +37,20 @@ def test_both_of_litellm_s_liveness_spellings_answer_without_a_key(server: Runni
     for path in ("/health/liveliness", "/health/liveness"):
         response = httpx.get(f"{server.base_url}{path}")
         assert response.status_code == 200 and response.json() == "I'm alive!", path
+
+
+def test_a_browser_may_call_the_api_from_another_origin_as_with_litellm(server: RunningServer) -> None:
+    preflight = httpx.options(
+        f"{server.base_url}/chat/completions",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code in (200, 204), preflight.text
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in preflight.headers  # any origin: no credentials
+    answer = httpx.get(f"{server.base_url}/health/liveness", headers={"Origin": "https://app.example"})
+    assert answer.headers["access-control-allow-origin"] == "*"
+    assert "x-litellm-call-id" in answer.headers.get("access-control-expose-headers", "")

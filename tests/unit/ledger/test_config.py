@@ -380,6 +380,20 @@ def test_timezone_is_utc_unless_set() -> None:
     assert parse_settings(minimal(litellm_settings={"timezone": "Asia/Kolkata"}), {}).timezone == "Asia/Kolkata"
 
 
+def test_cors_is_litellm_s_any_origin_without_credentials_unless_named() -> None:
+    plain = parse_settings(minimal(), {})
+    assert (plain.cors_origins, plain.cors_allow_credentials) == (("*",), False)
+    named = parse_settings(minimal(general_settings={"cors_origins": ["https://app.example"]}), {})
+    assert (named.cors_origins, named.cors_allow_credentials) == (("https://app.example",), True)
+    env = {"LITELLM_CORS_ORIGINS": "https://a.example, https://b.example", "LITELLM_CORS_ALLOW_CREDENTIALS": "false"}
+    from_env = parse_settings(minimal(general_settings={"cors_origins": ["https://c.example"]}), env)
+    assert (from_env.cors_origins, from_env.cors_allow_credentials) == (("https://a.example", "https://b.example"), False)
+
+
+def test_a_cors_origin_must_be_a_web_origin() -> None:
+    refuse(minimal(general_settings={"cors_origins": ["javascript:alert(1)"]}), "CORS origin")
+
+
 @pytest.mark.parametrize("size", [0, -1, "big"])
 def test_bad_max_request_size(size: Any) -> None:
     refuse(minimal(general_settings={"max_request_size_mb": size}), "general_settings.max_request_size_mb")
