@@ -78,7 +78,7 @@ def create_app(
         await wait_for_database(database_url)
         # The pool's connections carry this process's name: the holds it takes are marked with it.
         owner = process_name()
-        pool = await create_pool(database_url, application_name=owner)
+        pool = await create_pool(database_url, max_size=settings.database_pool_limit, application_name=owner)
         await set_budget_timezone(pool, settings.timezone)
         sweeper = HoldSweeper(pool, owner, stale_after=_process_stale_after())
         await sweeper.start()

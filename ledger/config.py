@@ -132,6 +132,31 @@ _MODEL_INFO: Final = {
 }
 
 
+# Keys a LiteLLM config may hold that are read without error and have no effect here yet: named
+# in one start-up warning when a config sets them (the router's are issue 14's).
+NOT_IMPLEMENTED: Final = {
+    "": ("router_settings",),
+    "litellm_settings.": ("failure_callback", "drop_params", "set_verbose", "json_logs", "num_retries"),
+    "general_settings.": ("alerting_threshold", "proxy_batch_write_at", "store_model_in_db"),
+    "litellm_params.": ("rpm", "tpm", "stream_timeout", "max_retries", "organization", "api_version", "mock_response"),
+    "model_info.": ("mode", "base_model", "description"),
+}
+
+
+def _note_not_implemented(section: Mapping[str, Any], prefix: str, warnings: list[str], label: str = "") -> None:
+    """Add the keys of `section` that are accepted but not implemented to the one warning."""
+    keys = [k for k in NOT_IMPLEMENTED.get(prefix, ()) if k in section]
+    if not keys:
+        return
+    head = "config keys accepted but not implemented (no effect): "
+    names = [f"{label}{prefix}{k}" for k in keys]
+    for index, warning in enumerate(warnings):
+        if warning.startswith(head):
+            warnings[index] = head + ", ".join(dict.fromkeys(warning.removeprefix(head).split(", ") + names))
+            return
+    warnings.append(head + ", ".join(names))
+
+
 def _repr_hiding(struct: msgspec.Struct, *secrets: str) -> str:
     """A Struct's repr with its secrets (keys, a URL that may hold a password) shown as `***`."""
     shown = (
@@ -213,6 +238,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     reject_unbounded_requests: bool = False
     budget_leases: bool = True  # admit from budget leased to the process (ledger/leases.py)
     # Browsers' cross-origin access, as LiteLLM sets it (_cors below): any origin, no credentials.
+    database_pool_limit: int = 10  # general_settings.database_connection_pool_limit: connections per process
     cors_origins: tuple[str, ...] = ("*",)
     cors_allow_credentials: bool = False
     request_timeout_s: float = 600.0
@@ -274,6 +300,8 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if environ is None and isinstance(raw, dict):  # LiteLLM exports them: DATABASE_URL too
+        os.environ.update(_environment_variables(raw.get("environment_variables"), str(path)))
     return parse_settings(raw or {}, os.environ if environ is None else environ, source=str(path))
 
 
@@ -282,9 +310,13 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         raise ConfigError(f"{source}: the top level must be a mapping with 'model_list'")
     warnings: list[str] = []
     unknown = sorted(set(raw) - _TOP_LEVEL, key=str)
+    environ = {**environ, **_environment_variables(raw.get("environment_variables"), source)}
     resolved = _resolve_env(raw, environ, warnings, source)
     litellm = _section(resolved, "litellm_settings", source)
     general = _section(resolved, "general_settings", source)
+    _note_not_implemented(resolved, "", warnings)
+    _note_not_implemented(litellm, "litellm_settings.", warnings)
+    _note_not_implemented(general, "general_settings.", warnings)
     _note_unknown(unknown, "", warnings)
     _note_unknown(sorted(set(litellm) - _LITELLM_SETTINGS, key=str), "litellm_settings.", warnings)
     _note_unknown(sorted(set(general) - _GENERAL_SETTINGS, key=str), "general_settings.", warnings)
@@ -320,6 +352,7 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         ),
         budget_leases=flag(general.get("budget_leases", True), "general_settings.budget_leases", source),
         **_cors(general, environ, source),
+        database_pool_limit=_pool_limit(general.get("database_connection_pool_limit", 10), source),
         request_timeout_s=positive_float(
             litellm.get("request_timeout", 600), "litellm_settings.request_timeout", source
         ),
@@ -327,6 +360,27 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         webhook=_webhook_settings(alerting, environ, source),
         warnings=tuple(warnings),
     )
+
+
+def _pool_limit(value: Any, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+        raise ConfigError(f"{source}: general_settings.database_connection_pool_limit must be a whole number from 2 to 1000")
+    limit = int(str(value).strip())
+    if not 2 <= limit <= 1000:
+        raise ConfigError(f"{source}: general_settings.database_connection_pool_limit must be a whole number from 2 to 1000")
+    return limit
+
+
+def _environment_variables(value: Any, source: str) -> dict[str, str]:
+    """`environment_variables`: set before anything else is read, as LiteLLM exports them (they may
+    name the LAGO_*, WEBHOOK_* or a key an `os.environ/` reference reads)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | int | Decimal | bool) for k, v in value.items()
+    ):
+        raise ConfigError(f"{source}: 'environment_variables' must map names to strings")
+    return {k: str(v) for k, v in value.items()}
 
 
 def _cors(general: Mapping[str, Any], environ: Mapping[str, str], source: str) -> dict[str, Any]:
@@ -384,6 +438,8 @@ def _parse_deployment(entry: dict[str, Any], where: str, warnings: list[str]) ->
     info = entry.get("model_info") or {}
     if not isinstance(info, dict):
         raise ConfigError(f"{where} ({model_name}): 'model_info' must be a mapping")
+    _note_not_implemented(params, "litellm_params.", warnings, f"{model_name}.")
+    _note_not_implemented(info, "model_info.", warnings, f"{model_name}.")
     _note_unknown(
         sorted((k for k in set(params) - _LITELLM_PARAMS if not _is_price_key(k)), key=str),
         f"{model_name}.litellm_params.",
