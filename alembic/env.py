@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 from sqlalchemy import pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import context
 
 
-def _async_url(url: str) -> str:
+def _asyncpg_url(url: str) -> str:
+    """The URL as asyncpg takes it: asyncpg connects (SQLAlchemy would hand its query parameters,
+    such as a search_path server setting, to asyncpg as keyword arguments it does not have)."""
     for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url.removeprefix(prefix)
+            return "postgresql://" + url.removeprefix(prefix)
     raise ValueError("database URL must start with postgresql://")
 
 
@@ -25,7 +28,10 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
 
 async def _migrate() -> None:
     url = context.config.attributes.get("database_url") or context.config.get_main_option("sqlalchemy.url")
-    engine = create_async_engine(_async_url(url), poolclass=pool.NullPool)
+    dsn = _asyncpg_url(url)
+    engine = create_async_engine(
+        "postgresql+asyncpg://", async_creator=lambda: asyncpg.connect(dsn), poolclass=pool.NullPool
+    )
     async with engine.connect() as connection:
         await connection.run_sync(_run)
         await connection.commit()

@@ -10,6 +10,7 @@ from typing import Any, Final
 
 import asyncpg
 import httpx
+import msgspec
 import structlog
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
@@ -199,6 +200,8 @@ def lago_receiver(
 def create_app_from_env() -> Litestar:
     """Factory for server workers: the CLI puts the config path and database URL in the environment."""
     settings = load_settings(os.environ["SPENDLEDGER_CONFIG"])
+    if limit := os.environ.get("SPENDLEDGER_DATABASE_POOL_LIMIT"):  # DATABASE_URL's connection_limit
+        settings = msgspec.structs.replace(settings, database_pool_limit=int(limit))
     publish = os.environ.get("SPENDLEDGER_PUBLISH", "1") != "0"
     return create_app(settings, os.environ["SPENDLEDGER_DATABASE_URL"], publish=publish, freeze_heap=True)
 

@@ -21,11 +21,13 @@ from spendledger.api.logging import configure_logging
 from spendledger.api.publisher_process import SupervisedPublisher, become_supervised_child, publisher_argv
 from spendledger.ledger.config import LagoSettings, Settings, load_settings
 from spendledger.ledger.config_values import ConfigError
+from spendledger.ledger.database_url import from_prisma
 from spendledger.ledger.db import EmbeddedDatabase, resolve_data_dir, run_migrations
 
 log = structlog.get_logger("spendledger")
 
 
+POOL_LIMIT_ENV: Final = "SPENDLEDGER_DATABASE_POOL_LIMIT"  # a DATABASE_URL's connection_limit, for the workers
 CONFIG_HELP: Final = "the LiteLLM-format config.yaml"
 DATA_DIR_HELP: Final = "the embedded PostgreSQL's data directory (default: $SPENDLEDGER_DATA_DIR, else ./.spendledger)"
 DATABASE_CONFIG_HELP: Final = "config.yaml, for general_settings.database_url (default: $DATABASE_URL, else embedded)"
@@ -110,7 +112,12 @@ def _database(settings: Settings | None, data_dir: str | None) -> tuple[str, Emb
     """DATABASE_URL, else general_settings.database_url, else an embedded PostgreSQL."""
     url = os.environ.get("DATABASE_URL") or (settings.database_url if settings else None)
     if url:
-        return url, None
+        found = from_prisma(url)  # LiteLLM deployments' Prisma-style parameters
+        if found.dropped:
+            log.warning("database_url_parameters_ignored", parameters=", ".join(found.dropped))
+        if found.pool_limit is not None:  # the serving processes size their pools by it
+            os.environ[POOL_LIMIT_ENV] = str(found.pool_limit)
+        return found.url, None
     embedded = EmbeddedDatabase(resolve_data_dir(data_dir))
     log.info("embedded_postgres_started", data_dir=str(embedded.data_dir))
     return embedded.url, embedded

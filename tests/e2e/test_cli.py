@@ -210,6 +210,22 @@ def test_migrate_uses_the_config_database_url(postgres: PostgresForTests, tmp_pa
         postgres.drop_database(url)
 
 
+def test_migrate_takes_a_prisma_style_database_url_as_litellm_deployments_write_it(
+    postgres: PostgresForTests,
+) -> None:
+    url = postgres.new_database()
+    try:
+        joiner = "&" if "?" in url else "?"
+        prisma = url + joiner + "schema=public&connection_limit=5&pgbouncer=true"
+        result = run_cli("migrate", env={"DATABASE_URL": prisma}, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "pgbouncer" in result.stderr and "database_url_parameters_ignored" in result.stderr
+        elsewhere = url + joiner + "schema=nowhere_yet"  # the search_path is the schema: migrations land there
+        assert run_cli("migrate", env={"DATABASE_URL": elsewhere}, timeout=120).returncode != 0
+    finally:
+        postgres.drop_database(url)
+
+
 def test_migrate_against_an_unreachable_database_fails_with_one_line() -> None:
     result = run_cli("migrate", env={"DATABASE_URL": "postgresql://someone:hunter2@127.0.0.1:9/nothing"})
     line = assert_one_line_failure(result, ["database", "127.0.0.1:9"])
