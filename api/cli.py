@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from datetime import date
 from types import FrameType
@@ -160,6 +162,26 @@ def _refuse_weak_master_key(settings: Settings) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # Before prometheus_client is imported (by the app below, by each worker, by the publisher
+    # child): one scrape of any worker then counts every process (api/metrics.py).
+    metrics_dir = _metrics_dir()
+    try:
+        return _serve(args)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _metrics_dir() -> str | None:
+    """A fresh PROMETHEUS_MULTIPROC_DIR for this server (None: the operator set one, kept)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    path = tempfile.mkdtemp(prefix="spendledger-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from spendledger.api import http_protocol

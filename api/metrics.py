@@ -1,15 +1,24 @@
-"""Prometheus metrics: the ledger's and the outbox's, exposed at /metrics."""
+"""Prometheus metrics: the ledger's and the outbox's, exposed at /metrics.
+
+`spendledger serve` runs its workers and its publisher child in prometheus_client's multiprocess
+mode (PROMETHEUS_MULTIPROC_DIR, set before any of them imports prometheus_client): each process
+writes its samples to files there and one scrape of any worker sums them all (`latest`). The gauges
+are the same database-derived value in every process: the most recent one set is shown.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from spendledger.ledger.outbox import WAITING, Claimed, Delivery
 from spendledger.ledger.publisher_health import SinkReport
+
+MULTIPROCESS_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 REQUESTS: Final = Counter(
     "spendledger_requests_total", "Proxied requests by route and outcome", ["route", "status"]
@@ -36,9 +45,11 @@ OUTBOX_ROWS: Final = Gauge(
     "spendledger_outbox_rows",
     "Outbox rows waiting by sink and state (pending, dead, unbillable)",
     ["sink", "state"],
+    multiprocess_mode="mostrecent",
 )
 OUTBOX_OLDEST_PENDING: Final = Gauge(
-    "spendledger_outbox_oldest_pending_seconds", "Age of the oldest pending outbox row", ["sink"]
+    "spendledger_outbox_oldest_pending_seconds", "Age of the oldest pending outbox row", ["sink"],
+    multiprocess_mode="mostrecent",
 )
 OUTBOX_DELIVERED: Final = Counter("spendledger_outbox_delivered_total", "Outbox rows delivered", ["sink"])
 OUTBOX_DEAD: Final = Counter(
@@ -54,7 +65,8 @@ OUTBOX_ROW_FAILURES: Final = Counter(
     ["sink", "error_type"],
 )
 SINK_UNAUTHORIZED: Final = Gauge(
-    "spendledger_sink_unauthorized", "1 while a sink refuses our credentials (deliveries wait)", ["sink"]
+    "spendledger_sink_unauthorized", "1 while a sink refuses our credentials (deliveries wait)", ["sink"],
+    multiprocess_mode="mostrecent",
 )
 DELIVERY_LAG: Final = Histogram(
     "spendledger_outbox_delivery_lag_seconds",
@@ -62,6 +74,15 @@ DELIVERY_LAG: Final = Histogram(
     ["sink"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
+
+
+def latest() -> bytes:
+    """The exposition: every process's samples in multiprocess mode, else this process's."""
+    if os.environ.get(MULTIPROCESS_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest()
 
 
 def observe_admission(under_lease: bool, admitted: bool) -> None:

@@ -7,9 +7,10 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get
 from litestar.openapi.datastructures import ResponseSpec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from spendledger.api.jsonio import json_response
+from spendledger.api.metrics import latest
 from spendledger.api.services import services_of
 from spendledger.ledger.connections import DATABASE_ERRORS
 from spendledger.ledger.db import current_revision, head_revision
@@ -78,7 +79,7 @@ async def readiness(request: Request[Any, Any, Any]) -> Response[Ready]:
 )
 async def metrics() -> Response[str]:
     # The exposition text comes encoded: sent as bytes, documented as the text it is (api/schemas.py).
-    response: Response[Any] = Response(content=generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    response: Response[Any] = Response(content=latest(), media_type=CONTENT_TYPE_LATEST)
     return response
 
 
