@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
+from spendledger.ledger.events import UsageRecorded
 from spendledger.ledger.outbox import WAITING, Claimed, Delivery
 from spendledger.ledger.publisher_health import SinkReport
 
@@ -76,6 +77,28 @@ DELIVERY_LAG: Final = Histogram(
 )
 
 
+# LiteLLM's names (its prometheus callback), by model group: what its dashboards already read.
+# The gateway's own time is the request's total less the provider's.
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60, 120, 300)
+OVERHEAD_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+REQUEST_LATENCY: Final = Histogram(
+    "litellm_request_total_latency_metric", "A proxied request's time in the gateway, seconds (the provider's included)",
+    ["model"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+UPSTREAM_LATENCY: Final = Histogram(
+    "litellm_llm_api_latency_metric", "The provider's time for a request, seconds (a stream: until its last byte)",
+    ["model"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+OVERHEAD_LATENCY: Final = Histogram(
+    "litellm_overhead_latency_metric", "The gateway's own time for a request, seconds: its total less the provider's",
+    ["model"], buckets=OVERHEAD_BUCKETS,
+)  # fmt: skip
+SPEND: Final = Counter("litellm_spend_metric", "Spend by model group, USD (the ledger has it exactly)", ["model"])
+INPUT_TOKENS: Final = Counter("litellm_input_tokens_metric", "Input (prompt) tokens by model group", ["model"])
+OUTPUT_TOKENS: Final = Counter("litellm_output_tokens_metric", "Output (completion) tokens by model group", ["model"])
+TOTAL_TOKENS: Final = Counter("litellm_total_tokens_metric", "Input and output tokens by model group", ["model"])
+
+
 def latest() -> bytes:
     """The exposition: every process's samples in multiprocess mode, else this process's."""
     if os.environ.get(MULTIPROCESS_ENV):
@@ -98,6 +121,19 @@ def observe_request(
         UNPRICED.labels(model).inc()
     for kind in unpriced_kinds:
         UNPRICED_KINDS.labels(model, kind).inc()
+
+
+def observe_usage(event: UsageRecorded, total_s: float, upstream_s: float) -> None:
+    """A recorded request: its terminal event, what it used and cost, and where its time went."""
+    model = event.model_group
+    observe_request(event.route, event.status, model, event.priced, event.unpriced_kinds)
+    SPEND.labels(model).inc(float(event.cost))
+    INPUT_TOKENS.labels(model).inc(event.input_tokens)
+    OUTPUT_TOKENS.labels(model).inc(event.output_tokens)
+    TOTAL_TOKENS.labels(model).inc(event.total_tokens)
+    REQUEST_LATENCY.labels(model).observe(total_s)
+    UPSTREAM_LATENCY.labels(model).observe(upstream_s)
+    OVERHEAD_LATENCY.labels(model).observe(max(0.0, total_s - upstream_s))
 
 
 def observe_hold_exceeded(model: str) -> None:

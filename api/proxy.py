@@ -8,6 +8,7 @@ deployment, hold the worst case (api/enforcement.py: the ledger's `Ticket`), for
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -22,7 +23,7 @@ from msgspec import Meta
 from spendledger.api.auth import Caller
 from spendledger.api.errors import ApiError
 from spendledger.api.jsonio import json_response
-from spendledger.api.metrics import observe_request
+from spendledger.api.metrics import observe_usage
 from spendledger.api.request_body import RequestHead
 from spendledger.api.services import Services
 from spendledger.api.upstream import UpstreamFailure
@@ -150,6 +151,22 @@ class Exchange:
         self.price = price
         self.scopes = Scopes(caller.key_hash, caller.user_id, caller.team_id, customer_id)
         self.started_at = datetime.now(UTC)
+        self._started = time.perf_counter()
+        self._upstream_began: float | None = None
+        self._upstream_s: float | None = None
+
+    def upstream_began(self) -> None:
+        self._upstream_began = time.perf_counter()
+
+    def upstream_ended(self) -> None:
+        """The provider is done (its answer read, or its stream's last byte)."""
+        if self._upstream_began is not None and self._upstream_s is None:
+            self._upstream_s = time.perf_counter() - self._upstream_began
+
+    def timings(self) -> tuple[float, float]:
+        """(the request's time so far, the provider's part of it), seconds."""
+        self.upstream_ended()
+        return time.perf_counter() - self._started, self._upstream_s or 0.0
 
     def usage_event(
         self,
@@ -230,7 +247,7 @@ async def record(exchange: Exchange, ticket: Ticket, event: UsageRecorded) -> De
             "ledger_unavailable",
             headers=exchange.headers(ticket),
         ) from None
-    observe_request(event.route, event.status, event.model_group, event.priced, event.unpriced_kinds)
+    observe_usage(event, *exchange.timings())
     return spend
 
 
@@ -305,10 +322,12 @@ def provider_error(body: bytes, deployment: Deployment) -> ProviderError:
 
 async def forward(services: Services, exchange: Exchange, ticket: Ticket, body: bytes) -> Response[Any]:
     path = UPSTREAM_PATHS[exchange.route]
+    exchange.upstream_began()
     try:
         response = await services.upstream.send(exchange.deployment, path, body, stream=False)
     except UpstreamFailure as failure:
         raise await record_failure(exchange, ticket, failure) from None
+    exchange.upstream_ended()
     if response.status_code != 200:
         return await upstream_error_response(exchange, ticket, response)
     content = response.content

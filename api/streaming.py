@@ -65,6 +65,7 @@ _chunk_decoder: Final = msgspec.json.Decoder(_ChunkHead)
 
 async def forward_stream(services: Services, exchange: Exchange, ticket: Ticket, body: bytes) -> Response[Any]:
     path = UPSTREAM_PATHS[exchange.route]
+    exchange.upstream_began()
     try:
         response = await services.upstream.send(exchange.deployment, path, body, stream=True)
     except UpstreamFailure as failure:
@@ -108,6 +109,7 @@ class StreamRelay:
                     out = self._pass(event)
                     if out:
                         yield out
+            self._exchange.upstream_ended()
             await self._finish("success", 200)
             tail = self._usage_chunk if (self._client_wants_usage and self._usage_chunk) else b""
             yield tail + b"data: [DONE]\n\n"

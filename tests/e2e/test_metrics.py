@@ -39,3 +39,30 @@ def test_every_scrape_sums_both_workers_and_the_publisher_child(
         for _ in range(6):  # whichever worker answers the scrape
             assert samples(server.base_url, 'spendledger_requests_total{route="chat.completions",status="success"}') == 12
         assert wait_until(lambda: samples(server.base_url, 'spendledger_outbox_delivered_total{sink="lago"}') == 12, 10)
+
+
+def test_time_tokens_and_spend_by_model_group_under_litellm_s_names(
+    upstream: RunningUpstream, database_url: str
+) -> None:
+    from decimal import Decimal
+
+    from tests.e2e.enforcement_support import unit_cost
+
+    config = outbox_config(upstream.base_url)
+    upstream.app.delay_s = 0.2  # the provider's time: the gateway's own is what is left
+    with run_server(config, database_url) as server:
+        chats(server.base_url, [f"timed-{i}" for i in range(4)])
+        model = '{model="fake-openai-endpoint"}'
+        assert samples(server.base_url, f"litellm_request_total_latency_metric_count{model}") == 4
+        upstream_s = samples(server.base_url, f"litellm_llm_api_latency_metric_sum{model}")
+        overhead_s = samples(server.base_url, f"litellm_overhead_latency_metric_sum{model}")
+        total_s = samples(server.base_url, f"litellm_request_total_latency_metric_sum{model}")
+        assert upstream_s >= 4 * 0.2 and 0 < overhead_s < upstream_s  # the provider's time is not the gateway's
+        assert abs(total_s - upstream_s - overhead_s) < 1e-6
+        spend = samples(server.base_url, f"litellm_spend_metric_total{model}")
+        assert abs(Decimal(str(spend)) - 4 * unit_cost()) < Decimal("1e-12")
+        tokens = {
+            kind: samples(server.base_url, f"litellm_{kind}_tokens_metric_total{model}")
+            for kind in ("input", "output", "total")
+        }
+        assert tokens["total"] == tokens["input"] + tokens["output"] > 0

@@ -77,3 +77,20 @@ def test_compose_variables_are_all_documented_defaults_or_required() -> None:
     text = (PROJECT_ROOT / "docker-compose.yml").read_text()
     for expression in re.findall(r"\$\{([^}]*)\}", text):
         assert re.fullmatch(r"[A-Z_]+(:-[^}]*|:\?.+)", expression), expression  # never a bare ${NAME}
+
+
+def test_the_grafana_dashboard_reads_only_metrics_the_gateway_exports() -> None:
+    import json
+
+    from prometheus_client import REGISTRY
+
+    import spendledger.api.metrics  # noqa: F401  (registers them)
+
+    dashboard = json.loads((PROJECT_ROOT / "docs" / "grafana-dashboard.json").read_text())
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    exported = {family.name + end for family in REGISTRY.collect() for end in suffixes.get(family.type, ("",))}
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert exprs
+    for expr in exprs:
+        for name in re.findall(r"\b((?:spendledger|litellm)_[a-z_]+)", expr):
+            assert name in exported, f"{name} (in {expr}) is not a metric the gateway exports"
