@@ -19,6 +19,7 @@ from litestar.openapi.config import OpenAPIConfig
 from spendledger.api.errors import exception_handlers
 from spendledger.api.json_body import BoundedJsonRequest
 from spendledger.api.keycache import KeyCache
+from spendledger.api.logging import configure_logging
 from spendledger.api.metrics import observe_hold_exceeded
 from spendledger.api.publishing import PublisherRunner, outbox_rows_builder, recording_context
 from spendledger.api.routes import (
@@ -199,6 +200,8 @@ def lago_receiver(
 
 def create_app_from_env() -> Litestar:
     """Factory for server workers: the CLI puts the config path and database URL in the environment."""
+    json_logs = os.environ.get("SPENDLEDGER_JSON_LOGS")  # a worker: the CLI's choices (api/cli.py)
+    configure_logging(os.environ.get("SPENDLEDGER_LOG_LEVEL", "INFO"), None if json_logs is None else json_logs == "1")
     settings = load_settings(os.environ["SPENDLEDGER_CONFIG"])
     if limit := os.environ.get("SPENDLEDGER_DATABASE_POOL_LIMIT"):  # DATABASE_URL's connection_limit
         settings = msgspec.structs.replace(settings, database_pool_limit=int(limit))

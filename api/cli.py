@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level",
         type=_log_level,
-        default=os.environ.get("SPENDLEDGER_LOG_LEVEL", "INFO"),
-        help=f"{', '.join(LOG_LEVELS)} (default: $SPENDLEDGER_LOG_LEVEL, else INFO)",
+        default=os.environ.get("SPENDLEDGER_LOG_LEVEL") or os.environ.get("LITELLM_LOG") or "INFO",
+        help=f"{', '.join(LOG_LEVELS)} (default: $SPENDLEDGER_LOG_LEVEL, else LiteLLM's $LITELLM_LOG, else INFO)",
     )
     publish = sub.add_parser("publish", help="deliver the outbox (Lago, webhooks) without serving HTTP")
     publish.add_argument("--config", required=True, help=CONFIG_HELP)
@@ -89,6 +89,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     rebuild_command.add_parser(sub, config_help=DATABASE_CONFIG_HELP, data_dir_help=DATA_DIR_HELP)
     return parser
+
+
+def _env_log_level() -> str:
+    """The level for commands without --log-level: $SPENDLEDGER_LOG_LEVEL, else $LITELLM_LOG, else INFO."""
+    text = os.environ.get("SPENDLEDGER_LOG_LEVEL") or os.environ.get("LITELLM_LOG") or "INFO"
+    return text.upper() if text.upper() in LOG_LEVELS else "INFO"
+
+
+def _logging_from(settings: Settings, level: str) -> None:
+    """LiteLLM's `json_logs` chooses the format; the workers and the publisher child inherit both."""
+    os.environ["SPENDLEDGER_LOG_LEVEL"] = level
+    if settings.json_logs is not None:
+        os.environ["SPENDLEDGER_JSON_LOGS"] = "1" if settings.json_logs else "0"
+    configure_logging(level, settings.json_logs)
 
 
 def _log_level(text: str) -> str:
@@ -190,6 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _load(args.config)
     assert settings is not None
+    _logging_from(settings, args.log_level)
     _refuse_weak_master_key(settings)
     for warning in startup_warnings(settings, PriceBook(settings.deployments)):
         log.warning(**warning)
@@ -222,6 +237,7 @@ def _serve(args: argparse.Namespace) -> int:
             loop="uvloop",
             http=http_protocol.IMPORT_STRING,  # httptools, with its own 400 as a JSON error envelope
             log_level="warning",
+            log_config=None,  # uvicorn's records go through ours (api/logging.py): JSON like the rest
             access_log=False,
             timeout_graceful_shutdown=30,
         )
@@ -239,6 +255,7 @@ def publish(args: argparse.Namespace) -> int:
     become_supervised_child()
     settings = _load(args.config)
     assert settings is not None
+    _logging_from(settings, _env_log_level())
     url, embedded = _database(settings, args.data_dir)
     try:
         _migrate(url)
@@ -423,7 +440,7 @@ def rebuild(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure_logging(getattr(args, "log_level", "INFO"))
+    configure_logging(getattr(args, "log_level", None) or _env_log_level())
     signal.signal(signal.SIGTERM, _terminate)
     command = {
         "serve": serve,

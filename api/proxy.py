@@ -144,6 +144,8 @@ class Exchange:
         customer_id: str | None,
     ) -> None:
         self.call_id = str(uuid.uuid4())
+        # Every line logged while this request is served names it (api/logging.py).
+        structlog.contextvars.bind_contextvars(call_id=self.call_id)
         self.route: Route = route
         self.caller = caller
         self.head = head

@@ -136,7 +136,7 @@ _MODEL_INFO: Final = {
 # in one start-up warning when a config sets them (the router's are issue 14's).
 NOT_IMPLEMENTED: Final = {
     "": ("router_settings",),
-    "litellm_settings.": ("failure_callback", "drop_params", "set_verbose", "json_logs", "num_retries"),
+    "litellm_settings.": ("failure_callback", "drop_params", "set_verbose", "num_retries"),
     "general_settings.": ("alerting_threshold", "proxy_batch_write_at", "store_model_in_db"),
     "litellm_params.": ("rpm", "tpm", "stream_timeout", "max_retries", "organization", "api_version", "mock_response"),
     "model_info.": ("mode", "base_model", "description"),
@@ -230,6 +230,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_budget: Decimal | None = None
     budget_duration: str | None = None
     timezone: str = "UTC"  # budget periods begin at midnight here (ledger/budget_calendar.py)
+    json_logs: bool | None = None  # LiteLLM's: JSON log lines (True), readable ones, or by terminal (None)
     max_request_size_mb: Decimal = Decimal(32)
     reject_unpriced_models: bool = False
     # Refuse a request whose hold had to assume a default bound (ledger/holds.py) rather than
@@ -339,6 +340,7 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         max_budget=optional_money(litellm.get("max_budget"), "litellm_settings.max_budget", source),
         budget_duration=budget_duration,
         timezone=_timezone(litellm.get("timezone", "UTC"), source),
+        json_logs=None if litellm.get("json_logs") is None else flag(litellm["json_logs"], "litellm_settings.json_logs", source),
         max_request_size_mb=positive_money(
             general.get("max_request_size_mb", 32), "general_settings.max_request_size_mb", source
         ),
