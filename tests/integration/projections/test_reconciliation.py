@@ -372,8 +372,8 @@ async def test_csv_round_trip_is_exact(pool: asyncpg.Pool, ledger: list[UsageRec
 async def test_csv_writes_tiny_amounts_without_an_exponent(pool: asyncpg.Pool) -> None:
     await record(pool, [(usage("tiny", INSTANTS[3], Decimal("0.0000001"), customer_id="t"), True)])
     content = csv_bytes(await reconciliation_rows(pool, "customer", "day")).decode()
-    assert content.splitlines()[1] == "t,2026-11-01,1,10,5,0,0,0,0,0,0,0,0.0000001,0,1,0,0,0"
-    assert content.splitlines()[2] == "TOTAL,,1,10,5,0,0,0,0,0,0,0,0.0000001,0,1,0,0,0"
+    assert content.splitlines()[1] == "t,2026-11-01,1,10,5,0,0,0,0,0,0,0,0.0000001,0,1,0,0,0,0"
+    assert content.splitlines()[2] == "TOTAL,,1,10,5,0,0,0,0,0,0,0,0.0000001,0,1,0,0,0,0"
 
 
 @pytest.mark.parametrize("period", ["day", "month"])

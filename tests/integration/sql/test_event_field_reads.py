@@ -67,6 +67,10 @@ PROJECTION_EVENT_VALUES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
     "reconciliation.py:_SUMMARY_SQL": {"e.data": USAGE},
     "reconciliation.py:_PARTS_READ": {"e.data": USAGE},  # inside _ROWS_SQL
     "reconciliation.py:_PARTS_TOTALLED": {"e.data": USAGE},  # inside _SUMMARY_SQL
+    # the call ids Lago rejected, joined to the usage (inside _ROWS_SQL and _SUMMARY_SQL)
+    "reconciliation.py:_REJECTED": {"data": ("LagoEventRejected",), "e.data": USAGE},
+    "lago_against.py:_USAGE": {"data": USAGE},
+    "lago_against.py:_REJECTED": {"data": ("LagoEventRejected",)},
 }
 
 # Every other JSON value read, with what it holds. A set of names is checked like an event's
@@ -100,6 +104,7 @@ NOT_EVENTS: Final[dict[str, tuple[str, frozenset[str] | None]]] = {
 DYNAMIC: Final[dict[tuple[str, str], str]] = {
     ("reconciliation.py:_ROWS_SQL", "e.data"): "projections.reconciliation.BY_FIELD's values",
     ("lago_reconcile.py:_RECONCILE_SQL", "e.data"): "projections.reconciliation.CHARGE_BY_FIELD's values",
+    ("lago_against.py:_USAGE", "data"): "projections.reconciliation.CHARGE_BY_FIELD's values",
 }
 
 
