@@ -173,3 +173,5 @@ async def test_audio_without_a_price_is_billed_as_input_and_named(server: Runnin
         assert event["cost"] == PROMPT * Decimal("0.000003") + REPLY * Decimal("0.000015")
     assert 'spendledger_unpriced_token_kinds_total{kind="input_audio",model="claude-like"} 2.0' in metrics_text(server)
     assert server.log_path.read_text().count("token_kind_unpriced") == 1  # once per deployment and kind
+    [line] = [line for line in server.log_path.read_text().splitlines() if "token_kind_unpriced" in line]
+    assert json.loads(line)["call_id"] == responses[0].headers["x-litellm-call-id"]  # the request it was logged in
