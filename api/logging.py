@@ -68,6 +68,8 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(numeric)
+    # The libraries' own INFO chatter (alembic's plugin set-up, uvicorn's start-up) only at DEBUG:
+    # their warnings and errors always.
+    root.setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
     # httpx logs every request line at INFO: noise on the hot path, and URLs are not its to print.
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,5 +1,6 @@
 """Every line the server writes is one JSON object (issue 19): ours, uvicorn's and the libraries'
-(alembic's migration lines at start) alike, and none holds a key or a prompt."""
+(alembic's migration lines at start, shown at DEBUG) alike, and none holds a key or a prompt — not
+even at DEBUG."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def test_every_line_is_json_and_the_libraries_lines_are_ours_too(
     url = postgres.new_database()
     secret_prompt = "the launch code is 0451"
     try:
-        with run_server(proxy_config(upstream.base_url), url) as server:
+        with run_server(proxy_config(upstream.base_url), url, args=["--log-level", "DEBUG"]) as server:
             answer = httpx.post(
                 f"{server.base_url}/chat/completions", headers={"Authorization": f"Bearer {MASTER_KEY}"},
                 json={"model": "fake-openai-endpoint", "messages": [{"role": "user", "content": secret_prompt}]},
