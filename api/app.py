@@ -16,6 +16,7 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.openapi.config import OpenAPIConfig
 
+from spendledger.api.budget_gauges import BudgetGauges
 from spendledger.api.errors import exception_handlers
 from spendledger.api.json_body import BoundedJsonRequest
 from spendledger.api.keycache import KeyCache
@@ -56,6 +57,7 @@ from spendledger.ledger.publisher_wakeups import PublisherWakeups
 from spendledger.ledger.sinks.lago_reader import LagoReader
 from spendledger.ledger.tickets import Tickets
 from spendledger.ledger.usage import GroupRecorder
+from spendledger.projections.budgets_remaining import Mark
 from spendledger.projections.daily import DailySpendFollower
 
 log = structlog.get_logger(__name__)
@@ -126,6 +128,8 @@ def create_app(
             leases.start()
         follower = DailySpendFollower(pool)
         follower.start()
+        gauges = BudgetGauges(pool, [Mark(*m) for m in settings.budget_gauges], settings.budget_settings())
+        gauges.start()
         if freeze_heap:
             freeze_startup_heap()
         try:
@@ -141,6 +145,7 @@ def create_app(
                 await leases.stop()  # after the last settle: what they leave is given back
             await sweeper.stop()
             await follower.stop()
+            await gauges.stop()
             await publisher.stop()
             await key_cache.stop()
             await upstream.aclose()

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from spendledger.ledger.events import UsageRecorded
@@ -123,17 +124,44 @@ def observe_request(
         UNPRICED_KINDS.labels(model, kind).inc()
 
 
+class _ModelSeries(msgspec.Struct, frozen=True):
+    """One model group's children of the per-model metrics, looked up once (`labels()` takes a lock
+    and builds a key on every call)."""
+
+    spend: Any
+    input_tokens: Any
+    output_tokens: Any
+    total_tokens: Any
+    latency: Any
+    upstream: Any
+    overhead: Any
+
+
+_series: dict[str, _ModelSeries] = {}
+
+
+def _model_series(model: str) -> _ModelSeries:
+    found = _series.get(model)
+    if found is None:
+        found = _series[model] = _ModelSeries(
+            SPEND.labels(model), INPUT_TOKENS.labels(model), OUTPUT_TOKENS.labels(model),
+            TOTAL_TOKENS.labels(model), REQUEST_LATENCY.labels(model), UPSTREAM_LATENCY.labels(model),
+            OVERHEAD_LATENCY.labels(model),
+        )  # fmt: skip
+    return found
+
+
 def observe_usage(event: UsageRecorded, total_s: float, upstream_s: float) -> None:
     """A recorded request: its terminal event, what it used and cost, and where its time went."""
-    model = event.model_group
-    observe_request(event.route, event.status, model, event.priced, event.unpriced_kinds)
-    SPEND.labels(model).inc(float(event.cost))
-    INPUT_TOKENS.labels(model).inc(event.input_tokens)
-    OUTPUT_TOKENS.labels(model).inc(event.output_tokens)
-    TOTAL_TOKENS.labels(model).inc(event.total_tokens)
-    REQUEST_LATENCY.labels(model).observe(total_s)
-    UPSTREAM_LATENCY.labels(model).observe(upstream_s)
-    OVERHEAD_LATENCY.labels(model).observe(max(0.0, total_s - upstream_s))
+    observe_request(event.route, event.status, event.model_group, event.priced, event.unpriced_kinds)
+    series = _model_series(event.model_group)
+    series.spend.inc(float(event.cost))
+    series.input_tokens.inc(event.input_tokens)
+    series.output_tokens.inc(event.output_tokens)
+    series.total_tokens.inc(event.total_tokens)
+    series.latency.observe(total_s)
+    series.upstream.observe(upstream_s)
+    series.overhead.observe(max(0.0, total_s - upstream_s))
 
 
 def observe_hold_exceeded(model: str) -> None:

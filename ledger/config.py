@@ -79,6 +79,7 @@ _GENERAL_SETTINGS: Final = {
     "dangerously_permit_weak_or_unset_master_key",
     "cors_origins",
     "cors_allow_credentials",
+    "budget_gauges",
 }
 _LITELLM_PARAMS: Final = {
     "model",
@@ -239,6 +240,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     reject_unbounded_requests: bool = False
     budget_leases: bool = True  # admit from budget leased to the process (ledger/leases.py)
     # Browsers' cross-origin access, as LiteLLM sets it (_cors below): any origin, no credentials.
+    # Budgets an operator marks for gauges (`team:<id>`, `key:<sha256>`, `user:<id>`, `customer:<id>`, `global`).
+    budget_gauges: tuple[tuple[str, str], ...] = ()
     database_pool_limit: int = 10  # general_settings.database_connection_pool_limit: connections per process
     cors_origins: tuple[str, ...] = ("*",)
     cors_allow_credentials: bool = False
@@ -355,6 +358,7 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         budget_leases=flag(general.get("budget_leases", True), "general_settings.budget_leases", source),
         **_cors(general, environ, source),
         database_pool_limit=_pool_limit(general.get("database_connection_pool_limit", 10), source),
+        budget_gauges=_budget_gauges(general.get("budget_gauges"), source),
         request_timeout_s=positive_float(
             litellm.get("request_timeout", 600), "litellm_settings.request_timeout", source
         ),
@@ -362,6 +366,23 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         webhook=_webhook_settings(alerting, environ, source),
         warnings=tuple(warnings),
     )
+
+
+def _budget_gauges(value: Any, source: str) -> tuple[tuple[str, str], ...]:
+    """`general_settings.budget_gauges`: `scope:id` marks (`global` alone for the global budget)."""
+    marks: list[tuple[str, str]] = []
+    for item in string_list(value, "general_settings.budget_gauges", source):
+        scope, _, scope_id = item.partition(":")
+        if item == "global":
+            marks.append(("global", "global"))
+        elif scope in ("key", "user", "team", "customer") and scope_id.strip():
+            marks.append((scope, scope_id))
+        else:
+            raise ConfigError(
+                f"{source}: general_settings.budget_gauges entry {item[:60]!r} must be key:<sha256>, user:<id>, "
+                "team:<id>, customer:<id> or global"
+            )
+    return tuple(dict.fromkeys(marks))
 
 
 def _pool_limit(value: Any, source: str) -> int:

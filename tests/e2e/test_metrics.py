@@ -66,3 +66,23 @@ def test_time_tokens_and_spend_by_model_group_under_litellm_s_names(
             for kind in ("input", "output", "total")
         }
         assert tokens["total"] == tokens["input"] + tokens["output"] > 0
+
+
+def test_marked_budgets_show_what_is_left_of_them(upstream: RunningUpstream, database_url: str) -> None:
+    from decimal import Decimal
+
+    from tests.e2e.conftest import MASTER_KEY, proxy_config
+
+    admin = {"Authorization": f"Bearer {MASTER_KEY}"}
+    config = proxy_config(upstream.base_url, '  budget_gauges: ["customer:gauged", "team:gauged-team"]')
+    with run_server(config, database_url) as server:
+        for path, body in (("/customer/new", {"user_id": "gauged", "max_budget": 3}),
+                           ("/team/new", {"team_id": "gauged-team", "max_budget": 5})):  # fmt: skip
+            assert httpx.post(f"{server.base_url}{path}", json=body, headers=admin, timeout=30).status_code == 200
+        chats(server.base_url, ["gauged", "gauged"])
+        info = httpx.get(f"{server.base_url}/customer/info", params={"end_user_id": "gauged"}, headers=admin).json()
+        left = 3 - Decimal(str(info["spend"]))
+        customer = 'spendledger_budget_remaining{scope="customer",scope_id="gauged"}'
+        assert wait_until(lambda: abs(samples(server.base_url, customer) - float(left)) < 1e-9, 15), left
+        assert samples(server.base_url, 'spendledger_budget_max{scope="customer",scope_id="gauged"}') == 3
+        assert samples(server.base_url, 'litellm_remaining_team_budget_metric{team="gauged-team"}') == 5

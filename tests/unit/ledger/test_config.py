@@ -446,6 +446,15 @@ def test_database_connection_pool_limit_sizes_the_pool() -> None:
     assert parse_settings(minimal(general_settings={"database_connection_pool_limit": 40}), {}).database_pool_limit == 40
 
 
+def test_budget_gauges_are_marks_of_scopes() -> None:
+    marks = ["team:core", "customer:acme", "key:" + "a" * 64, "global", "team:core"]
+    assert parse_settings(minimal(general_settings={"budget_gauges": marks}), {}).budget_gauges == (
+        ("team", "core"), ("customer", "acme"), ("key", "a" * 64), ("global", "global"),
+    )  # fmt: skip
+    for bad in (["org:x"], ["team:"], ["everything"]):
+        refuse(minimal(general_settings={"budget_gauges": bad}), "budget_gauges")
+
+
 def test_a_cors_origin_must_be_a_web_origin() -> None:
     refuse(minimal(general_settings={"cors_origins": ["javascript:alert(1)"]}), "CORS origin")
 
