@@ -21,6 +21,7 @@ receiver that is down or answers non-2xx is retried with backoff until it takes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -221,7 +222,14 @@ class Publisher:
     async def publish_once(self, sink: Sink) -> int:
         """Claim one batch of due rows, deliver it, and mark each row; returns the batch size.
         Claim and mark are a short transaction each: none is open while the rows are sent."""
-        rows = await self.claim(sink)
+        # Shielded: a stop (SIGTERM cancels us) can land while the claim's transaction commits, and
+        # then its rows must still be given back, not left leased until the lease ends.
+        claiming = asyncio.ensure_future(self.claim(sink))
+        try:
+            rows = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            await self._release_when_claimed(claiming)
+            raise
         if not rows:
             return 0
         try:
@@ -238,6 +246,13 @@ class Publisher:
         for callback in self.on_delivered:
             callback(sink.name, rows, delivery)
         return len(rows)
+
+    async def _release_when_claimed(self, claiming: asyncio.Future[list[Claimed]]) -> None:
+        """Stopping mid-claim: let the claim finish, and give back what it took."""
+        with contextlib.suppress(Exception):
+            rows = await claiming
+            if rows:
+                await self._pool.execute(_RELEASE, rows[0].claim)
 
     async def claim(self, sink: Sink) -> list[Claimed]:
         """Lease up to a batch of the sink's due rows (committed at once), in due order."""

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from spendledger.ledger.outbox import Publisher
+from spendledger.ledger.outbox import Claimed, Publisher, Sink
 from spendledger.ledger.usage import NO_CONTEXT, Recording, record_usages
 from spendledger.projections.audit import AuditFilters, read_events
 from tests.integration.ledger.publisher_support import (
@@ -128,3 +128,29 @@ async def test_concurrent_claims_take_each_row_once(pool: asyncpg.Pool, database
     assert sorted(len(claim) for claim in claims) == [10, 50, 50, 50, 50, 50]
     assert all(len({row.claim for row in claim}) == 1 for claim in claims)  # one lease per batch
     assert await publishers[0].claim(sink) == []  # all leased
+
+
+async def test_a_stop_that_lands_while_a_claim_commits_still_gives_the_rows_back(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """SIGTERM cancels the publisher wherever it waits: here after the claim's transaction has
+    committed and before its rows reached the loop. The claim must not stay leased."""
+    committed = asyncio.Event()
+
+    class SlowToHearBack(Publisher):
+        async def claim(self, sink: Sink) -> list[Claimed]:
+            rows = await super().claim(sink)
+            committed.set()
+            await asyncio.sleep(1)  # the answer still on its way when the stop comes
+            return rows
+
+    publisher = SlowToHearBack(pool, database_url, [webhook_sink(Receiver())])
+    await enqueue(pool, "webhook", "claimed-then-stopped")
+    task = asyncio.create_task(publisher.publish_once(publisher._sinks[0]))
+    await asyncio.wait_for(committed.wait(), 10)
+    assert await pool.fetchval("select count(*) from outbox_claims") == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await pool.fetchval("select count(*) from outbox_claims") == 0
+    assert await state(pool, "claimed-then-stopped") == "pending"
