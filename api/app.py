@@ -17,6 +17,7 @@ from litestar.config.cors import CORSConfig
 from litestar.openapi.config import OpenAPIConfig
 
 from spendledger.api.budget_gauges import BudgetGauges
+from spendledger.api.docs_ui import assets_router, render_plugins
 from spendledger.api.errors import exception_handlers
 from spendledger.api.json_body import BoundedJsonRequest
 from spendledger.api.keycache import KeyCache
@@ -167,12 +168,15 @@ def create_app(
             *audit.route_handlers,
             *export.route_handlers,
             *lago_webhooks_route.route_handlers,
+            assets_router(),
         ],
         lifespan=[lifespan],
         exception_handlers=dict(exception_handlers),
         request_class=BoundedJsonRequest,  # JSON bodies nested too deeply are a 400
         request_max_body_size=settings.max_request_size_bytes,
-        openapi_config=OpenAPIConfig(title="spendledger", version="0.1.0", components=COMPONENTS),
+        openapi_config=OpenAPIConfig(
+            title="spendledger", version="0.1.0", components=COMPONENTS, render_plugins=render_plugins()
+        ),
         plugins=[MoneyAsNumber()],
         cors_config=CORSConfig(
             allow_origins=list(settings.cors_origins),

@@ -54,3 +54,16 @@ def test_a_browser_may_call_the_api_from_another_origin_as_with_litellm(server: 
     answer = httpx.get(f"{server.base_url}/health/liveness", headers={"Origin": "https://app.example"})
     assert answer.headers["access-control-allow-origin"] == "*"
     assert "x-litellm-call-id" in answer.headers.get("access-control-expose-headers", "")
+
+
+def test_the_api_docs_page_works_offline(server: RunningServer) -> None:
+    """The docs UI's scripts and styles come from the gateway itself, never from a CDN."""
+    for path in ("/schema", "/schema/swagger"):
+        page = httpx.get(f"{server.base_url}{path}", timeout=10)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), path
+        assert "/schema/assets/swagger-ui-bundle.js" in page.text
+        assert "cdn." not in page.text and "//unpkg" not in page.text, path
+    script = httpx.get(f"{server.base_url}/schema/assets/swagger-ui-bundle.js", timeout=10)
+    assert script.status_code == 200 and len(script.content) > 100_000
+    assert "javascript" in script.headers["content-type"]
+    assert httpx.get(f"{server.base_url}/schema/openapi.json", timeout=10).json()["openapi"].startswith("3.1")
