@@ -17,6 +17,7 @@ from typing import Final
 import asyncpg
 from prometheus_client import Gauge
 
+from spendledger.api.metrics import sample
 from spendledger.ledger.connections import DATABASE_ERRORS
 from spendledger.ledger.scopes import BudgetSettings
 from spendledger.projections.budgets_remaining import Mark, Remaining, budgets_remaining
@@ -42,12 +43,12 @@ KEY_REMAINING: Final = Gauge(
 
 def observe(found: Sequence[Remaining]) -> None:
     for budget in found:
-        REMAINING.labels(budget.scope, budget.scope_id).set(float(budget.remaining))
-        LIMIT.labels(budget.scope, budget.scope_id).set(float(budget.max_budget))
+        REMAINING.labels(budget.scope, budget.scope_id).set(sample(budget.remaining))
+        LIMIT.labels(budget.scope, budget.scope_id).set(sample(budget.max_budget))
         if budget.scope == "team":
-            TEAM_REMAINING.labels(budget.scope_id).set(float(budget.remaining))
+            TEAM_REMAINING.labels(budget.scope_id).set(sample(budget.remaining))
         elif budget.scope == "key":
-            KEY_REMAINING.labels(budget.scope_id).set(float(budget.remaining))
+            KEY_REMAINING.labels(budget.scope_id).set(sample(budget.remaining))
 
 
 class BudgetGauges:

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level",
         type=_log_level,
-        default=os.environ.get("SPENDLEDGER_LOG_LEVEL") or os.environ.get("LITELLM_LOG") or "INFO",
+        default=_configured_log_level(),
         help=f"{', '.join(LOG_LEVELS)} (default: $SPENDLEDGER_LOG_LEVEL, else LiteLLM's $LITELLM_LOG, else INFO)",
     )
     publish = sub.add_parser("publish", help="deliver the outbox (Lago, webhooks) without serving HTTP")
@@ -91,10 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configured_log_level() -> str:
+    """$SPENDLEDGER_LOG_LEVEL, else LiteLLM's $LITELLM_LOG, else INFO (as written: `serve` validates it)."""
+    return os.environ.get("SPENDLEDGER_LOG_LEVEL") or os.environ.get("LITELLM_LOG") or "INFO"
+
+
 def _env_log_level() -> str:
-    """The level for commands without --log-level: $SPENDLEDGER_LOG_LEVEL, else $LITELLM_LOG, else INFO."""
-    text = os.environ.get("SPENDLEDGER_LOG_LEVEL") or os.environ.get("LITELLM_LOG") or "INFO"
-    return text.upper() if text.upper() in LOG_LEVELS else "INFO"
+    """The level for commands without --log-level (an unknown one is INFO there)."""
+    text = _configured_log_level().upper()
+    return text if text in LOG_LEVELS else "INFO"
 
 
 def _logging_from(settings: Settings, level: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Final
 
 import msgspec
@@ -100,6 +101,12 @@ OUTPUT_TOKENS: Final = Counter("litellm_output_tokens_metric", "Output (completi
 TOTAL_TOKENS: Final = Counter("litellm_total_tokens_metric", "Input and output tokens by model group", ["model"])
 
 
+def sample(amount: Decimal) -> float:
+    """Money as a Prometheus sample, which is a float64: the metric is approximate by nature; the
+    ledger, the API and the exports keep the exact amount."""
+    return float(amount)
+
+
 def latest() -> bytes:
     """The exposition: every process's samples in multiprocess mode, else this process's."""
     if os.environ.get(MULTIPROCESS_ENV):
@@ -155,7 +162,7 @@ def observe_usage(event: UsageRecorded, total_s: float, upstream_s: float) -> No
     """A recorded request: its terminal event, what it used and cost, and where its time went."""
     observe_request(event.route, event.status, event.model_group, event.priced, event.unpriced_kinds)
     series = _model_series(event.model_group)
-    series.spend.inc(float(event.cost))
+    series.spend.inc(sample(event.cost))
     series.input_tokens.inc(event.input_tokens)
     series.output_tokens.inc(event.output_tokens)
     series.total_tokens.inc(event.total_tokens)

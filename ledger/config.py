@@ -147,15 +147,18 @@ NOT_IMPLEMENTED: Final = {
 def _note_not_implemented(section: Mapping[str, Any], prefix: str, warnings: list[str], label: str = "") -> None:
     """Add the keys of `section` that are accepted but not implemented to the one warning."""
     keys = [k for k in NOT_IMPLEMENTED.get(prefix, ()) if k in section]
-    if not keys:
+    _into_one_warning("config keys accepted but not implemented (no effect): ", [f"{label}{prefix}{k}" for k in keys], warnings)
+
+
+def _into_one_warning(head: str, names: list[str], warnings: list[str]) -> None:
+    """Names go into the one warning that starts with `head` (each name once), not one per section."""
+    if not names:
         return
-    head = "config keys accepted but not implemented (no effect): "
-    names = [f"{label}{prefix}{k}" for k in keys]
     for index, warning in enumerate(warnings):
         if warning.startswith(head):
             warnings[index] = head + ", ".join(dict.fromkeys(warning.removeprefix(head).split(", ") + names))
             return
-    warnings.append(head + ", ".join(names))
+    warnings.append(head + ", ".join(dict.fromkeys(names)))
 
 
 def _repr_hiding(struct: msgspec.Struct, *secrets: str) -> str:
@@ -607,16 +610,7 @@ def _section(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:
 
 def _note_unknown(keys: list[str], prefix: str, warnings: list[str]) -> None:
     """All unknown keys of the file go into one warning (each name once), not one per section."""
-    if not keys:
-        return
-    head = "ignored unknown config keys: "
-    names = [prefix + str(k) for k in keys]
-    for index, warning in enumerate(warnings):
-        if warning.startswith(head):
-            names = warning.removeprefix(head).split(", ") + names
-            warnings[index] = head + ", ".join(dict.fromkeys(names))
-            return
-    warnings.append(head + ", ".join(dict.fromkeys(names)))
+    _into_one_warning("ignored unknown config keys: ", [prefix + str(k) for k in keys], warnings)
 
 
 def _lago_settings(callbacks: list[str], environ: Mapping[str, str], source: str) -> LagoSettings | None:
