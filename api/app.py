@@ -42,6 +42,7 @@ from spendledger.api.routing import ModelRouter
 from spendledger.api.runtime import freeze_startup_heap
 from spendledger.api.schemas import COMPONENTS, MoneyAsNumber
 from spendledger.api.services import Services
+from spendledger.api.ui import route_handlers as ui_route_handlers
 from spendledger.api.upstream import Upstream
 from spendledger.ledger.admission import GroupAdmitter
 from spendledger.ledger.background import BackgroundTasks
@@ -169,6 +170,7 @@ def create_app(
             *export.route_handlers,
             *lago_webhooks_route.route_handlers,
             assets_router(),
+            *ui_route_handlers,
         ],
         lifespan=[lifespan],
         exception_handlers=dict(exception_handlers),

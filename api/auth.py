@@ -18,7 +18,7 @@ from litestar.types import Guard
 
 from spendledger.api.errors import ApiError, auth_error
 from spendledger.api.roles import OWN, Permission, Role, effective_role, may
-from spendledger.api.services import services_of
+from spendledger.api.services import Services, services_of
 from spendledger.ledger.keys import KeyRecord, hash_key
 from spendledger.ledger.master_key import serving_master_key
 
@@ -122,22 +122,44 @@ def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
 
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
-    services = services_of(connection)
+    return await caller_for_token(services_of(connection), presented_key(connection))
+
+
+def _open_caller(token: str | None) -> Caller:
+    # Only when the operator permitted it (`spendledger serve` refuses otherwise): as LiteLLM,
+    # everyone is the admin; the start-up log and /health/readiness say so.
+    return Caller(key_hash=hash_key(token or "anonymous"), is_master=True, role=Role.PROXY_ADMIN, actor="anonymous")
+
+
+def _master_caller(services: Services) -> Caller:
+    return Caller(key_hash=services.master_key_hash, is_master=True, role=Role.PROXY_ADMIN, actor="master_key")
+
+
+async def caller_for_token(services: Services, token: str | None) -> Caller:
+    """Who presents `token` (a key's plaintext, or None); 401 for a missing, unknown or unusable key."""
     master_key = serving_master_key(services.settings)
-    token = presented_key(connection)
     if master_key is None:
-        # Only when the operator permitted it (`spendledger serve` refuses otherwise): as LiteLLM,
-        # everyone is the admin; the start-up log and /health/readiness say so.
-        return Caller(
-            key_hash=hash_key(token or "anonymous"), is_master=True, role=Role.PROXY_ADMIN, actor="anonymous"
-        )
+        return _open_caller(token)
     if token is None:
         raise auth_error("No API key provided: send 'Authorization: Bearer <key>'")
     if hmac.compare_digest(token.encode(), master_key.encode()):
-        return Caller(
-            key_hash=services.master_key_hash, is_master=True, role=Role.PROXY_ADMIN, actor="master_key"
-        )
-    key_hash = hash_key(token)
+        return _master_caller(services)
+    return await _generated_key_caller(services, hash_key(token))
+
+
+async def caller_for_hash(services: Services, key_hash: str, is_master: bool) -> Caller:
+    """Who signed in earlier with the key of this hash (the admin UI keeps no plaintext): checked
+    again now, so a key blocked, deleted or expired since, or a master key changed, is refused."""
+    if serving_master_key(services.settings) is None:
+        return _open_caller(None)
+    if is_master:
+        if not hmac.compare_digest(key_hash, services.master_key_hash):
+            raise auth_error("The master key has changed since this sign-in")
+        return _master_caller(services)
+    return await _generated_key_caller(services, key_hash)
+
+
+async def _generated_key_caller(services: Services, key_hash: str) -> Caller:
     key = await services.keys.get(key_hash)
     if key is None:
         raise auth_error("Invalid API key: unknown or deleted key")

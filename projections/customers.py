@@ -10,7 +10,7 @@ from typing import Any, Final
 
 import asyncpg
 
-_SELECT: Final = """
+CUSTOMER_SELECT: Final = """
 select c.user_id, c.alias, c.blocked, c.allowed_model_region, c.default_model,
        b.budget_id, b.max_budget, b.soft_budget, b.rpm_limit, b.tpm_limit, b.max_parallel_requests,
        b.budget_duration, sl_period_end(c.created_at, b.budget_duration, now()) as budget_reset_at,
@@ -54,12 +54,12 @@ def _view(row: asyncpg.Record) -> dict[str, Any]:
 async def customer_info(
     conn: asyncpg.Connection | asyncpg.Pool, user_id: str, default_budget_id: str | None = None
 ) -> dict[str, Any] | None:
-    row = await conn.fetchrow(_SELECT + " where c.user_id = $1", user_id, default_budget_id)
+    row = await conn.fetchrow(CUSTOMER_SELECT + " where c.user_id = $1", user_id, default_budget_id)
     return _view(row) if row is not None else None
 
 
 async def list_customers(
     conn: asyncpg.Connection | asyncpg.Pool, default_budget_id: str | None = None
 ) -> list[dict[str, Any]]:
-    rows = await conn.fetch(_SELECT + " where $1::text is null order by c.user_id", None, default_budget_id)
+    rows = await conn.fetch(CUSTOMER_SELECT + " where $1::text is null order by c.user_id", None, default_budget_id)
     return [_view(row) for row in rows]

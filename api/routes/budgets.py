@@ -15,7 +15,7 @@ from spendledger.api.errors import bad_request
 from spendledger.api.jsonio import json_response, sent_fields
 from spendledger.api.roles import Permission
 from spendledger.api.schemas import BODY, GUARDED, WRITE, documented
-from spendledger.api.services import services_of
+from spendledger.api.services import Services, services_of
 from spendledger.ledger import directory
 from spendledger.ledger.errors import NotFound
 from spendledger.ledger.events import BudgetDefined, BudgetUpdated
@@ -81,7 +81,11 @@ def _missing(budget_id: str, param: str = "budget_id") -> NotFound:
     **documented(*WRITE),
 )
 async def new_budget(request: Request[Any, Any, Any], data: NewBudgetRequest) -> Response[BudgetView]:
-    services = services_of(request)
+    return json_response(await create_budget(services_of(request), caller_of(request).actor, data))
+
+
+async def create_budget(services: Services, actor: str, data: NewBudgetRequest) -> dict[str, Any]:
+    """Define a tier (the API's /budget/new and the admin UI's form); its view."""
     budget_id = directory.new_budget_id() if data.budget_id is None else data.budget_id
     if not budget_id.strip():
         raise bad_request("budget_id must not be empty", param="budget_id")
@@ -95,9 +99,10 @@ async def new_budget(request: Request[Any, Any, Any], data: NewBudgetRequest) ->
         budget_duration=data.budget_duration,
     )
     async with services.pool.acquire() as conn, conn.transaction():
-        await directory.define_budget(conn, event, caller_of(request).actor, datetime.now(UTC))
+        await directory.define_budget(conn, event, actor, datetime.now(UTC))
         view = await get_budget(conn, budget_id)
-    return json_response(view)
+    assert view is not None
+    return view
 
 
 @post(
@@ -128,20 +133,21 @@ async def budget_info(request: Request[Any, Any, Any], data: BudgetIds) -> Respo
     **documented(*WRITE, 404),
 )
 async def update_budget(request: Request[Any, Any, Any], data: UpdateBudgetRequest) -> Response[BudgetView]:
-    services = services_of(request)
+    return json_response(await change_budget(services_of(request), caller_of(request).actor, data))
+
+
+async def change_budget(services: Services, actor: str, data: UpdateBudgetRequest) -> dict[str, Any]:
+    """Change the fields sent of a tier (/budget/update and the admin UI); its view."""
     changes = sent_fields(data, "budget_id")
     async with services.pool.acquire() as conn, conn.transaction():
         if changes:
             await directory.update_budget(
-                conn,
-                BudgetUpdated(budget_id=data.budget_id, **changes),
-                caller_of(request).actor,
-                datetime.now(UTC),
+                conn, BudgetUpdated(budget_id=data.budget_id, **changes), actor, datetime.now(UTC)
             )
         view = await get_budget(conn, data.budget_id)
     if view is None:
         raise _missing(data.budget_id)
-    return json_response(view)
+    return view
 
 
 @post(
@@ -153,13 +159,17 @@ async def update_budget(request: Request[Any, Any, Any], data: UpdateBudgetReque
     **documented(*WRITE, 404),
 )
 async def delete_budget(request: Request[Any, Any, Any], data: BudgetRef) -> Response[BudgetView]:
-    services = services_of(request)
+    return json_response(await remove_budget(services_of(request), caller_of(request).actor, data.id))
+
+
+async def remove_budget(services: Services, actor: str, budget_id: str) -> dict[str, Any]:
+    """Delete a tier no customer or key uses (/budget/delete and the admin UI); the view it had."""
     async with services.pool.acquire() as conn, conn.transaction():
-        view = await get_budget(conn, data.id)
+        view = await get_budget(conn, budget_id)
         if view is None:
-            raise _missing(data.id, param="id")
-        await directory.delete_budget(conn, data.id, caller_of(request).actor)
-    return json_response(view)
+            raise _missing(budget_id, param="id")
+        await directory.delete_budget(conn, budget_id, actor)
+    return view
 
 
 @get(

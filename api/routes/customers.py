@@ -115,7 +115,11 @@ async def _info(services: Services, user_id: str) -> dict[str, Any]:
     **documented(*WRITE, 404),
 )
 async def new_customer(request: Request[Any, Any, Any], data: NewCustomerRequest) -> Response[CustomerInfo]:
-    services = services_of(request)
+    return json_response(await create_customer(services_of(request), caller_of(request).actor, data))
+
+
+async def create_customer(services: Services, actor: str, data: NewCustomerRequest) -> dict[str, Any]:
+    """Create a customer (/customer/new and the admin UI); its view."""
     if not data.user_id.strip():
         raise bad_request("user_id must not be empty", param="user_id")
     event = CustomerCreated(
@@ -128,8 +132,8 @@ async def new_customer(request: Request[Any, Any, Any], data: NewCustomerRequest
     )
     inline = {name: getattr(data, name) for name in _BUDGET_FIELDS}
     async with services.pool.acquire() as conn, conn.transaction():
-        await directory.create_customer(conn, event, inline, caller_of(request).actor, datetime.now(UTC))
-    return json_response(await _info(services, data.user_id))
+        await directory.create_customer(conn, event, inline, actor, datetime.now(UTC))
+    return await _info(services, data.user_id)
 
 
 @get(
@@ -192,14 +196,18 @@ async def delete_customers(request: Request[Any, Any, Any], data: CustomerIds) -
 
 
 async def _set_blocked(request: Request[Any, Any, Any], user_ids: list[str], blocked: bool) -> Response[Any]:
-    services = services_of(request)
+    await set_customers_blocked(services_of(request), caller_of(request).actor, user_ids, blocked)
+    return json_response({"blocked_users" if blocked else "unblocked_users": user_ids})
+
+
+async def set_customers_blocked(services: Services, actor: str, user_ids: list[str], blocked: bool) -> None:
+    """Block or unblock customers, all or none (/customer/block|unblock and the admin UI)."""
     if not user_ids:
         raise bad_request("user_ids must name at least one customer", param="user_ids")
     now = datetime.now(UTC)
     async with services.pool.acquire() as conn, conn.transaction():
         for user_id in sorted(set(user_ids)):
-            await directory.set_customer_blocked(conn, user_id, blocked, caller_of(request).actor, now)
-    return json_response({"blocked_users" if blocked else "unblocked_users": user_ids})
+            await directory.set_customer_blocked(conn, user_id, blocked, actor, now)
 
 
 @post(

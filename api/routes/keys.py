@@ -21,7 +21,7 @@ from spendledger.api.jsonio import json_response, sent_fields
 from spendledger.api.params import OPTIONAL_ID_PARAM
 from spendledger.api.roles import Permission
 from spendledger.api.schemas import READ, WRITE, documented
-from spendledger.api.services import services_of
+from spendledger.api.services import Services, services_of
 from spendledger.ledger import keys as key_commands
 from spendledger.ledger.durations import DurationError, parse_duration
 from spendledger.ledger.errors import NotFound
@@ -198,6 +198,57 @@ def _key_hash(value: str) -> str:
     return value if _HASH.match(value) else hash_key(value)
 
 
+async def generate_key(services: Services, caller: Caller, data: GenerateKeyRequest) -> dict[str, Any]:
+    """Generate a key (/key/generate and the admin UI): its view with the plaintext, shown this once."""
+    now = datetime.now(UTC)
+    plaintext = _custom_key(data.key)
+    spec = KeyGenerated(
+        key_hash=hash_key(plaintext),
+        key_name=display_name(plaintext),
+        key_alias=data.key_alias,
+        user_id=_key_owner(caller, data.user_id, data.team_id),
+        team_id=data.team_id,
+        models=tuple(data.models),
+        metadata=data.metadata,
+        max_budget=data.max_budget,
+        budget_duration=data.budget_duration,
+        budget_id=data.budget_id,
+        rpm_limit=data.rpm_limit,
+        tpm_limit=data.tpm_limit,
+        max_parallel_requests=data.max_parallel_requests,
+        expires=_expires(data.duration, now),
+        blocked=data.blocked,
+        allowed_customers=tuple(dict.fromkeys(data.allowed_customers)),
+    )
+    async with services.pool.acquire() as conn, conn.transaction():
+        record = await key_commands.generate_key(conn, spec, plaintext, actor=caller.actor, now=now)
+    return {"key": plaintext, **(await key_views(services.pool, [record], {}))[0]}
+
+
+async def delete_named_keys(services: Services, caller: Caller, data: DeleteKeysRequest) -> None:
+    """Delete keys named by plaintext, hash or alias, all or none (/key/delete and the admin UI)."""
+    hashes = [_key_hash(k) for k in data.keys]
+    async with services.pool.acquire() as conn, conn.transaction():
+        for key_hash in hashes:
+            caller.check_key(await key_commands.get_key(conn, key_hash), over=Permission.MANAGE)
+        for alias in data.key_aliases:
+            record = await key_commands.find_key_by_alias(conn, alias)
+            caller.check_key(record, over=Permission.MANAGE)
+            if record is None:
+                raise NotFound(f"no key with alias {alias!r}", param="key_aliases")
+            hashes.append(record.key_hash)
+        if not hashes:
+            raise bad_request("Name the keys to delete in 'keys' or 'key_aliases'", param="keys")
+        await key_commands.delete_keys(conn, hashes, actor=caller.actor, now=datetime.now(UTC))
+
+
+async def set_key_blocked(services: Services, actor: str, key: str, blocked: bool) -> dict[str, Any]:
+    """Block or unblock a key (/key/block|unblock and the admin UI); its view."""
+    async with services.pool.acquire() as conn, conn.transaction():
+        record = await key_commands.set_blocked(conn, _key_hash(key), blocked, actor, datetime.now(UTC))
+    return await one_key_view(services.pool, record)
+
+
 class KeyController(Controller):
     path = "/key"
     tags = ["keys"]
@@ -212,31 +263,7 @@ class KeyController(Controller):
     async def generate(
         self, request: Request[Any, Any, Any], data: GenerateKeyRequest
     ) -> Response[GeneratedKey]:
-        services = services_of(request)
-        caller = caller_of(request)
-        now = datetime.now(UTC)
-        plaintext = _custom_key(data.key)
-        spec = KeyGenerated(
-            key_hash=hash_key(plaintext),
-            key_name=display_name(plaintext),
-            key_alias=data.key_alias,
-            user_id=_key_owner(caller, data.user_id, data.team_id),
-            team_id=data.team_id,
-            models=tuple(data.models),
-            metadata=data.metadata,
-            max_budget=data.max_budget,
-            budget_duration=data.budget_duration,
-            budget_id=data.budget_id,
-            rpm_limit=data.rpm_limit,
-            tpm_limit=data.tpm_limit,
-            max_parallel_requests=data.max_parallel_requests,
-            expires=_expires(data.duration, now),
-            blocked=data.blocked,
-            allowed_customers=tuple(dict.fromkeys(data.allowed_customers)),
-        )
-        async with services.pool.acquire() as conn, conn.transaction():
-            record = await key_commands.generate_key(conn, spec, plaintext, actor=caller.actor, now=now)
-        return json_response({"key": plaintext, **(await key_views(services.pool, [record], {}))[0]})
+        return json_response(await generate_key(services_of(request), caller_of(request), data))
 
     @post(
         "/update",
@@ -270,21 +297,7 @@ class KeyController(Controller):
         **documented(*WRITE, 404),
     )
     async def delete(self, request: Request[Any, Any, Any], data: DeleteKeysRequest) -> Response[DeletedKeys]:
-        services = services_of(request)
-        caller = caller_of(request)
-        hashes = [_key_hash(k) for k in data.keys]
-        async with services.pool.acquire() as conn, conn.transaction():
-            for key_hash in hashes:
-                caller.check_key(await key_commands.get_key(conn, key_hash), over=Permission.MANAGE)
-            for alias in data.key_aliases:
-                record = await key_commands.find_key_by_alias(conn, alias)
-                caller.check_key(record, over=Permission.MANAGE)
-                if record is None:
-                    raise NotFound(f"no key with alias {alias!r}", param="key_aliases")
-                hashes.append(record.key_hash)
-            if not hashes:
-                raise bad_request("Name the keys to delete in 'keys' or 'key_aliases'", param="keys")
-            await key_commands.delete_keys(conn, hashes, actor=caller.actor, now=datetime.now(UTC))
+        await delete_named_keys(services_of(request), caller_of(request), data)
         return json_response({"deleted_keys": data.keys + data.key_aliases})
 
     @post(
@@ -308,11 +321,7 @@ class KeyController(Controller):
         return await self._set_blocked(request, data.key, blocked=False)
 
     async def _set_blocked(self, request: Request[Any, Any, Any], key: str, blocked: bool) -> Response[Any]:
-        services = services_of(request)
-        actor = caller_of(request).actor
-        async with services.pool.acquire() as conn, conn.transaction():
-            record = await key_commands.set_blocked(conn, _key_hash(key), blocked, actor, datetime.now(UTC))
-        return json_response(await one_key_view(services.pool, record))
+        return json_response(await set_key_blocked(services_of(request), caller_of(request).actor, key, blocked))
 
     @get(
         "/list",

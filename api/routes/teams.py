@@ -18,7 +18,7 @@ from spendledger.api.params import ID_PARAM
 from spendledger.api.roles import Permission
 from spendledger.api.routes.keys import KeyView, key_views
 from spendledger.api.schemas import GUARDED, READ, WRITE, documented
-from spendledger.api.services import services_of
+from spendledger.api.services import Services, services_of
 from spendledger.ledger import directory
 from spendledger.ledger.connections import Queryable
 from spendledger.ledger.errors import NotFound
@@ -109,12 +109,14 @@ async def _team(conn: Queryable, team_id: str) -> dict[str, Any]:
 
 
 async def _update(request: Request[Any, Any, Any], team_id: str, changes: dict[str, Any]) -> dict[str, Any]:
-    services = services_of(request)
+    return await change_team(services_of(request), caller_of(request).actor, team_id, changes)
+
+
+async def change_team(services: Services, actor: str, team_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Change a team's fields (/team/update|block|unblock and the admin UI); its view."""
     async with services.pool.acquire() as conn, conn.transaction():
         if changes:
-            await directory.update_team(
-                conn, TeamUpdated(team_id=team_id, **changes), caller_of(request).actor, datetime.now(UTC)
-            )
+            await directory.update_team(conn, TeamUpdated(team_id=team_id, **changes), actor, datetime.now(UTC))
         return await _team(conn, team_id)
 
 
@@ -127,7 +129,11 @@ async def _update(request: Request[Any, Any, Any], team_id: str, changes: dict[s
     **documented(*WRITE),
 )
 async def new_team(request: Request[Any, Any, Any], data: NewTeamRequest) -> Response[TeamView]:
-    services = services_of(request)
+    return json_response(await create_team(services_of(request), caller_of(request).actor, data))
+
+
+async def create_team(services: Services, actor: str, data: NewTeamRequest) -> dict[str, Any]:
+    """Create a team (/team/new and the admin UI); its view."""
     team_id = str(uuid.uuid4()) if data.team_id is None else data.team_id
     if not team_id.strip():
         raise bad_request("team_id must not be empty", param="team_id")
@@ -145,9 +151,8 @@ async def new_team(request: Request[Any, Any, Any], data: NewTeamRequest) -> Res
         metadata=data.metadata,
     )
     async with services.pool.acquire() as conn, conn.transaction():
-        await directory.create_team(conn, event, caller_of(request).actor, datetime.now(UTC))
-        view = await _team(conn, team_id)
-    return json_response(view)
+        await directory.create_team(conn, event, actor, datetime.now(UTC))
+        return await _team(conn, team_id)
 
 
 @post(
@@ -173,13 +178,16 @@ async def update_team(request: Request[Any, Any, Any], data: UpdateTeamRequest) 
     **documented(*WRITE, 404),
 )
 async def delete_teams(request: Request[Any, Any, Any], data: TeamIds) -> Response[DeletedTeams]:
-    services = services_of(request)
-    if not data.team_ids:
-        raise bad_request("team_ids must name at least one team", param="team_ids")
-    now = datetime.now(UTC)
-    async with services.pool.acquire() as conn, conn.transaction():
-        await directory.delete_teams(conn, data.team_ids, caller_of(request).actor, now)
+    await remove_teams(services_of(request), caller_of(request).actor, data.team_ids)
     return json_response({"deleted_teams": data.team_ids})
+
+
+async def remove_teams(services: Services, actor: str, team_ids: list[str]) -> None:
+    """Delete teams and their keys, all or none (/team/delete and the admin UI)."""
+    if not team_ids:
+        raise bad_request("team_ids must name at least one team", param="team_ids")
+    async with services.pool.acquire() as conn, conn.transaction():
+        await directory.delete_teams(conn, team_ids, actor, datetime.now(UTC))
 
 
 @get(

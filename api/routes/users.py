@@ -19,7 +19,7 @@ from spendledger.api.params import OPTIONAL_ID_PARAM
 from spendledger.api.roles import Permission
 from spendledger.api.routes.keys import KeyView, key_views
 from spendledger.api.schemas import READ, WRITE, documented
-from spendledger.api.services import services_of
+from spendledger.api.services import Services, services_of
 from spendledger.ledger import directory
 from spendledger.ledger import keys as key_commands
 from spendledger.ledger.connections import Queryable
@@ -162,7 +162,12 @@ async def _user(conn: Queryable, user_id: str) -> dict[str, Any]:
     **documented(*WRITE),
 )
 async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Response[NewUser]:
-    services = services_of(request)
+    return json_response(await create_user(services_of(request), caller_of(request).actor, data))
+
+
+async def create_user(services: Services, actor: str, data: NewUserRequest) -> dict[str, Any]:
+    """Create an internal user, and its key unless told not to (/user/new and the admin UI): its
+    view with the key's plaintext, shown this once."""
     now = datetime.now(UTC)
     user_id = str(uuid.uuid4()) if data.user_id is None else data.user_id
     if not user_id.strip():
@@ -190,7 +195,7 @@ async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Res
     )
     key: dict[str, Any] = {"key": None, "token": None, "key_name": None, "key_alias": None, "expires": None}
     async with services.pool.acquire() as conn, conn.transaction():
-        await directory.create_user(conn, event, caller_of(request).actor, now)
+        await directory.create_user(conn, event, actor, now)
         if data.auto_create_key:
             # The key carries only the user: the user's models, budget and limits govern it as a scope.
             plaintext = new_key()
@@ -202,7 +207,7 @@ async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Res
                 expires=expires,
             )
             record = await key_commands.generate_key(
-                conn, spec, plaintext, actor=caller_of(request).actor, now=now
+                conn, spec, plaintext, actor=actor, now=now
             )
             key = {
                 "key": plaintext,
@@ -212,7 +217,7 @@ async def new_user(request: Request[Any, Any, Any], data: NewUserRequest) -> Res
                 "expires": record.expires.isoformat() if record.expires else None,
             }
         view = await _user(conn, user_id)
-    return json_response({**view, **key})
+    return {**view, **key}
 
 
 @post(
@@ -249,13 +254,16 @@ async def update_user(request: Request[Any, Any, Any], data: UpdateUserRequest) 
     **documented(*WRITE, 404),
 )
 async def delete_users(request: Request[Any, Any, Any], data: UserIds) -> Response[DeletedUsers]:
-    services = services_of(request)
-    if not data.user_ids:
-        raise bad_request("user_ids must name at least one user", param="user_ids")
-    now = datetime.now(UTC)
-    async with services.pool.acquire() as conn, conn.transaction():
-        await directory.delete_users(conn, data.user_ids, caller_of(request).actor, now)
+    await remove_users(services_of(request), caller_of(request).actor, data.user_ids)
     return json_response({"deleted_users": data.user_ids})
+
+
+async def remove_users(services: Services, actor: str, user_ids: list[str]) -> None:
+    """Delete internal users and their keys, all or none (/user/delete and the admin UI)."""
+    if not user_ids:
+        raise bad_request("user_ids must name at least one user", param="user_ids")
+    async with services.pool.acquire() as conn, conn.transaction():
+        await directory.delete_users(conn, user_ids, actor, datetime.now(UTC))
 
 
 @get(

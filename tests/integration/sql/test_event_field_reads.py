@@ -71,6 +71,7 @@ PROJECTION_EVENT_VALUES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
     "reconciliation.py:_REJECTED": {"data": ("LagoEventRejected",), "e.data": USAGE},
     "lago_against.py:_USAGE": {"data": USAGE},
     "lago_against.py:_REJECTED": {"data": ("LagoEventRejected",)},
+    "admin_views.py:_RECENT": {"e.data": USAGE},  # `e.type = 'UsageRecorded'`
 }
 
 # Every other JSON value read, with what it holds. A set of names is checked like an event's
