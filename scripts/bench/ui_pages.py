@@ -54,7 +54,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scripts.bench.proxy import Service, fake, free_port, started
+from scripts.bench.proxy import Meter, Service, fake, free_port, started
 from scripts.bench.report import write_section
 from spendledger.api.publishing import outbox_rows_builder, recording_context
 from spendledger.ledger import keys as key_commands
@@ -69,12 +69,12 @@ from spendledger.ledger.tokens import TokenUsage
 from spendledger.ledger.usage import Recording, RecordingContext, record_usages
 from spendledger.projections.daily import follow_once
 
-PROJECT_ROOT: Final = Path(__file__).resolve().parents[2]
 SECTION: Final = "Admin UI pages (issue 20)"
 ACTOR: Final = "master_key"  # what the management API names the master key's changes
 DAYS: Final = 30
 WARM_UPS: Final = 3
 TARGET_MS: Final = 200.0
+QUIET_CORES: Final = 0.3
 BODY_SHOWN: Final = 300
 DIRECTORY_CONNECTIONS: Final = 4
 DIRECTORY_BATCH: Final = 250
@@ -654,7 +654,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
             facts = asyncio.run(_facts(database.url, args.customers))  # and vacuum analyze: no autovacuum during the timing
             console.print(facts)
             pages = pages_to_time(seeded, args.customers, str(facts["middle"]), datetime.now(UTC).date())
+            postmaster = int(next(database.data_dir.rglob("postmaster.pid")).read_text().split()[0])
+            meter = Meter({"server": server.process.pid, "postgres": postmaster, "sinks": sinks.process.pid})
+            quiet_s = meter.wait_quiet(QUIET_CORES, 30)
+            before = meter.sample()
             results, signed = measure(server.url, master_key, pages, args.rounds)
+            cpu = Meter.cores(before, meter.sample())
             console.print(f"sign-in: {signed}")
             if any(r.status is not None and r.status >= 500 for r in results):
                 console.rule("the server's log, its end (a page answered 5xx)")
@@ -663,7 +668,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         database.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    body = report(args, seeded, facts, results, waited)
+    body = report(args, seeded, facts, results, waited, Machine(cpu, quiet_s))
     print(body, flush=True)  # as it is: markdown, not wrapped to the terminal
     ok = all(r.failure is None and r.times_ms for r in results)
     if args.write:
@@ -681,9 +686,24 @@ def command(args: argparse.Namespace) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Machine:
+    cores: dict[str, float]  # by group of processes over the timing (Meter.cores)
+    quiet_s: float  # waited for the rest of the machine to be quiet before it
+
+    def text(self) -> str:
+        c = self.cores
+        return (
+            f"CPU during the timing, in cores: the server (and its publisher child) {c['server']:.2f}, PostgreSQL "
+            f"{c['postgres']:.2f}, this client {c['bench']:.2f}, the rest of the machine {c['others']:.2f} (waited "
+            f"{self.quiet_s:.0f} s before it for the rest to use under {QUIET_CORES} cores)."
+        )
+
+
 def report(
-    args: argparse.Namespace, seeded: Seeded, facts: dict[str, object], results: Sequence[PageResult], waited: float
-) -> str:
+    args: argparse.Namespace, seeded: Seeded, facts: dict[str, object], results: Sequence[PageResult], waited: float,
+    machine: Machine,
+) -> str:  # fmt: skip
     timed = [r for r in results if r.failure is None and r.times_ms]
     slowest = max(timed, key=lambda r: r.percentile(0.95), default=None)
     over = [r for r in timed if r.percentile(0.95) >= TARGET_MS]
@@ -723,8 +743,11 @@ def report(
         "",
         table(results),
         "",
-        f"The search `{search_text(args.customers)}` matches {facts['matching']:,} customers "
-        f"({100 * int(str(facts['matching'])) / max(args.customers, 1):.1f}%).",
+        f"- The search `{search_text(args.customers)}` matches {facts['matching']:,} customers "
+        f"({100 * int(str(facts['matching'])) / max(args.customers, 1):.1f}%); `after` names the middle customer "
+        f"({args.customers // 2:,} ids before it).",
+        "- " + machine.text(),
+        "",
         f"Requirement, each page in under {TARGET_MS:.0f} ms: {verdict}"
         + (
             f"; the slowest, {slowest.name}: p50 {statistics.median(slowest.times_ms):.1f}, "
