@@ -14,25 +14,47 @@ from decimal import Decimal
 from typing import Any, Final
 
 import asyncpg
+import msgspec
 
 from spendledger.projections.audit import decode_cursor, encode_cursor
 from spendledger.projections.customers import CUSTOMER_SELECT
 
 Queryable = asyncpg.Connection | asyncpg.Pool
 
+# A tier's customers and their spend this period. A customer's period depends on its budget's
+# duration and its anchor (when it was created); with calendar periods (ledger/sql/periods.sql),
+# only on the anchor's day in the budget zone — so the period start is computed once per
+# (duration, day) instead of once per customer. Customers anchored before the calendar began
+# (`aligned_from`) keep their own anchored periods: one class each.
 _TIERS: Final = """
+with cal as (select timezone as zone, aligned_from from budget_calendar),
+members as (
+    select c.user_id, c.created_at, b.budget_id, b.budget_duration,
+           case when c.created_at < cal.aligned_from then c.created_at::text
+                else (c.created_at at time zone cal.zone)::date::text end as anchor_class
+    from budgets b
+    join customers c on coalesce(c.budget_id, $1::text) = b.budget_id
+    cross join cal
+    where b.budget_id not like 'customer-budget:%'
+),
+classes as (
+    select budget_duration, anchor_class, sl_period_start(min(created_at), budget_duration, now()) as period_start
+    from members group by budget_duration, anchor_class
+)
 select b.budget_id, trim_scale(b.max_budget) as max_budget, trim_scale(b.soft_budget) as soft_budget,
        b.budget_duration, b.rpm_limit, b.tpm_limit, b.max_parallel_requests,
-       count(c.user_id) as customers,
-       trim_scale(coalesce(sum((
-           select u.spent from budget_usage u
-           where u.scope = 'customer' and u.scope_id = c.user_id
-             and u.period_start = sl_period_start(c.created_at, b.budget_duration, now()))), 0)) as spend
+       count(m.user_id) as customers,
+       trim_scale(coalesce(sum(case
+           when b.max_budget is not null or b.budget_duration is not null then u.spent
+           else t.spend end), 0)) as spend
 from budgets b
-left join customers c on coalesce(c.budget_id, $1::text) = b.budget_id
+left join members m on m.budget_id = b.budget_id
+left join classes k on k.budget_duration is not distinct from m.budget_duration and k.anchor_class = m.anchor_class
+left join budget_usage u on u.scope = 'customer' and u.scope_id = m.user_id and u.period_start = k.period_start
+left join spend_totals t on t.scope = 'customer' and t.scope_id = m.user_id
 where b.budget_id not like 'customer-budget:%'
 group by b.budget_id
-order by b.created_at, b.budget_id
+order by min(b.created_at), b.budget_id
 """
 
 
@@ -75,30 +97,49 @@ async def customers_page(
     return page, (page[-1]["user_id"] if len(rows) > size else None), int(total)
 
 
+_RANKED: Final = """
+with totals as (
+    select scope_id, sum(spend) as total from daily_spend
+    where scope = $1 and day between $2 and $3 and ($4::text is null or scope_id = $4)
+    group by scope_id
+)
+select scope_id, trim_scale(total) as total, trim_scale(sum(total) over ()) as everything
+from totals order by total desc, scope_id limit $5
+"""
+
+_DAYS: Final = """
+select d.day, case when d.scope_id = any($5::text[]) then d.scope_id else $6 end as name,
+       trim_scale(sum(d.spend)) as spend
+from daily_spend d
+where d.scope = $1 and d.day between $2 and $3 and ($4::text is null or d.scope_id = $4)
+group by 1, 2
+"""
+
+OTHERS: Final = "(the rest)"
+
+
+class DailySeries(msgspec.Struct, frozen=True, kw_only=True):
+    ranked: list[tuple[str, Decimal]]  # the top spenders of the range, each with its total
+    days: dict[str, dict[date, Decimal]]  # the `drawn` top spenders' days, the rest as OTHERS
+    total: Decimal  # of everyone in the range
+
+
 async def daily_series(
-    conn: Queryable, scope: str, start: date, end: date, scope_id: str | None = None, top: int | None = None
-) -> tuple[dict[str, dict[date, Decimal]], Decimal]:
-    """Spend by day of each `scope` id in [start, end] (the `top` spenders, the rest as "other"),
-    and the exact total of the range."""
-    rows = await conn.fetch(
-        "select day, scope_id, trim_scale(spend) as spend from daily_spend "
-        "where scope = $1 and day between $2 and $3 and ($4::text is null or scope_id = $4)",
-        scope,
-        start,
-        end,
-        scope_id,
+    conn: Queryable, scope: str, start: date, end: date, scope_id: str | None = None, drawn: int = 6, listed: int = 20
+) -> DailySeries:
+    """Spend of `scope` ids in [start, end] (UTC days): the `listed` top spenders with their totals,
+    the days of the `drawn` top ones (everyone else summed as OTHERS), and the range's exact total.
+    Summed in PostgreSQL: only those rows reach Python."""
+    ranked = await conn.fetch(_RANKED, scope, start, end, scope_id, max(drawn, listed))
+    top = [row["scope_id"] for row in ranked[:drawn]]
+    days: dict[str, dict[date, Decimal]] = {name: {} for name in top}
+    for row in await conn.fetch(_DAYS, scope, start, end, scope_id, top, OTHERS):
+        days.setdefault(row["name"], {})[row["day"]] = row["spend"]
+    return DailySeries(
+        ranked=[(row["scope_id"], row["total"]) for row in ranked[:listed]],
+        days=days,
+        total=ranked[0]["everything"] if ranked else Decimal(0),
     )
-    totals: dict[str, Decimal] = {}
-    for row in rows:
-        totals[row["scope_id"]] = totals.get(row["scope_id"], Decimal(0)) + row["spend"]
-    ranked = sorted(totals, key=lambda name: (-totals[name], name))
-    kept = set(ranked if top is None else ranked[:top])
-    series: dict[str, dict[date, Decimal]] = {name: {} for name in ranked if name in kept}
-    for row in rows:
-        name = row["scope_id"] if row["scope_id"] in kept else "other"
-        days = series.setdefault(name, {})
-        days[row["day"]] = days.get(row["day"], Decimal(0)) + row["spend"]
-    return series, sum(totals.values(), Decimal(0))
 
 
 async def spend_by_model(

@@ -99,7 +99,7 @@ async def customer_page(
         return page("refused.html", session, status_code=404, tab="customers", title="No such customer",
                     message=f"Customer {id!r} does not exist.")
     days = day_range(start, end)
-    series, total = await daily_series(services.pool, "customer", days.start, days.end, scope_id=id)
+    series = await daily_series(services.pool, "customer", days.start, days.end, scope_id=id, drawn=1, listed=1)
     models = await spend_by_model(services.pool, id, *days.instants)
     try:
         requests, older = await recent_requests(services.pool, id, before, REQUESTS_PAGE)
@@ -109,7 +109,7 @@ async def customer_page(
               "unblocked": f"Customer {id!r} unblocked."}.get(request.query_params.get("created") or request.query_params.get("done") or "")
     return page(
         "customer.html", session, tab="customers", customer=info, range=days,
-        chart=stacked_days(days.days, {id: series.get(id, {})} if series else {}), range_total=total,
+        chart=stacked_days(days.days, series.days), range_total=series.total,
         models=models, requests=requests, older=older, before=before,
         lago=services.settings.lago is not None, lago_counts=lago_states(requests), notice=notice,
     )

@@ -30,15 +30,11 @@ async def spend_tab(request: Request[Any, Any, Any], start: str | None = None, e
     pool = services_of(request).pool
     days = day_range(start, end)
     sections = []
-    grand_total = None
     for scope, heading, listed in SECTIONS:
-        drawn, total = await daily_series(pool, scope, days.start, days.end, top=TOP)
-        table, _ = await daily_series(pool, scope, days.start, days.end, top=listed)
-        totals = [(name, sum(by_day.values())) for name, by_day in table.items()]
-        sections.append({"scope": scope, "heading": heading, "chart": stacked_days(days.days, drawn),
-                         "total": total, "rows": totals})
-        if scope == "model":
-            grand_total = total
+        series = await daily_series(pool, scope, days.start, days.end, drawn=TOP, listed=listed)
+        sections.append({"scope": scope, "heading": heading, "chart": stacked_days(days.days, series.days),
+                         "total": series.total, "rows": series.ranked})
+    grand_total = sections[0]["total"]  # every request has a model group: the whole range's spend
     return page("spend.html", session, tab="spend", range=days, sections=sections, grand_total=grand_total)
 
 
