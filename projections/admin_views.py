@@ -28,7 +28,7 @@ Queryable = asyncpg.Connection | asyncpg.Pool
 # (`aligned_from`) keep their own anchored periods: one class each.
 _TIERS: Final = """
 with cal as (select timezone as zone, aligned_from from budget_calendar),
-members as (
+members as materialized (
     select c.user_id, c.created_at, b.budget_id, b.budget_duration,
            case when c.created_at < cal.aligned_from then c.created_at::text
                 else (c.created_at at time zone cal.zone)::date::text end as anchor_class
@@ -37,21 +37,25 @@ members as (
     cross join cal
     where b.budget_id not like 'customer-budget:%'
 ),
-classes as (
-    select budget_duration, anchor_class, sl_period_start(min(created_at), budget_duration, now()) as period_start
-    from members group by budget_duration, anchor_class
+classes as materialized (
+    select budget_id, anchor_class, sl_period_start(min(created_at), min(budget_duration), now()) as period_start
+    from members group by budget_id, anchor_class
+),
+spent as (
+    select m.budget_id, m.user_id, u.spent, t.spend as lifetime
+    from members m
+    join classes k on k.budget_id = m.budget_id and k.anchor_class = m.anchor_class
+    left join budget_usage u on u.scope = 'customer' and u.scope_id = m.user_id and u.period_start = k.period_start
+    left join spend_totals t on t.scope = 'customer' and t.scope_id = m.user_id
 )
 select b.budget_id, trim_scale(b.max_budget) as max_budget, trim_scale(b.soft_budget) as soft_budget,
        b.budget_duration, b.rpm_limit, b.tpm_limit, b.max_parallel_requests,
-       count(m.user_id) as customers,
+       count(s.user_id) as customers,
        trim_scale(coalesce(sum(case
-           when b.max_budget is not null or b.budget_duration is not null then u.spent
-           else t.spend end), 0)) as spend
+           when b.max_budget is not null or b.budget_duration is not null then s.spent
+           else s.lifetime end), 0)) as spend
 from budgets b
-left join members m on m.budget_id = b.budget_id
-left join classes k on k.budget_duration is not distinct from m.budget_duration and k.anchor_class = m.anchor_class
-left join budget_usage u on u.scope = 'customer' and u.scope_id = m.user_id and u.period_start = k.period_start
-left join spend_totals t on t.scope = 'customer' and t.scope_id = m.user_id
+left join spent s on s.budget_id = b.budget_id
 where b.budget_id not like 'customer-budget:%'
 group by b.budget_id
 order by min(b.created_at), b.budget_id
