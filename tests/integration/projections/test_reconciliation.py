@@ -14,7 +14,7 @@ import decimal
 import io
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -42,6 +42,7 @@ from spendledger.projections.reconciliation import (
     reconciliation_rows,
 )
 from spendledger.projections.spend_logs import day_range
+from tests.support import PostgresForTests
 
 LAGO = LagoSettings(api_base="http://lago.invalid", api_key="k", event_code="tokens", charge_by="end_user_id")
 CONTEXT = RecordingContext()
@@ -218,12 +219,48 @@ async def ledger_totals_from_the_log(pool: asyncpg.Pool) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-async def ledger(pool: asyncpg.Pool) -> list[UsageRecorded]:
+@pytest.fixture(scope="module")
+def ledger_database_url(postgres: PostgresForTests) -> Iterator[str]:
+    url = postgres.new_database()
+    yield url
+    postgres.drop_database(url)
+
+
+@pytest.fixture(scope="module")
+async def recorded_ledger(
+    ledger_database_url: str,
+) -> AsyncIterator[tuple[asyncpg.Pool, list[UsageRecorded]]]:
+    """One database with the random ledger recorded (and its delivery states set), for the tests
+    that only read it: recorded once per module instead of once per test (about a second each).
+    Their pool is read-only, so a test that wrote to it would fail instead of changing what the
+    next one reads."""
+    writer = await asyncpg.create_pool(ledger_database_url, min_size=1, max_size=2)
+    assert writer is not None
     entries = random_ledger(seed=7, count=120)
-    await record(pool, entries)
-    await set_states(pool, seed=7)
-    return [event for event, _ in entries]
+    try:
+        await record(writer, entries)
+        await set_states(writer, seed=7)
+    finally:
+        await writer.close()
+    reader = await asyncpg.create_pool(
+        ledger_database_url, min_size=1, max_size=10, server_settings={"default_transaction_read_only": "on"}
+    )
+    assert reader is not None
+    try:
+        yield reader, [event for event, _ in entries]
+    finally:
+        await reader.close()
+
+
+@pytest.fixture
+def ledger_pool(recorded_ledger: tuple[asyncpg.Pool, list[UsageRecorded]]) -> asyncpg.Pool:
+    """A read-only pool on the database that holds `ledger`."""
+    return recorded_ledger[0]
+
+
+@pytest.fixture
+def ledger(recorded_ledger: tuple[asyncpg.Pool, list[UsageRecorded]]) -> list[UsageRecorded]:
+    return recorded_ledger[1]
 
 
 # --- the export ---
@@ -232,10 +269,10 @@ async def ledger(pool: asyncpg.Pool) -> list[UsageRecorded]:
 @pytest.mark.parametrize("by", ["customer", "user", "team"])
 @pytest.mark.parametrize("period", ["day", "month"])
 async def test_rows_per_group_and_period_and_totals_are_the_ledgers_exactly(
-    pool: asyncpg.Pool, ledger: list[UsageRecorded], by: str, period: str
+    ledger_pool: asyncpg.Pool, ledger: list[UsageRecorded], by: str, period: str
 ) -> None:
-    report = await reconciliation_rows(pool, by, period)
-    states = await lago_states(pool)
+    report = await reconciliation_rows(ledger_pool, by, period)
+    states = await lago_states(ledger_pool)
     assert by_key(report) == expected_rows(ledger, states, by, period)
     # Ordered by period, then id, usage without an id last.
     order = [
@@ -244,7 +281,7 @@ async def test_rows_per_group_and_period_and_totals_are_the_ledgers_exactly(
     ]
     assert order == sorted(order)
 
-    from_log = await ledger_totals_from_the_log(pool)
+    from_log = await ledger_totals_from_the_log(ledger_pool)
     assert {c: report.summary[c] for c in from_log} == from_log
     assert report.summary["spend"] == EXACT.add(Decimal(0), sum((e.cost for e in ledger), Decimal(0)))
     # Every request is in exactly one delivery column.
@@ -268,16 +305,18 @@ async def test_summary_spend_has_every_digit(pool: asyncpg.Pool) -> None:
     assert str(report.summary["spend"]) == "100000000000000000000"  # trim_scale: no trailing zeros
 
 
-async def test_the_date_range_is_utc_days_inclusive(pool: asyncpg.Pool, ledger: list[UsageRecorded]) -> None:
+async def test_the_date_range_is_utc_days_inclusive(
+    ledger_pool: asyncpg.Pool, ledger: list[UsageRecorded]
+) -> None:
     start, end = day_range(date(2026, 11, 1), date(2026, 11, 30))
     assert start is not None and end is not None
-    report = await reconciliation_rows(pool, "team", "day", start, end)
+    report = await reconciliation_rows(ledger_pool, "team", "day", start, end)
     assert report.as_json()["start"] == "2026-11-01T00:00:00+00:00"
     assert report.as_json()["end"] == "2026-12-01T00:00:00+00:00"  # the day after the last
     metadata = pq.read_table(io.BytesIO(parquet_bytes(report))).schema.metadata or {}
     assert metadata[b"spendledger.start"] == b"2026-11-01T00:00:00+00:00"
     assert metadata[b"spendledger.end"] == b"2026-12-01T00:00:00+00:00"
-    states = await lago_states(pool)
+    states = await lago_states(ledger_pool)
     expected = expected_rows(ledger, states, "team", "day", start, end)
     assert by_key(report) == expected
     assert {period for _, period in expected} == {"2026-11-01", "2026-11-15", "2026-11-30"}
@@ -285,7 +324,7 @@ async def test_the_date_range_is_utc_days_inclusive(pool: asyncpg.Pool, ledger: 
     # The +02:00 instant is 23:00 on 31 October in UTC: outside the range, and in October's row.
     assert any(e.ended_at == INSTANTS[-1] for e in ledger)
     october = await reconciliation_rows(
-        pool, "team", "day", *day_range(date(2026, 10, 31), date(2026, 10, 31))
+        ledger_pool, "team", "day", *day_range(date(2026, 10, 31), date(2026, 10, 31))
     )
     assert october.summary["requests"] == sum(1 for e in ledger if e.ended_at.astimezone(UTC).month == 10)
 
@@ -297,9 +336,9 @@ async def test_an_empty_ledger_gives_no_rows_and_zero_totals(pool: asyncpg.Pool)
 
 
 async def test_rows_that_disagree_with_the_totals_are_refused(
-    pool: asyncpg.Pool, ledger: list[UsageRecorded]
+    ledger_pool: asyncpg.Pool, ledger: list[UsageRecorded]
 ) -> None:
-    report = await reconciliation_rows(pool, "customer", "day")
+    report = await reconciliation_rows(ledger_pool, "customer", "day")
     tampered = [dict(row) for row in report.rows]
     tampered[0]["spend"] += Decimal("0.000000000000000001")
     with pytest.raises(ReconciliationError, match="spend: rows add up to"):
@@ -350,8 +389,10 @@ def read_csv(content: bytes, report: ReconciliationReport) -> tuple[list[dict[st
 
 
 @pytest.mark.parametrize("by", ["customer", "team"])
-async def test_csv_round_trip_is_exact(pool: asyncpg.Pool, ledger: list[UsageRecorded], by: str) -> None:
-    report = await reconciliation_rows(pool, by, "month")
+async def test_csv_round_trip_is_exact(
+    ledger_pool: asyncpg.Pool, ledger: list[UsageRecorded], by: str
+) -> None:
+    report = await reconciliation_rows(ledger_pool, by, "month")
     content = csv_bytes(report)
     rows, total = read_csv(content, report)
     assert rows == report.rows
@@ -365,7 +406,7 @@ async def test_csv_round_trip_is_exact(pool: asyncpg.Pool, ledger: list[UsageRec
         column: format(report.summary[column], "f") if column == "spend" else str(report.summary[column])
         for column in TOTAL_COLUMNS
     }
-    from_log = await ledger_totals_from_the_log(pool)
+    from_log = await ledger_totals_from_the_log(ledger_pool)
     assert Decimal(total[2 + TOTAL_COLUMNS.index("spend")]) == from_log["spend"]
 
 
@@ -378,9 +419,9 @@ async def test_csv_writes_tiny_amounts_without_an_exponent(pool: asyncpg.Pool) -
 
 @pytest.mark.parametrize("period", ["day", "month"])
 async def test_parquet_round_trip_is_exact(
-    pool: asyncpg.Pool, ledger: list[UsageRecorded], period: str
+    ledger_pool: asyncpg.Pool, ledger: list[UsageRecorded], period: str
 ) -> None:
-    report = await reconciliation_rows(pool, "customer", period)
+    report = await reconciliation_rows(ledger_pool, "customer", period)
     table = pq.read_table(io.BytesIO(parquet_bytes(report)))
     assert table.schema.field("spend").type == pa.decimal128(38, 18)
     assert table.schema.field("requests").type == pa.int64()
@@ -395,7 +436,7 @@ async def test_parquet_round_trip_is_exact(
         assert metadata[f"spendledger.summary.{column}"] == (
             format(value, "f") if column == "spend" else str(value)
         )
-    from_log = await ledger_totals_from_the_log(pool)
+    from_log = await ledger_totals_from_the_log(ledger_pool)
     assert Decimal(metadata["spendledger.summary.spend"]) == from_log["spend"]
     spend_column = table.column("spend").to_pylist()
     assert EXACT.add(Decimal(0), sum(spend_column, Decimal(0))) == from_log["spend"]

@@ -110,7 +110,11 @@ def near_a_change(draw: st.DrawFn, zone: ZoneInfo) -> datetime:
     return moment
 
 
-SETTINGS = settings(max_examples=2500, deadline=None, database=None,
+# 800 examples: planted bugs (a doubled or skipped midnight read with fold=1, weeks from Sunday,
+# fixed windows from the anchor instead of its midnight, Nd counted in UTC, the short period
+# missing or the anchored one ending a microsecond late) each failed within 266 examples for each of
+# 8 seeds (most within 100), generation alone; 800 is three times the worst case. (Was 2500: ~30 s more.)
+SETTINGS = settings(max_examples=800, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 
 
@@ -139,7 +143,12 @@ async def test_a_budget_older_than_the_calendar_keeps_its_period_then_aligns(
     zone = ZoneInfo(zone_name)
     aligned_from = data.draw(st.one_of(instants, st.just(anchor + timedelta(days=40))), label="aligned_from")
     assume(anchor < aligned_from)
-    at = data.draw(st.one_of(instants, st.just(aligned_from), st.just(aligned_from + timedelta(days=45))), label="at")
+    try:  # the end of the anchored period that holds aligned_from, where the short period begins
+        _, _, anchored_end = anchored_window(anchor, duration, aligned_from)
+    except (OverflowError, ValueError):
+        assume(False)
+    at = data.draw(st.one_of(instants, st.sampled_from([aligned_from, aligned_from + timedelta(days=45),
+                                                        anchored_end - MICROSECOND, anchored_end])), label="at")  # fmt: skip
     try:
         start, end = budget_period(anchor, duration, at, zone, aligned_from)
     except (OverflowError, ValueError):

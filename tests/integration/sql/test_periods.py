@@ -25,8 +25,12 @@ from tests.integration.sql.conftest import ZONES
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
+# 1000 examples: planted bugs (months compounded from the window before, months as 30 days, a
+# boundary counted in the window before it, windows before the anchor counted by truncation) each
+# failed within 301 examples for each of 8 seeds (most within 100), generation alone; 1000 is over
+# three times the worst case. (Was 3000: ~15 s more.)
 SETTINGS = settings(
-    max_examples=3000,
+    max_examples=1000,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
