@@ -101,22 +101,30 @@ async def customers_page(
     return page, (page[-1]["user_id"] if len(rows) > size else None), int(total)
 
 
-_RANKED: Final = """
-with totals as (
+# One statement per series: the range's totals by id are summed once (`totals`), ranked, and both
+# the top spenders and the drawn ones' days come back in one answer (kind 'rank' / 'day'). The drawn ids
+# are one materialized row: a generic plan (asyncpg prepares statements) may loop over it per day row.
+_SERIES: Final = """
+with totals as materialized (
     select scope_id, sum(spend) as total from daily_spend
     where scope = $1 and day between $2 and $3 and ($4::text is null or scope_id = $4)
     group by scope_id
-)
-select scope_id, trim_scale(total) as total, trim_scale(sum(total) over ()) as everything
-from totals order by total desc, scope_id limit $5
-"""
-
-_DAYS: Final = """
-select d.day, case when d.scope_id = any($5::text[]) then d.scope_id else $6 end as name,
-       trim_scale(sum(d.spend)) as spend
+),
+ranked as materialized (
+    select scope_id, total, row_number() over (order by total desc, scope_id) as rank,
+           sum(total) over () as everything
+    from totals
+),
+top as materialized (select coalesce(array_agg(scope_id), '{}') as ids from ranked where rank <= $6)
+select 'rank' as kind, null::date as day, scope_id as name, trim_scale(total) as spend,
+       trim_scale(everything) as everything
+from ranked where rank <= $5
+union all
+select 'day', d.day, case when d.scope_id = any(top.ids) then d.scope_id else $7 end, trim_scale(sum(d.spend)), null
 from daily_spend d
+cross join top
 where d.scope = $1 and d.day between $2 and $3 and ($4::text is null or d.scope_id = $4)
-group by 1, 2
+group by 2, 3
 """
 
 OTHERS: Final = "(the rest)"
@@ -134,13 +142,14 @@ async def daily_series(
     """Spend of `scope` ids in [start, end] (UTC days): the `listed` top spenders with their totals,
     the days of the `drawn` top ones (everyone else summed as OTHERS), and the range's exact total.
     Summed in PostgreSQL: only those rows reach Python."""
-    ranked = await conn.fetch(_RANKED, scope, start, end, scope_id, max(drawn, listed))
-    top = [row["scope_id"] for row in ranked[:drawn]]
-    days: dict[str, dict[date, Decimal]] = {name: {} for name in top}
-    for row in await conn.fetch(_DAYS, scope, start, end, scope_id, top, OTHERS):
-        days.setdefault(row["name"], {})[row["day"]] = row["spend"]
+    rows = await conn.fetch(_SERIES, scope, start, end, scope_id, listed, drawn, OTHERS)
+    ranked = sorted((row for row in rows if row["kind"] == "rank"), key=lambda row: (-row["spend"], row["name"]))
+    days: dict[str, dict[date, Decimal]] = {row["name"]: {} for row in ranked[:drawn]}
+    for row in rows:
+        if row["kind"] == "day":
+            days.setdefault(row["name"], {})[row["day"]] = row["spend"]
     return DailySeries(
-        ranked=[(row["scope_id"], row["total"]) for row in ranked[:listed]],
+        ranked=[(row["name"], row["spend"]) for row in ranked],
         days=days,
         total=ranked[0]["everything"] if ranked else Decimal(0),
     )
@@ -180,7 +189,7 @@ async def recent_requests(
     """A customer's requests, newest first, before the audit cursor `before`; and the cursor of the
     next (older) page, None at the first request. `InvalidCursor` for a cursor not made here."""
     txid, position = decode_cursor(before) if before is not None else (None, None)
-    rows = await conn.fetch(_RECENT, customer, None if txid is None else str(txid), position, size + 1)
+    rows = await conn.fetch(_RECENT, customer, txid, position, size + 1)
     page = [dict(row) for row in rows[:size]]
     more = len(rows) > size
     return page, (encode_cursor(page[-1]["txid"], page[-1]["position"]) if more else None)

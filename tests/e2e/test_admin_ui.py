@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -299,3 +300,23 @@ def test_the_spend_csv_is_the_reconciliation_export_of_the_range(server: Running
     assert by_ui.status_code == by_api.status_code == 200
     assert by_ui.headers["content-type"].startswith("text/csv")
     assert by_ui.content == by_api.content
+
+
+def test_a_customers_requests_page_newest_first_and_older_by_cursor(server: RunningServer, admin: UiClient) -> None:
+    customer = unique("paged-requests")
+    api(server, "/customer/new", {"user_id": customer})
+    call_ids = []
+    for n in range(30):
+        answer = httpx.post(f"{server.base_url}/chat/completions", headers=ADMIN, json={
+            "model": "fake-openai-endpoint", "user": customer, "messages": [{"role": "user", "content": f"hi {n}"}]})
+        assert answer.status_code == 200, answer.text
+        call_ids.append(answer.headers["x-litellm-call-id"])
+    first = admin.page("/ui/customer", id=customer)
+    shown_first = [c for c in call_ids if c in first.text]
+    assert shown_first == call_ids[-25:]  # the 25 newest
+    assert first.text.index(call_ids[-1]) < first.text.index(call_ids[-25])  # newest at the top
+    older = re.search(r'href="([^"]*)">Older requests', first.text)
+    assert older is not None
+    second = admin.http.get(html.unescape(older.group(1)))
+    assert second.status_code == 200
+    assert [c for c in call_ids if c in second.text] == call_ids[:5] and "Older requests" not in second.text
