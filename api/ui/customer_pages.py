@@ -40,6 +40,11 @@ LABELS: Final = {
 }
 REFUSED: Final = (ApiError, LedgerError, FormRefused)
 TEXT: Final = Parameter(default=None, max_length=256)
+_NOTICES: Final = {
+    "created": "Customer {!r} created.",
+    "blocked": "Customer {!r} blocked: the proxy refuses its requests.",
+    "unblocked": "Customer {!r} unblocked.",
+}
 
 
 @get("/customers", include_in_schema=False)
@@ -81,7 +86,7 @@ async def create_customer_from_form(request: Request[Any, Any, Any]) -> Response
         await create_customer(services_of(request), session.caller.actor, data)
     except REFUSED as exc:
         return await _new_form(request, session, fields, refusal(exc), refusal_status(exc))
-    return Redirect("/ui/customer", query_params={"id": data.user_id, "created": "1"}, status_code=303)
+    return Redirect("/ui/customer", query_params={"id": data.user_id, "done": "created"}, status_code=303)
 
 
 @get("/customer", include_in_schema=False)
@@ -105,8 +110,8 @@ async def customer_page(
         requests, older = await recent_requests(services.pool, id, before, REQUESTS_PAGE)
     except InvalidCursor:
         raise FormRefused("That page of requests does not exist (a cursor this page did not make)") from None
-    notice = {"1": f"Customer {id!r} created.", "blocked": f"Customer {id!r} blocked: the proxy refuses its requests.",
-              "unblocked": f"Customer {id!r} unblocked."}.get(request.query_params.get("created") or request.query_params.get("done") or "")
+    done = _NOTICES.get(request.query_params.get("done") or "")
+    notice = done.format(id) if done is not None else None
     return page(
         "customer.html", session, tab="customers", customer=info, range=days,
         chart=stacked_days(days.days, series.days), range_total=series.total,

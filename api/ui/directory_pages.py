@@ -3,7 +3,6 @@ block, delete — each through the management API's own command functions."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from litestar import Request, Response, get, post
@@ -134,25 +133,24 @@ async def create_team_from_form(request: Request[Any, Any, Any]) -> Response[str
 
 @post("/teams/block", include_in_schema=False, status_code=303)
 async def block_team_from_form(request: Request[Any, Any, Any]) -> Response[str]:
-    return await _team_change(request, lambda actor, team_id, blocked: change_team(
-        services_of(request), actor, team_id, {"blocked": blocked}))
+    session, fields = await posted_form(request)
+    team_id, blocked = fields.get("team_id", ""), fields.get("blocked") == "true"
+    try:
+        await change_team(services_of(request), session.caller.actor, team_id, {"blocked": blocked})
+    except REFUSED as exc:
+        return _refused(session, "teams", exc)
+    return Redirect("/ui/teams", query_params={"blocked" if blocked else "unblocked": team_id}, status_code=303)
 
 
 @post("/teams/delete", include_in_schema=False, status_code=303)
 async def delete_team_from_form(request: Request[Any, Any, Any]) -> Response[str]:
-    return await _team_change(request, lambda actor, team_id, _: remove_teams(services_of(request), actor, [team_id]))
-
-
-async def _team_change(request: Request[Any, Any, Any], change: Callable[[str, str, bool], Awaitable[Any]]) -> Response[str]:
     session, fields = await posted_form(request)
     team_id = fields.get("team_id", "")
-    blocked = fields.get("blocked") == "true"
     try:
-        await change(session.caller.actor, team_id, blocked)
+        await remove_teams(services_of(request), session.caller.actor, [team_id])
     except REFUSED as exc:
         return _refused(session, "teams", exc)
-    verb = "deleted" if request.url.path.endswith("/delete") else ("blocked" if blocked else "unblocked")
-    return Redirect("/ui/teams", query_params={verb: team_id}, status_code=303)
+    return Redirect("/ui/teams", query_params={"deleted": team_id}, status_code=303)
 
 
 # --- internal users -------------------------------------------------------------------------------
