@@ -35,6 +35,7 @@ from spendledger.api.routes import (
     proxy,
     spend,
     teams,
+    usage,
     users,
 )
 from spendledger.api.routes import lago_webhooks as lago_webhooks_route
@@ -95,7 +96,9 @@ def create_app(
         upstream = Upstream()
         lago_client, lago_webhooks = lago_receiver(settings, pool)
         publisher = PublisherRunner(pool, database_url, settings, deliver=publish)
-        recorder = GroupRecorder(pool, recording_context(settings), wakeups=PublisherWakeups(pool))
+        context = recording_context(settings)
+        outbox_rows = outbox_rows_builder(settings)
+        recorder = GroupRecorder(pool, context, wakeups=PublisherWakeups(pool))
         admitter = GroupAdmitter(pool)
         background = BackgroundTasks()
         tickets = Tickets(
@@ -103,7 +106,7 @@ def create_app(
             admitter,
             leases,
             recorder,
-            outbox_rows=outbox_rows_builder(settings),
+            outbox_rows=outbox_rows,
             announce_refusals=settings.webhook is not None,
             on_hold_exceeded=observe_hold_exceeded,
             background=background,
@@ -122,6 +125,8 @@ def create_app(
             publisher=publisher,
             background=background,
             lago_webhooks=lago_webhooks,
+            recording_context=context,
+            outbox_rows=outbox_rows,
         )
         app.state.services = services
         publisher.start()
@@ -169,6 +174,7 @@ def create_app(
             *audit.route_handlers,
             *export.route_handlers,
             *lago_webhooks_route.route_handlers,
+            *usage.route_handlers,
             assets_router(),
             *ui_route_handlers,
         ],

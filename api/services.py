@@ -22,7 +22,8 @@ from spendledger.ledger.config import Settings
 from spendledger.ledger.lago_webhooks import LagoWebhookReceiver
 from spendledger.ledger.pricing import PriceBook
 from spendledger.ledger.scopes import BudgetSettings
-from spendledger.ledger.tickets import Tickets
+from spendledger.ledger.tickets import OutboxRows, Tickets, no_outbox_rows
+from spendledger.ledger.usage import NO_CONTEXT, RecordingContext
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +42,9 @@ class Services:
     tickets: Tickets  # admits requests (a budget lease's, or a round trip) and settles them
     publisher: PublisherRunner
     background: BackgroundTasks  # settles that outlive their request; drained at shutdown
+    # What a settle of usage that did not come through the proxy needs (api/ingest.py).
+    recording_context: RecordingContext = NO_CONTEXT
+    outbox_rows: OutboxRows = no_outbox_rows
     lago_webhooks: LagoWebhookReceiver | None = None  # with Lago configured: its events.errors
 
 

@@ -18,6 +18,7 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
+from spendledger.ledger.connections import Queryable
 from spendledger.ledger.events import UsageRecorded, encode_event
 from spendledger.ledger.outbox import OutboxRow
 from spendledger.ledger.publisher_wakeups import PublisherWakeups
@@ -54,7 +55,7 @@ def _array(items: Sequence[bytes]) -> str:
 
 
 async def record_usages(
-    conn: asyncpg.Connection | asyncpg.Pool, recordings: Sequence[Recording], context: RecordingContext
+    conn: Queryable, recordings: Sequence[Recording], context: RecordingContext
 ) -> list[Decimal | None]:
     """Append, project and enqueue every recording in one transaction; each key's new spend, in order."""
     if len(recordings) == 1:

@@ -83,6 +83,9 @@ def test_the_wheel_installs_one_package_with_its_migrations_and_sql(wheel: Path)
     assert "spendledger/migrations/env.py" in names
     assert any(n.startswith("spendledger/migrations/versions/0001_") for n in names)
     assert "spendledger/ledger/sql/periods.sql" in names
+    # The admin UI's templates and assets ship inside the package (no CDN, no build step).
+    for page_file in ("templates/base.html", "templates/budgets.html", "static/ui.css", "static/ui.js"):
+        assert f"spendledger/api/ui/{page_file}" in names
 
 
 def test_the_installed_cli_migrates_the_embedded_database_and_serves(installed: Path, tmp_path: Path) -> None:
@@ -119,6 +122,10 @@ def test_the_installed_cli_migrates_the_embedded_database_and_serves(installed: 
         )  # fmt: skip
         assert answer.status_code == 200, answer.text
         assert json.loads(answer.headers["x-litellm-response-cost"]) > 0
+        # The admin UI from the installed package: its sign-in page and its stylesheet.
+        sign_in = httpx.get(f"{base}/ui/login", timeout=30)
+        assert sign_in.status_code == 200 and 'label for="f-api_key">API key' in sign_in.text
+        assert httpx.get(f"{base}/ui/static/ui.css", timeout=30).status_code == 200
     finally:
         server.terminate()
         server.wait(timeout=60)

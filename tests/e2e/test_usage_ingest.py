@@ -1,0 +1,171 @@
+"""`POST /usage` end to end (seed 003's SDK tab, server side): calls made outside the gateway are
+billed like proxied ones — one UsageRecorded and one Lago event each, with the customer and the
+exact cost — exactly once whatever is resent, with each bad record refused on its own."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import INPUT_PRICE, MASTER_KEY, OUTPUT_PRICE
+from tests.e2e.enforcement_support import wait_until
+from tests.e2e.outbox_support import lago_env, outbox_config
+from tests.e2e.test_admin_ui import api, user_key
+from tests.e2e.test_roles import fetch
+from tests.fakes.lago import FakeLago, RunningLago, run_fake_lago
+from tests.fakes.upstream import RunningUpstream
+from tests.support import PostgresForTests, RunningServer, run_server
+
+ADMIN = {"Authorization": f"Bearer {MASTER_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def lago() -> Iterator[RunningLago]:
+    with run_fake_lago(FakeLago()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(postgres: PostgresForTests, upstream: RunningUpstream, lago: RunningLago) -> Iterator[RunningServer]:
+    """A server with Lago on: ingested usage goes to Lago as proxied usage does."""
+    url = postgres.new_database()
+    with run_server(outbox_config(upstream.base_url, lago=True), url, env=lago_env(lago.base_url)) as running:
+        yield running
+    postgres.drop_database(url)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def record(**fields: Any) -> dict[str, Any]:
+    return {
+        "call_id": unique("sdk-call"),
+        "model": "fake-openai-endpoint",
+        "usage": {"prompt_tokens": 1200, "completion_tokens": 345, "total_tokens": 1545},
+        "user": "sdk-customer",
+        **fields,
+    }
+
+
+def send(server: RunningServer, records: list[dict[str, Any]], key: str = MASTER_KEY) -> httpx.Response:
+    return httpx.post(f"{server.base_url}/usage", json={"records": records},
+                      headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def results(answer: httpx.Response) -> list[dict[str, Any]]:
+    assert answer.status_code == 200, answer.text
+    found: list[dict[str, Any]] = answer.json()["results"]
+    return found
+
+
+EXPECTED = Decimal(INPUT_PRICE) * 1200 + Decimal(OUTPUT_PRICE) * 345
+
+
+def test_each_record_is_one_usage_event_and_one_lago_event_with_the_exact_cost(
+    server: RunningServer, lago: RunningLago
+) -> None:
+    customer = unique("sdk-customer")
+    sent = [record(user=customer) for _ in range(3)]
+    answered = results(send(server, sent))
+    assert [r["outcome"] for r in answered] == ["recorded"] * 3
+    assert [r["call_id"] for r in answered] == [r["call_id"] for r in sent]
+    assert all(Decimal(str(r["cost"])) == EXPECTED for r in answered)
+    rows = fetch(server.database_url, "select data->>'customer_id' as customer, (data->>'cost')::numeric as cost, "
+                 "metadata->>'source' as source, metadata->>'actor' as actor from events where type = 'UsageRecorded' "
+                 "and data->>'call_id' = any($1::text[])", [r["call_id"] for r in sent])
+    assert len(rows) == 3
+    assert all(r["customer"] == customer and r["cost"] == EXPECTED and r["source"] == "ingest" for r in rows)
+    assert all(r["actor"] == "master_key" for r in rows)
+    info = httpx.get(f"{server.base_url}/customer/info", params={"end_user_id": customer}, headers=ADMIN).json()
+    assert Decimal(str(info["spend"])) == EXPECTED * 3
+    ids = {r["call_id"] for r in sent}
+    assert wait_until(lambda: ids <= {tid for _, tid in dict(lago.app.accepted)}, 30)
+
+
+def test_a_resend_is_a_duplicate_with_its_first_outcome_and_another_record_on_the_id_a_conflict(
+    server: RunningServer,
+) -> None:
+    first = record(user=unique("dup-customer"))
+    assert results(send(server, [first]))[0]["outcome"] == "recorded"
+    again = results(send(server, [first, dict(first, usage={"prompt_tokens": 1, "completion_tokens": 1})]))
+    assert again[0]["outcome"] == "duplicate" and Decimal(str(again[0]["cost"])) == EXPECTED
+    assert again[1]["outcome"] == "error" and again[1]["error"]["code"] == "conflict"
+    twice_in_one = record(user=unique("dup-customer"))
+    both = results(send(server, [twice_in_one, twice_in_one]))
+    assert [r["outcome"] for r in both] == ["recorded", "duplicate"]
+    count = fetch(server.database_url, "select count(*) as n from events where data->>'call_id' = any($1::text[])",
+                  [first["call_id"], twice_in_one["call_id"]])
+    assert count[0]["n"] == 2
+
+
+def test_senders_racing_with_the_same_records_bill_each_call_once(server: RunningServer) -> None:
+    customer = unique("race-customer")
+    batch = [record(user=customer) for _ in range(20)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda _: send(server, batch), range(6)))
+    outcomes = [r["outcome"] for answer in answers for r in results(answer)]
+    assert outcomes.count("recorded") == 20 and outcomes.count("duplicate") == 100
+    info = httpx.get(f"{server.base_url}/customer/info", params={"end_user_id": customer}, headers=ADMIN).json()
+    assert Decimal(str(info["spend"])) == EXPECTED * 20
+
+
+def test_a_bad_record_fails_alone(server: RunningServer) -> None:
+    customer = unique("mixed-customer")
+    good = record(user=customer)
+    bad = [
+        record(user=customer, model="no-such-model"),
+        record(user=customer, usage={"prompt_tokens": -5, "completion_tokens": 1}),
+        record(user=customer, usage={"prompt_tokens": 1.5, "completion_tokens": 1}),
+        {"model": "fake-openai-endpoint", "user": customer},  # no call_id
+        record(user=customer, end_time="2999-01-01T00:00:00Z"),
+        record(user=customer, start_time="2026-12-07T12:00:00Z", end_time="2026-12-07T11:00:00Z"),
+        record(user=customer, surprise=1),
+    ]
+    answered = results(send(server, [good, *bad]))
+    assert answered[0]["outcome"] == "recorded"
+    assert [r["outcome"] for r in answered[1:]] == ["error"] * len(bad)
+    assert "not a model group" in answered[1]["error"]["message"] and answered[1]["error"]["param"] == "model"
+    assert answered[4]["call_id"] is None
+    rows = fetch(server.database_url, "select count(*) as n from events where data->>'customer_id' = $1", customer)
+    assert rows[0]["n"] == 1
+
+
+def test_whole_requests_that_break_the_rules_are_refused_with_the_envelope(server: RunningServer) -> None:
+    too_many = send(server, [record() for _ in range(1001)])
+    assert too_many.status_code == 400 and too_many.json()["error"]["type"] == "invalid_request_error"
+    assert send(server, []).status_code == 400
+    assert httpx.post(f"{server.base_url}/usage", json={"records": [record()]}).status_code == 401
+    viewer = user_key(server, "proxy_admin_viewer")
+    assert send(server, [record()], key=viewer).status_code == 403  # a viewer reads; it never spends
+
+
+def test_only_admins_send_a_cost_or_bill_another_users_scope(server: RunningServer) -> None:
+    member = user_key(server, "internal_user")
+    answered = results(send(server, [
+        record(cost=0.5), record(user_id="someone-else"), record(team_id="another-team"), record(),
+    ], key=member))
+    assert [r["outcome"] for r in answered] == ["error", "error", "error", "recorded"]
+    assert [r["error"]["param"] for r in answered[:3]] == ["cost", "user_id", "team_id"]
+    by_admin = record(model="a-model-priced-elsewhere", cost="0.0011120000000000001")
+    answered = results(send(server, [by_admin]))
+    assert answered[0]["outcome"] == "recorded"
+    row = fetch(server.database_url, "select data->>'cost' as cost, metadata->>'cost_source' as source "
+                "from events where data->>'call_id' = $1", by_admin["call_id"])[0]
+    assert row == {"cost": "0.0011120000000000001", "source": "caller"}
+
+
+def test_a_key_pinned_to_customers_ingests_only_theirs(server: RunningServer) -> None:
+    mine = unique("pinned")
+    key = api(server, "/key/generate", {"allowed_customers": [mine]})["key"]
+    answered = results(send(server, [record(user=mine), record(user=unique("not-mine")), record(user=None)], key=key))
+    assert [r["outcome"] for r in answered] == ["recorded", "error", "recorded"]
+    rows = fetch(server.database_url, "select data->>'customer_id' as c from events where data->>'call_id' = $1",
+                 answered[2]["call_id"])
+    assert rows == [{"c": mine}]  # naming nobody: billed to its one customer
