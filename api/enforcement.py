@@ -56,21 +56,15 @@ async def admit(services: Services, exchange: Exchange, shape: RequestShape) -> 
     if isinstance(outcome, Refused):  # its RequestRefused is the request's terminal event
         observe_admission(False, False)
         observe_request(exchange.route, "refused", exchange.head.model, priced=True)
-        raise refusal_error(outcome, exchange)
+        raise refusal_error(outcome, exchange.call_id)
     observe_admission(outcome.lease is not None, True)
     return outcome
 
 
 def unbounded_error(worst: WorstCase, exchange: Exchange) -> ApiError:
-    model = exchange.head.model
-    fixes = []
-    if "output" in worst.assumed:
-        fixes.append(f"send max_tokens (or max_completion_tokens), or set model_info.max_output_tokens for {model!r}")
-    if "media" in worst.assumed:
-        fixes.append(f"set model_info.max_input_tokens for {model!r}")
     return ApiError(
         400,
-        "This request's cost has no known bound and reject_unbounded_requests is set: " + "; ".join(fixes),
+        unbounded_message(worst, exchange.head.model),
         "invalid_request_error",
         code="unbounded_request",
         param="max_tokens" if "output" in worst.assumed else "messages",
@@ -78,8 +72,17 @@ def unbounded_error(worst: WorstCase, exchange: Exchange) -> ApiError:
     )
 
 
-def refusal_error(refused: Refused, exchange: Exchange) -> ApiError:
-    base = {"x-litellm-call-id": exchange.call_id}
+def unbounded_message(worst: WorstCase, model: str) -> str:
+    fixes = []
+    if "output" in worst.assumed:
+        fixes.append(f"send max_tokens (or max_completion_tokens), or set model_info.max_output_tokens for {model!r}")
+    if "media" in worst.assumed:
+        fixes.append(f"set model_info.max_input_tokens for {model!r}")
+    return "This request's cost has no known bound and reject_unbounded_requests is set: " + "; ".join(fixes)
+
+
+def refusal_error(refused: Refused, call_id: str) -> ApiError:
+    base = {"x-litellm-call-id": call_id}
     message = refused.message()
     if refused.reason == "budget_exceeded":
         return ApiError(429, message, "budget_exceeded", headers={**base, "x-should-retry": "false"})

@@ -53,6 +53,7 @@ class UsageRecord(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     status: Literal["success", "failure"] = "success"
     metadata: dict[str, Any] = {}
     cost: Decimal | None = None  # admin keys only: recorded as the caller's
+    hold_id: Identifier | None = None  # from POST /usage/admit: the call_id it was admitted under
 
 
 class UsageBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -190,6 +191,8 @@ def _charge(services: Services, caller: Caller, record: UsageRecord) -> tuple[Ch
 
 def _prepare(services: Services, caller: Caller, index: int, raw: msgspec.Raw, now: datetime) -> _Prepared:
     record = _decode(raw)
+    if record.hold_id is not None and record.hold_id != record.call_id:
+        raise _Refused(400, "A held call is recorded under its hold's id: send call_id equal to hold_id", "invalid_request", "call_id")
     scopes = _scopes(caller, record)
     cost, deployment_id, provider, upstream_model, cost_source = _charge(services, caller, record)
     ended = record.end_time or now

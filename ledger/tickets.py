@@ -154,6 +154,18 @@ class Tickets:
                 log.warning("budget_crossed_not_enqueued", error_type=type(exc).__name__)
         return outcome
 
+    async def admit_held(self, admission: Admission) -> Admitted | Refused:
+        """Admit a call made elsewhere: always a hold of its own in PostgreSQL (never a lease share,
+        which lives in this process), released by the settle of its call id in whichever process
+        records it (POST /usage), or by the sweeper at `expires_at`."""
+        outcome = await self._admitter.admit(admission)
+        if isinstance(outcome, Refused) and outcome.reason == "budget_exceeded" and self._announce_refusals:
+            try:
+                await announce_budget_exhausted(self._pool, outcome, admission)
+            except DATABASE_ERRORS as exc:
+                log.warning("budget_crossed_not_enqueued", error_type=type(exc).__name__)
+        return outcome
+
     async def stop(self) -> None:
         """Wait for the `HoldExceeded` appends still running (the settles are over by now)."""
         await self._background.drain()

@@ -12,6 +12,7 @@ from spendledger.api.ingest import DocumentedBatch, UsageResults, decode_batch, 
 from spendledger.api.jsonio import json_response
 from spendledger.api.roles import Permission
 from spendledger.api.schemas import BODY, documented
+from spendledger.api.sdk_admission import AdmitRequest, Hold, admit_call
 from spendledger.api.services import services_of
 
 
@@ -35,4 +36,16 @@ async def post_usage(request: Request[Any, Any, Any]) -> Response[UsageResults]:
     return json_response(await ingest(services_of(request), caller_of(request), batch))
 
 
-route_handlers = [post_usage]
+@post(
+    ["/usage/admit", "/v1/usage/admit"],
+    guards=[requires(Permission.CALL_MODELS)],
+    tags=["usage"],
+    status_code=200,
+    summary="Hold the worst-case cost of a call about to be made outside the gateway (or refuse it as the proxy would)",
+    **documented(*BODY, 409, 429),
+)
+async def post_usage_admit(request: Request[Any, Any, Any], data: AdmitRequest) -> Response[Hold]:
+    return json_response(await admit_call(services_of(request), caller_of(request), data))
+
+
+route_handlers = [post_usage, post_usage_admit]

@@ -169,3 +169,66 @@ def test_a_key_pinned_to_customers_ingests_only_theirs(server: RunningServer) ->
     rows = fetch(server.database_url, "select data->>'customer_id' as c from events where data->>'call_id' = $1",
                  answered[2]["call_id"])
     assert rows == [{"c": mine}]  # naming nobody: billed to its one customer
+
+
+# --- holds for calls made elsewhere: POST /usage/admit ------------------------------------------------
+
+HOLD = Decimal(INPUT_PRICE) * 1000 + Decimal(OUTPUT_PRICE) * 500  # prompt_tokens 1000, max_tokens 500
+
+
+def admit(server: RunningServer, key: str = MASTER_KEY, **fields: Any) -> httpx.Response:
+    body = {"model": "fake-openai-endpoint", "prompt_tokens": 1000, "max_tokens": 500, **fields}
+    return httpx.post(f"{server.base_url}/usage/admit", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def test_a_held_call_recorded_under_its_hold_id_releases_the_hold(server: RunningServer) -> None:
+    customer = unique("held")
+    api(server, "/customer/new", {"user_id": customer, "max_budget": "1"})  # a budget: something to hold
+    answer = admit(server, user=customer)
+    assert answer.status_code == 200, answer.text
+    hold = answer.json()
+    assert Decimal(str(hold["hold"])) == HOLD
+    assert fetch(server.database_url, "select amount from holds where call_id = $1", hold["hold_id"]) == [{"amount": HOLD}]
+    again = admit(server, user=customer, call_id=hold["hold_id"])
+    assert again.status_code == 409 and again.json()["error"]["param"] == "call_id"
+    used = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+    done = results(send(server, [record(call_id=hold["hold_id"], hold_id=hold["hold_id"], user=customer, usage=used)]))
+    assert done[0]["outcome"] == "recorded"
+    assert fetch(server.database_url, "select 1 from holds where call_id = $1", hold["hold_id"]) == []
+    mismatched = results(send(server, [record(hold_id="another-call", user=customer)]))
+    assert mismatched[0]["outcome"] == "error" and mismatched[0]["error"]["param"] == "call_id"
+
+
+def test_admit_refuses_as_the_proxy_does(server: RunningServer) -> None:
+    blocked = unique("blocked-sdk")
+    api(server, "/customer/new", {"user_id": blocked, "blocked": True})
+    refused = admit(server, user=blocked)
+    assert refused.status_code == 403 and refused.json()["error"]["type"] == "customer_blocked"
+    assert admit(server, user=unique("c"), model="no-such-model").status_code == 400
+    no_prompt = httpx.post(f"{server.base_url}/usage/admit", headers=ADMIN, json={"model": "fake-openai-endpoint"})
+    assert no_prompt.status_code == 400 and no_prompt.json()["error"]["param"] == "messages"
+    assert admit(server, user=unique("c"), max_tokens=-1).status_code == 400
+
+
+def test_admits_from_many_senders_over_two_processes_never_overspend_a_budget(
+    postgres: PostgresForTests, upstream: RunningUpstream
+) -> None:
+    url = postgres.new_database()
+    try:
+        with run_server(outbox_config(upstream.base_url), url, workers=2) as two:
+            customer = unique("tight")
+            budget = HOLD * 4
+            api(two, "/customer/new", {"user_id": customer, "max_budget": str(budget)})
+            with ThreadPoolExecutor(max_workers=12) as pool:
+                answers = list(pool.map(lambda _: admit(two, user=customer), range(24)))
+            admitted = [a.json()["hold_id"] for a in answers if a.status_code == 200]
+            refused = [a for a in answers if a.status_code != 200]
+            assert 1 <= len(admitted) <= 4
+            assert all(a.status_code == 429 and a.json()["error"]["type"] == "budget_exceeded" for a in refused)
+            worst = {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}  # as much as held
+            done = results(send(two, [record(call_id=c, hold_id=c, user=customer, usage=worst) for c in admitted]))
+            assert [r["outcome"] for r in done] == ["recorded"] * len(admitted)
+            info = httpx.get(f"{two.base_url}/customer/info", params={"end_user_id": customer}, headers=ADMIN).json()
+            assert Decimal(str(info["spend"])) == HOLD * len(admitted) <= budget
+    finally:
+        postgres.drop_database(url)
