@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Required, TypedDict
 
-from .records import Cost, Hold, Status
+from .records import Cost, Hold, Route, Status
 
 
 class RecordFields(TypedDict, total=False):
@@ -26,6 +26,7 @@ class RecordFields(TypedDict, total=False):
     metadata: Mapping[str, Any] | None
     cost: Cost | None
     hold_id: str | None
+    route: Route
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 from .calls import RecordFields
 from .client import log
 from .recorder import Recorder
+from .records import Route
 
 try:
     from litellm.integrations.custom_logger import CustomLogger
@@ -86,6 +87,7 @@ class SpendledgerCallback(CustomLogger):  # type: ignore[misc]  # litellm's clas
         # A stream's final event carries the response LiteLLM assembled from the chunks.
         response = kwargs.get("complete_streaming_response") or response_obj
         fields = RecordFields(
+            route=_ROUTES.get(str(kwargs.get("call_type") or ""), "chat.completions"),
             model=str(kwargs.get("model") or standard.get("model") or ""),
             usage=None if failed else getattr(response, "usage", None),
             call_id=kwargs.get("litellm_call_id") or standard.get("id"),
@@ -107,6 +109,13 @@ class SpendledgerCallback(CustomLogger):  # type: ignore[misc]  # litellm's clas
         candidates = [kwargs.get("user"), optional.get("user")]
         candidates += [metadata.get(key) for key in self._user_keys]
         return next((str(c) for c in candidates if c), self._user)
+
+
+# LiteLLM's call types, by the kind of call the ledger bills them as (chat completions otherwise).
+_ROUTES: dict[str, Route] = {
+    "embedding": "embeddings", "aembedding": "embeddings",
+    "text_completion": "completions", "atext_completion": "completions",
+}  # fmt: skip
 
 
 def _time(value: Any) -> datetime | str | None:

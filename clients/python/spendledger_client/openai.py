@@ -22,6 +22,7 @@ from typing import Any
 from .calls import RecordFields
 from .client import log
 from .recorder import Recorder
+from .records import Route
 
 try:
     import openai as _openai
@@ -53,8 +54,10 @@ class _Tracker:
         usage: object = None,
         failed: bool = False,
         metadata: dict[str, Any] | None = None,
+        route: Route = "chat.completions",
     ) -> None:
         fields = RecordFields(
+            route=route,
             model=str(kwargs.get("model", "")),
             usage=None if failed else usage,
             call_id=call_id or str(uuid.uuid4()),
@@ -164,8 +167,9 @@ class _Embeddings(_Namespace):
     def _done(self, kwargs: dict[str, Any], started: datetime, response: Any) -> None:
         call_id = getattr(response, "_request_id", None)
         self._tracker.record(
-            kwargs, started, call_id=call_id, usage=getattr(response, "usage", None), metadata=_response_model(response)
-        )
+            kwargs, started, call_id=call_id, usage=getattr(response, "usage", None),
+            metadata=_response_model(response), route="embeddings",
+        )  # fmt: skip
 
 
 def _ask_for_usage(kwargs: dict[str, Any]) -> bool:

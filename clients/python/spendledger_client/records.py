@@ -18,6 +18,8 @@ from typing import Any, Literal
 from .errors import ErrorInfo
 
 Status = Literal["success", "failure"]
+Route = Literal["chat.completions", "completions", "embeddings"]  # how the call is billed: its kind of output
+ROUTES: tuple[Route, ...] = ("chat.completions", "completions", "embeddings")
 Outcome = Literal["recorded", "duplicate", "error"]
 WireRecord = dict[str, Any]
 Cost = Decimal | int | float | str
@@ -78,6 +80,7 @@ def make_record(
     metadata: Mapping[str, Any] | None = None,
     cost: Cost | None = None,
     hold_id: str | None = None,
+    route: Route = "chat.completions",
 ) -> WireRecord:
     """The wire record, validated here so a caller's mistake raises in the caller, not in the sender."""
     call_id = str(uuid.uuid4()) if call_id is None else call_id
@@ -85,6 +88,8 @@ def make_record(
         raise ValueError(f"call_id must be 1 to {MAX_CALL_ID} characters, got {len(call_id)}")
     if status not in ("success", "failure"):
         raise ValueError(f"status must be 'success' or 'failure', got {status!r}")
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
     record: WireRecord = {
         "call_id": call_id,
         "model": model,
@@ -97,6 +102,7 @@ def make_record(
         "status": status,
         "metadata": dict(metadata or {}),
         "hold_id": hold_id,
+        "route": route,
     }
     # Checked now: a metadata value json cannot write would otherwise fail every batch it is in.
     json.dumps(record["metadata"])
