@@ -29,7 +29,7 @@ from spendledger.api.services import Services
 from spendledger.ledger.events import Route, UsageRecorded
 from spendledger.ledger.identifiers import Identifier
 from spendledger.ledger.ingest import Recorded, budget_periods, digest, recorded_calls
-from spendledger.ledger.pricing import Charge, charge
+from spendledger.ledger.pricing import Charge, catalogue_model_price, charge
 from spendledger.ledger.scopes import Scopes
 from spendledger.ledger.tokens import TokenUsage
 from spendledger.ledger.usage import Recording, record_usages
@@ -176,14 +176,19 @@ def _charge(services: Services, caller: Caller, record: UsageRecord) -> tuple[Ch
         provider = deployment.provider if deployment else "external"
         return given, deployment.deployment_id if deployment else record.model, provider, upstream, "caller"
     if deployment is None:
-        raise _Refused(
-            400,
-            f"Model {record.model!r} is not a model group of this gateway"
-            + (f" (or has no deployment {record.model_id!r})" if record.model_id else "")
-            + ": name one of its model_list, or (admin keys) send the call's cost",
-            "model_not_found",
-            "model",
-        )
+        listed = catalogue_model_price(record.model) if record.model_id is None else None
+        if listed is None:
+            raise _Refused(
+                400,
+                f"Model {record.model!r} is neither a model group of this gateway"
+                + (f" (with a deployment {record.model_id!r})" if record.model_id else " nor a model the price catalogue knows")
+                + ": name one, or (admin keys) send the call's cost",
+                "model_not_found",
+                "model",
+            )
+        tokens = record.usage.tokens() if record.usage else TokenUsage()
+        priced = charge(listed.price, tokens)
+        return priced, f"catalogue:{listed.provider}/{listed.model}", listed.provider, listed.model, "catalogue"
     tokens = record.usage.tokens() if record.usage else TokenUsage()
     priced = charge(services.prices.price(deployment.deployment_id), tokens)
     return priced, deployment.deployment_id, deployment.provider, deployment.upstream_model, "ledger"

@@ -16,6 +16,7 @@ gives the model's limits (its context window), which bound the hold.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Final
@@ -200,6 +201,33 @@ def catalogue_price(deployment: Deployment) -> Price | None:
     know the model."""
     found = _catalogue_entry(deployment)
     return from_catalogue(found.model_price) if found is not None else None
+
+
+class CataloguePrice(msgspec.Struct, frozen=True, kw_only=True):
+    provider: str
+    model: str
+    price: Price
+
+
+@functools.lru_cache(maxsize=1024)
+def catalogue_model_price(model: str) -> CataloguePrice | None:
+    """A model named as LiteLLM names it (`gpt-4o-mini`, `anthropic/claude-3-5-sonnet-20241022`)
+    priced from the genai-prices catalogue, for usage of calls that did not come through a
+    deployment of the config (POST /usage); None if the catalogue does not know it. A name that
+    nobody will ever find is looked up once per process: the cache is bounded."""
+    empty = Usage(input_tokens=0, output_tokens=0)
+    provider, _, rest = model.partition("/")
+    attempts: list[tuple[str, str | None]] = [(rest, provider)] if rest else []
+    attempts.append((model, None))
+    for model_ref, provider_id in attempts:
+        try:
+            found = calc_price(empty, model_ref=model_ref, provider_id=provider_id)
+        except LookupError:
+            continue
+        price = from_catalogue(found.model_price)
+        if price is not None:
+            return CataloguePrice(provider=found.provider.id, model=found.model.id, price=price)
+    return None
 
 
 def _configured(deployment: Deployment) -> tuple[dict[TokenKind, Decimal], tuple[PriceTier, ...]]:

@@ -131,10 +131,22 @@ def test_a_bad_record_fails_alone(server: RunningServer) -> None:
     answered = results(send(server, [good, *bad]))
     assert answered[0]["outcome"] == "recorded"
     assert [r["outcome"] for r in answered[1:]] == ["error"] * len(bad)
-    assert "not a model group" in answered[1]["error"]["message"] and answered[1]["error"]["param"] == "model"
+    assert "neither a model group" in answered[1]["error"]["message"] and answered[1]["error"]["param"] == "model"
     assert answered[4]["call_id"] is None
     rows = fetch(server.database_url, "select count(*) as n from events where data->>'customer_id' = $1", customer)
     assert rows[0]["n"] == 1
+
+
+def test_a_model_outside_the_config_is_priced_from_the_catalogue(server: RunningServer) -> None:
+    catalogued = [record(model="gpt-4o-mini"), record(model="anthropic/claude-3-5-sonnet-20241022")]
+    answered = results(send(server, catalogued))
+    assert [r["outcome"] for r in answered] == ["recorded", "recorded"]
+    # genai-prices: gpt-4o-mini $0.15 / $0.60 per million tokens, Claude 3.5 Sonnet $3 / $15
+    assert Decimal(str(answered[0]["cost"])) == Decimal("0.15") * 1200 / 10**6 + Decimal("0.60") * 345 / 10**6
+    assert Decimal(str(answered[1]["cost"])) == Decimal(3) * 1200 / 10**6 + Decimal(15) * 345 / 10**6
+    rows = fetch(server.database_url, "select data->>'deployment_id' as d, metadata->>'cost_source' as s from events "
+                 "where data->>'call_id' = $1", catalogued[0]["call_id"])
+    assert rows == [{"d": "catalogue:openai/gpt-4o-mini", "s": "catalogue"}]
 
 
 def test_whole_requests_that_break_the_rules_are_refused_with_the_envelope(server: RunningServer) -> None:

@@ -149,3 +149,17 @@ def test_price_book_resolves_every_deployment_once() -> None:
     assert book.price(unknown.deployment_id) is None
     assert book.price("never-configured") is None
     assert book.unpriced() == [unknown.deployment_id]
+
+
+def test_a_model_named_as_litellm_names_it_is_found_in_the_catalogue() -> None:
+    from spendledger.ledger.pricing import catalogue_model_price
+
+    bare = catalogue_model_price("gpt-4o-mini")
+    prefixed = catalogue_model_price("openai/gpt-4o-mini")
+    assert bare is not None and prefixed is not None
+    assert (bare.provider, bare.model) == (prefixed.provider, prefixed.model) == ("openai", "gpt-4o-mini")
+    assert bare.price.input_cost_per_token == Decimal("0.00000015")
+    claude = catalogue_model_price("anthropic/claude-3-5-sonnet-20241022")
+    assert claude is not None and claude.provider == "anthropic"
+    assert catalogue_model_price("no-such-model") is None
+    assert catalogue_model_price("no-such-provider/no-such-model") is None
