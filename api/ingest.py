@@ -120,8 +120,17 @@ def _decode(raw: msgspec.Raw) -> UsageRecord:
     try:
         return _record_decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        where = str(exc).rpartition("`$.")[2].rstrip("`") or None
-        raise _Refused(400, f"Invalid record: {exc}", "invalid_request", where) from None
+        raise _Refused(400, f"Invalid record: {exc}", "invalid_request", _field_of(str(exc))) from None
+
+
+def _field_of(message: str) -> str | None:
+    """The field a msgspec validation message names: `… - at `$.usage.prompt_tokens``, or
+    `Object missing required field `call_id``."""
+    if "`$." in message:
+        return message.rpartition("`$.")[2].rstrip("`") or None
+    if "required field `" in message:
+        return message.rpartition("required field `")[2].split("`")[0] or None
+    return None
 
 
 def _call_id_of(raw: msgspec.Raw) -> str | None:

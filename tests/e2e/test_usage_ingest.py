@@ -132,7 +132,8 @@ def test_a_bad_record_fails_alone(server: RunningServer) -> None:
     assert answered[0]["outcome"] == "recorded"
     assert [r["outcome"] for r in answered[1:]] == ["error"] * len(bad)
     assert "neither a model group" in answered[1]["error"]["message"] and answered[1]["error"]["param"] == "model"
-    assert answered[4]["call_id"] is None
+    assert answered[4]["call_id"] is None and answered[4]["error"]["param"] == "call_id"
+    assert answered[2]["error"]["param"] == "usage.prompt_tokens" and answered[7]["error"]["param"] is None
     rows = fetch(server.database_url, "select count(*) as n from events where data->>'customer_id' = $1", customer)
     assert rows[0]["n"] == 1
 
