@@ -55,15 +55,26 @@ async def recorded_calls(conn: Queryable, call_ids: Sequence[str]) -> dict[str, 
 
 
 # The periods admission would give a request of these scopes now: the budget rows its cost is added
-# to (sl_request_scopes and sl_period_start are the rules; this only asks them, for a batch).
+# to (sl_request_scopes and sl_period_start are the rules; this only asks them, for a batch). The
+# period start is computed once per (duration, anchor class): anchors of a class share their
+# periods (sl_period_class), and a batch's scopes have few classes.
 _PERIODS: Final = """
-select e.i, s.scope, s.scope_id, sl_period_start(s.anchor, s.budget_duration, $5) as period
-from unnest($1::text[], $2::text[], $3::text[], $4::text[])
-     with ordinality as e(key_hash, user_id, team_id, customer_id, i),
-     sl_request_scopes(jsonb_build_object('key_hash', e.key_hash, 'user_id', e.user_id,
-                                          'team_id', e.team_id, 'customer_id', e.customer_id)) as s
-where s.max_budget is not null or s.budget_duration is not null
-order by e.i, s.ord
+with scopes as materialized (
+    select e.i, s.ord, s.scope, s.scope_id, s.anchor, coalesce(s.budget_duration, '') as duration,
+           sl_period_class(s.anchor) as class
+    from unnest($1::text[], $2::text[], $3::text[], $4::text[])
+         with ordinality as e(key_hash, user_id, team_id, customer_id, i),
+         sl_request_scopes(jsonb_build_object('key_hash', e.key_hash, 'user_id', e.user_id,
+                                              'team_id', e.team_id, 'customer_id', e.customer_id)) as s
+    where s.max_budget is not null or s.budget_duration is not null
+),
+starts as materialized (
+    select duration, class, sl_period_start(min(anchor), nullif(duration, ''), $5) as period
+    from scopes group by duration, class
+)
+select s.i, s.scope, s.scope_id, t.period
+from scopes s join starts t on t.duration = s.duration and t.class = s.class
+order by s.i, s.ord
 """
 
 

@@ -22,19 +22,14 @@ from spendledger.projections.customers import CUSTOMER_SELECT
 Queryable = asyncpg.Connection | asyncpg.Pool
 
 # A tier's customers and their spend this period. A customer's period depends on its budget's
-# duration and its anchor (when it was created); with calendar periods (ledger/sql/periods.sql),
-# only on the anchor's day in the budget zone — so the period start is computed once per
-# (duration, day) instead of once per customer. Customers anchored before the calendar began
-# (`aligned_from`) keep their own anchored periods: one class each.
+# duration and its anchor's class (sl_period_class: its day in the budget zone, or the anchor itself
+# before the calendar began), so the period start is computed once per (tier, class), not once
+# per customer.
 _TIERS: Final = """
-with cal as (select timezone as zone, aligned_from from budget_calendar),
-members as materialized (
-    select c.user_id, c.created_at, b.budget_id, b.budget_duration,
-           case when c.created_at < cal.aligned_from then c.created_at::text
-                else (c.created_at at time zone cal.zone)::date::text end as anchor_class
+with members as materialized (
+    select c.user_id, c.created_at, b.budget_id, b.budget_duration, sl_period_class(c.created_at) as anchor_class
     from budgets b
     join customers c on coalesce(c.budget_id, $1::text) = b.budget_id
-    cross join cal
     where b.budget_id not like 'customer-budget:%'
 ),
 classes as materialized (

@@ -212,6 +212,16 @@ language sql stable as $$
     select sl_budget_period_start(anchor, duration, at, c.timezone, c.aligned_from) from budget_calendar c
 $$;
 
+-- Anchors of one class have the same budget periods, whatever the duration (sl_budget_period_start):
+-- from the calendar's start (`aligned_from`) only the anchor's day in the budget zone counts; before
+-- it, the anchor itself. Readers that need the periods of many scopes compute one per class.
+create or replace function sl_period_class(anchor timestamptz) returns text
+language sql stable as $$
+    select case when anchor < c.aligned_from then anchor::text
+                else (anchor at time zone c.timezone)::date::text end
+    from budget_calendar c
+$$;
+
 create or replace function sl_period_end(anchor timestamptz, duration text, at timestamptz) returns timestamptz
 language sql stable as $$
     select sl_budget_period_end(anchor, duration, at, c.timezone, c.aligned_from) from budget_calendar c

@@ -245,3 +245,19 @@ def test_admits_from_many_senders_over_two_processes_never_overspend_a_budget(
             assert Decimal(str(info["spend"])) == HOLD * len(admitted) <= budget
     finally:
         postgres.drop_database(url)
+
+
+def test_ingested_cost_counts_in_each_budgets_current_period(server: RunningServer) -> None:
+    """The periods are computed once per duration and anchor class for a batch: each customer's
+    own view (its period computed for it alone) must show the cost."""
+    tier = unique("three-day")
+    api(server, "/budget/new", {"budget_id": tier, "max_budget": 100, "budget_duration": "3d"})
+    customers = [unique("periodic") for _ in range(3)]
+    for customer in customers:
+        api(server, "/customer/new", {"user_id": customer, "budget_id": tier})
+    api(server, "/customer/new", {"user_id": customers[0] + "-own", "max_budget": "5", "budget_duration": "1mo"})
+    answered = results(send(server, [record(user=c) for c in [*customers, customers[0] + "-own"]]))
+    assert [r["outcome"] for r in answered] == ["recorded"] * 4
+    for customer in [*customers, customers[0] + "-own"]:
+        info = httpx.get(f"{server.base_url}/customer/info", params={"end_user_id": customer}, headers=ADMIN).json()
+        assert Decimal(str(info["spend"])) == EXPECTED, customer
