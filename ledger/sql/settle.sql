@@ -184,6 +184,9 @@ begin
         select d->>'customer_id' as customer, min(i) as first
         from jsonb_array_elements(ds) with ordinality as e(d, i)
         where d->>'customer_id' is not null
+          -- Customers seen before are skipped here, in one pass, rather than one call each that
+          -- finds them and does nothing; a customer made meanwhile is left to the call's conflict.
+          and not exists (select from customers k where k.user_id = e.d->>'customer_id')
         group by 1 order by 1
     loop
         perform sl_customer_first_seen(c.customer, ctx->>'default_budget_id', metas->(c.first::integer - 1));

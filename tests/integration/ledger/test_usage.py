@@ -15,7 +15,7 @@ import pytest
 from spendledger.ledger import store
 from spendledger.ledger.events import CustomerCreated, UsageRecorded
 from spendledger.ledger.money import ZERO, add, cost_of
-from spendledger.ledger.usage import RecordingContext, record_usage
+from spendledger.ledger.usage import Recording, RecordingContext, record_usage, record_usages
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 KEY_A = "a" * 64
@@ -294,3 +294,21 @@ async def test_a_failing_record_leaves_no_partial_rows(pool: asyncpg.Pool) -> No
         pool, usage("after", customer_id="newco"), RecordingContext(default_budget_id="tier-default")
     )
     assert await pool.fetchval("select count(*) from customers where user_id = 'newco'") == 1
+
+
+async def test_batches_first_see_each_customer_once_and_skip_those_seen_before(pool: asyncpg.Pool) -> None:
+    context = RecordingContext(default_budget_id="d")
+    await record_usage(pool, usage("before", customer_id="cust-0"), context)  # seen before the batches
+    events = [usage(f"batch-call-{i}", customer_id=f"cust-{i % 7}", key_hash=f"k{i % 3}") for i in range(140)]
+    random.Random(11).shuffle(events)
+    batches = [events[lo : lo + 20] for lo in range(0, len(events), 20)]
+    await asyncio.wait_for(
+        asyncio.gather(*(record_usages(pool, [Recording(event=e) for e in batch], context) for batch in batches)),
+        timeout=120,
+    )
+    created = await pool.fetch("select stream, version from events where type = 'CustomerCreated'")
+    assert sorted(r["stream"] for r in created) == [f"customer:cust-{i}" for i in range(7)]
+    assert {r["version"] for r in created} == {1}
+    for i in range(7):
+        row = await spend(pool, "customer", f"cust-{i}")
+        assert row is not None and row["requests"] == 20 + (1 if i == 0 else 0)
