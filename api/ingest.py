@@ -169,7 +169,9 @@ def _scopes(caller: Caller, record: UsageRecord) -> Scopes:
     )
 
 
-def _charge(services: Services, caller: Caller, record: UsageRecord) -> tuple[Charge, str, str, str, str]:
+def _charge(
+    services: Services, caller: Caller, record: UsageRecord, tokens: TokenUsage
+) -> tuple[Charge, str, str, str, str]:
     """The cost and the deployment it is priced as: (charge, deployment_id, provider, upstream model, source)."""
     deployments = services.router.deployments(record.model)
     if record.model_id is not None:
@@ -195,10 +197,8 @@ def _charge(services: Services, caller: Caller, record: UsageRecord) -> tuple[Ch
                 "model_not_found",
                 "model",
             )
-        tokens = record.usage.tokens() if record.usage else TokenUsage()
         priced = charge(listed.price, tokens)
         return priced, f"catalogue:{listed.provider}/{listed.model}", listed.provider, listed.model, "catalogue"
-    tokens = record.usage.tokens() if record.usage else TokenUsage()
     priced = charge(services.prices.price(deployment.deployment_id), tokens)
     return priced, deployment.deployment_id, deployment.provider, deployment.upstream_model, "ledger"
 
@@ -208,7 +208,8 @@ def _prepare(services: Services, caller: Caller, index: int, raw: msgspec.Raw, n
     if record.hold_id is not None and record.hold_id != record.call_id:
         raise _Refused(400, "A held call is recorded under its hold's id: send call_id equal to hold_id", "invalid_request", "call_id")
     scopes = _scopes(caller, record)
-    cost, deployment_id, provider, upstream_model, cost_source = _charge(services, caller, record)
+    tokens = record.usage.tokens() if record.usage else TokenUsage()
+    cost, deployment_id, provider, upstream_model, cost_source = _charge(services, caller, record, tokens)
     ended = record.end_time or now
     started = record.start_time or ended
     if ended.tzinfo is None or started.tzinfo is None:
@@ -217,7 +218,6 @@ def _prepare(services: Services, caller: Caller, index: int, raw: msgspec.Raw, n
         raise _Refused(400, "end_time is in the future", "invalid_request", "end_time")
     if started > ended:
         raise _Refused(400, "start_time is after end_time", "invalid_request", "start_time")
-    tokens = record.usage.tokens() if record.usage else TokenUsage()
     counts: dict[str, Any] = tokens.counts()  # the totals and their parts, as the proxy names them
     event = UsageRecorded(
         call_id=record.call_id,

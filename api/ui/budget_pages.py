@@ -7,7 +7,6 @@ from typing import Any, Final
 from litestar import Request, Response, get, post
 from litestar.response import Redirect
 
-from spendledger.api.errors import ApiError
 from spendledger.api.routes.budgets import (
     NewBudgetRequest,
     UpdateBudgetRequest,
@@ -16,10 +15,9 @@ from spendledger.api.routes.budgets import (
     remove_budget,
 )
 from spendledger.api.services import services_of
-from spendledger.api.ui.forms import FormRefused, posted_form, refusal, refusal_status, to_request
+from spendledger.api.ui.forms import REFUSED, notice, posted_form, refusal, refusal_status, to_request
 from spendledger.api.ui.render import page
 from spendledger.api.ui.sessions import current_session
-from spendledger.ledger.errors import LedgerError
 from spendledger.projections.admin_views import budget_tiers
 from spendledger.projections.directory import get_budget
 
@@ -32,7 +30,6 @@ LABELS: Final = {
     "tpm_limit": "TPM Limit",
     "max_parallel_requests": "Max Parallel Requests",
 }
-REFUSED: Final = (ApiError, LedgerError, FormRefused)
 
 
 async def _list(request: Request[Any, Any, Any], error: str | None = None, status_code: int = 200) -> Response[str]:
@@ -41,15 +38,8 @@ async def _list(request: Request[Any, Any, Any], error: str | None = None, statu
     tiers = await budget_tiers(services.pool, services.settings.max_end_user_budget_id)
     return page(
         "budgets.html", session, status_code=status_code, tab="budgets", tiers=tiers, error=error,
-        notice=_notice(request), default_tier=services.settings.max_end_user_budget_id,
+        notice=notice(request, "Budget", ("created", "updated", "deleted")), default_tier=services.settings.max_end_user_budget_id,
     )
-
-
-def _notice(request: Request[Any, Any, Any]) -> str | None:
-    for verb in ("created", "updated", "deleted"):
-        if (budget_id := request.query_params.get(verb)) is not None:
-            return f"Budget {budget_id!r} {verb}."
-    return None
 
 
 @get("/budgets", include_in_schema=False)

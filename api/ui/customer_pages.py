@@ -9,15 +9,21 @@ from litestar import Request, Response, get, post
 from litestar.params import Parameter
 from litestar.response import Redirect
 
-from spendledger.api.errors import ApiError
 from spendledger.api.routes.customers import NewCustomerRequest, create_customer, set_customers_blocked
 from spendledger.api.services import services_of
 from spendledger.api.ui.charts import stacked_days
-from spendledger.api.ui.forms import FormRefused, posted_form, refusal, refusal_status, to_request
+from spendledger.api.ui.forms import (
+    REFUSED,
+    FormRefused,
+    notice,
+    posted_form,
+    refusal,
+    refusal_status,
+    to_request,
+)
 from spendledger.api.ui.ranges import day_range
 from spendledger.api.ui.render import page
 from spendledger.api.ui.sessions import UiSession, current_session
-from spendledger.ledger.errors import LedgerError
 from spendledger.projections.admin_views import (
     budget_tiers,
     customers_page,
@@ -38,7 +44,6 @@ LABELS: Final = {
     "max_budget": "Max Budget",
     "budget_duration": "Budget Duration",
 }
-REFUSED: Final = (ApiError, LedgerError, FormRefused)
 TEXT: Final = Parameter(default=None, max_length=256)
 _NOTICES: Final = {
     "created": "Customer {!r} created.",
@@ -56,12 +61,9 @@ async def customers_list(
     rows, next_after, total = await customers_page(
         services.pool, services.settings.max_end_user_budget_id, q or "", after, PAGE_SIZE, tier
     )
-    notice = None
-    if (created := request.query_params.get("created")) is not None:
-        notice = f"Customer {created!r} created."
     return page(
         "customers.html", session, tab="customers", rows=rows, q=q or "", tier=tier or "", after=after,
-        next_after=next_after, total=total, notice=notice,
+        next_after=next_after, total=total, notice=notice(request, "Customer", ("created",)),
     )
 
 
@@ -111,12 +113,12 @@ async def customer_page(
     except InvalidCursor:
         raise FormRefused("That page of requests does not exist (a cursor this page did not make)") from None
     done = _NOTICES.get(request.query_params.get("done") or "")
-    notice = done.format(id) if done is not None else None
     return page(
         "customer.html", session, tab="customers", customer=info, range=days,
         chart=stacked_days(days.days, series.days), range_total=series.total,
         models=models, requests=requests, older=older, before=before,
-        lago=services.settings.lago is not None, lago_counts=lago_states(requests), notice=notice,
+        lago=services.settings.lago is not None, lago_counts=lago_states(requests),
+        notice=done.format(id) if done is not None else None,
     )
 
 

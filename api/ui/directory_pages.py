@@ -9,7 +9,6 @@ from litestar import Request, Response, get, post
 from litestar.params import Parameter
 from litestar.response import Redirect
 
-from spendledger.api.errors import ApiError
 from spendledger.api.routes.keys import (
     DeleteKeysRequest,
     GenerateKeyRequest,
@@ -20,15 +19,13 @@ from spendledger.api.routes.keys import (
 from spendledger.api.routes.teams import NewTeamRequest, change_team, create_team, remove_teams
 from spendledger.api.routes.users import USER_ROLES, NewUserRequest, create_user, remove_users
 from spendledger.api.services import services_of
-from spendledger.api.ui.forms import FormRefused, posted_form, refusal, refusal_status, to_request
+from spendledger.api.ui.forms import REFUSED, notice, posted_form, refusal, refusal_status, to_request
 from spendledger.api.ui.render import page
 from spendledger.api.ui.sessions import UiSession, current_session
-from spendledger.ledger.errors import LedgerError
 from spendledger.projections.admin_views import keys_page
 from spendledger.projections.directory import list_teams, list_users
 
 PAGE_SIZE: Final = 50
-REFUSED: Final = (ApiError, LedgerError, FormRefused)
 KEY_LABELS: Final = {
     "key_alias": "Key Alias", "user_id": "User ID", "team_id": "Team ID", "models": "Models",
     "max_budget": "Max Budget", "budget_duration": "Budget Duration", "duration": "Expires After",
@@ -64,7 +61,7 @@ async def keys_list(request: Request[Any, Any, Any], page_number: int = PAGE) ->
     session = await current_session(request)
     rows, total = await keys_page(services_of(request).pool, page_number, PAGE_SIZE)
     return page("keys.html", session, tab="keys", rows=rows, total=total, page_number=page_number,
-                pages=max(1, -(-total // PAGE_SIZE)), notice=_notice(request, "Key"))
+                pages=max(1, -(-total // PAGE_SIZE)), notice=notice(request, "Key", ("created", "blocked", "unblocked", "deleted")))
 
 
 @get("/keys/new", include_in_schema=False)
@@ -112,7 +109,7 @@ async def delete_key_from_form(request: Request[Any, Any, Any]) -> Response[str]
 async def teams_list(request: Request[Any, Any, Any]) -> Response[str]:
     session = await current_session(request)
     return page("teams.html", session, tab="teams", rows=await list_teams(services_of(request).pool),
-                notice=_notice(request, "Team"))
+                notice=notice(request, "Team", ("created", "blocked", "unblocked", "deleted")))
 
 
 @get("/teams/new", include_in_schema=False)
@@ -161,7 +158,7 @@ async def users_list(request: Request[Any, Any, Any], page_number: int = PAGE) -
     session = await current_session(request)
     rows, total = await list_users(services_of(request).pool, page_number, PAGE_SIZE)
     return page("users.html", session, tab="users", rows=rows, total=total, page_number=page_number,
-                pages=max(1, -(-total // PAGE_SIZE)), notice=_notice(request, "User"))
+                pages=max(1, -(-total // PAGE_SIZE)), notice=notice(request, "User", ("created", "blocked", "unblocked", "deleted")))
 
 
 @get("/users/new", include_in_schema=False)
@@ -189,13 +186,6 @@ async def delete_user_from_form(request: Request[Any, Any, Any]) -> Response[str
     except REFUSED as exc:
         return _refused(session, "users", exc)
     return Redirect("/ui/users", query_params={"deleted": user_id}, status_code=303)
-
-
-def _notice(request: Request[Any, Any, Any], thing: str) -> str | None:
-    for verb in ("created", "blocked", "unblocked", "deleted"):
-        if (name := request.query_params.get(verb)) is not None:
-            return f"{thing} {name!r} {verb}."
-    return None
 
 
 route_handlers = [

@@ -93,6 +93,18 @@ def refusal(exc: Exception) -> str:
     return str(exc)
 
 
+# What a command refuses with, shown on the page instead of raised.
+REFUSED: Final = (ApiError, LedgerError, FormRefused)
+
+
+def notice(request: Request[Any, Any, Any], thing: str, verbs: tuple[str, ...]) -> str | None:
+    """The line a page shows after a change redirected to it (`?created=<id>` …)."""
+    for verb in verbs:
+        if (name := request.query_params.get(verb)) is not None:
+            return f"{thing} {name!r} {verb}."
+    return None
+
+
 def refusal_status(exc: Exception) -> int:
     """The status the API answers the same refusal with."""
     if isinstance(exc, ApiError):

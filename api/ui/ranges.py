@@ -3,12 +3,13 @@ last 30 days; a range the log cannot hold or longer than a year is refused with 
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Final
 
 import msgspec
 
 from spendledger.api.ui.forms import FormRefused
+from spendledger.projections.spend_logs import day_range as report_range
 
 DEFAULT_DAYS: Final = 30
 MAX_DAYS: Final = 366
@@ -24,8 +25,10 @@ class DayRange(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def instants(self) -> tuple[datetime, datetime]:
-        """[start, end) as instants: midnight UTC of the first day to midnight after the last."""
-        return datetime.combine(self.start, time.min, UTC), datetime.combine(self.end + timedelta(days=1), time.min, UTC)
+        """[start, end) as instants, as every report reads its days (projections/spend_logs.py)."""
+        start, end = report_range(self.start, self.end)
+        assert start is not None and end is not None  # both days given, the last before date.max
+        return start, end
 
 
 def day_range(start: str | None, end: str | None, today: date | None = None) -> DayRange:

@@ -17,7 +17,6 @@ from spendledger.api.ui.sessions import current_session
 from spendledger.projections.admin_views import daily_series
 from spendledger.projections.export_files import csv_bytes
 from spendledger.projections.reconciliation import ReconciliationError, reconciliation_rows
-from spendledger.projections.spend_logs import day_range as instants_of
 
 TOP: Final = 6  # series drawn per chart (ui.css has as many colours); the rest is "other"
 # (daily_spend's scope, the heading, how many spenders the table lists)
@@ -47,9 +46,8 @@ async def spend_export(
 ) -> Response[bytes]:
     await current_session(request)
     days = day_range(start, end)
-    report_range = instants_of(days.start, days.end)
     try:
-        report = await reconciliation_rows(services_of(request).pool, by, "day", *report_range)
+        report = await reconciliation_rows(services_of(request).pool, by, "day", *days.instants)
     except ReconciliationError as exc:
         raise FormRefused(str(exc)) from exc
     filename = export_filename(report, "csv", days.start, days.end)
