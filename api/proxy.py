@@ -277,48 +277,68 @@ async def upstream_error_response(exchange: Exchange, ticket: Ticket, response: 
 
 class _ProviderError(msgspec.Struct):
     message: str = ""
-    type: str = "invalid_request_error"
+    type: str | None = "invalid_request_error"  # Azure sends null
     param: str | None = None
     code: str | int | None = None
+    # Azure's content filter verdict (`content_filter_result` per category), under either spelling.
+    innererror: msgspec.Raw | None = None
+    inner_error: msgspec.Raw | None = None
 
 
 class _ProviderErrorBody(msgspec.Struct):
     error: _ProviderError
 
 
-_provider_error_decoder: Final = msgspec.json.Decoder(_ProviderErrorBody)
+# Google's OpenAI-compatible endpoint sends its error envelope inside a one-element list.
+_provider_error_decoder: Final = msgspec.json.Decoder(_ProviderErrorBody | list[_ProviderErrorBody])
 _MAX_ERROR_TEXT: Final = 500
+_MAX_INNER_ERROR: Final = 4096
 
 
-class ProviderError(msgspec.Struct, frozen=True):
-    """The OpenAI error envelope's four fields, in its order."""
+class ProviderError(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The OpenAI error envelope's four fields, in its order; and, as LiteLLM passes an Azure content
+    filter refusal on, its `innererror` under `provider_specific_fields`."""
 
     message: str
     type: str
     param: str | None
     code: str | None
+    provider_specific_fields: dict[str, msgspec.Raw] | None = None
 
 
 def provider_error(body: bytes, deployment: Deployment) -> ProviderError:
     """A provider's 4xx, rebuilt from its envelope's four fields only (nothing else it sent is
-    passed on), each cut to a bounded length, and with the deployment's own API key blanked out:
-    a provider that echoes request headers must not show the caller our credentials."""
+    passed on but Azure's content filter verdict), each cut to a bounded length, and with the
+    deployment's own credentials blanked out: a provider that echoes request headers must not show
+    the caller our key."""
+    inner: msgspec.Raw | None = None
     try:
-        error = _provider_error_decoder.decode(body).error
+        decoded = _provider_error_decoder.decode(body)
+        if isinstance(decoded, list) and not decoded:
+            raise msgspec.DecodeError("an empty list")
+        error = (decoded[0] if isinstance(decoded, list) else decoded).error
         message, type_, param = error.message, error.type, error.param
         code = None if error.code is None else str(error.code)
+        inner = error.innererror or error.inner_error
     except msgspec.DecodeError:
         message, type_, param, code = body.decode(errors="replace"), "invalid_request_error", None, None
-    secret = deployment.api_key
-    cleaned = [
-        None if text is None else (text.replace(secret, "[redacted]") if secret else text)[:_MAX_ERROR_TEXT]
-        for text in (message, type_, code, param)
-    ]
+    secrets = [s for s in (deployment.api_key, deployment.azure_ad_token) if s]
+
+    def clean(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    cleaned = [None if text is None else clean(text)[:_MAX_ERROR_TEXT] for text in (message, type_, code, param)]
+    specific = None
+    if inner is not None and len(inner) <= _MAX_INNER_ERROR and not any(s.encode() in bytes(inner) for s in secrets):
+        specific = {"innererror": inner}
     return ProviderError(
         message=cleaned[0] or "the provider refused the request",
         type=cleaned[1] or "invalid_request_error",
         code=cleaned[2],
         param=cleaned[3],
+        provider_specific_fields=specific,
     )
 
 

@@ -1,7 +1,10 @@
 """The one place that talks to LLM providers: pooled httpx clients, plain and streaming.
 
-Each deployment's URL, headers and timeout are prepared once (`PostTarget`); requests go straight to
-the transport (`DirectClient`): no redirects followed, no cookies kept.
+Each deployment's URL, headers and timeout are prepared once (`PostTarget`), from its provider's row
+(ledger/providers.py: Azure's URL shapes and `api-key` header, a bearer key for the OpenAI-compatible
+family); requests go straight to the transport (`DirectClient`): no redirects followed, no cookies kept.
+A provider whose wire format is not OpenAI's and has no translation here (Anthropic's Messages API)
+is never sent an OpenAI body: its requests fail as 501 `not_implemented`, recorded at cost 0.
 
 Bodies are forwarded as bytes; the provider's key comes from the deployment, never from the caller.
 Transport failures become `UpstreamFailure` with the status and error type the contract names.
@@ -16,6 +19,7 @@ import httpx
 from spendledger.api.http_client import DirectClient, pooled_client
 from spendledger.api.mock_provider import MockTransport
 from spendledger.ledger.config import Deployment
+from spendledger.ledger.providers import auth_headers, provider_spec, request_url
 from spendledger.ledger.sinks.http import PostTarget
 
 _CONNECT_TIMEOUT_S: Final = 10.0
@@ -47,14 +51,22 @@ class Upstream:
         found = self._targets.get((id(deployment), path))
         if found is not None and found[0] is deployment:
             return found[1], found[2]
+        spec = provider_spec(deployment.provider)
+        if spec.wire == "anthropic":
+            raise UpstreamFailure(
+                501,
+                "not_implemented",
+                f"{deployment.model_name}: Anthropic deployments ('anthropic/') are accepted by the config, "
+                "but this build cannot translate requests to Anthropic's Messages API yet",
+            )
         headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
-        if deployment.api_key:
-            headers["authorization"] = f"Bearer {deployment.api_key}"
+        headers.update(auth_headers(spec, deployment.api_key, deployment.azure_ad_token))
         timeout = httpx.Timeout(deployment.timeout_s, connect=min(_CONNECT_TIMEOUT_S, deployment.timeout_s))
         if deployment.provider == "mock":
             client, url = self._mock, f"http://mock.invalid/v1{path}"
         else:
-            client, url = self._http, f"{deployment.api_base}{path}"
+            base = deployment.api_base or ""
+            client, url = self._http, request_url(spec, base, deployment.upstream_model, deployment.api_version, path)
         target = PostTarget(client, url, headers, timeout)
         self._targets[(id(deployment), path)] = (deployment, client, target)
         return client, target

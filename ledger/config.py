@@ -31,17 +31,9 @@ from spendledger.ledger.config_values import (
     positive_money,
     string_list,
 )
+from spendledger.ledger.providers import PROVIDERS, WireFormat, resolve_endpoint, upstream_model_name
 from spendledger.ledger.scopes import BudgetSettings
 from spendledger.ledger.tokens import TokenKind
-
-OPENAI_COMPATIBLE: Final = frozenset(
-    {"openai", "text-completion-openai", "hosted_vllm", "openai_like", "custom_openai", "openrouter"}
-)
-SUPPORTED_PROVIDERS: Final = OPENAI_COMPATIBLE | {"mock"}
-DEFAULT_API_BASE: Final = {
-    "openai": "https://api.openai.com/v1",
-    "openrouter": "https://openrouter.ai/api/v1",
-}
 
 _TOP_LEVEL: Final = {
     "model_list",
@@ -94,6 +86,7 @@ _LITELLM_PARAMS: Final = {
     "output_cost_per_token",
     "organization",
     "api_version",
+    "azure_ad_token",
     "mock_response",
 }
 # LiteLLM's per-token price keys (model_info, or litellm_params), each with the kind of token it
@@ -139,8 +132,8 @@ NOT_IMPLEMENTED: Final = {
     "": ("router_settings",),
     "litellm_settings.": ("failure_callback", "drop_params", "set_verbose", "num_retries"),
     "general_settings.": ("alerting_threshold", "proxy_batch_write_at", "store_model_in_db"),
-    "litellm_params.": ("rpm", "tpm", "stream_timeout", "max_retries", "organization", "api_version", "mock_response"),
-    "model_info.": ("mode", "base_model", "description"),
+    "litellm_params.": ("rpm", "tpm", "stream_timeout", "max_retries", "organization", "mock_response"),
+    "model_info.": ("mode", "description"),
 }
 
 
@@ -175,10 +168,14 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
 
     model_name: str
     deployment_id: str
-    provider: str
+    provider: str  # the model's prefix: its row in ledger/providers.py
     upstream_model: str
     api_base: str | None
     api_key: str | None = None
+    wire: WireFormat = "openai"  # the API the provider speaks (ledger/providers.py)
+    api_version: str | None = None  # Azure's api-version
+    azure_ad_token: str | None = None  # Azure: an Entra ID token, sent as a bearer token without api_key
+    base_model: str | None = None  # model_info.base_model: the model the catalogue prices it as
     rpm: int | None = None
     tpm: int | None = None
     timeout_s: float = 600.0
@@ -190,7 +187,7 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     max_input_tokens: int | None = None
 
     def __repr__(self) -> str:  # the provider's key never reaches a log line
-        return _repr_hiding(self, "api_key")
+        return _repr_hiding(self, "api_key", "azure_ad_token")
 
 
 class LagoSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -327,7 +324,7 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
     _note_unknown(unknown, "", warnings)
     _note_unknown(sorted(set(litellm) - _LITELLM_SETTINGS, key=str), "litellm_settings.", warnings)
     _note_unknown(sorted(set(general) - _GENERAL_SETTINGS, key=str), "general_settings.", warnings)
-    deployments = _parse_model_list(resolved.get("model_list"), warnings, source)
+    deployments = _parse_model_list(resolved.get("model_list"), environ, warnings, source)
     callbacks = string_list(litellm.get("callbacks"), "litellm_settings.callbacks", source)
     callbacks += string_list(litellm.get("success_callback"), "litellm_settings.success_callback", source)
     alerting = string_list(general.get("alerting"), "general_settings.alerting", source)
@@ -440,7 +437,9 @@ def _timezone(value: Any, source: str) -> str:
     return value
 
 
-def _parse_model_list(value: Any, warnings: list[str], source: str) -> tuple[Deployment, ...]:
+def _parse_model_list(
+    value: Any, environ: Mapping[str, str], warnings: list[str], source: str
+) -> tuple[Deployment, ...]:
     if value is None:
         raise ConfigError(f"{source}: 'model_list' is missing: list at least one model")
     if not isinstance(value, list) or not value:
@@ -450,11 +449,13 @@ def _parse_model_list(value: Any, warnings: list[str], source: str) -> tuple[Dep
         where = f"{source}: model_list[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where} must be a mapping with model_name and litellm_params")
-        deployments.append(_parse_deployment(entry, where, warnings))
+        deployments.append(_parse_deployment(entry, where, environ, warnings))
     return tuple(deployments)
 
 
-def _parse_deployment(entry: dict[str, Any], where: str, warnings: list[str]) -> Deployment:
+def _parse_deployment(
+    entry: dict[str, Any], where: str, environ: Mapping[str, str], warnings: list[str]
+) -> Deployment:
     model_name = entry.get("model_name")
     if not isinstance(model_name, str) or not model_name.strip():
         raise ConfigError(f"{where}: 'model_name' must be a non-empty string")
@@ -484,24 +485,27 @@ def _parse_deployment(entry: dict[str, Any], where: str, warnings: list[str]) ->
     provider, _, upstream_model = model.partition("/")
     if not upstream_model:
         provider, upstream_model = "openai", model
-    if provider not in SUPPORTED_PROVIDERS:
+    spec = PROVIDERS.get(provider)
+    if spec is None:
         raise ConfigError(
             f"{where} ({model_name}): provider '{provider}' is not supported; "
-            f"use one of {', '.join(sorted(SUPPORTED_PROVIDERS))} (any OpenAI-compatible API works as 'openai/')"
+            f"use one of {', '.join(sorted(PROVIDERS))} (any OpenAI-compatible API works as 'openai/')"
         )
-    api_base = params.get("api_base") or DEFAULT_API_BASE.get(provider)
-    if provider != "mock" and not api_base:
-        raise ConfigError(f"{where} ({model_name}): 'litellm_params.api_base' is required for '{provider}'")
-    explicit_id = info.get("id")
-    deployment_id = str(explicit_id) if explicit_id is not None else _stable_id(model_name, model, api_base)
     ctx = f"{where} ({model_name})"
+    endpoint = resolve_endpoint(spec, params, environ, ctx)
+    explicit_id = info.get("id")
+    deployment_id = str(explicit_id) if explicit_id is not None else _stable_id(model_name, model, endpoint.written_base)
     return Deployment(
         model_name=model_name,
         deployment_id=deployment_id,
         provider=provider,
-        upstream_model=upstream_model,
-        api_base=str(api_base).rstrip("/") if api_base else None,
-        api_key=optional_str(params.get("api_key"), f"{ctx}.api_key", ""),
+        upstream_model=upstream_model_name(spec, upstream_model),
+        api_base=endpoint.api_base,
+        api_key=endpoint.api_key,
+        wire=spec.wire,
+        api_version=endpoint.api_version,
+        azure_ad_token=endpoint.azure_ad_token,
+        base_model=optional_str(info.get("base_model"), f"{ctx}.model_info.base_model", ""),
         rpm=optional_int(params.get("rpm"), f"{ctx}.rpm"),
         tpm=optional_int(params.get("tpm"), f"{ctx}.tpm"),
         timeout_s=positive_float(params.get("timeout", 600), f"{ctx}.timeout", ""),

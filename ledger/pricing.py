@@ -25,8 +25,9 @@ import msgspec
 from genai_prices import Usage, calc_price
 from genai_prices.types import ModelPrice, PriceCalculation, TieredPrices
 
-from spendledger.ledger.config import OPENAI_COMPATIBLE, PRICE_KEYS, Deployment, tier_of_price_key
+from spendledger.ledger.config import PRICE_KEYS, Deployment, tier_of_price_key
 from spendledger.ledger.money import MONEY_CONTEXT, ZERO, add, cost_of
+from spendledger.ledger.providers import catalogue_model_ref, provider_spec
 from spendledger.ledger.tokens import KINDS, PARENT, TokenKind, TokenUsage
 
 _PER_MILLION: Final = Decimal(1_000_000)
@@ -157,18 +158,20 @@ def _per_token(per_million: Decimal) -> Decimal:
 
 
 def _catalogue_entry(deployment: Deployment) -> PriceCalculation | None:
-    """The catalogue's model for a deployment: by its API's URL, else by its provider."""
+    """The catalogue's model for a deployment: by its API's URL, else by its provider's catalogue id
+    (ledger/providers.py); the model is `model_info.base_model` when given, else the upstream one."""
     empty = Usage(input_tokens=0, output_tokens=0)
-    model = deployment.upstream_model
+    spec = provider_spec(deployment.provider)
+    model = catalogue_model_ref(spec, deployment.upstream_model, deployment.base_model)
     if deployment.api_base:
         try:
             return calc_price(empty, model_ref=model, provider_api_url=deployment.api_base)
         except LookupError:
             pass
-    provider = deployment.provider
-    provider_id = "openai" if provider in OPENAI_COMPATIBLE and provider != "openrouter" else provider
+    if spec.catalogue is None:
+        return None
     try:
-        return calc_price(empty, model_ref=model, provider_id=provider_id)
+        return calc_price(empty, model_ref=model, provider_id=spec.catalogue)
     except LookupError:
         return None
 

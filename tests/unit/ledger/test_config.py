@@ -346,8 +346,8 @@ def test_entry_without_litellm_params_model(params: dict[str, Any]) -> None:
 
 
 def test_unsupported_provider() -> None:
-    raw = {"model_list": [{"model_name": "claude", "litellm_params": {"model": "anthropic/claude-3"}}]}
-    message = refuse(raw, "model_list[0]", "(claude)", "anthropic", "not supported")
+    raw = {"model_list": [{"model_name": "claude", "litellm_params": {"model": "bedrock/anthropic.claude-3"}}]}
+    message = refuse(raw, "model_list[0]", "(claude)", "bedrock", "not supported")
     assert "openai" in message  # says what would work
 
 
