@@ -281,8 +281,8 @@ class _ProviderError(msgspec.Struct):
     param: str | None = None
     code: str | int | None = None
     # Azure's content filter verdict (`content_filter_result` per category), under either spelling.
-    innererror: msgspec.Raw | None = None
-    inner_error: msgspec.Raw | None = None
+    innererror: msgspec.Raw = msgspec.Raw(b"")  # (msgspec takes no `Raw | None`)
+    inner_error: msgspec.Raw = msgspec.Raw(b"")
 
 
 class _ProviderErrorBody(msgspec.Struct):
@@ -311,7 +311,7 @@ def provider_error(body: bytes, deployment: Deployment) -> ProviderError:
     passed on but Azure's content filter verdict), each cut to a bounded length, and with the
     deployment's own credentials blanked out: a provider that echoes request headers must not show
     the caller our key."""
-    inner: msgspec.Raw | None = None
+    inner = b""
     try:
         decoded = _provider_error_decoder.decode(body)
         if isinstance(decoded, list) and not decoded:
@@ -319,7 +319,7 @@ def provider_error(body: bytes, deployment: Deployment) -> ProviderError:
         error = (decoded[0] if isinstance(decoded, list) else decoded).error
         message, type_, param = error.message, error.type, error.param
         code = None if error.code is None else str(error.code)
-        inner = error.innererror or error.inner_error
+        inner = bytes(error.innererror) or bytes(error.inner_error)
     except msgspec.DecodeError:
         message, type_, param, code = body.decode(errors="replace"), "invalid_request_error", None, None
     secrets = [s for s in (deployment.api_key, deployment.azure_ad_token) if s]
@@ -331,8 +331,8 @@ def provider_error(body: bytes, deployment: Deployment) -> ProviderError:
 
     cleaned = [None if text is None else clean(text)[:_MAX_ERROR_TEXT] for text in (message, type_, code, param)]
     specific = None
-    if inner is not None and len(inner) <= _MAX_INNER_ERROR and not any(s.encode() in bytes(inner) for s in secrets):
-        specific = {"innererror": inner}
+    if inner.startswith(b"{") and len(inner) <= _MAX_INNER_ERROR and not any(s.encode() in inner for s in secrets):
+        specific = {"innererror": msgspec.Raw(inner)}
     return ProviderError(
         message=cleaned[0] or "the provider refused the request",
         type=cleaned[1] or "invalid_request_error",

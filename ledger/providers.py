@@ -155,16 +155,21 @@ def resolve_endpoint(spec: ProviderSpec, params: Mapping[str, Any], environ: Map
     base = written.rstrip("/")
     if spec.base_suffix and not base.endswith(spec.base_suffix):
         base += spec.base_suffix
-    api_key = optional_str(params.get("api_key"), f"{ctx}.api_key", "") or _first_set(spec.key_env, environ)
+    own_key = optional_str(params.get("api_key"), f"{ctx}.api_key", "")
     if spec.wire != "azure":
-        return Endpoint(api_base=base, written_base=written, api_key=api_key)
+        return Endpoint(api_base=base, written_base=written, api_key=own_key or _first_set(spec.key_env, environ))
     version = optional_str(params.get("api_version"), f"{ctx}.api_version", "") or environ.get("AZURE_API_VERSION")
     if not version:
         raise ConfigError(
             f"{ctx}: 'litellm_params.api_version' is required for 'azure' (e.g. 2024-10-21, or v1 for Azure's v1 API)"
         )
-    token = optional_str(params.get("azure_ad_token"), f"{ctx}.azure_ad_token", "") or environ.get("AZURE_AD_TOKEN")
-    return Endpoint(api_base=base, written_base=written, api_key=api_key, api_version=version, azure_ad_token=token or None)
+    # What the deployment names beats the environment: its key, else its Entra ID token, else
+    # AZURE_OPENAI_API_KEY / AZURE_API_KEY, else AZURE_AD_TOKEN.
+    token = optional_str(params.get("azure_ad_token"), f"{ctx}.azure_ad_token", "") or None
+    api_key = own_key or (None if token else _first_set(spec.key_env, environ))
+    if not api_key and not token:
+        token = environ.get("AZURE_AD_TOKEN") or None
+    return Endpoint(api_base=base, written_base=written, api_key=api_key, api_version=version, azure_ad_token=token)
 
 
 def upstream_model_name(spec: ProviderSpec, model: str) -> str:
