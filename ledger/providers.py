@@ -231,7 +231,13 @@ def provider_list_markdown() -> str:
     ]
     sent = {"bearer": "`Authorization: Bearer`", "api-key": "`api-key`", "x-api-key": "`x-api-key`", "none": "—"}
     for spec in PROVIDERS.values():
-        base = f"`{spec.default_base}`" if spec.default_base else "`api_base` required"
+        if spec.prefix == "mock":
+            base = "built in, offline"
+        elif spec.default_base:
+            suffix = "" if spec.default_base.endswith(spec.base_suffix) else spec.base_suffix
+            base = f"`{spec.default_base}{suffix}`"
+        else:
+            base = "`api_base` required"
         if spec.base_env:
             base += " (" + ", ".join(f"`{name}`" for name in spec.base_env) + ")"
         keys = ", ".join(f"`{name}`" for name in spec.key_env) or "`api_key`"

@@ -44,8 +44,13 @@ BAD_CONFIGS = {
     ),
     "model-without-litellm-params": ("model_list:\n  - model_name: bare\n", ["litellm_params", "bare"]),
     "unsupported-provider": (
-        "model_list:\n  - model_name: claude\n    litellm_params:\n      model: anthropic/claude\n",
-        ["anthropic"],
+        "model_list:\n  - model_name: claude\n    litellm_params:\n      model: bedrock/anthropic.claude\n",
+        ["bedrock", "claude"],
+    ),
+    "azure-without-api-version": (
+        "model_list:\n  - model_name: azure-gpt-3.5\n    litellm_params:\n      model: azure/gpt-35-turbo\n"
+        "      api_base: https://res.openai.azure.com\n      api_key: k\n",
+        ["azure-gpt-3.5", "api_version"],
     ),
     "negative-price": (
         "model_list:" + GOOD_MODEL + "    model_info:\n      input_cost_per_token: -0.0000015\n",
