@@ -13,6 +13,7 @@ takes `api_version` (required) and `azure_ad_token`, and has its own URL shapes 
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 from urllib.parse import quote
@@ -158,7 +159,10 @@ def resolve_endpoint(spec: ProviderSpec, params: Mapping[str, Any], environ: Map
     own_key = optional_str(params.get("api_key"), f"{ctx}.api_key", "")
     if spec.wire != "azure":
         return Endpoint(api_base=base, written_base=written, api_key=own_key or _first_set(spec.key_env, environ))
-    version = optional_str(params.get("api_version"), f"{ctx}.api_version", "") or environ.get("AZURE_API_VERSION")
+    version = params.get("api_version")
+    if isinstance(version, datetime.date):  # `api_version: 2024-10-21` unquoted: YAML reads a date
+        version = version.isoformat()
+    version = optional_str(version, f"{ctx}.api_version", "") or environ.get("AZURE_API_VERSION")
     if not version:
         raise ConfigError(
             f"{ctx}: 'litellm_params.api_version' is required for 'azure' (e.g. 2024-10-21, or v1 for Azure's v1 API)"

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from spendledger.ledger.config import parse_settings
+from spendledger.ledger.config import _DecimalLoader, parse_settings
 from spendledger.ledger.config_values import ConfigError
 from spendledger.ledger.pricing import catalogue_price
 from spendledger.ledger.providers import (
@@ -117,6 +118,12 @@ def test_azure_reads_its_key_version_and_token() -> None:
     token = deployment_of({**AZURE, "azure_ad_token": "t"}, {"AZURE_API_KEY": "env-key"})
     assert (token.api_key, token.azure_ad_token) == (None, "t")  # its own token beats the variable's key
     assert "'t'" not in repr(token) and "azure_ad_token=***" in repr(token)
+
+
+def test_an_unquoted_azure_api_version_is_read_as_written() -> None:
+    text = "model_list:\n  - model_name: g\n    litellm_params: {model: azure/d, api_base: https://r, api_version: 2024-10-21}\n"
+    (deployment,) = parse_settings(yaml.load(text, Loader=_DecimalLoader), {}).deployments
+    assert deployment.api_version == "2024-10-21"
 
 
 def test_azure_without_api_version_stops_naming_the_deployment() -> None:
