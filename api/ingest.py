@@ -301,7 +301,10 @@ async def _record_new(
         if not new:
             return
         chosen = list(new.values())
-        periods = await budget_periods(conn, [p.event.scopes for p in chosen], now)
+        first_seen = {"actor": caller.actor, "source": "ingest"}
+        periods = await budget_periods(
+            conn, [p.event.scopes for p in chosen], now, services.recording_context, first_seen
+        )
         recordings = []
         for p, budget in zip(chosen, periods, strict=True):
             event = msgspec.structs.replace(p.event, budget_periods=budget)

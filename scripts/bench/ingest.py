@@ -428,7 +428,7 @@ async def time_pg_side(url: str, config: Path, env: dict[str, str], source_prefi
             held = await recorded_calls(conn, [e.call_id for e in events])
             assert not held
             t1 = time.perf_counter()
-            periods = await budget_periods(conn, [e.scopes for e in events], events[0].ended_at)
+            periods = await budget_periods(conn, [e.scopes for e in events], events[0].ended_at, context, {"actor": "bench"})
             t2 = time.perf_counter()
             recordings = [
                 Recording(event=msgspec.structs.replace(e, budget_periods=p), outbox=lago_rows(e), metadata=m)
