@@ -1,11 +1,12 @@
 """OpenAI chat messages → Anthropic's system prompt and alternating user/assistant turns.
 
-Anthropic wants the system prompt apart, the first turn the user's, roles alternating, no empty
+Anthropic wants the system prompt apart, the first turn the user's, roles alternating, no blank
 text, and the answers to tool calls as `tool_result` blocks at the head of the next user turn.
 OpenAI allows all of these otherwise, so: system and developer messages (wherever they stand)
 become `system`; consecutive messages of one role are merged into one turn; `tool` messages become
-`tool_result` blocks in a user turn; empty text is dropped. A conversation that does not begin
-with the user is refused, as LiteLLM refuses it (its `modify_params` placeholder is not copied).
+`tool_result` blocks in a user turn; text that is empty or only whitespace is dropped. A
+conversation that does not begin with the user is refused, as LiteLLM refuses it (its
+`modify_params` placeholder is not copied).
 """
 
 from __future__ import annotations
@@ -119,13 +120,13 @@ def to_turns(messages: list[ChatMessage]) -> tuple[list[TextBlock], list[Message
 
 def _text_blocks(content: str | list[ContentPart] | None, i: int, role: str) -> list[TextBlock]:
     if isinstance(content, str):
-        return [TextBlock(text=content)] if content else []
+        return [TextBlock(text=content)] if content.strip() else []
     blocks: list[TextBlock] = []
     for part in content or ():
         text = part.text if part.type == "text" else part.refusal if part.type == "refusal" else None
         if text is None:
             raise _part_refused(i, role, part.type)
-        if text:
+        if text.strip():
             blocks.append(TextBlock(text=text, cache_control=_marker(part)))
     return blocks
 
@@ -136,7 +137,7 @@ def _user_blocks(content: str | list[ContentPart] | None, i: int) -> list[Block]
     blocks: list[Block] = []
     for part in content:
         if part.type == "text":
-            if part.text:
+            if part.text and part.text.strip():
                 blocks.append(TextBlock(text=part.text, cache_control=_marker(part)))
         elif part.type == "image_url" and part.image_url is not None:
             url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
