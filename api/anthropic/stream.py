@@ -7,10 +7,15 @@ block's start → a tool call's id and name, `input_json_delta` → its argument
 OpenAI's shape for `stream_options.include_usage`), `message_stop` → `[DONE]`, an `error` event →
 the OpenAI error envelope as a data event; `ping`, and event types Anthropic may add, are dropped.
 
-The usage chunk is OpenAI's, so api/streaming.py's relay reads it, and hides it from a client that
-did not ask for it, exactly as it does an OpenAI upstream's. The translator also keeps the usage
-itself (`usage`): exact once `message_delta` came; before that (a stream cut short) the input is
-message_start's exact count and the output estimated from the text generated (`usage_estimated`).
+Two ways to plug it into api/streaming.py's relay. As is, it makes an OpenAI upstream's stream,
+usage chunk and `[DONE]` included, which the relay reads as it reads one (it hides the usage chunk
+from a client that did not ask, and sends its own `[DONE]` once the usage is recorded). Or, to
+spare decoding every chunk again, with `usage_chunk=False, done=False`: the relay sends `feed`'s
+bytes on as they are, bills `usage` (`usage_estimated`, `generated_bytes`, `failure`, `finished`
+say how the stream went) and ends with `final_usage_chunk()` if asked for, then `[DONE]`.
+
+`usage` is exact once `message_delta` came; before that (a stream cut short) the input is
+message_start's exact count and the output estimated from the text generated.
 """
 
 from __future__ import annotations
@@ -67,15 +72,25 @@ _decoder: Final = msgspec.json.Decoder(_Event)
 _encode: Final = msgspec.json.Encoder().encode
 _CHUNK_END: Final = b',"logprobs":null,"finish_reason":null}]}\n\n'
 _DONE: Final = b"data: [DONE]\n\n"
+_DELTA_EVENT: Final = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+_AFTER_DELTA_EVENT: Final = len(_DELTA_EVENT)
+_TEXT_DELTA: Final = b'"delta":{"type":"text_delta","text":'
+_AFTER_TEXT_DELTA: Final = 1 + len(_TEXT_DELTA)
+_string_decoder: Final = msgspec.json.Decoder(str)
 
 
 class StreamTranslator:
     """One Anthropic stream's translation; `model` names the model in the chunks (by default the
     one message_start names)."""
 
-    def __init__(self, model: str | None = None, *, secret: str | None = None) -> None:
+    def __init__(
+        self, model: str | None = None, *, usage_chunk: bool = True, done: bool = True, secret: str | None = None
+    ) -> None:
         self._model = model
+        self._inline_usage = usage_chunk  # the usage chunk after the finish chunk (else final_usage_chunk())
+        self._done = done  # `[DONE]` at message_stop (else the caller ends the stream)
         self._secret = secret
+        self._crlf: bool | None = None  # whether the provider ends lines with CRLF (seen on its first)
         self._created = int(time.time())
         self._buffer = b""
         self._head = b""  # every chunk's bytes up to its delta, once message_start named the message
@@ -90,16 +105,21 @@ class StreamTranslator:
 
     def feed(self, data: bytes) -> bytes:
         """The OpenAI SSE bytes for the events completed by `data` (b"" while one is incomplete)."""
-        buffer = self._buffer + data
-        if b"\r" in data:
+        buffer = self._buffer + data if self._buffer else data
+        if self._crlf is None and b"\n" in data:
+            self._crlf = b"\r\n" in buffer
+        if self._crlf:
             buffer = buffer.replace(b"\r\n", b"\n")
+        end = buffer.find(b"\n\n")
+        if end == len(buffer) - 2:  # the common case: the bytes end with the one event they hold
+            self._buffer = b""
+            return self._event(buffer[:end])
         out = []
         start = 0
-        while (end := buffer.find(b"\n\n", start)) >= 0:
-            translated = self._event(buffer[start:end])
-            if translated:
-                out.append(translated)
+        while end >= 0:
+            out.append(self._event(buffer[start:end]))
             start = end + 2
+            end = buffer.find(b"\n\n", start)
         self._buffer = buffer[start:]
         return b"".join(out)
 
@@ -134,6 +154,21 @@ class StreamTranslator:
         return self._final is None
 
     def _event(self, event: bytes) -> bytes:
+        # Most events are text deltas, laid out by Anthropic byte for byte alike: their text (a
+        # JSON string, checked to be exactly one) is copied as encoded, not decoded and encoded again.
+        if event.startswith(_DELTA_EVENT) and self._head:
+            comma = event.find(b",", _AFTER_DELTA_EVENT)
+            if event.startswith(_TEXT_DELTA, comma + 1) and event.endswith(b"}}"):
+                text = event[comma + _AFTER_TEXT_DELTA : -2]
+                try:
+                    filled = _string_decoder.decode(text)
+                except msgspec.DecodeError:
+                    filled = None  # another shape than Anthropic's today: read it the long way
+                if filled is not None:
+                    if not filled:
+                        return b""
+                    self.generated_bytes += len(text) - 2
+                    return self._head + b'{"content":' + text + b"}" + _CHUNK_END
         payload = _data_of(event)
         if not payload:
             return b""
@@ -152,7 +187,7 @@ class StreamTranslator:
             return self._message_delta(parsed)
         if kind == "message_stop":
             self.finished = True
-            return _DONE
+            return _DONE if self._done else b""
         if kind == "error":
             error = parsed.error or _Error()
             self.failure = from_stream_event(error.type, error.message, secret=self._secret)
@@ -215,10 +250,14 @@ class StreamTranslator:
             self._set_head("", self._model or "")
         reason = finish_reason(self.stop_reason).encode()
         out = self._head + b'{},"logprobs":null,"finish_reason":"' + reason + b'"}]}\n\n'
+        return out + self.final_usage_chunk() if self._inline_usage else out
+
+    def final_usage_chunk(self) -> bytes:
+        """The usage chunk (`choices: []`) for the usage so far; b"" before message_start."""
         merged = self._merged()
-        if merged is not None:
-            out += self._usage_head + _encode(openai_usage(merged)) + b"}\n\n"
-        return out
+        if merged is None:
+            return b""
+        return self._usage_head + _encode(openai_usage(merged)) + b"}\n\n"
 
 
 def _first(*counts: int | None) -> int | None:
@@ -227,7 +266,14 @@ def _first(*counts: int | None) -> int | None:
 
 def _data_of(event: bytes) -> bytes:
     """The data of one SSE event (its `data:` lines, joined as the SSE rules join them)."""
-    if event.startswith(b"event:") or b"\n" in event:
-        lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-        return b"\n".join(lines)
-    return event[5:].removeprefix(b" ") if event.startswith(b"data:") else b""
+    at = event.find(b"data:")
+    if at < 0:
+        return b""
+    if (at == 0 or event[at - 1] == 0x0A) and event.find(b"\n", at) < 0:  # Anthropic's: one data line, last
+        return event[at + 6 :] if event[at + 5 : at + 6] == b" " else event[at + 5 :]
+    return _data_lines(event)
+
+
+def _data_lines(event: bytes) -> bytes:
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)

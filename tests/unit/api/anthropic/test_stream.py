@@ -178,3 +178,23 @@ def test_any_cutting_of_the_bytes_gives_the_same_events(sizes: list[int]) -> Non
 
 def _without_created(out: bytes) -> list[Any]:
     return [{k: v for k, v in e.items() if k != "created"} if e else e for e in chunks(out)]
+
+
+def test_without_inline_usage_and_done_the_caller_ends_the_stream() -> None:
+    translator = StreamTranslator(usage_chunk=False, done=False)
+    events = chunks(translator.feed(STREAM))
+    assert all(e is not None and e["choices"] for e in events)  # no usage chunk, no [DONE]
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    usage_chunk = chunks(translator.final_usage_chunk())
+    assert usage_chunk[0] is not None and usage_chunk[0]["usage"]["completion_tokens"] == 15
+    assert translator.finished
+    assert StreamTranslator().final_usage_chunk() == b""
+
+
+def test_a_text_delta_of_another_layout_is_read_the_long_way() -> None:
+    # The same delta with its keys in another order and spaced: not the fast path's bytes.
+    odd = b'event: content_block_delta\ndata: {"index": 0, "type": "content_block_delta", "delta": {"text": "Hi", "type": "text_delta"}}\n\n'
+    extra = event("content_block_delta", index=0, delta={"type": "text_delta", "text": "A", "extra": 1})
+    _, out = translate(START + odd + extra)
+    deltas = [e["choices"][0]["delta"] for e in chunks(out) if e]
+    assert deltas[1:] == [{"content": "Hi"}, {"content": "A"}]
