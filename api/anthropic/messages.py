@@ -35,6 +35,10 @@ from spendledger.api.errors import ApiError, bad_request
 IMAGE_TYPES: Final = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 _DATA_URL: Final = re.compile(r"data:([\w.+-]+/[\w.+-]+);base64,", re.ASCII)
 _EMPTY_OBJECT: Final = Raw(b"{}")
+# Anthropic's rule for tool use ids; other providers' ids (a conversation begun elsewhere) may break
+# it, so each is rewritten alike in the call and in its result, as LiteLLM does.
+_TOOL_ID: Final = re.compile(r"[a-zA-Z0-9_-]+", re.ASCII)
+_NOT_IN_TOOL_ID: Final = re.compile(r"[^a-zA-Z0-9_-]", re.ASCII)
 
 
 class ImageUrl(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,7 +161,7 @@ def _assistant_blocks(message: ChatMessage, i: int) -> list[Block]:
     for call in message.tool_calls or ():
         if call.type != "function":
             raise bad_request(f"messages[{i}]: tool calls of type {call.type!r} cannot be sent to Anthropic", param="messages")
-        blocks.append(ToolUseBlock(id=call.id, name=call.function.name, input=_arguments(call.function.arguments, i)))
+        blocks.append(ToolUseBlock(id=_tool_id(call.id), name=call.function.name, input=_arguments(call.function.arguments, i)))
     return blocks
 
 
@@ -165,7 +169,11 @@ def _tool_result(message: ChatMessage, i: int) -> ToolResultBlock:
     if not message.tool_call_id:
         raise bad_request(f"messages[{i}]: a tool message needs its 'tool_call_id'", param="messages")
     content: list[TextBlock | ImageBlock] = list(_text_blocks(message.content, i, "tool"))
-    return ToolResultBlock(tool_use_id=message.tool_call_id, content=content)
+    return ToolResultBlock(tool_use_id=_tool_id(message.tool_call_id), content=content)
+
+
+def _tool_id(given: str) -> str:
+    return given if _TOOL_ID.fullmatch(given) else _NOT_IN_TOOL_ID.sub("_", given) or "_"
 
 
 def _arguments(arguments: str, i: int) -> Raw:

@@ -292,3 +292,17 @@ def test_request_headers_carry_the_key_as_x_api_key_and_the_version() -> None:
     assert headers["anthropic-version"] == "2023-06-01"
     assert headers["content-type"] == "application/json"
     assert "authorization" not in headers
+
+
+def test_tool_call_ids_anthropic_would_refuse_are_rewritten_alike_in_call_and_result() -> None:
+    call = {"id": "call:1.a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}
+    body = translate(
+        messages=[
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call:1.a", "content": "snow"},
+        ],
+        tools=[WEATHER_TOOL],
+    )
+    assert body["messages"][1]["content"][0]["id"] == "call_1_a"
+    assert body["messages"][2]["content"][0]["tool_use_id"] == "call_1_a"
