@@ -73,15 +73,13 @@ def decode_batch(body: bytes) -> UsageBatch:
     """The body's records, each kept as its JSON text: decoded one by one, so one bad record fails
     alone and money keeps its digits. The whole is refused (400) if it is not such a body."""
     try:
-        value = msgspec.json.decode(body)
-    except (msgspec.DecodeError, RecursionError):
-        raise bad_request("The body is not JSON") from None
-    if nested_deeper_than(value, MAX_JSON_DEPTH):
-        raise bad_request(f"The JSON body nests objects and arrays more than {MAX_JSON_DEPTH} levels deep")
-    try:
         return _batch_decoder.decode(body)
+    except RecursionError:
+        raise bad_request(f"The JSON body nests objects and arrays more than {MAX_JSON_DEPTH} levels deep") from None
     except msgspec.ValidationError as exc:
         raise bad_request(f"Expected {{'records': [1 to {MAX_RECORDS} usage records]}}: {exc}", param="records") from None
+    except msgspec.DecodeError:
+        raise bad_request("The body is not JSON") from None
 
 
 class RecordError(msgspec.Struct, kw_only=True):
@@ -116,11 +114,22 @@ class _Refused(Exception):
 _record_decoder: Final = msgspec.json.Decoder(UsageRecord)
 
 
+# A record's `metadata` (the one field of any shape) sits three levels into the body.
+_METADATA_DEPTH: Final = MAX_JSON_DEPTH - 3
+
+
 def _decode(raw: msgspec.Raw) -> UsageRecord:
     try:
-        return _record_decoder.decode(raw)
+        record = _record_decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise _Refused(400, f"Invalid record: {exc}", "invalid_request", _field_of(str(exc))) from None
+    except RecursionError:
+        record = None
+    # Stored in the event's metadata: every later read and replay of it would walk its depth.
+    if record is None or (record.metadata and nested_deeper_than(record.metadata, _METADATA_DEPTH)):
+        message = f"metadata nests objects and arrays more than {_METADATA_DEPTH} levels deep"
+        raise _Refused(400, message, "invalid_request", "metadata")
+    return record
 
 
 def _field_of(message: str) -> str | None:
@@ -301,7 +310,10 @@ async def _record_new(
         if not new:
             return
         chosen = list(new.values())
-        periods = await budget_periods(conn, [p.event.scopes for p in chosen], now)
+        first_seen = {"actor": caller.actor, "source": "ingest"}
+        periods = await budget_periods(
+            conn, [p.event.scopes for p in chosen], now, services.recording_context, first_seen
+        )
         recordings = []
         for p, budget in zip(chosen, periods, strict=True):
             event = msgspec.structs.replace(p.event, budget_periods=budget)

@@ -18,7 +18,7 @@ import msgspec
 
 from spendledger.ledger.connections import Queryable
 from spendledger.ledger.events import UsageRecorded, decode_event
-from spendledger.ledger.scopes import Scopes
+from spendledger.ledger.scopes import BudgetSettings, Scopes
 
 _digest_encoder: Final = msgspec.json.Encoder(order="sorted", decimal_format="string")
 
@@ -54,6 +54,14 @@ async def recorded_calls(conn: Queryable, call_ids: Sequence[str]) -> dict[str, 
     return found
 
 
+# A batch's customers seen for the first time, created as admission creates them (with the default
+# budget persisted on them), in one order so that racing batches never wait on each other in a circle.
+_FIRST_SEEN: Final = """
+select count(sl_customer_first_seen(c, $2, $3::jsonb))
+from unnest($1::text[]) as c
+where not exists (select from customers k where k.user_id = c)
+"""
+
 # The periods admission would give a request of these scopes now: the budget rows its cost is added
 # to (sl_request_scopes and sl_period_start are the rules; this only asks them, for a batch). The
 # period start is computed once per (duration, anchor class): anchors of a class share their
@@ -64,8 +72,8 @@ with scopes as materialized (
            sl_period_class(s.anchor) as class
     from unnest($1::text[], $2::text[], $3::text[], $4::text[])
          with ordinality as e(key_hash, user_id, team_id, customer_id, i),
-         sl_request_scopes(jsonb_build_object('key_hash', e.key_hash, 'user_id', e.user_id,
-                                              'team_id', e.team_id, 'customer_id', e.customer_id)) as s
+         sl_request_scopes($6::jsonb || jsonb_build_object('key_hash', e.key_hash, 'user_id', e.user_id,
+                                                           'team_id', e.team_id, 'customer_id', e.customer_id)) as s
     where s.max_budget is not null or s.budget_duration is not null
 ),
 starts as materialized (
@@ -77,24 +85,36 @@ from scopes s join starts t on t.duration = s.duration and t.class = s.class
 order by s.i, s.ord
 """
 
+_json: Final = msgspec.json.Encoder(decimal_format="number")
+
+Periods = tuple[tuple[str, str, str], ...]
+
 
 async def budget_periods(
-    conn: Queryable, scopes: Sequence[Scopes], at: datetime
-) -> list[tuple[tuple[str, str, str], ...]]:
-    """For each request's scopes, the (scope, scope_id, period start) of its budgets at `at`.
+    conn: Queryable, scopes: Sequence[Scopes], at: datetime, settings: BudgetSettings, meta: dict[str, Any]
+) -> list[Periods]:
+    """For each request's scopes, the (scope, scope_id, period start) of its budgets at `at`: the
+    key's, user's, team's, customer's (its own tier, or the config's default for a customer seen
+    for the first time, created here with `meta` as the proxy's admission creates it) and the
+    global budget's.
 
     Ingested usage counts in the periods current when it is recorded, whatever times it claims: a
     backdated record cannot slip its cost into a period that is over."""
+    distinct = list(dict.fromkeys(scopes))  # a batch names few scope sets: each is asked once
+    customers = sorted({s.customer_id for s in distinct if s.customer_id is not None})
+    if customers:
+        await conn.execute(_FIRST_SEEN, customers, settings.default_budget_id, _json.encode(meta).decode())
     rows = await conn.fetch(
         _PERIODS,
-        [s.key_hash for s in scopes],
-        [s.user_id for s in scopes],
-        [s.team_id for s in scopes],
-        [s.customer_id for s in scopes],
+        [s.key_hash for s in distinct],
+        [s.user_id for s in distinct],
+        [s.team_id for s in distinct],
+        [s.customer_id for s in distinct],
         at,
+        _json.encode(settings).decode(),
     )
-    periods: list[list[tuple[str, str, str]]] = [[] for _ in scopes]
+    periods: list[list[tuple[str, str, str]]] = [[] for _ in distinct]
     for row in rows:
         periods[row["i"] - 1].append((row["scope"], row["scope_id"], row["period"].isoformat()))
-    return [tuple(p) for p in periods]
-
+    of_scopes = {s: tuple(p) for s, p in zip(distinct, periods, strict=True)}
+    return [of_scopes[s] for s in scopes]

@@ -78,6 +78,17 @@ begin
         returning t.scope, t.scope_id, t.spend
     )
     select jsonb_object_agg('l|' || up.scope || '|' || up.scope_id, up.spend) into totals from up;
+    if released = '{}' then
+        -- Nothing given back (usage ingested without a hold, a rebuild): only budget periods'
+        -- spend to add, in one statement, in the same order.
+        insert into budget_usage as b (scope, scope_id, period_start, spent)
+        select p.scope, p.scope_id, p.period_start, sum((d->>'cost')::numeric)
+        from unnest(ds) as d, sl_usage_periods(d) as p
+        group by 1, 2, 3
+        order by sl_scope_rank(p.scope), 2, 3
+        on conflict (scope, scope_id, period_start) do update set spent = b.spent + excluded.spent;
+        return totals;
+    end if;
     for w in
         with budget as (
             select p.scope, p.scope_id, p.period_start as period, (d->>'cost')::numeric as spent, 0::numeric as held

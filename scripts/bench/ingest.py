@@ -428,7 +428,7 @@ async def time_pg_side(url: str, config: Path, env: dict[str, str], source_prefi
             held = await recorded_calls(conn, [e.call_id for e in events])
             assert not held
             t1 = time.perf_counter()
-            periods = await budget_periods(conn, [e.scopes for e in events], events[0].ended_at)
+            periods = await budget_periods(conn, [e.scopes for e in events], events[0].ended_at, context, {"actor": "bench"})
             t2 = time.perf_counter()
             recordings = [
                 Recording(event=msgspec.structs.replace(e, budget_periods=p), outbox=lago_rows(e), metadata=m)
@@ -487,6 +487,78 @@ async def time_pg_side(url: str, config: Path, env: dict[str, str], source_prefi
     finally:
         await conn.close()
     return timing
+
+
+# --- the storage floor ----------------------------------------------------------------------------
+
+FLOOR_BATCHES: Final = 10  # batches of 1,000 per connection
+# What each recorded record must leave behind, and nothing else: its UsageRecorded row (the run's
+# own events, under new call ids, unmarked for the webhook follower) and its Lago row (state
+# `unbillable`: the publisher leaves it be) — no HTTP, no pricing, no budgets, no projections.
+_FLOOR_EVENTS: Final = """
+insert into events (stream, version, type, data, metadata)
+select 'request:' || (e.d->>'call_id'), 1, 'UsageRecorded', e.d, m.m - 'webhooks'
+from jsonb_array_elements($1::jsonb) with ordinality as e(d, i)
+join jsonb_array_elements($2::jsonb) with ordinality as m(m, j) on i = j
+"""
+_FLOOR_LAGO: Final = """
+insert into outbox (sink, dedupe_key, payload, state, call_id)
+select 'lago', 'floor:' || (e.d->>'call_id'), p.p, 'unbillable', e.d->>'call_id'
+from jsonb_array_elements($1::jsonb) with ordinality as e(d, i)
+join jsonb_array_elements($2::jsonb) with ordinality as p(p, j) on i = j
+"""
+
+
+@dataclass
+class Floor:
+    """Records/s PostgreSQL alone takes in, from SENDERS connections in batches of 1,000."""
+
+    events_and_lago: float
+    events_only: float
+
+
+async def storage_floor(url: str, source_prefix: str) -> Floor:
+    """The most records/s this machine's PostgreSQL stores as the ledger must, the rest left out:
+    an upper bound for the whole path, measured beside it."""
+    rows = await _fetch(
+        url,
+        "select e.data::text as data, e.metadata::text as metadata, o.payload::text as payload "
+        "from events e join outbox o on o.call_id = e.data->>'call_id' and o.sink = 'lago' "
+        "where e.type = 'UsageRecorded' and e.stream like 'request:' || $1 limit 1000",
+        f"{source_prefix}-%",
+    )  # fmt: skip
+    data_decoder = msgspec.json.Decoder(dict[str, Any])
+    template = [data_decoder.decode(row["data"]) for row in rows]
+    metadata = "[" + ",".join(row["metadata"] for row in rows) + "]"
+    payloads = "[" + ",".join(row["payload"] for row in rows) + "]"
+
+    def bodies(tag: str, sender: int) -> list[str]:
+        out = []
+        for b in range(FLOOR_BATCHES):
+            for i, d in enumerate(template):
+                d["call_id"] = f"floor-{tag}-{sender}-{b}-{i}"
+            out.append(msgspec.json.encode(template).decode())
+        return out
+
+    async def run(tag: str, with_lago: bool) -> float:
+        work = [bodies(tag, sender) for sender in range(SENDERS)]
+
+        async def sender(batch_bodies: list[str]) -> None:
+            conn = await asyncpg.connect(url)
+            try:
+                for body in batch_bodies:
+                    async with conn.transaction():
+                        await conn.execute(_FLOOR_EVENTS, body, metadata)
+                        if with_lago:
+                            await conn.execute(_FLOOR_LAGO, body, payloads)
+            finally:
+                await conn.close()
+
+        started_at = time.perf_counter()
+        await asyncio.gather(*(sender(w) for w in work))
+        return SENDERS * FLOOR_BATCHES * len(template) / (time.perf_counter() - started_at)
+
+    return Floor(events_and_lago=await run("both", True), events_only=await run("events", False))
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -630,6 +702,7 @@ def run_all(args: argparse.Namespace, console: Console) -> None:
         database = EmbeddedDatabase(workdir / "pg")
     runs: list[Run] = []
     prof: Profile | None = None
+    floor: Floor | None = None
     try:
         with contextlib.ExitStack() as stack:
             sinks: Service = stack.enter_context(fake("sinks", workdir))
@@ -664,6 +737,10 @@ def run_all(args: argparse.Namespace, console: Console) -> None:
             for size in args.batches:
                 runs.append(measure(args, console, server, database, meter, setup.key, size, rng))
             met = bool(runs) and min(r.rate for r in runs) >= TARGET
+            if runs:
+                wait_drained(database.url, time.perf_counter())
+                floor = asyncio.run(storage_floor(database.url, runs[-1].prefix))
+                console.print(f"storage floor: {floor}")
             if args.profile or (not met and not args.no_profile):
                 console.print("profiling the batches of 1,000 …")
                 prof = profile(args, console, server, database, meter, setup.key, rng, workdir, config, env)
@@ -674,7 +751,7 @@ def run_all(args: argparse.Namespace, console: Console) -> None:
         database.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    body = report(args, setup, runs, prof)
+    body = report(args, setup, runs, prof, floor)
     print(body, flush=True)
     if args.write:
         if not all(ok for r in runs for _, ok in r.checks) or any(r.failure for r in runs):
@@ -760,7 +837,9 @@ def profile_text(prof: Profile) -> list[str]:
     return lines
 
 
-def report(args: argparse.Namespace, setup: Setup, runs: Sequence[Run], prof: Profile | None) -> str:
+def report(
+    args: argparse.Namespace, setup: Setup, runs: Sequence[Run], prof: Profile | None, floor: Floor | None
+) -> str:
     lines = [
         f"One machine runs everything ({len(os.sched_getaffinity(0))} cores): an embedded PostgreSQL, "
         "`spendledger serve --config …` as the README runs it (default `--workers`, 1; its publisher child "
@@ -807,6 +886,17 @@ def report(args: argparse.Namespace, setup: Setup, runs: Sequence[Run], prof: Pr
         else f"**not met**: {', '.join(f'{r.size:,} a batch: {r.rate:,.0f}' for r in runs)} records/s"
     )
     lines += ["", f"Requirement, at least {TARGET:,.0f} records/s with Lago and webhooks on: {verdict}."]
+    if floor is not None:
+        lines += [
+            "",
+            f"The storage floor, measured after the runs on the same database: PostgreSQL alone, from {SENDERS} "
+            f"connections in batches of 1,000 (the run's own events and Lago payloads under new call ids, prepared "
+            f"beforehand), storing only what each record must leave behind — {floor.events_and_lago:,.0f} records/s "
+            f"for its UsageRecorded row and its Lago row, {floor.events_only:,.0f} records/s for the event row alone "
+            "(no HTTP, no pricing, no budgets, no projections, nothing delivered). The whole path reached "
+            + ", ".join(f"{r.rate / floor.events_and_lago:.0%}" for r in runs)
+            + " of the first (batches of " + ", ".join(f"{r.size:,}" for r in runs) + ").",
+        ]
     if prof is not None:
         lines += profile_text(prof)
     return "\n".join(lines) + "\n"

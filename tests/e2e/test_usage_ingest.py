@@ -127,6 +127,7 @@ def test_a_bad_record_fails_alone(server: RunningServer) -> None:
         record(user=customer, end_time="2999-01-01T00:00:00Z"),
         record(user=customer, start_time="2026-12-07T12:00:00Z", end_time="2026-12-07T11:00:00Z"),
         record(user=customer, surprise=1),
+        record(user=customer, metadata=_nested(70)),  # the one free-form field, nested too deep
     ]
     answered = results(send(server, [good, *bad]))
     assert answered[0]["outcome"] == "recorded"
@@ -134,8 +135,16 @@ def test_a_bad_record_fails_alone(server: RunningServer) -> None:
     assert "neither a model group" in answered[1]["error"]["message"] and answered[1]["error"]["param"] == "model"
     assert answered[4]["call_id"] is None and answered[4]["error"]["param"] == "call_id"
     assert answered[2]["error"]["param"] == "usage.prompt_tokens" and answered[7]["error"]["param"] is None
+    assert answered[8]["error"]["param"] == "metadata" and "levels deep" in answered[8]["error"]["message"]
     rows = fetch(server.database_url, "select count(*) as n from events where data->>'customer_id' = $1", customer)
     assert rows[0]["n"] == 1
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
 
 
 def test_a_model_outside_the_config_is_priced_from_the_catalogue(server: RunningServer) -> None:
@@ -154,6 +163,9 @@ def test_whole_requests_that_break_the_rules_are_refused_with_the_envelope(serve
     too_many = send(server, [record() for _ in range(1001)])
     assert too_many.status_code == 400 and too_many.json()["error"]["type"] == "invalid_request_error"
     assert send(server, []).status_code == 400
+    for body in (b'{"records": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}", b'{"records": [{"call_id": }]}'):
+        refused = httpx.post(f"{server.base_url}/usage", content=body, headers=ADMIN | {"Content-Type": "application/json"})
+        assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_request_error", refused.text
     assert httpx.post(f"{server.base_url}/usage", json={"records": [record()]}).status_code == 401
     viewer = user_key(server, "proxy_admin_viewer")
     assert send(server, [record()], key=viewer).status_code == 403  # a viewer reads; it never spends
