@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final
 
-import httpx
 import msgspec
 import structlog
 from litestar import Response
@@ -25,13 +25,13 @@ from spendledger.api.errors import ApiError
 from spendledger.api.jsonio import json_response
 from spendledger.api.metrics import observe_usage
 from spendledger.api.request_body import RequestHead
-from spendledger.api.services import Services
 from spendledger.api.upstream import UpstreamFailure
+from spendledger.ledger.background import BackgroundTasks
 from spendledger.ledger.config import Deployment
 from spendledger.ledger.connections import DATABASE_ERRORS
-from spendledger.ledger.events import Route, UsageRecorded, UsageStatus
-from spendledger.ledger.money import format_money
-from spendledger.ledger.pricing import Price, charge
+from spendledger.ledger.events import Attempt, Route, UsageRecorded, UsageStatus
+from spendledger.ledger.money import ZERO, add, format_money
+from spendledger.ledger.pricing import Charge, Price, charge
 from spendledger.ledger.scopes import Scopes
 from spendledger.ledger.tickets import Ticket
 from spendledger.ledger.tokens import TokenUsage
@@ -110,6 +110,20 @@ class _UsageOnly(msgspec.Struct):
 _usage_decoder: Final = msgspec.json.Decoder(_UsageOnly)
 
 
+def answer_usage(content: bytes) -> Usage | None:
+    """The usage block of a provider's answer (None: it reported none); raises msgspec.DecodeError
+    for a body that is not JSON."""
+    return _usage_decoder.decode(content).usage
+
+
+def usage_in(content: bytes) -> Usage | None:
+    """The usage block of a provider's JSON body (an error's too), if it has one."""
+    try:
+        return _usage_decoder.decode(content).usage
+    except msgspec.DecodeError:
+        return None
+
+
 _warned_unpriced: set[tuple[str, str]] = set()
 
 
@@ -128,6 +142,19 @@ def estimate_tokens(size: int) -> int:
     """A rough count (4 bytes a token, OpenAI's rule of thumb) of `size` bytes of text, for when
     the provider never reported usage."""
     return max(1, size // 4)
+
+
+def _with_billed(
+    counts: dict[str, int], costs: dict[Any, Decimal], total: Decimal, billed: list[tuple[TokenUsage, Charge]]
+) -> tuple[dict[str, int], dict[Any, Decimal], Decimal]:
+    counts, costs = dict(counts), dict(costs)
+    for tokens, cost in billed:
+        for name, n in tokens.counts().items():
+            counts[name] = counts.get(name, 0) + n
+        for kind, amount in cost.costs.items():
+            costs[kind] = add(costs.get(kind, ZERO), amount)
+        total = add(total, cost.total)
+    return counts, costs, total
 
 
 class Exchange:
@@ -156,6 +183,24 @@ class Exchange:
         self._started = time.perf_counter()
         self._upstream_began: float | None = None
         self._upstream_s: float | None = None
+        # What the router did (api/attempts.py): its failed calls, and what they were billed.
+        self.attempts: list[Attempt] = []
+        self.billed: list[tuple[TokenUsage, Charge]] = []
+        self.answered = False  # a call answered 200 (its stream may still break)
+        self.retries = 0
+        self.fallbacks = 0
+        self.failed_s = 0.0  # the failed calls' time, and the backoff waited between calls
+        self.provider_headers: dict[str, str] = {}
+        # The tokens counted in deployments' tpm windows (api/deployment_limits.py), once settled:
+        # the answering call's (`counted_final`), and the billed failed calls' by deployment.
+        self.token_counter: Callable[[dict[str, int]], Coroutine[Any, Any, None]] | None = None
+        self.background: BackgroundTasks | None = None
+        self.counted_final = False
+        self.counted_failed: dict[str, int] = {}
+
+    def answered_by(self, deployment: Deployment, price: Price | None) -> None:
+        self.deployment = deployment
+        self.price = price
 
     def upstream_began(self) -> None:
         self._upstream_began = time.perf_counter()
@@ -166,9 +211,35 @@ class Exchange:
             self._upstream_s = time.perf_counter() - self._upstream_began
 
     def timings(self) -> tuple[float, float]:
-        """(the request's time so far, the provider's part of it), seconds."""
+        """(the request's time so far, the providers' part of it: every call's), seconds."""
         self.upstream_ended()
-        return time.perf_counter() - self._started, self._upstream_s or 0.0
+        return time.perf_counter() - self._started, (self._upstream_s or 0.0) + self.failed_s
+
+    def call_failed(self, waited_s: float) -> None:
+        """The call begun last failed: its time, and the backoff `waited_s` after it, are not ours."""
+        if self._upstream_began is not None:
+            self.failed_s += time.perf_counter() - self._upstream_began
+        self.failed_s += waited_s
+        self._upstream_began = None
+
+    def _so_far(self) -> tuple[float, float]:
+        """timings() without ending the provider's part (a stream's headers go before its end)."""
+        now = time.perf_counter()
+        upstream = self._upstream_s
+        if upstream is None:
+            upstream = 0.0 if self._upstream_began is None else now - self._upstream_began
+        return now - self._started, upstream + self.failed_s
+
+    def count_tokens(self, event: UsageRecorded) -> None:
+        """After the settle: the tokens each counted deployment used, into its tpm window."""
+        if self.token_counter is None or self.background is None:
+            return
+        counts = dict(self.counted_failed)
+        if self.counted_final and self.answered:
+            final = event.total_tokens - sum(tokens.total_tokens for tokens, _ in self.billed)
+            counts[self.deployment.deployment_id] = counts.get(self.deployment.deployment_id, 0) + final
+        if counts:
+            self.background.spawn(self.token_counter(counts))
 
     def usage_event(
         self,
@@ -184,6 +255,9 @@ class Exchange:
         cost = charge(self.price, tokens)
         for kind in cost.unpriced_kinds:
             _warn_unpriced_once(self.deployment.deployment_id, self.head.model, kind)
+        counts, costs, total = tokens.counts(), cost.costs, cost.total
+        if self.billed:  # failed calls the providers billed: their tokens and costs are the request's too
+            counts, costs, total = _with_billed(counts, costs, total, self.billed)
         scopes = self.scopes
         return UsageRecorded(
             call_id=self.call_id,
@@ -201,28 +275,52 @@ class Exchange:
             http_status=http_status,
             error_type=error_type,
             stream=self.head.stream,
-            **tokens.counts(),
+            **counts,
             usage_estimated=estimated,
             input_cost_per_token=cost.input_cost_per_token,
             output_cost_per_token=cost.output_cost_per_token,
             unit_prices=cost.unit_prices,
-            costs=cost.costs,
+            costs=costs,
             unpriced_kinds=cost.unpriced_kinds,
-            cost=cost.total,
+            cost=total,
             priced=cost.priced,
             started_at=self.started_at,
             ended_at=datetime.now(UTC),
             budget_periods=ticket.budget_periods,
             hold=ticket.hold,
+            attempts=self._attempts(http_status, error_type),
         )
+
+    def _attempts(self, http_status: int, error_type: str | None) -> tuple[Attempt, ...]:
+        """Every call, the answering one (this event's own) last; none when there was one call."""
+        if not self.attempts:
+            return ()
+        if not self.answered:
+            return tuple(self.attempts) if len(self.attempts) > 1 else ()
+        self.upstream_ended()
+        last = Attempt(
+            deployment_id=self.deployment.deployment_id,
+            model_group=self.deployment.model_name,
+            upstream_model=self.deployment.upstream_model,
+            http_status=http_status,
+            latency_ms=round((self._upstream_s or 0.0) * 1000),
+            error_type=error_type,
+        )
+        return (*self.attempts, last)
 
     def headers(
         self, ticket: Ticket, event: UsageRecorded | None = None, key_spend: Decimal | None = None
     ) -> dict[str, str]:
+        total_s, upstream_s = self._so_far()
         headers = {
+            **self.provider_headers,
             "x-litellm-call-id": self.call_id,
             "x-litellm-model-id": self.deployment.deployment_id,
             "x-litellm-model-group": self.head.model,
+            "x-litellm-attempted-retries": str(self.retries),
+            "x-litellm-attempted-fallbacks": str(self.fallbacks),
+            "x-litellm-response-duration-ms": f"{total_s * 1000:.3f}",
+            "x-litellm-overhead-duration-ms": f"{max(0.0, total_s - upstream_s) * 1000:.3f}",
         }
         admitted = ticket.admitted  # the rate limits' room (leases are granted only without them)
         if admitted.remaining_requests is not None:
@@ -241,6 +339,7 @@ async def record(exchange: Exchange, ticket: Ticket, event: UsageRecorded) -> De
     ledger cannot commit it, withhold the response."""
     try:
         spend = await ticket.settle(event)
+        exchange.count_tokens(event)
     except DATABASE_ERRORS as exc:
         log.error("usage_not_recorded", call_id=exchange.call_id, error_type=type(exc).__name__)
         raise ApiError(
@@ -261,10 +360,8 @@ async def record_failure(exchange: Exchange, ticket: Ticket, failure: UpstreamFa
     return ApiError(failure.status, failure.message, failure.error_type, headers=exchange.headers(ticket, event))
 
 
-async def upstream_error_response(exchange: Exchange, ticket: Ticket, response: httpx.Response) -> Response[Any]:
+async def upstream_error_response(exchange: Exchange, ticket: Ticket, status: int, body: bytes) -> Response[Any]:
     """A provider's own error: 4xx pass through (the caller's request was at fault), else 502."""
-    body = await response.aread()
-    status = response.status_code
     if status in (401, 403) or status >= 500:
         message = f"{exchange.deployment.model_name}: upstream answered {status}"
         failure = UpstreamFailure(502, "upstream_error", message)
@@ -319,40 +416,4 @@ def provider_error(body: bytes, deployment: Deployment) -> ProviderError:
         type=cleaned[1] or "invalid_request_error",
         code=cleaned[2],
         param=cleaned[3],
-    )
-
-
-async def forward(services: Services, exchange: Exchange, ticket: Ticket, body: bytes) -> Response[Any]:
-    path = UPSTREAM_PATHS[exchange.route]
-    exchange.upstream_began()
-    try:
-        response = await services.upstream.send(exchange.deployment, path, body, stream=False)
-    except UpstreamFailure as failure:
-        raise await record_failure(exchange, ticket, failure) from None
-    exchange.upstream_ended()
-    if response.status_code != 200:
-        return await upstream_error_response(exchange, ticket, response)
-    content = response.content
-    try:
-        usage = _usage_decoder.decode(content).usage
-    except msgspec.DecodeError:
-        raise await record_failure(
-            exchange,
-            ticket,
-            UpstreamFailure(
-                502,
-                "upstream_error",
-                f"{exchange.deployment.model_name}: upstream answered with invalid JSON",
-            ),
-        ) from None
-    estimated = usage is None
-    if usage is None:
-        usage = Usage(prompt_tokens=estimate_tokens(len(body)), completion_tokens=estimate_tokens(len(content)))
-    event = exchange.usage_event(ticket, status="success", http_status=200, usage=usage, estimated=estimated)
-    key_spend = await record(exchange, ticket, event)
-    return Response(
-        content=content,
-        status_code=200,
-        media_type="application/json",
-        headers=exchange.headers(ticket, event, key_spend),
     )
