@@ -184,6 +184,7 @@ class Failure:
     drop: bool = False
     break_after: int | None = None
     delay_s: float = 0.0
+    context_window: bool = False  # a 400 as OpenAI answers a prompt past the model's context window
 
 
 # The stream being answered breaks after this many chunks (each request runs in its own context).
@@ -293,7 +294,7 @@ class FakeUpstream:
         if failure is not None:
             if failure.delay_s:
                 await asyncio.sleep(failure.delay_s)
-            if failure.status is not None or failure.drop:
+            if failure.status is not None or failure.drop or failure.context_window:
                 await _fail(send, failure, parsed)
                 return
         _BREAK_AFTER.set(failure.break_after if failure is not None else None)
@@ -540,6 +541,8 @@ FAILED_COMPLETION_TOKENS = 5
 async def _fail(send: Send, failure: Failure, body: Any) -> None:
     """A failure as the real API answers it: its status and envelope (with the headers it sends
     then), or a connection that breaks once the response has begun."""
+    if failure.context_window:
+        failure = Failure(status=400, context_window=True)
     if failure.drop:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1000")]})
         raise _Dropped("the connection breaks")
@@ -548,6 +551,13 @@ async def _fail(send: Send, failure: Failure, body: Any) -> None:
     payload = error_body(
         f"Fake upstream failure (status {status})", _ERROR_TYPES.get(status, fallback), None, _ERROR_CODES.get(status)
     )
+    if failure.context_window:
+        payload = error_body(
+            "This model's maximum context length is 16 tokens. However, your messages resulted in 40 tokens.",
+            "invalid_request_error",
+            "messages",
+            "context_length_exceeded",
+        )
     if failure.usage:
         payload["usage"] = _usage(FAILED_PROMPT_TOKENS, FAILED_COMPLETION_TOKENS, details=False)
     extra = []
