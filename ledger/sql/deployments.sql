@@ -18,12 +18,12 @@ begin
     perform set_config('synchronous_commit', 'off', true);
     -- The windows' rows, made in one order: two requests never wait on each other in a circle.
     insert into rate_usage (scope, scope_id, window_start)
-    select 'deployment', x->>0, minute from jsonb_array_elements(candidates) as x order by x->>0
+    select 'deployment', cand->>0, minute from jsonb_array_elements(candidates) as cand order by cand->>0
     on conflict do nothing;
     for c in
-        select o.x->>0 as id, (o.x->>1)::integer as rpm, (o.x->>2)::bigint as tpm, u.requests, u.tokens
-        from jsonb_array_elements(candidates) with ordinality as o(x, ord)
-        join rate_usage u on u.scope = 'deployment' and u.scope_id = o.x->>0 and u.window_start = minute
+        select o.cand->>0 as id, (o.cand->>1)::integer as rpm, (o.cand->>2)::bigint as tpm, u.requests, u.tokens
+        from jsonb_array_elements(candidates) with ordinality as o(cand, ord)
+        join rate_usage u on u.scope = 'deployment' and u.scope_id = o.cand->>0 and u.window_start = minute
         order by case when by_usage then u.tokens end, case when by_usage then u.requests end, o.ord
     loop
         if c.tpm is not null and c.tokens >= c.tpm then
