@@ -146,10 +146,10 @@ class Router:
                 return outcome
             if retries >= self._settings.num_retries:
                 return outcome
-            others = [d for d in router.order(group, tried) if d.deployment_id not in tried]
-            wait = 0.0 if others and not router.cooldowns.cooling(others[0].deployment_id) else backoff_s(
-                retries, outcome.retry_after
-            )
+            # Another deployment left to try goes at once (LiteLLM's rule); the same one waits.
+            cooling = router.cooldowns.cooling
+            others = any(d.deployment_id not in tried and not cooling(d.deployment_id) for d in router.deployments(group))
+            wait = 0.0 if others else backoff_s(retries, outcome.retry_after)
             retries += 1
             self._exchange.retries += 1
             await self._wait(wait)

@@ -1,14 +1,16 @@
 """A non-streaming request through the router (api/attempts.py), billed and answered (streams:
-api/streaming.py); and the answer when no call succeeded, which both share."""
+api/streaming.py); and the answer when no call succeeded, which both share: the gateway's own
+failure, or the provider's error (its 4xx passed on in a cleaned envelope)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from litestar import Response
 
 from spendledger.api.attempts import BodyFor, Failed, Router
+from spendledger.api.jsonio import json_response
 from spendledger.api.proxy import (
     Exchange,
     Usage,
@@ -16,10 +18,10 @@ from spendledger.api.proxy import (
     estimate_tokens,
     record,
     record_failure,
-    upstream_error_response,
 )
 from spendledger.api.services import Services
 from spendledger.api.upstream import UpstreamFailure
+from spendledger.ledger.config import Deployment
 from spendledger.ledger.tickets import Ticket
 
 
@@ -55,4 +57,63 @@ async def forward(services: Services, exchange: Exchange, ticket: Ticket, body_f
         status_code=200,
         media_type="application/json",
         headers=exchange.headers(ticket, event, key_spend),
+    )
+
+
+async def upstream_error_response(exchange: Exchange, ticket: Ticket, status: int, body: bytes) -> Response[Any]:
+    """A provider's own error: 4xx pass through (the caller's request was at fault), else 502."""
+    if status in (401, 403) or status >= 500:
+        message = f"{exchange.deployment.model_name}: upstream answered {status}"
+        failure = UpstreamFailure(502, "upstream_error", message)
+        raise await record_failure(exchange, ticket, failure)
+    event = exchange.usage_event(ticket, status="failure", http_status=status, error_type="upstream_client_error")
+    await record(exchange, ticket, event)
+    error = provider_error(body, exchange.deployment)
+    return json_response({"error": error}, status, exchange.headers(ticket, event))
+
+
+class _ProviderError(msgspec.Struct):
+    message: str = ""
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | int | None = None
+
+
+class _ProviderErrorBody(msgspec.Struct):
+    error: _ProviderError
+
+
+_provider_error_decoder: Final = msgspec.json.Decoder(_ProviderErrorBody)
+_MAX_ERROR_TEXT: Final = 500
+
+
+class ProviderError(msgspec.Struct, frozen=True):
+    """The OpenAI error envelope's four fields, in its order."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+def provider_error(body: bytes, deployment: Deployment) -> ProviderError:
+    """A provider's 4xx, rebuilt from its envelope's four fields only (nothing else it sent is
+    passed on), each cut to a bounded length, and with the deployment's own API key blanked out:
+    a provider that echoes request headers must not show the caller our credentials."""
+    try:
+        error = _provider_error_decoder.decode(body).error
+        message, type_, param = error.message, error.type, error.param
+        code = None if error.code is None else str(error.code)
+    except msgspec.DecodeError:
+        message, type_, param, code = body.decode(errors="replace"), "invalid_request_error", None, None
+    secret = deployment.api_key
+    cleaned = [
+        None if text is None else (text.replace(secret, "[redacted]") if secret else text)[:_MAX_ERROR_TEXT]
+        for text in (message, type_, code, param)
+    ]
+    return ProviderError(
+        message=cleaned[0] or "the provider refused the request",
+        type=cleaned[1] or "invalid_request_error",
+        code=cleaned[2],
+        param=cleaned[3],
     )

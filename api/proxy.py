@@ -17,12 +17,10 @@ from typing import Annotated, Any, Final
 
 import msgspec
 import structlog
-from litestar import Response
 from msgspec import Meta
 
 from spendledger.api.auth import Caller
 from spendledger.api.errors import ApiError
-from spendledger.api.jsonio import json_response
 from spendledger.api.metrics import observe_usage
 from spendledger.api.request_body import RequestHead
 from spendledger.api.upstream import UpstreamFailure
@@ -358,62 +356,3 @@ async def record_failure(exchange: Exchange, ticket: Ticket, failure: UpstreamFa
     )
     await record(exchange, ticket, event)
     return ApiError(failure.status, failure.message, failure.error_type, headers=exchange.headers(ticket, event))
-
-
-async def upstream_error_response(exchange: Exchange, ticket: Ticket, status: int, body: bytes) -> Response[Any]:
-    """A provider's own error: 4xx pass through (the caller's request was at fault), else 502."""
-    if status in (401, 403) or status >= 500:
-        message = f"{exchange.deployment.model_name}: upstream answered {status}"
-        failure = UpstreamFailure(502, "upstream_error", message)
-        raise await record_failure(exchange, ticket, failure)
-    event = exchange.usage_event(ticket, status="failure", http_status=status, error_type="upstream_client_error")
-    await record(exchange, ticket, event)
-    error = provider_error(body, exchange.deployment)
-    return json_response({"error": error}, status, exchange.headers(ticket, event))
-
-
-class _ProviderError(msgspec.Struct):
-    message: str = ""
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | int | None = None
-
-
-class _ProviderErrorBody(msgspec.Struct):
-    error: _ProviderError
-
-
-_provider_error_decoder: Final = msgspec.json.Decoder(_ProviderErrorBody)
-_MAX_ERROR_TEXT: Final = 500
-
-
-class ProviderError(msgspec.Struct, frozen=True):
-    """The OpenAI error envelope's four fields, in its order."""
-
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-def provider_error(body: bytes, deployment: Deployment) -> ProviderError:
-    """A provider's 4xx, rebuilt from its envelope's four fields only (nothing else it sent is
-    passed on), each cut to a bounded length, and with the deployment's own API key blanked out:
-    a provider that echoes request headers must not show the caller our credentials."""
-    try:
-        error = _provider_error_decoder.decode(body).error
-        message, type_, param = error.message, error.type, error.param
-        code = None if error.code is None else str(error.code)
-    except msgspec.DecodeError:
-        message, type_, param, code = body.decode(errors="replace"), "invalid_request_error", None, None
-    secret = deployment.api_key
-    cleaned = [
-        None if text is None else (text.replace(secret, "[redacted]") if secret else text)[:_MAX_ERROR_TEXT]
-        for text in (message, type_, code, param)
-    ]
-    return ProviderError(
-        message=cleaned[0] or "the provider refused the request",
-        type=cleaned[1] or "invalid_request_error",
-        code=cleaned[2],
-        param=cleaned[3],
-    )

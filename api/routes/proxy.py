@@ -188,6 +188,11 @@ _HEADERS = [
     header("x-litellm-model-group", "The model asked for"),
     header("x-litellm-response-cost", "The request's exact cost in USD (not on streams)"),
     header("x-litellm-key-spend", "The key's spend after the request (not on streams)"),
+    header("x-litellm-attempted-retries", "Retries the router made (README, Router settings)"),
+    header("x-litellm-attempted-fallbacks", "Fallback model groups the router tried"),
+    header("x-litellm-response-duration-ms", "The request's time until its response began, ms"),
+    header("x-litellm-overhead-duration-ms", "The gateway's own part of it (the providers' calls left out), ms"),
+    header("llm_provider-x-request-id", "The provider's request id (its rate-limit headers likewise)"),
 ]
 
 
