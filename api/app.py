@@ -17,6 +17,7 @@ from litestar.config.cors import CORSConfig
 from litestar.openapi.config import OpenAPIConfig
 
 from spendledger.api.budget_gauges import BudgetGauges
+from spendledger.api.deployment_limits import DeploymentLimits
 from spendledger.api.docs_ui import assets_router, render_plugins
 from spendledger.api.errors import exception_handlers
 from spendledger.api.json_body import BoundedJsonRequest
@@ -111,14 +112,24 @@ def create_app(
             on_hold_exceeded=observe_hold_exceeded,
             background=background,
         )
+        prices = PriceBook(settings.deployments)
+        router = ModelRouter(
+            settings.deployments,
+            settings.router,
+            # Under reject_unpriced_models an unpriced deployment is never called (a group left
+            # with none is refused as unpriced).
+            (lambda d: prices.price(d.deployment_id) is not None) if settings.reject_unpriced_models else lambda d: True,
+        )
+        usage_based = settings.router.routing_strategy == "usage-based-routing"
+        limited = usage_based or any(d.rpm is not None or d.tpm is not None for d in settings.deployments)
         services = Services(
             settings=settings,
             database_url=database_url,
             pool=pool,
             upstream=upstream,
             keys=key_cache,
-            prices=PriceBook(settings.deployments),
-            router=ModelRouter(settings.deployments),
+            prices=prices,
+            router=router,
             master_key_hash=hash_key(settings.master_key or "anonymous"),
             budgets=settings.budget_settings(),
             tickets=tickets,
@@ -127,6 +138,7 @@ def create_app(
             lago_webhooks=lago_webhooks,
             recording_context=context,
             outbox_rows=outbox_rows,
+            limits=DeploymentLimits(pool, usage_based) if limited else None,
         )
         app.state.services = services
         publisher.start()

@@ -6,13 +6,17 @@ from __future__ import annotations
 import functools
 import os
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Final
+
+import msgspec
 
 from spendledger.api.errors import ApiError
 from spendledger.api.metrics import observe_admission, observe_request
 from spendledger.api.proxy import Exchange
 from spendledger.api.services import Services
 from spendledger.ledger.admission import HOLD_GRACE, Admission, Refused
+from spendledger.ledger.config import Deployment
 from spendledger.ledger.holds import RequestShape, WorstCase, worst_case_cost, worst_case_tokens
 from spendledger.ledger.tickets import Ticket
 
@@ -32,14 +36,14 @@ async def admit(services: Services, exchange: Exchange, shape: RequestShape) -> 
     """Hold the request's worst-case cost on every scope (the ticket that owns it until the request
     settles), or raise the refusal as an ApiError."""
     now = datetime.now(UTC)
-    timeout = timedelta(seconds=exchange.deployment.timeout_s)
+    chain = services.router.chain(exchange.head.model)
+    timeout = timedelta(seconds=services.router.time_bound_s(exchange.head.model, exchange.head.stream))
     if exchange.head.stream:
         timeout = max(timeout, _STREAM_HOLD_FLOOR)
     settings = services.settings
-    worst = worst_case_tokens(shape, services.prices.limits(exchange.deployment.deployment_id))
+    worst, hold = _dearest(services, chain, shape)
     if worst.assumed and settings.reject_unbounded_requests:
         raise unbounded_error(worst, exchange)
-    hold = worst_case_cost(exchange.price, worst)
     admission = Admission(
         call_id=exchange.call_id,
         route=exchange.route,
@@ -59,6 +63,21 @@ async def admit(services: Services, exchange: Exchange, shape: RequestShape) -> 
         raise refusal_error(outcome, exchange.call_id)
     observe_admission(outcome.lease is not None, True)
     return outcome
+
+
+def _dearest(services: Services, chain: tuple[Deployment, ...], shape: RequestShape) -> tuple[WorstCase, Decimal]:
+    """The worst case over every deployment the request may end up calling (its group's and its
+    fallbacks'): whichever answers, or whichever bills, the hold covers it."""
+    prices = services.prices
+    worst = worst_case_tokens(shape, prices.limits(chain[0].deployment_id))
+    hold = worst_case_cost(prices.price(chain[0].deployment_id), worst)
+    for deployment in chain[1:]:
+        other = worst_case_tokens(shape, prices.limits(deployment.deployment_id))
+        cost = worst_case_cost(prices.price(deployment.deployment_id), other)
+        if other.assumed and not worst.assumed:
+            worst = msgspec.structs.replace(worst, assumed=other.assumed)
+        hold = max(hold, cost)
+    return worst, hold
 
 
 def unbounded_error(worst: WorstCase, exchange: Exchange) -> ApiError:

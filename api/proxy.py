@@ -10,28 +10,26 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final
 
-import httpx
 import msgspec
 import structlog
-from litestar import Response
 from msgspec import Meta
 
 from spendledger.api.auth import Caller
 from spendledger.api.errors import ApiError
-from spendledger.api.jsonio import json_response
 from spendledger.api.metrics import observe_usage
 from spendledger.api.request_body import RequestHead
-from spendledger.api.services import Services
 from spendledger.api.upstream import UpstreamFailure
+from spendledger.ledger.background import BackgroundTasks
 from spendledger.ledger.config import Deployment
 from spendledger.ledger.connections import DATABASE_ERRORS
-from spendledger.ledger.events import Route, UsageRecorded, UsageStatus
-from spendledger.ledger.money import format_money
-from spendledger.ledger.pricing import Price, charge
+from spendledger.ledger.events import Attempt, Route, UsageRecorded, UsageStatus
+from spendledger.ledger.money import ZERO, add, format_money
+from spendledger.ledger.pricing import Charge, Price, charge
 from spendledger.ledger.scopes import Scopes
 from spendledger.ledger.tickets import Ticket
 from spendledger.ledger.tokens import TokenUsage
@@ -110,6 +108,20 @@ class _UsageOnly(msgspec.Struct):
 _usage_decoder: Final = msgspec.json.Decoder(_UsageOnly)
 
 
+def answer_usage(content: bytes) -> Usage | None:
+    """The usage block of a provider's answer (None: it reported none); raises msgspec.DecodeError
+    for a body that is not JSON."""
+    return _usage_decoder.decode(content).usage
+
+
+def usage_in(content: bytes) -> Usage | None:
+    """The usage block of a provider's JSON body (an error's too), if it has one."""
+    try:
+        return _usage_decoder.decode(content).usage
+    except msgspec.DecodeError:
+        return None
+
+
 _warned_unpriced: set[tuple[str, str]] = set()
 
 
@@ -128,6 +140,19 @@ def estimate_tokens(size: int) -> int:
     """A rough count (4 bytes a token, OpenAI's rule of thumb) of `size` bytes of text, for when
     the provider never reported usage."""
     return max(1, size // 4)
+
+
+def _with_billed(
+    counts: dict[str, int], costs: dict[Any, Decimal], total: Decimal, billed: list[tuple[TokenUsage, Charge]]
+) -> tuple[dict[str, int], dict[Any, Decimal], Decimal]:
+    counts, costs = dict(counts), dict(costs)
+    for tokens, cost in billed:
+        for name, n in tokens.counts().items():
+            counts[name] = counts.get(name, 0) + n
+        for kind, amount in cost.costs.items():
+            costs[kind] = add(costs.get(kind, ZERO), amount)
+        total = add(total, cost.total)
+    return counts, costs, total
 
 
 class Exchange:
@@ -156,6 +181,24 @@ class Exchange:
         self._started = time.perf_counter()
         self._upstream_began: float | None = None
         self._upstream_s: float | None = None
+        # What the router did (api/attempts.py): its failed calls, and what they were billed.
+        self.attempts: list[Attempt] = []
+        self.billed: list[tuple[TokenUsage, Charge]] = []
+        self.answered = False  # a call answered 200 (its stream may still break)
+        self.retries = 0
+        self.fallbacks = 0
+        self.failed_s = 0.0  # the failed calls' time, and the backoff waited between calls
+        self.provider_headers: dict[str, str] = {}
+        # The tokens counted in deployments' tpm windows (api/deployment_limits.py), once settled:
+        # the answering call's (`counted_final`), and the billed failed calls' by deployment.
+        self.token_counter: Callable[[dict[str, int]], Coroutine[Any, Any, None]] | None = None
+        self.background: BackgroundTasks | None = None
+        self.counted_final = False
+        self.counted_failed: dict[str, int] = {}
+
+    def answered_by(self, deployment: Deployment, price: Price | None) -> None:
+        self.deployment = deployment
+        self.price = price
 
     def upstream_began(self) -> None:
         self._upstream_began = time.perf_counter()
@@ -166,9 +209,35 @@ class Exchange:
             self._upstream_s = time.perf_counter() - self._upstream_began
 
     def timings(self) -> tuple[float, float]:
-        """(the request's time so far, the provider's part of it), seconds."""
+        """(the request's time so far, the providers' part of it: every call's), seconds."""
         self.upstream_ended()
-        return time.perf_counter() - self._started, self._upstream_s or 0.0
+        return time.perf_counter() - self._started, (self._upstream_s or 0.0) + self.failed_s
+
+    def call_failed(self, waited_s: float) -> None:
+        """The call begun last failed: its time, and the backoff `waited_s` after it, are not ours."""
+        if self._upstream_began is not None:
+            self.failed_s += time.perf_counter() - self._upstream_began
+        self.failed_s += waited_s
+        self._upstream_began = None
+
+    def _so_far(self) -> tuple[float, float]:
+        """timings() without ending the provider's part (a stream's headers go before its end)."""
+        now = time.perf_counter()
+        upstream = self._upstream_s
+        if upstream is None:
+            upstream = 0.0 if self._upstream_began is None else now - self._upstream_began
+        return now - self._started, upstream + self.failed_s
+
+    def count_tokens(self, event: UsageRecorded) -> None:
+        """After the settle: the tokens each counted deployment used, into its tpm window."""
+        if self.token_counter is None or self.background is None:
+            return
+        counts = dict(self.counted_failed)
+        if self.counted_final and self.answered:
+            final = event.total_tokens - sum(tokens.total_tokens for tokens, _ in self.billed)
+            counts[self.deployment.deployment_id] = counts.get(self.deployment.deployment_id, 0) + final
+        if counts:
+            self.background.spawn(self.token_counter(counts))
 
     def usage_event(
         self,
@@ -184,6 +253,9 @@ class Exchange:
         cost = charge(self.price, tokens)
         for kind in cost.unpriced_kinds:
             _warn_unpriced_once(self.deployment.deployment_id, self.head.model, kind)
+        counts, costs, total = tokens.counts(), cost.costs, cost.total
+        if self.billed:  # failed calls the providers billed: their tokens and costs are the request's too
+            counts, costs, total = _with_billed(counts, costs, total, self.billed)
         scopes = self.scopes
         return UsageRecorded(
             call_id=self.call_id,
@@ -201,28 +273,52 @@ class Exchange:
             http_status=http_status,
             error_type=error_type,
             stream=self.head.stream,
-            **tokens.counts(),
+            **counts,
             usage_estimated=estimated,
             input_cost_per_token=cost.input_cost_per_token,
             output_cost_per_token=cost.output_cost_per_token,
             unit_prices=cost.unit_prices,
-            costs=cost.costs,
+            costs=costs,
             unpriced_kinds=cost.unpriced_kinds,
-            cost=cost.total,
+            cost=total,
             priced=cost.priced,
             started_at=self.started_at,
             ended_at=datetime.now(UTC),
             budget_periods=ticket.budget_periods,
             hold=ticket.hold,
+            attempts=self._attempts(http_status, error_type),
         )
+
+    def _attempts(self, http_status: int, error_type: str | None) -> tuple[Attempt, ...]:
+        """Every call, the answering one (this event's own) last; none when there was one call."""
+        if not self.attempts:
+            return ()
+        if not self.answered:
+            return tuple(self.attempts) if len(self.attempts) > 1 else ()
+        self.upstream_ended()
+        last = Attempt(
+            deployment_id=self.deployment.deployment_id,
+            model_group=self.deployment.model_name,
+            upstream_model=self.deployment.upstream_model,
+            http_status=http_status,
+            latency_ms=round((self._upstream_s or 0.0) * 1000),
+            error_type=error_type,
+        )
+        return (*self.attempts, last)
 
     def headers(
         self, ticket: Ticket, event: UsageRecorded | None = None, key_spend: Decimal | None = None
     ) -> dict[str, str]:
+        total_s, upstream_s = self._so_far()
         headers = {
+            **self.provider_headers,
             "x-litellm-call-id": self.call_id,
             "x-litellm-model-id": self.deployment.deployment_id,
             "x-litellm-model-group": self.head.model,
+            "x-litellm-attempted-retries": str(self.retries),
+            "x-litellm-attempted-fallbacks": str(self.fallbacks),
+            "x-litellm-response-duration-ms": f"{total_s * 1000:.3f}",
+            "x-litellm-overhead-duration-ms": f"{max(0.0, total_s - upstream_s) * 1000:.3f}",
         }
         admitted = ticket.admitted  # the rate limits' room (leases are granted only without them)
         if admitted.remaining_requests is not None:
@@ -241,6 +337,7 @@ async def record(exchange: Exchange, ticket: Ticket, event: UsageRecorded) -> De
     ledger cannot commit it, withhold the response."""
     try:
         spend = await ticket.settle(event)
+        exchange.count_tokens(event)
     except DATABASE_ERRORS as exc:
         log.error("usage_not_recorded", call_id=exchange.call_id, error_type=type(exc).__name__)
         raise ApiError(
@@ -259,120 +356,3 @@ async def record_failure(exchange: Exchange, ticket: Ticket, failure: UpstreamFa
     )
     await record(exchange, ticket, event)
     return ApiError(failure.status, failure.message, failure.error_type, headers=exchange.headers(ticket, event))
-
-
-async def upstream_error_response(exchange: Exchange, ticket: Ticket, response: httpx.Response) -> Response[Any]:
-    """A provider's own error: 4xx pass through (the caller's request was at fault), else 502."""
-    body = await response.aread()
-    status = response.status_code
-    if status in (401, 403) or status >= 500:
-        message = f"{exchange.deployment.model_name}: upstream answered {status}"
-        failure = UpstreamFailure(502, "upstream_error", message)
-        raise await record_failure(exchange, ticket, failure)
-    event = exchange.usage_event(ticket, status="failure", http_status=status, error_type="upstream_client_error")
-    await record(exchange, ticket, event)
-    error = provider_error(body, exchange.deployment)
-    return json_response({"error": error}, status, exchange.headers(ticket, event))
-
-
-class _ProviderError(msgspec.Struct):
-    message: str = ""
-    type: str | None = "invalid_request_error"  # Azure sends null
-    param: str | None = None
-    code: str | int | None = None
-    # Azure's content filter verdict (`content_filter_result` per category), under either spelling.
-    innererror: msgspec.Raw = msgspec.Raw(b"")  # (msgspec takes no `Raw | None`)
-    inner_error: msgspec.Raw = msgspec.Raw(b"")
-
-
-class _ProviderErrorBody(msgspec.Struct):
-    error: _ProviderError
-
-
-# Google's OpenAI-compatible endpoint sends its error envelope inside a one-element list.
-_provider_error_decoder: Final = msgspec.json.Decoder(_ProviderErrorBody | list[_ProviderErrorBody])
-_MAX_ERROR_TEXT: Final = 500
-_MAX_INNER_ERROR: Final = 4096
-
-
-class ProviderError(msgspec.Struct, frozen=True, omit_defaults=True):
-    """The OpenAI error envelope's four fields, in its order; and, as LiteLLM passes an Azure content
-    filter refusal on, its `innererror` under `provider_specific_fields`."""
-
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-    provider_specific_fields: dict[str, msgspec.Raw] | None = None
-
-
-def provider_error(body: bytes, deployment: Deployment) -> ProviderError:
-    """A provider's 4xx, rebuilt from its envelope's four fields only (nothing else it sent is
-    passed on but Azure's content filter verdict), each cut to a bounded length, and with the
-    deployment's own credentials blanked out: a provider that echoes request headers must not show
-    the caller our key."""
-    inner = b""
-    try:
-        decoded = _provider_error_decoder.decode(body)
-        if isinstance(decoded, list) and not decoded:
-            raise msgspec.DecodeError("an empty list")
-        error = (decoded[0] if isinstance(decoded, list) else decoded).error
-        message, type_, param = error.message, error.type, error.param
-        code = None if error.code is None else str(error.code)
-        inner = bytes(error.innererror) or bytes(error.inner_error)
-    except msgspec.DecodeError:
-        message, type_, param, code = body.decode(errors="replace"), "invalid_request_error", None, None
-    secrets = [s for s in (deployment.api_key, deployment.azure_ad_token) if s]
-
-    def clean(text: str) -> str:
-        for secret in secrets:
-            text = text.replace(secret, "[redacted]")
-        return text
-
-    cleaned = [None if text is None else clean(text)[:_MAX_ERROR_TEXT] for text in (message, type_, code, param)]
-    specific = None
-    if inner.startswith(b"{") and len(inner) <= _MAX_INNER_ERROR and not any(s.encode() in inner for s in secrets):
-        specific = {"innererror": msgspec.Raw(inner)}
-    return ProviderError(
-        message=cleaned[0] or "the provider refused the request",
-        type=cleaned[1] or "invalid_request_error",
-        code=cleaned[2],
-        param=cleaned[3],
-        provider_specific_fields=specific,
-    )
-
-
-async def forward(services: Services, exchange: Exchange, ticket: Ticket, body: bytes) -> Response[Any]:
-    path = UPSTREAM_PATHS[exchange.route]
-    exchange.upstream_began()
-    try:
-        response = await services.upstream.send(exchange.deployment, path, body, stream=False)
-    except UpstreamFailure as failure:
-        raise await record_failure(exchange, ticket, failure) from None
-    exchange.upstream_ended()
-    if response.status_code != 200:
-        return await upstream_error_response(exchange, ticket, response)
-    content = response.content
-    try:
-        usage = _usage_decoder.decode(content).usage
-    except msgspec.DecodeError:
-        raise await record_failure(
-            exchange,
-            ticket,
-            UpstreamFailure(
-                502,
-                "upstream_error",
-                f"{exchange.deployment.model_name}: upstream answered with invalid JSON",
-            ),
-        ) from None
-    estimated = usage is None
-    if usage is None:
-        usage = Usage(prompt_tokens=estimate_tokens(len(body)), completion_tokens=estimate_tokens(len(content)))
-    event = exchange.usage_event(ticket, status="success", http_status=200, usage=usage, estimated=estimated)
-    key_spend = await record(exchange, ticket, event)
-    return Response(
-        content=content,
-        status_code=200,
-        media_type="application/json",
-        headers=exchange.headers(ticket, event, key_spend),
-    )

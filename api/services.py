@@ -13,6 +13,7 @@ import asyncpg
 import structlog
 from litestar.connection import ASGIConnection
 
+from spendledger.api.deployment_limits import DeploymentLimits
 from spendledger.api.keycache import KeyCache
 from spendledger.api.publishing import PublisherRunner
 from spendledger.api.routing import ModelRouter
@@ -46,6 +47,9 @@ class Services:
     recording_context: RecordingContext = NO_CONTEXT
     outbox_rows: OutboxRows = no_outbox_rows
     lago_webhooks: LagoWebhookReceiver | None = None  # with Lago configured: its events.errors
+    # Deployments' rpm / tpm in PostgreSQL: None when no deployment sets one and the strategy is
+    # not usage-based (then routing never leaves the process).
+    limits: DeploymentLimits | None = None
 
 
 def services_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Services:

@@ -14,19 +14,12 @@ import msgspec
 from litestar import Response
 from litestar.response import Stream
 
+from spendledger.api.attempts import Answered, BodyFor, Failed, Router
 from spendledger.api.errors import ApiError
-from spendledger.api.proxy import (
-    UPSTREAM_PATHS,
-    Exchange,
-    Usage,
-    estimate_tokens,
-    record,
-    record_failure,
-    upstream_error_response,
-)
+from spendledger.api.forwarding import failed_response
+from spendledger.api.proxy import Exchange, Usage, estimate_tokens, record
 from spendledger.api.request_body import asks_usage
 from spendledger.api.services import Services
-from spendledger.api.upstream import UpstreamFailure
 from spendledger.ledger.events import UsageRecorded, UsageStatus
 from spendledger.ledger.tickets import Ticket
 
@@ -63,19 +56,13 @@ class _ChunkHead(msgspec.Struct):
 _chunk_decoder: Final = msgspec.json.Decoder(_ChunkHead)
 
 
-async def forward_stream(services: Services, exchange: Exchange, ticket: Ticket, body: bytes) -> Response[Any]:
-    path = UPSTREAM_PATHS[exchange.route]
-    exchange.upstream_began()
-    try:
-        response = await services.upstream.send(exchange.deployment, path, body, stream=True)
-    except UpstreamFailure as failure:
-        raise await record_failure(exchange, ticket, failure) from None
-    if response.status_code != 200:
-        try:
-            return await upstream_error_response(exchange, ticket, response)
-        finally:
-            await response.aclose()
-    relay = StreamRelay(services, exchange, ticket, response, request_bytes=len(body))
+async def forward_stream(services: Services, exchange: Exchange, ticket: Ticket, body_for: BodyFor) -> Response[Any]:
+    """Retried (api/attempts.py) until a call's first chunk is read: nothing has reached the
+    client yet; from then on the stream is the one answer, whatever happens to it."""
+    outcome = await Router(services, exchange, body_for, stream=True).call()
+    if isinstance(outcome, Failed):
+        return await failed_response(exchange, ticket, outcome)
+    relay = StreamRelay(services, exchange, ticket, outcome, request_bytes=len(body_for(outcome.deployment)))
     return Stream(
         relay.events(),
         media_type="text/event-stream",
@@ -87,12 +74,14 @@ class StreamRelay:
     """Passes SSE events through, keeps the usage, and holds `[DONE]` back until usage is recorded."""
 
     def __init__(
-        self, services: Services, exchange: Exchange, ticket: Ticket, response: httpx.Response, request_bytes: int
+        self, services: Services, exchange: Exchange, ticket: Ticket, answered: Answered, request_bytes: int
     ) -> None:
         self._services = services
         self._exchange = exchange
         self._ticket = ticket
-        self._response = response
+        self._response = answered.response
+        self._first = answered.first
+        self._chunks = answered.chunks if answered.chunks is not None else answered.response.aiter_bytes()
         self._request_bytes = request_bytes
         self._client_wants_usage = asks_usage(exchange.head)
         self._usage: Usage | None = None
@@ -102,7 +91,7 @@ class StreamRelay:
     async def events(self) -> AsyncIterator[bytes]:
         try:
             buffer = b""
-            async for data in self._response.aiter_bytes():
+            async for data in self._upstream_bytes():
                 buffer += data.replace(b"\r\n", b"\n")
                 while (end := buffer.find(b"\n\n")) >= 0:
                     event, buffer = buffer[: end + 2], buffer[end + 2 :]
@@ -123,7 +112,15 @@ class StreamRelay:
                 # (spawned before any await here, which a cancellation could interrupt).
                 usage = self._event("success", 200, error_type="client_disconnected")
                 self._services.background.spawn(record(self._exchange, self._ticket, usage))
+            self._services.router.ended(self._exchange.deployment)
             await self._response.aclose()
+
+    async def _upstream_bytes(self) -> AsyncIterator[bytes]:
+        """The stream's bytes: its first chunk (read before the response began), then the rest."""
+        if self._first:
+            yield self._first
+        async for data in self._chunks:
+            yield data
 
     def _pass(self, event: bytes) -> bytes | None:
         """The bytes to send the client for one upstream event (None to hold or drop it)."""

@@ -32,6 +32,13 @@ from spendledger.ledger.config_values import (
     string_list,
 )
 from spendledger.ledger.providers import PROVIDERS, WireFormat, resolve_endpoint, upstream_model_name
+from spendledger.ledger.router_settings import (
+    DEFAULT_ROUTER_SETTINGS,
+    LITELLM_KEYS,
+    ROUTER_KEYS,
+    RouterSettings,
+    parse_router_settings,
+)
 from spendledger.ledger.scopes import BudgetSettings
 from spendledger.ledger.tokens import TokenKind
 
@@ -53,8 +60,8 @@ _LITELLM_SETTINGS: Final = {
     "drop_params",
     "set_verbose",
     "json_logs",
-    "num_retries",
     "timezone",
+    *LITELLM_KEYS,
 }
 _GENERAL_SETTINGS: Final = {
     "master_key",
@@ -82,6 +89,7 @@ _LITELLM_PARAMS: Final = {
     "timeout",
     "stream_timeout",
     "max_retries",
+    "weight",
     "input_cost_per_token",
     "output_cost_per_token",
     "organization",
@@ -127,12 +135,11 @@ _MODEL_INFO: Final = {
 
 
 # Keys a LiteLLM config may hold that are read without error and have no effect here yet: named
-# in one start-up warning when a config sets them (the router's are issue 14's).
+# in one start-up warning when a config sets them.
 NOT_IMPLEMENTED: Final = {
-    "": ("router_settings",),
-    "litellm_settings.": ("failure_callback", "drop_params", "set_verbose", "num_retries"),
+    "litellm_settings.": ("failure_callback", "drop_params", "set_verbose"),
     "general_settings.": ("alerting_threshold", "proxy_batch_write_at", "store_model_in_db"),
-    "litellm_params.": ("rpm", "tpm", "stream_timeout", "max_retries", "organization", "mock_response"),
+    "litellm_params.": ("organization", "mock_response"),
     "model_info.": ("mode", "description"),
 }
 
@@ -176,9 +183,14 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     api_version: str | None = None  # Azure's api-version
     azure_ad_token: str | None = None  # Azure: an Entra ID token, sent as a bearer token without api_key
     base_model: str | None = None  # model_info.base_model: the model the catalogue prices it as
+    # Enforced across processes in PostgreSQL (api/deployment_limits.py); they also weigh
+    # simple-shuffle when no deployment of the group sets a `weight`.
     rpm: int | None = None
     tpm: int | None = None
-    timeout_s: float = 600.0
+    weight: int | None = None  # simple-shuffle's share of the group's requests
+    timeout_s: float = 600.0  # its own `timeout`, else router_settings.timeout / request_timeout
+    stream_timeout_s: float | None = None  # a streaming request's, if set (else timeout_s)
+    max_retries: int = 0  # retries on this same deployment before the router moves on
     input_cost_per_token: Decimal | None = None
     output_cost_per_token: Decimal | None = None
     # The other LiteLLM price keys given (PRICE_KEYS, and their tiered forms), by key.
@@ -246,6 +258,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cors_origins: tuple[str, ...] = ("*",)
     cors_allow_credentials: bool = False
     request_timeout_s: float = 600.0
+    router: RouterSettings = DEFAULT_ROUTER_SETTINGS
     lago: LagoSettings | None = None
     webhook: WebhookSettings | None = None
     warnings: tuple[str, ...] = ()
@@ -318,13 +331,15 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
     resolved = _resolve_env(raw, environ, warnings, source)
     litellm = _section(resolved, "litellm_settings", source)
     general = _section(resolved, "general_settings", source)
-    _note_not_implemented(resolved, "", warnings)
+    router_section = _section(resolved, "router_settings", source)
     _note_not_implemented(litellm, "litellm_settings.", warnings)
     _note_not_implemented(general, "general_settings.", warnings)
     _note_unknown(unknown, "", warnings)
     _note_unknown(sorted(set(litellm) - _LITELLM_SETTINGS, key=str), "litellm_settings.", warnings)
     _note_unknown(sorted(set(general) - _GENERAL_SETTINGS, key=str), "general_settings.", warnings)
-    deployments = _parse_model_list(resolved.get("model_list"), environ, warnings, source)
+    _note_unknown(sorted(set(router_section) - ROUTER_KEYS, key=str), "router_settings.", warnings)
+    router = parse_router_settings(router_section, litellm, _model_names(resolved.get("model_list")), source)
+    deployments = _parse_model_list(resolved.get("model_list"), environ, warnings, source, router)
     callbacks = string_list(litellm.get("callbacks"), "litellm_settings.callbacks", source)
     callbacks += string_list(litellm.get("success_callback"), "litellm_settings.success_callback", source)
     alerting = string_list(general.get("alerting"), "general_settings.alerting", source)
@@ -362,6 +377,7 @@ def parse_settings(raw: Any, environ: Mapping[str, str], source: str = "config")
         request_timeout_s=positive_float(
             litellm.get("request_timeout", 600), "litellm_settings.request_timeout", source
         ),
+        router=router,
         lago=_lago_settings(callbacks, environ, source),
         webhook=_webhook_settings(alerting, environ, source),
         warnings=tuple(warnings),
@@ -437,8 +453,19 @@ def _timezone(value: Any, source: str) -> str:
     return value
 
 
+def _model_names(value: Any) -> tuple[str, ...]:
+    """The model groups a model_list names (checked in full by _parse_model_list)."""
+    entries = value if isinstance(value, list) else []
+    names = (e.get("model_name") for e in entries if isinstance(e, dict))
+    return tuple(dict.fromkeys(n for n in names if isinstance(n, str)))
+
+
 def _parse_model_list(
-    value: Any, environ: Mapping[str, str], warnings: list[str], source: str
+    value: Any,
+    environ: Mapping[str, str],
+    warnings: list[str],
+    source: str,
+    router: RouterSettings = DEFAULT_ROUTER_SETTINGS,
 ) -> tuple[Deployment, ...]:
     if value is None:
         raise ConfigError(f"{source}: 'model_list' is missing: list at least one model")
@@ -449,12 +476,16 @@ def _parse_model_list(
         where = f"{source}: model_list[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where} must be a mapping with model_name and litellm_params")
-        deployments.append(_parse_deployment(entry, where, environ, warnings))
+        deployments.append(_parse_deployment(entry, where, environ, warnings, router))
     return tuple(deployments)
 
 
 def _parse_deployment(
-    entry: dict[str, Any], where: str, environ: Mapping[str, str], warnings: list[str]
+    entry: dict[str, Any],
+    where: str,
+    environ: Mapping[str, str],
+    warnings: list[str],
+    router: RouterSettings = DEFAULT_ROUTER_SETTINGS,
 ) -> Deployment:
     model_name = entry.get("model_name")
     if not isinstance(model_name, str) or not model_name.strip():
@@ -508,7 +539,12 @@ def _parse_deployment(
         base_model=optional_str(info.get("base_model"), f"{ctx}.model_info.base_model", ""),
         rpm=optional_int(params.get("rpm"), f"{ctx}.rpm"),
         tpm=optional_int(params.get("tpm"), f"{ctx}.tpm"),
-        timeout_s=positive_float(params.get("timeout", 600), f"{ctx}.timeout", ""),
+        weight=optional_positive_int(params.get("weight"), f"{ctx}.weight"),
+        timeout_s=router.timeout_s
+        if params.get("timeout") is None
+        else positive_float(params["timeout"], f"{ctx}.timeout", ""),
+        stream_timeout_s=_stream_timeout(params.get("stream_timeout"), router, f"{ctx}.stream_timeout"),
+        max_retries=optional_int(params.get("max_retries"), f"{ctx}.max_retries") or 0,
         input_cost_per_token=optional_money(
             info.get("input_cost_per_token", params.get("input_cost_per_token")),
             f"{ctx}.input_cost_per_token",
@@ -525,6 +561,12 @@ def _parse_deployment(
         ),
         max_input_tokens=optional_positive_int(info.get("max_input_tokens"), f"{ctx}.max_input_tokens"),
     )
+
+
+def _stream_timeout(value: Any, router: RouterSettings, name: str) -> float | None:
+    if value is None:
+        return router.stream_timeout_s
+    return positive_float(value, name, "")
 
 
 def _is_price_key(key: object) -> bool:

@@ -30,6 +30,24 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
     """Base of every event; the tag is the class name."""
 
 
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    """One call the router made to a provider for a request (api/attempts.py): the deployment,
+    how it ended (the provider's HTTP status; 502 unreachable or broken, 504 timed out, 429 when the
+    deployment's own rpm / tpm had no room and it was not called) and how long it took. A failed
+    call the provider billed (it reported usage) carries its tokens and cost, which the request's
+    totals include; the answering call's are the request's own fields."""
+
+    deployment_id: str
+    model_group: str
+    upstream_model: str
+    http_status: int
+    latency_ms: int
+    error_type: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: Decimal = Decimal(0)
+
+
 class UsageRecorded(Event, frozen=True, kw_only=True):
     """The terminal event of a proxied request: what was used and what it cost."""
 
@@ -79,6 +97,9 @@ class UsageRecorded(Event, frozen=True, kw_only=True):
     # The worst case held for it at admission (ledger/holds.py); None in events older than it.
     # A settle gives back at most this much of a lease, whatever the request cost.
     hold: Decimal | None = None
+    # Every call made for it, in order, the answering one last (empty in events older than the
+    # router, and for a request answered at the first call: then the fields above say it all).
+    attempts: tuple[Attempt, ...] = ()
 
     @property
     def scopes(self) -> Scopes:

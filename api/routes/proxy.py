@@ -18,13 +18,15 @@ from msgspec import Meta
 from spendledger.api.auth import Caller, authenticate
 from spendledger.api.enforcement import admit
 from spendledger.api.errors import ApiError, bad_request
+from spendledger.api.forwarding import forward
 from spendledger.api.jsonio import json_response
-from spendledger.api.proxy import Exchange, forward, record
+from spendledger.api.proxy import Exchange, record
 from spendledger.api.request_body import Finite, Tokens, customer_of, decode_body, shape_of, upstream_body
 from spendledger.api.roles import Permission
 from spendledger.api.schemas import documented, header, sse_events
 from spendledger.api.services import services_of
 from spendledger.api.streaming import forward_stream
+from spendledger.ledger.config import Deployment
 from spendledger.ledger.events import Route
 from spendledger.ledger.identifiers import ID_MAX_LENGTH, ID_PATTERN, ID_RULE
 
@@ -186,6 +188,11 @@ _HEADERS = [
     header("x-litellm-model-group", "The model asked for"),
     header("x-litellm-response-cost", "The request's exact cost in USD (not on streams)"),
     header("x-litellm-key-spend", "The key's spend after the request (not on streams)"),
+    header("x-litellm-attempted-retries", "Retries the router made (README, Router settings)"),
+    header("x-litellm-attempted-fallbacks", "Fallback model groups the router tried"),
+    header("x-litellm-response-duration-ms", "The request's time until its response began, ms"),
+    header("x-litellm-overhead-duration-ms", "The gateway's own part of it (the providers' calls left out), ms"),
+    header("llm_provider-x-request-id", "The provider's request id (its rate-limit headers likewise)"),
 ]
 
 
@@ -212,8 +219,7 @@ async def _proxy(route: Route, request: Request[Any, Any, Any]) -> Response[Any]
             "key_model_access_denied",
             param="model",
         )
-    deployment = services.router.pick(head.model)
-    if deployment is None:
+    if not services.router.has(head.model):
         raise ApiError(
             404,
             f"The model {head.model!r} does not exist. Available models: "
@@ -222,8 +228,8 @@ async def _proxy(route: Route, request: Request[Any, Any, Any]) -> Response[Any]
             code="model_not_found",
             param="model",
         )
-    price = services.prices.price(deployment.deployment_id)
-    if price is None and services.settings.reject_unpriced_models:
+    group = services.router.deployments(head.model)  # without the unpriced, under reject_unpriced_models
+    if not group:
         raise ApiError(
             400,
             f"The model {head.model!r} has no price and reject_unpriced_models is set",
@@ -231,15 +237,28 @@ async def _proxy(route: Route, request: Request[Any, Any, Any]) -> Response[Any]
             code="model_unpriced",
             param="model",
         )
+    deployment = group[0]  # until the router calls one (api/attempts.py)
     exchange = Exchange(
-        route, caller, head, deployment, price, caller.customer_for(customer_of(head, request.headers))
+        route,
+        caller,
+        head,
+        deployment,
+        services.prices.price(deployment.deployment_id),
+        caller.customer_for(customer_of(head, request.headers)),
     )
-    outgoing = upstream_body(body, raw, deployment)
+    bodies: dict[str, bytes] = {}
+
+    def body_for(target: Deployment) -> bytes:
+        found = bodies.get(target.upstream_model)
+        if found is None:
+            found = bodies[target.upstream_model] = upstream_body(body, raw, target)
+        return found
+
     ticket = await admit(services, exchange, shape_of(route, body))
     try:
         if head.stream:
-            return await forward_stream(services, exchange, ticket, outgoing)
-        return await forward(services, exchange, ticket, outgoing)
+            return await forward_stream(services, exchange, ticket, body_for)
+        return await forward(services, exchange, ticket, body_for)
     except Exception:
         if not ticket.closed:
             # A bug of ours between admission and recording: still close the books on the request,

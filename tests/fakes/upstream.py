@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import hashlib
 import struct
 import time
@@ -157,6 +158,43 @@ class _HttpError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+# OpenAI's rate-limit headers, as it sends them on every answer (static here).
+RATE_LIMIT_HEADERS = {
+    "x-ratelimit-limit-requests": "10000",
+    "x-ratelimit-limit-tokens": "2000000",
+    "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-remaining-tokens": "1999000",
+    "x-ratelimit-reset-requests": "6ms",
+    "x-ratelimit-reset-tokens": "30ms",
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed answer, on demand (`FakeUpstream.fail_next`, `.fail_always`): an HTTP error in
+    OpenAI's envelope (`status`, with its `retry-after` / `retry-after-ms` headers when set, and a
+    usage block when `usage`: a provider that bills the failed call), a connection that breaks
+    before any byte of the body (`drop`) or, on a stream, after `break_after` chunks, each after
+    `delay_s` (longer than the proxy's timeout: a timeout)."""
+
+    status: int | None = None
+    retry_after: str | None = None
+    retry_after_ms: str | None = None
+    usage: bool = False
+    drop: bool = False
+    break_after: int | None = None
+    delay_s: float = 0.0
+    context_window: bool = False  # a 400 as OpenAI answers a prompt past the model's context window
+
+
+# The stream being answered breaks after this many chunks (each request runs in its own context).
+_BREAK_AFTER: contextvars.ContextVar[int | None] = contextvars.ContextVar("break_after", default=None)
+
+
+class _Dropped(Exception):
+    """Raised after the response began: uvicorn then closes the connection mid-response."""
+
+
 @dataclass
 class RecordedRequest:
     """One request as the fake saw it, so tests can assert what the proxy forwarded."""
@@ -196,6 +234,28 @@ class FakeUpstream:
     # instead of by words: what the hold's input bound must still cover.
     bytes_as_tokens: bool = False
     requests: list[RecordedRequest] = field(default_factory=list)
+    # Failures on demand, by the model asked for (None: any model): the next ones, then for good.
+    scripted: dict[str | None, list[Failure]] = field(default_factory=dict)
+    failing: dict[str | None, Failure] = field(default_factory=dict)
+
+    def fail_next(self, *failures: Failure, model: str | None = None) -> None:
+        """The next requests for `model` (any, if None) fail so, in order; then they succeed."""
+        self.scripted.setdefault(model, []).extend(failures)
+
+    def fail_always(self, failure: Failure, model: str | None = None) -> None:
+        self.failing[model] = failure
+
+    def served(self, model: str) -> int:
+        """How many requests asked for `model`."""
+        return sum(1 for r in self.requests if isinstance(r.json, dict) and r.json.get("model") == model)
+
+    def _failure_for(self, body: Any) -> Failure | None:
+        model = body.get("model") if isinstance(body, dict) else None
+        for key in (model, None):
+            queue = self.scripted.get(key)
+            if queue:
+                return queue.pop(0)
+        return self.failing.get(model) or self.failing.get(None)
 
     def reset(self) -> None:
         """Clear all controls and recorded requests (the list object is kept)."""
@@ -205,6 +265,8 @@ class FakeUpstream:
         self.words_per_chunk, self.overbill_tokens = 1, 0
         self.cached_prompt_tokens, self.reasoning_tokens, self.audio_prompt_tokens = 0, 0, 0
         self.bytes_as_tokens = False
+        self.scripted.clear()
+        self.failing.clear()
         self.requests.clear()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -228,6 +290,14 @@ class FakeUpstream:
         )
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        failure = self._failure_for(parsed) if method == "POST" else None
+        if failure is not None:
+            if failure.delay_s:
+                await asyncio.sleep(failure.delay_s)
+            if failure.status is not None or failure.drop or failure.context_window:
+                await _fail(send, failure, parsed)
+                return
+        _BREAK_AFTER.set(failure.break_after if failure is not None else None)
         try:
             await self._dispatch(method, path, headers, raw, parsed, send)
         except _HttpError as exc:
@@ -397,10 +467,13 @@ class FakeUpstream:
                     (b"content-type", b"text/event-stream; charset=utf-8"),
                     (b"cache-control", b"no-cache"),
                     (b"x-request-id", uuid.uuid4().hex.encode()),
+                    *_rate_limit_headers(),
                 ],
             }
         )
         for i, event in enumerate(events):
+            if i == _BREAK_AFTER.get():
+                raise _Dropped("the stream breaks")
             if i and self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
             frame = b"data: " + msgspec.json.encode(event) + b"\n\n"
@@ -437,7 +510,13 @@ def _model(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "fake-upstream"}
 
 
-async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+def _rate_limit_headers() -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in RATE_LIMIT_HEADERS.items()] + [(b"openai-processing-ms", b"12")]
+
+
+async def _send_json(
+    send: Send, status: int, payload: dict[str, Any], extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     data = msgspec.json.encode(payload)
     await send(
         {
@@ -447,10 +526,48 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(data)).encode()),
                 (b"x-request-id", uuid.uuid4().hex.encode()),
+                *(_rate_limit_headers() if status == 200 else []),
+                *(extra or []),
             ],
         }
     )
     await send({"type": "http.response.body", "body": data})
+
+
+FAILED_PROMPT_TOKENS = 7  # the usage a billed failure reports
+FAILED_COMPLETION_TOKENS = 5
+
+
+async def _fail(send: Send, failure: Failure, body: Any) -> None:
+    """A failure as the real API answers it: its status and envelope (with the headers it sends
+    then), or a connection that breaks once the response has begun."""
+    if failure.context_window:
+        failure = Failure(status=400, context_window=True)
+    if failure.drop:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1000")]})
+        raise _Dropped("the connection breaks")
+    status = failure.status or 500
+    fallback = "server_error" if status >= 500 else "invalid_request_error"
+    payload = error_body(
+        f"Fake upstream failure (status {status})", _ERROR_TYPES.get(status, fallback), None, _ERROR_CODES.get(status)
+    )
+    if failure.context_window:
+        payload = error_body(
+            "This model's maximum context length is 16 tokens. However, your messages resulted in 40 tokens.",
+            "invalid_request_error",
+            "messages",
+            "context_length_exceeded",
+        )
+    if failure.usage:
+        payload["usage"] = _usage(FAILED_PROMPT_TOKENS, FAILED_COMPLETION_TOKENS, details=False)
+    extra = []
+    if failure.retry_after is not None:
+        extra.append((b"retry-after", failure.retry_after.encode()))
+    if failure.retry_after_ms is not None:
+        extra.append((b"retry-after-ms", failure.retry_after_ms.encode()))
+    if status == 429:
+        extra += [(b"x-ratelimit-remaining-requests", b"0"), (b"x-ratelimit-limit-requests", b"10000")]
+    await _send_json(send, status, payload, extra)
 
 
 # --- runner ---

@@ -99,6 +99,8 @@ NOT_EVENTS: Final[dict[str, tuple[str, frozenset[str] | None]]] = {
     "req.request_values": ("a request's values by value key", None),
     "o.payload": ("a Lago event's payload (ledger/sinks), not a ledger event", None),
     "to_jsonb(old)": ("a directory table's row (the directory_history trigger): its columns", None),
+    "cand": ("a routing candidate, [deployment_id, rpm, tpm] (sl_take_deployment)", None),
+    "o.cand": ("a routing candidate, [deployment_id, rpm, tpm] (sl_take_deployment)", None),
 }  # fmt: skip
 
 # Reads whose field is a parameter: (source, value) → what supplies the names (checked below).

@@ -109,11 +109,10 @@ def test_contract_config_parses() -> None:
     assert settings.budget_duration == "30d"
     assert settings.max_request_size_mb == Decimal("0.5")
     assert settings.max_request_size_bytes == 512 * 1024
-    # The contract's rpm / tpm per deployment are read and not enforced yet (issue 14): said once.
-    assert settings.warnings == (
-        "config keys accepted but not implemented (no effect): "
-        "fake-openai-endpoint.litellm_params.rpm, fake-openai-endpoint.litellm_params.tpm",
-    )
+    # The contract's rpm / tpm per deployment are enforced (api/deployment_limits.py): no warning.
+    assert settings.warnings == ()
+    assert (settings.deployments[0].rpm, settings.deployments[0].tpm) == (600, None)
+    assert (settings.deployments[1].rpm, settings.deployments[1].tpm) == (None, 100000)
 
 
 def test_model_info_prices_are_exact_decimals() -> None:
@@ -283,13 +282,10 @@ top_level_typo: 3
 
 
 def test_a_single_unknown_key_gives_one_warning() -> None:
-    settings = parse_settings(minimal(router_settings={}, surprise=1), {})
+    settings = parse_settings(minimal(router_settings={"redis_host": "r"}, surprise=1), {})
     [unknown] = unknown_key_warnings(settings)
-    assert "surprise" in unknown and "router_settings" not in unknown
-    assert settings.warnings == (
-        "config keys accepted but not implemented (no effect): router_settings",
-        unknown,
-    )
+    assert "surprise" in unknown and "router_settings.redis_host" in unknown
+    assert settings.warnings == (unknown,)
 
 
 def test_known_keys_give_no_warning() -> None:
@@ -430,8 +426,8 @@ def test_keys_accepted_but_not_implemented_are_named_in_one_warning() -> None:
     raw["model_list"][0]["model_info"] = {"mode": "chat"}
     warnings = [w for w in parse_settings(raw, {}).warnings if "not implemented" in w]
     assert warnings == [
-        "config keys accepted but not implemented (no effect): router_settings, litellm_settings.drop_params, "
-        "litellm_settings.num_retries, general_settings.proxy_batch_write_at, m.litellm_params.rpm, m.model_info.mode"
+        "config keys accepted but not implemented (no effect): litellm_settings.drop_params, "
+        "general_settings.proxy_batch_write_at, m.model_info.mode"
     ]
     assert not [w for w in parse_settings(minimal(), {}).warnings if "not implemented" in w]
 

@@ -136,6 +136,8 @@ def sample(t: msgspec.inspect.Type, name: str) -> object:
         if isinstance(t.key_type, mi.LiteralType):  # a closed set of keys (kinds of token)
             return {t.key_type.values[0]: sample(t.value_type, name)}
         return {"k": "v", "n": 1, "nested": {"list": [1, "two"]}}
+    if isinstance(t, mi.StructType):  # a nested Struct (an Attempt): every field set too
+        return t.cls(**{f.name: sample(f.type, f.name) for f in t.fields})
     if isinstance(t, mi.AnyType):
         return "any"
     if isinstance(t, mi.LiteralType):
