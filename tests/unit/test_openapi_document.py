@@ -22,12 +22,16 @@ general_settings:
   master_key: sk-document-9d2f6a1c4e8b7035
 """
 DOCUMENT = openapi_document(CONFIG)
-OPERATIONS = [
-    (method.upper(), path, operation)
-    for path, item in DOCUMENT["paths"].items()
-    for method, operation in item.items()
-    if method in ("get", "post", "put", "patch", "delete")
-]
+# Sorted: the document's order of paths may differ between processes (parallel workers collect alike).
+OPERATIONS = sorted(
+    (
+        (method.upper(), path, operation)
+        for path, item in DOCUMENT["paths"].items()
+        for method, operation in item.items()
+        if method in ("get", "post", "put", "patch", "delete")
+    ),
+    key=lambda found: (found[1], found[0]),
+)
 IDS = [f"{method} {path}" for method, path, _ in OPERATIONS]
 ENVELOPE = {"$ref": "#/components/schemas/ErrorBody"}
 # No key, no database: the process's own health (readiness answers its own 503 body).
