@@ -27,7 +27,7 @@ import msgspec
 
 from spendledger.api.anthropic.errors import OpenAIError, from_stream_event
 from spendledger.api.anthropic.response import AnthropicUsage, finish_reason, openai_usage
-from spendledger.api.proxy import Usage, estimate_tokens
+from spendledger.api.usage_block import Usage, estimate_tokens
 
 
 class _StartMessage(msgspec.Struct, frozen=True):
