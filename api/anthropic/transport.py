@@ -25,7 +25,7 @@ the model's output limit: never more than the hold's worst case (ledger/holds.py
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
 import httpx
@@ -41,12 +41,13 @@ from spendledger.ledger.config import Deployment
 from spendledger.ledger.pricing import limits_for
 
 CHAT_PATH: Final = "/chat/completions"
-_JSON: Final = ("content-type", "application/json")
-_SSE: Final = ("content-type", "text/event-stream")
+_JSON: Final = (b"content-type", b"application/json")
+_SSE: Final = (b"content-type", b"text/event-stream")
 # Anthropic's headers worth passing on: the request's id (for Anthropic's support), and what a
 # client or a router needs to back off.
-_KEPT: Final = ("request-id", "retry-after", "x-should-retry")
-_KEPT_PREFIX: Final = "anthropic-ratelimit-"
+_KEPT: Final = (b"request-id", b"retry-after", b"x-should-retry")
+_KEPT_PREFIX: Final = b"anthropic-ratelimit-"
+Header = tuple[bytes, bytes]
 
 
 def default_max_tokens(deployment: Deployment) -> int:
@@ -56,13 +57,15 @@ def default_max_tokens(deployment: Deployment) -> int:
     return DEFAULT_MAX_TOKENS if limit is None else min(DEFAULT_MAX_TOKENS, limit)
 
 
-def kept_headers(headers: httpx.Headers) -> list[tuple[str, str]]:
-    """Anthropic's `request-id`, `retry-after` and rate-limit headers, in its order."""
-    return [
-        (name, value)
-        for name, value in headers.items()
-        if name in _KEPT or name.startswith(_KEPT_PREFIX)
-    ]
+def kept_headers(headers: httpx.Headers) -> list[Header]:
+    """Anthropic's `request-id`, `retry-after` and rate-limit headers, in its order. (Read as bytes:
+    httpx's `items()` decodes every header, at a few µs a request.)"""
+    kept = []
+    for name, value in headers.raw:
+        lowered = name.lower()
+        if lowered in _KEPT or lowered.startswith(_KEPT_PREFIX):
+            kept.append((lowered, value))
+    return kept
 
 
 class AnthropicTransport(httpx.AsyncBaseTransport):
@@ -84,10 +87,12 @@ class AnthropicTransport(httpx.AsyncBaseTransport):
             body = to_messages_request(request.content, self._model, default_max_tokens=self._default_max_tokens)
         except ApiError as exc:
             return _answer(exc.status, envelope(exc.message, exc.type, exc.code, exc.param), [_JSON], request)
-        headers = request.headers.copy()
-        headers["content-length"] = str(len(body))
-        upstream = httpx.Request("POST", request.url, headers=headers, content=body, extensions=request.extensions)
-        response = await self._client.send(upstream, stream=True)
+        # The request (made for this one call by Upstream.send) is sent on with its body replaced:
+        # its URL, headers and timeouts are the target's already, and a copy would cost as much again.
+        request.headers["Content-Length"] = str(len(body))
+        request.stream = httpx.ByteStream(body)
+        request._content = body  # what read() would set; the transport sends `content`
+        response = await self._client.send(request, stream=True)
         kept = kept_headers(response.headers)
         if response.status_code != 200:
             try:
@@ -96,7 +101,7 @@ class AnthropicTransport(httpx.AsyncBaseTransport):
                 await response.aclose()
             error = to_openai_error(response.status_code, raw, secret=self._secret)
             return _answer(error.status, error.envelope(), [_JSON, *kept], request)
-        if not response.headers.get("content-type", "").startswith(_SSE[1]):  # the request asked no stream
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):  # no stream asked
             try:
                 raw = await response.aread()
             finally:
@@ -105,7 +110,7 @@ class AnthropicTransport(httpx.AsyncBaseTransport):
         stream = TranslatedStream(response, StreamTranslator(secret=self._secret))
         return httpx.Response(200, headers=[_SSE, *kept], stream=stream, request=request)
 
-    def _completion(self, raw: bytes, kept: list[tuple[str, str]], request: httpx.Request) -> httpx.Response:
+    def _completion(self, raw: bytes, kept: list[Header], request: httpx.Request) -> httpx.Response:
         try:
             completion, _ = to_openai_response(raw)
         except msgspec.DecodeError:
@@ -115,8 +120,10 @@ class AnthropicTransport(httpx.AsyncBaseTransport):
         return _answer(200, completion, [_JSON, *kept], request)
 
 
-def _answer(status: int, body: bytes, headers: list[tuple[str, str]], request: httpx.Request) -> httpx.Response:
-    return httpx.Response(status, headers=headers, content=body, request=request)
+def _answer(status: int, body: bytes, headers: list[Header], request: httpx.Request) -> httpx.Response:
+    response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body), request=request)
+    response._content = body  # read already, as api/http_client.py hands a short answer over
+    return response
 
 
 class TranslatedStream(httpx.AsyncByteStream):
@@ -128,8 +135,17 @@ class TranslatedStream(httpx.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         translator = self._translator
+        response = self._response
+        # Anthropic's bytes as they come: straight from the transport unless they need decoding
+        # (httpx's aiter_bytes adds two generators a chunk, and a stream has a chunk an event).
+        raw = response.stream
+        chunks: AsyncIterable[bytes]
+        if isinstance(raw, httpx.AsyncByteStream) and "content-encoding" not in response.headers:
+            chunks = raw
+        else:
+            chunks = response.aiter_bytes()
         try:
-            async for data in self._response.aiter_bytes():
+            async for data in chunks:
                 out = translator.feed(data)
                 if out:
                     yield out
