@@ -9,7 +9,8 @@ usage, as a JSON answer or, streamed, one SSE event per word (OpenAI's chunks wi
 or Anthropic's events), each written on its own after `--event-gap-ms`. `wrk -c --connections`
 loads each target for `--duration` s, the four targets alternating, `--rounds` times (after a
 warm-up of each); the server's CPU time (its process tree, psutil or /proc) over the requests wrk
-completed is its CPU per request. Prints the runs and the table; writes nothing.
+completed is its CPU per request; what Anthropic adds is the median of the rounds' differences.
+Prints the runs and the table; writes nothing (docs/benchmarks.md is written by hand).
 
     .venv/bin/python scripts/bench/anthropic_proxy.py [--duration 10] [--rounds 3] [--connections 16]
 
@@ -269,15 +270,19 @@ def cpu_ms_per_request(run: Run) -> float:
 
 
 def report(per_request: dict[tuple[str, bool], list[float]], args: argparse.Namespace) -> None:
-    print(f"\nServer CPU per request, ms (median of {args.rounds} rounds of {args.duration:g} s, "
-          f"wrk -c{args.connections}; stream events {args.event_gap_ms:g} ms apart)\n")  # fmt: skip
+    print(f"\nServer CPU per request, ms (medians of {args.rounds} rounds of {args.duration:g} s; added: the "
+          f"median of the rounds' differences; "
+          f"wrk -c{args.connections}; stream events {args.event_gap_ms:g} ms apart; {len(WORDS)} words)\n")  # fmt: skip
     print(f"| {'request':<8} | {'OpenAI':>8} | {'Anthropic':>9} | {'added':>7} | rounds' added |")
     print(f"|{'-' * 10}|{'-' * 10}|{'-' * 11}|{'-' * 9}|{'-' * 15}|")
     verdicts = []
     for stream in (False, True):
         openai, anthropic = per_request[("openai", stream)], per_request[("anthropic", stream)]
-        added = statistics.median(anthropic) - statistics.median(openai)
-        each = " ".join(f"{a - o:+.3f}" for o, a in zip(openai, anthropic, strict=True))
+        # A round's two runs are seconds apart: their difference is the fairer measure
+        # on a machine whose other load changes, so "added" is the median of the rounds' differences.
+        differences = [a - o for o, a in zip(openai, anthropic, strict=True)]
+        added = statistics.median(differences)
+        each = " ".join(f"{d:+.3f}" for d in differences)
         label = "stream" if stream else "answer"
         print(f"| {label:<8} | {statistics.median(openai):8.4f} | {statistics.median(anthropic):9.4f} | "
               f"{added:+7.4f} | {each} |")  # fmt: skip
