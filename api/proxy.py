@@ -13,17 +13,17 @@ import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Final
+from typing import Any, Final
 
 import msgspec
 import structlog
-from msgspec import Meta
 
 from spendledger.api.auth import Caller
 from spendledger.api.errors import ApiError
 from spendledger.api.metrics import observe_usage
 from spendledger.api.request_body import RequestHead
 from spendledger.api.upstream import UpstreamFailure
+from spendledger.api.usage_block import CompletionDetails, PromptDetails, Usage, estimate_tokens
 from spendledger.ledger.background import BackgroundTasks
 from spendledger.ledger.config import Deployment
 from spendledger.ledger.connections import DATABASE_ERRORS
@@ -34,6 +34,10 @@ from spendledger.ledger.scopes import Scopes
 from spendledger.ledger.tickets import Ticket
 from spendledger.ledger.tokens import TokenUsage
 
+# Re-exported: the usage block lives in api/usage_block.py (api/anthropic/ reads it without importing
+# this module, which imports the upstream); importers of these names from here keep working.
+__all__ = ["CompletionDetails", "PromptDetails", "Usage", "estimate_tokens"]
+
 log = structlog.get_logger(__name__)
 
 UPSTREAM_PATHS: Final[dict[Route, str]] = {
@@ -41,64 +45,6 @@ UPSTREAM_PATHS: Final[dict[Route, str]] = {
     "completions": "/completions",
     "embeddings": "/embeddings",
 }
-
-
-Count = Annotated[int, Meta(ge=0)]  # an upstream reporting negative tokens is answering nonsense
-
-
-class PromptDetails(msgspec.Struct, kw_only=True):
-    cached_tokens: Count | None = None
-    cache_creation_tokens: Count | None = None  # LiteLLM's spelling, for an upstream LiteLLM
-    audio_tokens: Count | None = None
-    image_tokens: Count | None = None
-
-
-class CompletionDetails(msgspec.Struct, kw_only=True):
-    reasoning_tokens: Count | None = None
-    audio_tokens: Count | None = None
-    image_tokens: Count | None = None
-
-
-class Usage(msgspec.Struct, kw_only=True):
-    """A usage block as OpenAI (and Azure, OpenRouter, LiteLLM) report it — `prompt_tokens`
-    counting every input token, cached ones included — or as Anthropic does (`input_tokens`
-    without the cache's, which come apart as `cache_read_input_tokens` and
-    `cache_creation_input_tokens`)."""
-
-    prompt_tokens: Count | None = None
-    completion_tokens: Count | None = None
-    total_tokens: Count | None = None
-    prompt_tokens_details: PromptDetails | None = None
-    completion_tokens_details: CompletionDetails | None = None
-    input_tokens: Count | None = None
-    output_tokens: Count | None = None
-    cache_read_input_tokens: Count | None = None
-    cache_creation_input_tokens: Count | None = None
-
-    def tokens(self) -> TokenUsage:
-        prompt = self.prompt_tokens_details or PromptDetails()
-        completion = self.completion_tokens_details or CompletionDetails()
-        cache_read = _first(prompt.cached_tokens, self.cache_read_input_tokens)
-        cache_write = _first(prompt.cache_creation_tokens, self.cache_creation_input_tokens)
-        if self.prompt_tokens is not None:
-            input_tokens = self.prompt_tokens
-        else:  # Anthropic's count leaves the cache's tokens out
-            input_tokens = (self.input_tokens or 0) + cache_read + cache_write
-        return TokenUsage.reported(
-            input_tokens,
-            _first(self.completion_tokens, self.output_tokens),
-            cache_read=cache_read,
-            cache_write=cache_write,
-            input_audio=prompt.audio_tokens or 0,
-            input_image=prompt.image_tokens or 0,
-            output_audio=completion.audio_tokens or 0,
-            output_image=completion.image_tokens or 0,
-            reasoning=completion.reasoning_tokens or 0,
-        )
-
-
-def _first(*counts: int | None) -> int:
-    return next((c for c in counts if c is not None), 0)
 
 
 class _UsageOnly(msgspec.Struct):
@@ -134,12 +80,6 @@ def _warn_unpriced_once(deployment_id: str, model: str, kind: str) -> None:
             "token_kind_unpriced", deployment_id=deployment_id, model=model, kind=kind,
             detail="billed at the plain token's price: set its price in model_info",
         )  # fmt: skip
-
-
-def estimate_tokens(size: int) -> int:
-    """A rough count (4 bytes a token, OpenAI's rule of thumb) of `size` bytes of text, for when
-    the provider never reported usage."""
-    return max(1, size // 4)
 
 
 def _with_billed(

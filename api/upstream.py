@@ -3,8 +3,9 @@
 Each deployment's URL, headers and timeout are prepared once (`PostTarget`), from its provider's row
 (ledger/providers.py: Azure's URL shapes and `api-key` header, a bearer key for the OpenAI-compatible
 family); requests go straight to the transport (`DirectClient`): no redirects followed, no cookies kept.
-A provider whose wire format is not OpenAI's and has no translation here (Anthropic's Messages API)
-is never sent an OpenAI body: its requests fail as 501 `not_implemented`, recorded at cost 0.
+An Anthropic deployment's client translates (api/anthropic/transport.py): it is sent the OpenAI
+body like any other and answers in OpenAI's format, speaking Anthropic's Messages API through the
+pooled client in between, so that the proxy and the stream relay treat it as any provider.
 
 Bodies are forwarded as bytes; the provider's key comes from the deployment, never from the caller.
 Transport failures become `UpstreamFailure` with the status and error type the contract names.
@@ -18,6 +19,8 @@ from typing import Final
 
 import httpx
 
+from spendledger.api.anthropic.transport import AnthropicTransport
+from spendledger.api.anthropic.wire import messages_url
 from spendledger.api.http_client import DirectClient, pooled_client
 from spendledger.api.mock_provider import MockTransport
 from spendledger.ledger.config import Deployment
@@ -44,8 +47,12 @@ class Upstream:
         # Per (deployment, path): its client and prepared POST. Keyed by identity, checked on use:
         # deployments live as long as the configuration, and hashing one costs more than the lookup.
         self._targets: dict[tuple[int, str, bool], tuple[Deployment, httpx.AsyncClient, PostTarget]] = {}
+        # The translating clients of Anthropic targets, by the same key (they wrap `_http`).
+        self._translating: dict[tuple[int, str, bool], httpx.AsyncClient] = {}
 
     async def aclose(self) -> None:
+        for client in self._translating.values():
+            await client.aclose()
         await self._http.aclose()
         await self._mock.aclose()
 
@@ -55,19 +62,17 @@ class Upstream:
         if found is not None and found[0] is deployment:
             return found[1], found[2]
         spec = provider_spec(deployment.provider)
-        if spec.wire == "anthropic":
-            raise UpstreamFailure(
-                501,
-                "not_implemented",
-                f"{deployment.model_name}: Anthropic deployments ('anthropic/') are accepted by the config, "
-                "but this build cannot translate requests to Anthropic's Messages API yet",
-            )
         headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
         headers.update(auth_headers(spec, deployment.api_key, deployment.azure_ad_token))
         timeout_s = deployment.stream_timeout_s if stream and deployment.stream_timeout_s else deployment.timeout_s
         timeout = httpx.Timeout(timeout_s, connect=min(_CONNECT_TIMEOUT_S, timeout_s))
+        client: httpx.AsyncClient
         if deployment.provider == "mock":
             client, url = self._mock, f"http://mock.invalid/v1{path}"
+        elif spec.wire == "anthropic":
+            client = DirectClient(AnthropicTransport(self._http, deployment, path), trust_env=False)
+            self._translating[(id(deployment), path, stream)] = client
+            url = messages_url(deployment.api_base or "")
         else:
             base = deployment.api_base or ""
             client, url = self._http, request_url(spec, base, deployment.upstream_model, deployment.api_version, path)

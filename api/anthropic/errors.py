@@ -77,8 +77,12 @@ class OpenAIError(msgspec.Struct, frozen=True, kw_only=True):
         return self.upstream_status in RETRYABLE_STATUSES
 
     def envelope(self) -> bytes:
-        """`{"error": {message, type, param, code}}`, as every error of the gateway's."""
-        return _encoder.encode(_EnvelopeBody(_Envelope(self.message, self.type, self.param, self.code)))
+        return envelope(self.message, self.type, self.code, self.param)
+
+
+def envelope(message: str, type_: str, code: str, param: str | None = None) -> bytes:
+    """`{"error": {message, type, param, code}}`, as every error of the gateway's."""
+    return _encoder.encode(_EnvelopeBody(_Envelope(message, type_, param, code)))
 
 
 def to_openai_error(status: int, body: bytes, *, secret: str | None = None) -> OpenAIError:

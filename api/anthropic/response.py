@@ -5,7 +5,7 @@ as the arguments string), thinking blocks its `reasoning_content` (LiteLLM's fie
 reason maps as LiteLLM's `map_finish_reason` does. The usage is OpenAI's shape with Anthropic's
 cache counts kept beside it, as LiteLLM reports it: `prompt_tokens` counts every input token
 (uncached + cache reads + cache writes), `prompt_tokens_details.cached_tokens` the reads and
-`cache_creation_tokens` the writes, so `Usage.tokens()` (api/proxy.py) prices each kind apart.
+`cache_creation_tokens` the writes, so `Usage.tokens()` (api/usage_block.py) prices each kind apart.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Annotated, Final
 import msgspec
 from msgspec import UNSET, Meta, Raw, UnsetType
 
-from spendledger.api.proxy import PromptDetails, Usage
+from spendledger.api.usage_block import PromptDetails, Usage
 
-Count = Annotated[int, Meta(ge=0)]  # as api/proxy.py's: negative counts are nonsense, refused
+Count = Annotated[int, Meta(ge=0)]  # as api/usage_block.py's: negative counts are nonsense, refused
 
 FINISH_REASONS: Final = {
     "end_turn": "stop",
@@ -76,7 +76,7 @@ class OpenAIUsage(msgspec.Struct, frozen=True, kw_only=True):
     cache_read_input_tokens: int
 
     def usage(self) -> Usage:
-        """The same counts as api/proxy.py's `Usage`, which the ledger's events are made from."""
+        """The same counts as api/usage_block.py's `Usage`, which the ledger's events are made from."""
         details = self.prompt_tokens_details
         return Usage(
             prompt_tokens=self.prompt_tokens,

@@ -27,7 +27,7 @@ import msgspec
 
 from spendledger.api.anthropic.errors import OpenAIError, from_stream_event
 from spendledger.api.anthropic.response import AnthropicUsage, finish_reason, openai_usage
-from spendledger.api.proxy import Usage, estimate_tokens
+from spendledger.api.usage_block import Usage, estimate_tokens
 
 
 class _StartMessage(msgspec.Struct, frozen=True):
@@ -71,6 +71,7 @@ class _Event(msgspec.Struct, frozen=True):
 _decoder: Final = msgspec.json.Decoder(_Event)
 _encode: Final = msgspec.json.Encoder().encode
 _CHUNK_END: Final = b',"logprobs":null,"finish_reason":null}]}\n\n'
+_CONTENT_END: Final = b"}" + _CHUNK_END
 _DONE: Final = b"data: [DONE]\n\n"
 _DELTA_EVENT: Final = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
 _AFTER_DELTA_EVENT: Final = len(_DELTA_EVENT)
@@ -94,6 +95,7 @@ class StreamTranslator:
         self._created = int(time.time())
         self._buffer = b""
         self._head = b""  # every chunk's bytes up to its delta, once message_start named the message
+        self._content_head = b""  # and a text delta's, up to its text
         self._usage_head = b""
         self._tool_calls: dict[int, int] = {}  # content block index → tool call index
         self._started: AnthropicUsage | None = None
@@ -168,7 +170,7 @@ class StreamTranslator:
                     if not filled:
                         return b""
                     self.generated_bytes += len(text) - 2
-                    return self._head + b'{"content":' + text + b"}" + _CHUNK_END
+                    return self._content_head + text + _CONTENT_END
         payload = _data_of(event)
         if not payload:
             return b""
@@ -204,6 +206,7 @@ class StreamTranslator:
             _encode(message_id), self._created, _encode(model),
         )  # fmt: skip
         self._head = common + b'[{"index":0,"delta":'
+        self._content_head = self._head + b'{"content":'
         self._usage_head = common + b'[],"usage":'
 
     def _block_start(self, index: int, block: _Block) -> bytes:

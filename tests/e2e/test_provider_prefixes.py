@@ -1,10 +1,10 @@
 """A config naming every prefix of the provider table starts and serves: the OpenAI-compatible family
-reaches the provider with the key from its LiteLLM variable, a local server's root gets its /v1, and
-an `anthropic/` deployment is answered 501 (recorded at cost 0) rather than sent OpenAI's format."""
+reaches the provider with the key from its LiteLLM variable, and a local server's root gets its /v1.
+Azure, Gemini and Anthropic, which need fakes of their own APIs, are tested end to end in
+tests/e2e/test_azure.py, test_gemini.py and test_anthropic.py."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -15,7 +15,7 @@ import pytest
 
 from spendledger.ledger.providers import PROVIDERS
 from tests.e2e.conftest import MASTER_KEY
-from tests.e2e.enforcement_support import customer_info, query
+from tests.e2e.enforcement_support import customer_info
 from tests.fakes.upstream import REPLY_WORDS, RunningUpstream, prompt_tokens_for_messages
 from tests.support import PostgresForTests, RunningServer, run_server
 
@@ -28,7 +28,7 @@ KEYS = {spec.key_env[0]: f"key-of-{prefix}" for prefix, spec in PROVIDERS.items(
 
 def config(upstream_root: str) -> str:
     """One deployment per prefix, all on the fake (a root for the rows that add a path to it), but
-    `anthropic/`, which keeps Anthropic's own default base: nothing may be sent there."""
+    Gemini's and Anthropic's, which speak to nothing here (they only have to start)."""
     entries = []
     for prefix, spec in PROVIDERS.items():
         params = f"model: {prefix}/gpt-4o-mini"
@@ -36,9 +36,9 @@ def config(upstream_root: str) -> str:
             continue  # tests/e2e/test_azure.py: its paths need its own fake
         if spec.base_suffix == "/v1":
             params += f", api_base: {upstream_root}"  # Ollama's, LM Studio's, Mistral's root
-        elif spec.base_suffix:
-            params += ", api_base: http://127.0.0.1:9"  # Gemini: tests/e2e/test_gemini.py
-        elif prefix not in ("anthropic", "mock"):
+        elif spec.base_suffix or spec.wire == "anthropic":
+            params += ", api_base: http://127.0.0.1:9"  # tests/e2e/test_gemini.py, test_anthropic.py
+        elif prefix != "mock":
             params += f", api_base: {upstream_root}/v1"
         entries.append(f"  - model_name: via-{prefix}\n    litellm_params: {{{params}}}\n{PRICES}")
     return "model_list:\n" + "".join(entries) + f"general_settings:\n  master_key: {MASTER_KEY}\n"
@@ -81,20 +81,3 @@ def test_the_openai_compatible_family_sends_its_key_and_is_billed(
     assert sent.headers.get("authorization") == (f"Bearer {key}" if key else None)
     namespace = spec.model_namespace
     assert sent.json["model"] == f"{namespace}gpt-4o-mini"
-
-
-def test_an_anthropic_deployment_is_refused_501_and_recorded_at_no_cost(
-    server: RunningServer, upstream: RunningUpstream
-) -> None:
-    customer = f"px-{uuid.uuid4().hex[:10]}"
-    before = len(upstream.app.requests)
-    response = ask(server, "via-anthropic", customer)
-    assert response.status_code == 501
-    error = response.json()["error"]
-    assert error["type"] == "not_implemented" and "Anthropic" in error["message"]
-    assert len(upstream.app.requests) == before
-    sql = "select data::text as data from events where type = 'UsageRecorded' and data->>'call_id' = $1"
-    (row,) = query(server.database_url, sql, response.headers["x-litellm-call-id"])
-    event = json.loads(row["data"], parse_float=Decimal)
-    assert (event["status"], event["http_status"], event["cost"], event["provider"]) == ("failure", 501, 0, "anthropic")
-    assert customer_info(server.base_url, customer)["spend"] == 0
