@@ -29,7 +29,9 @@ import httpx
 from spendledger.ledger.db import run_migrations
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = "sl_test_template"
+# One template per pytest-xdist worker: workers sharing a TEST_DATABASE_URL server must not drop
+# each other's template while they copy it.
+TEMPLATE = "sl_test_template" + (f"_{os.environ['PYTEST_XDIST_WORKER']}" if "PYTEST_XDIST_WORKER" in os.environ else "")
 
 
 def with_database(url: str, name: str) -> str:
