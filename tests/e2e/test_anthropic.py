@@ -72,6 +72,7 @@ def test_a_chat_completion_is_translated_sent_with_the_key_and_billed(
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (prompt, REPLY_WORDS)
     expected = cost(prompt, REPLY_WORDS)
     assert Decimal(raw.headers["x-litellm-response-cost"]) == expected
+    assert raw.headers["llm_provider-request-id"].startswith("req_")  # Anthropic's request id, passed on
     assert customer_info(server.base_url, cust)["spend"] == expected
     event = usage_event(server, raw.headers["x-litellm-call-id"])
     assert (event["status"], event["provider"], event["upstream_model"], event["cost"]) == (

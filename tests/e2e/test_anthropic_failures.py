@@ -57,6 +57,7 @@ def test_a_rate_limit_is_passed_on_as_a_429(server: RunningServer, anthropic: Ru
     error = response.json()["error"]
     assert (error["type"], error["code"]) == ("rate_limit_error", "429")
     assert error["message"].startswith("AnthropicException - Number of request tokens")
+    assert response.headers["llm_provider-retry-after"] == "7"  # Anthropic's own, as LiteLLM passes it on
     assert_failed_at_no_cost(server, response, 429)
     assert customer_info(server.base_url, cust)["spend"] == 0
 
