@@ -14,6 +14,8 @@ import msgspec
 from litestar import Response
 from litestar.response import Stream
 
+from spendledger.api.anthropic.stream import StreamTranslator
+from spendledger.api.anthropic.transport import TRANSLATOR
 from spendledger.api.attempts import Answered, BodyFor, Failed, Router
 from spendledger.api.errors import ApiError
 from spendledger.api.forwarding import failed_response
@@ -87,11 +89,17 @@ class StreamRelay:
         self._usage: Usage | None = None
         self._usage_chunk: bytes | None = None
         self._generated_bytes = 0
+        # A translated stream (api/anthropic/transport.py) comes in whole OpenAI events whose usage
+        # its translator keeps: sent on as they come, not decoded a second time.
+        self._translator: StreamTranslator | None = answered.response.extensions.get(TRANSLATOR)
 
     async def events(self) -> AsyncIterator[bytes]:
         try:
             buffer = b""
             async for data in self._upstream_bytes():
+                if self._translator is not None:
+                    yield data
+                    continue
                 buffer += data.replace(b"\r\n", b"\n")
                 while (end := buffer.find(b"\n\n")) >= 0:
                     event, buffer = buffer[: end + 2], buffer[end + 2 :]
@@ -100,6 +108,8 @@ class StreamRelay:
                         yield out
             self._exchange.upstream_ended()
             await self._finish("success", 200)
+            if self._translator is not None:
+                self._usage_chunk = self._translator.final_usage_chunk()
             tail = self._usage_chunk if (self._client_wants_usage and self._usage_chunk) else b""
             yield tail + b"data: [DONE]\n\n"
         except httpx.HTTPError as exc:
@@ -143,6 +153,9 @@ class StreamRelay:
 
     def _event(self, status: UsageStatus, http_status: int, error_type: str | None = None) -> UsageRecorded:
         usage, estimated = self._usage, False
+        if self._translator is not None:  # exact once message_delta came; else its output estimated
+            usage, estimated = self._translator.usage, self._translator.usage_estimated
+            self._generated_bytes = self._translator.generated_bytes
         if usage is None:
             estimated = True
             usage = Usage(

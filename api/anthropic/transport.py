@@ -12,12 +12,13 @@ So retries see Anthropic's statuses already mapped, and billing reads the usage 
   and passes the 4xx on, as it does a provider's own;
 - Anthropic's errors become the OpenAI envelope with the status LiteLLM answers (`to_openai_error`),
   its `request-id`, `retry-after` and `anthropic-ratelimit-*` headers kept;
-- an answer becomes a chat.completion, and a stream chat.completion.chunk events with a usage chunk
-  and `[DONE]` (`StreamTranslator`), which the relay reads as an OpenAI stream. A stream that breaks
-  (an `error` event, a body ending before `message_stop`, a read error) ends with what the
-  translator has (its error chunk, and the usage so far as a usage chunk, so the input is billed
-  as Anthropic counted it) and then an `httpx` transport error, which the relay records as the
-  stream's failure.
+- an answer becomes a chat.completion, and a stream chat.completion.chunk events
+  (`StreamTranslator`), each whole: the relay (api/streaming.py) finds the translator in the
+  response's extensions (`TRANSLATOR`), sends its bytes on without decoding them again and bills
+  the usage it kept (its own usage chunk and `[DONE]` come from the relay, after the commit). A
+  stream that breaks (an `error` event, a body ending before `message_stop`, a read error) ends
+  with the translator's error chunk and then an `httpx` transport error, which the relay records
+  as the stream's failure, billed for the input as Anthropic counted it and the output so far.
 
 When the client names no `max_tokens`, the translation's default is `DEFAULT_MAX_TOKENS`, capped at
 the model's output limit: never more than the hold's worst case (ledger/holds.py) assumes.
@@ -41,6 +42,7 @@ from spendledger.ledger.config import Deployment
 from spendledger.ledger.pricing import limits_for
 
 CHAT_PATH: Final = "/chat/completions"
+TRANSLATOR: Final = "spendledger.translator"  # a stream response's extension: its StreamTranslator
 _JSON: Final = (b"content-type", b"application/json")
 _SSE: Final = (b"content-type", b"text/event-stream")
 # Anthropic's headers worth passing on: the request's id (for Anthropic's support), and what a
@@ -107,8 +109,11 @@ class AnthropicTransport(httpx.AsyncBaseTransport):
             finally:
                 await response.aclose()
             return self._completion(raw, kept, request)
-        stream = TranslatedStream(response, StreamTranslator(secret=self._secret))
-        return httpx.Response(200, headers=[_SSE, *kept], stream=stream, request=request)
+        translator = StreamTranslator(usage_chunk=False, done=False, secret=self._secret)
+        stream = TranslatedStream(response, translator)
+        return httpx.Response(
+            200, headers=[_SSE, *kept], stream=stream, request=request, extensions={TRANSLATOR: translator}
+        )
 
     def _completion(self, raw: bytes, kept: list[Header], request: httpx.Request) -> httpx.Response:
         try:
@@ -144,20 +149,15 @@ class TranslatedStream(httpx.AsyncByteStream):
             chunks = raw
         else:
             chunks = response.aiter_bytes()
-        try:
-            async for data in chunks:
-                out = translator.feed(data)
-                if out:
-                    yield out
-                if translator.failure is not None:
-                    break
-            out = translator.close()
+        async for data in chunks:  # a read error goes to the relay as it is: the stream's failure
+            out = translator.feed(data)
             if out:
                 yield out
-        except httpx.HTTPError:
-            if tail := self._usage_so_far():
-                yield tail
-            raise
+            if translator.failure is not None:
+                break
+        out = translator.close()
+        if out:
+            yield out
         if translator.failure is not None:
             failure = translator.failure
             reason = f"Anthropic's stream failed: {failure.upstream_type}"
@@ -165,14 +165,7 @@ class TranslatedStream(httpx.AsyncByteStream):
             reason = "Anthropic's stream ended before message_stop"
         else:
             return
-        if tail := self._usage_so_far():
-            yield tail
         raise httpx.RemoteProtocolError(reason, request=self._response.request)
-
-    def _usage_so_far(self) -> bytes:
-        """A usage chunk for a stream cut short, unless message_delta's came (sent already)."""
-        translator = self._translator
-        return translator.final_usage_chunk() if translator.usage_estimated else b""
 
     async def aclose(self) -> None:
         await self._response.aclose()

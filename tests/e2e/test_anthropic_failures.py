@@ -124,9 +124,9 @@ def test_an_error_event_midway_ends_the_stream_with_an_error_chunk(
     assert not any(b'"usage"' in e for e in events)  # the usage chunk held back, the client did not ask
     (event,) = support.usage_events(server, call_id)
     assert (event["status"], event["http_status"]) == ("failure", 502)
-    # Billed for what was generated: message_start's exact input, the output estimated.
+    # Billed for what was generated: message_start's exact input, the output estimated (and said so).
     prompt = sent_prompt_tokens(anthropic.app.requests[-1].json)
-    assert (event["input_tokens"], event["usage_estimated"]) == (prompt, False)
+    assert (event["input_tokens"], event["usage_estimated"]) == (prompt, True)
     assert event["output_tokens"] >= 1
     assert customer_info(server.base_url, cust)["spend"] == event["cost"] > 0
     with pytest.raises(openai.APIError, match="Overloaded"):  # the SDK raises on the error chunk

@@ -11,7 +11,7 @@ import httpx
 import msgspec
 import pytest
 
-from spendledger.api.anthropic.transport import AnthropicTransport, default_max_tokens
+from spendledger.api.anthropic.transport import TRANSLATOR, AnthropicTransport, default_max_tokens
 from spendledger.api.anthropic.wire import DEFAULT_MAX_TOKENS
 from spendledger.api.upstream import Upstream
 from spendledger.ledger.config import Deployment
@@ -70,7 +70,7 @@ async def test_a_rate_limit_keeps_its_retry_after(upstream: Upstream, anthropic:
     assert response.json()["error"]["type"] == "rate_limit_error"
 
 
-async def test_a_stream_cut_short_ends_with_the_usage_so_far_then_a_transport_error(
+async def test_a_stream_cut_short_ends_with_a_transport_error_and_its_translator_keeps_the_usage_so_far(
     upstream: Upstream, anthropic: RunningAnthropic
 ) -> None:
     anthropic.app.cut_stream_after = 2
@@ -80,10 +80,12 @@ async def test_a_stream_cut_short_ends_with_the_usage_so_far_then_a_transport_er
         async for data in response.aiter_bytes():
             received += data
     await response.aclose()
-    last = msgspec.json.decode(received.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
-    assert last["choices"] == []
-    assert last["usage"]["prompt_tokens"] == prompt_tokens(anthropic.app.requests[-1].json or {})[0]
-    assert b"[DONE]" not in received
+    # The relay bills what the translator kept and sends the usage chunk itself (to those who ask).
+    translator = response.extensions[TRANSLATOR]
+    assert translator.usage is not None and translator.usage_estimated
+    assert translator.usage.prompt_tokens == prompt_tokens(anthropic.app.requests[-1].json or {})[0]
+    assert b'"usage"' not in received and b"[DONE]" not in received
+    assert all(e.startswith(b"data: ") for e in received.strip().split(b"\n\n"))  # whole events only
 
 
 async def test_a_200_that_is_not_a_messages_answer_is_a_502() -> None:
