@@ -48,6 +48,9 @@ from tests.e2e.conftest import MASTER_KEY, proxy_config
 from tests.fakes.upstream import RunningUpstream
 from tests.support import PostgresForTests, RunningServer, openapi_document, run_server
 
+if "PYTEST_XDIST_WORKER" in os.environ:  # schemathesis would fuzz one operation there, not all of them
+    raise pytest.UsageError(f"{__file__}: run without pytest-xdist (-p no:xdist), as scripts/test does")
+
 EXAMPLES = int(os.environ.get("SPENDLEDGER_FUZZ_EXAMPLES", "30"))
 SEED = int(os.environ.get("SPENDLEDGER_FUZZ_SEED", "15"))
 COVERAGE = os.environ.get("SPENDLEDGER_FUZZ_COVERAGE") == "1"
