@@ -124,12 +124,16 @@ def _decode(raw: msgspec.Raw) -> UsageRecord:
     except msgspec.ValidationError as exc:
         raise _Refused(400, f"Invalid record: {exc}", "invalid_request", _field_of(str(exc))) from None
     except RecursionError:
-        record = None
+        raise _metadata_too_deep() from None
     # Stored in the event's metadata: every later read and replay of it would walk its depth.
-    if record is None or (record.metadata and nested_deeper_than(record.metadata, _METADATA_DEPTH)):
-        message = f"metadata nests objects and arrays more than {_METADATA_DEPTH} levels deep"
-        raise _Refused(400, message, "invalid_request", "metadata")
+    if record.metadata and nested_deeper_than(record.metadata, _METADATA_DEPTH):
+        raise _metadata_too_deep()
     return record
+
+
+def _metadata_too_deep() -> _Refused:
+    message = f"metadata nests objects and arrays more than {_METADATA_DEPTH} levels deep"
+    return _Refused(400, message, "invalid_request", "metadata")
 
 
 def _field_of(message: str) -> str | None:

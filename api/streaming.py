@@ -152,15 +152,15 @@ class StreamRelay:
         return event
 
     def _event(self, status: UsageStatus, http_status: int, error_type: str | None = None) -> UsageRecorded:
-        usage, estimated = self._usage, False
+        usage, estimated, generated = self._usage, False, self._generated_bytes
         if self._translator is not None:  # exact once message_delta came; else its output estimated
             usage, estimated = self._translator.usage, self._translator.usage_estimated
-            self._generated_bytes = self._translator.generated_bytes
+            generated = self._translator.generated_bytes
         if usage is None:
             estimated = True
             usage = Usage(
                 prompt_tokens=max(1, self._request_bytes // 4),
-                completion_tokens=estimate_tokens(self._generated_bytes) if self._generated_bytes else 0,
+                completion_tokens=estimate_tokens(generated) if generated else 0,
             )
         return self._exchange.usage_event(
             self._ticket, status=status, http_status=http_status, usage=usage, estimated=estimated, error_type=error_type

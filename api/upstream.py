@@ -143,8 +143,11 @@ def provider_headers(headers: httpx.Headers) -> dict[str, str]:
     `llm_provider-<name>`, and OpenAI's six rate-limit headers also under their own names. Only
     these: cookies, server names and the like are the provider's business, not the caller's."""
     passed: dict[str, str] = {}
-    for name, value in headers.items():
+    # Read as bytes, and only the kept ones decoded: `items()` decodes every header of every answer.
+    for raw_name, raw_value in headers.raw:
+        name = raw_name.decode("latin-1").lower()
         if name in _PASSED or name.startswith(_PASSED_PREFIXES):
+            value = raw_value.decode("latin-1")
             if name in OPENAI_RATE_LIMIT_HEADERS:
                 passed[name] = value
             passed[name if name.startswith("llm_provider-") else f"llm_provider-{name}"] = value
